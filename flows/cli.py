@@ -1,0 +1,86 @@
+"""``finsynth``: one subcommand per stage, ``run`` for the Prefect pipeline, ``card`` and ``scores``.
+
+A stage subcommand (``finsynth fetch``) runs that stage's plain function directly; ``finsynth run``
+runs the Prefect pipeline flow (``--only STAGE`` / ``--from STAGE``), where Prefect's cache decides
+what reruns. Any failure exits non-zero with a one-line reason (``--debug`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from datagen.config import ConfigError, load_config
+from flows.stages import STAGE_NAMES, get_stage
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="a YAML config file (wins over --profile)")
+    common.add_argument("--profile", default=None, help="a profile under configs/ (default: demo)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set augment.k=2 (repeatable)")
+    common.add_argument("--root", type=Path, default=None, help="project root for data/ (default: repo)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+    p = argparse.ArgumentParser(prog="finsynth", description=__doc__.splitlines()[0], parents=[common])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", parents=[common], help="run the pipeline as a Prefect flow")
+    run.add_argument("--only", choices=STAGE_NAMES, help="run this stage alone (reusing upstream outputs)")
+    run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on")
+    for name in STAGE_NAMES:
+        sub.add_parser(name, parents=[common], help=f"run the {name} stage alone, without Prefect")
+    card = sub.add_parser("card", parents=[common], help="print the dataset card")
+    card.add_argument("--path", type=Path, default=None, help="a dataset folder (default: the config's)")
+    scores = sub.add_parser("scores", parents=[common], help="print per-category evaluation scores")
+    scores.add_argument("run", nargs="?", default=None, help="an evaluation run folder or name")
+    sub.add_parser("config", parents=[common], help="print the validated configuration")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides, root=args.root)
+        if args.command == "config":
+            print(json.dumps(cfg.dump_public(), indent=2))
+        elif args.command == "run":
+            from flows.pipeline import pipeline
+
+            result = pipeline(cfg, only=args.only, start=args.start)
+            print(json.dumps(result, indent=2, default=str))
+        elif args.command == "card":
+            path = (args.path or cfg.paths.stage_dir("dataset")) / "README.md"
+            if not path.exists():
+                raise FileNotFoundError(f"no dataset card at {path}; run `finsynth format` first")
+            print(path.read_text(encoding="utf-8"))
+        elif args.command == "scores":
+            from training.report import scores_table
+
+            print(scores_table(cfg, args.run))
+        else:
+            manifest = get_stage(args.command).run(cfg)
+            print(json.dumps(_summary(manifest), indent=2, default=str))
+    except KeyboardInterrupt:
+        print("finsynth: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+        if args.debug:
+            raise
+        print(f"finsynth: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _summary(manifest: dict) -> dict:
+    """What a person wants to see after a stage: counts and where things went, not file hashes."""
+    return {k: v for k, v in manifest.items() if k not in ("outputs", "config")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

