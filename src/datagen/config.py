@@ -234,6 +234,11 @@ class TrainConfig(_Strict):
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     seed: int = 42
     run_name: str = "adapter"
+    device: str = "auto"  # auto: cuda when visible, else cpu
+    logging_steps: int | None = Field(None, ge=1)  # default: min(10, eval_steps // 2), at least 1
+    save_total_limit: int = Field(2, ge=1)  # checkpoints kept while training (the best one is always kept)
+    keep_checkpoints: bool = False  # keep <run>/checkpoints after a finished run (else removed)
+    compact_lm_head: bool = True  # CPU: score only labelled positions in TRL's fused LM head
 
 
 class EvaluateConfig(_Strict):
@@ -248,7 +253,11 @@ class EvaluateConfig(_Strict):
     judge_all: bool = False  # judge every item, not only open_qa
     selfcheck_samples: int = Field(20, ge=0)
     gold_file: Path | None = None
-    calibration_file: Path | None = None
+    calibration_file: Path | None = None  # JSONL: question, reference, answer, label (human pass/fail)
+    judge_max_tokens: int = Field(256, ge=16)
+    judge_pass_score: int = Field(4, ge=1, le=5)  # a judge pass also needs rubric score >= this
+    judge_min_accuracy: float = Field(0.8, ge=0, le=1)  # self-check accuracy below this: unreliable
+    judge_min_kappa: float = Field(0.4, ge=-1, le=1)  # kappa vs grader / humans below this: unreliable
     seed: int = 17
     run_name: str = "eval"
 

@@ -1,0 +1,327 @@
+"""The evaluate stage: base vs fine-tuned on the test split (and an optional gold-task file).
+
+``run_evaluate(cfg)`` reads ``stage_dir("dataset")/test.parquet`` and the adapter at
+``models_dir / train.run_name``, generates answers with both models, grades them (numeric figures,
+classification labels, the LLM judge for ``open_qa`` or for everything with ``judge_all``),
+self-checks the judge, aggregates per category with bootstrap CIs and the paired difference, and
+writes ``items.jsonl``, ``report.json``, ``report.md``, ``scores.png`` and ``manifest.json`` (last)
+to ``reports_dir / evaluate.run_name``.
+
+The pieces are plain functions over rows and answer lists (:func:`evaluate_answers`), so they are
+tested with a scripted judge and without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datagen.config import Config
+from datagen.io import (atomic_write_text, dumps, manifest_hash, read_jsonl, require_stage, sha256_text, write_json,
+                        write_jsonl, write_manifest)
+from datagen.llm.base import LLMProvider
+from datagen.prompts import load_prompt
+from training.aggregate import aggregate
+from training.graders import (Grade, classification_metrics, expected_values, grade_classification,
+                              grade_numeric)
+from training.judge import (PAIRWISE_PROMPT, RUBRIC_PROMPT, JudgeItem, agreement, judge_answers,
+                            judge_pairwise, reliability, selfcheck)
+
+log = logging.getLogger(__name__)
+
+MODELS = ("base", "tuned")
+Generator = Callable[..., dict[str, list[str]]]
+
+
+# ----------------------------------------------------------------------------- inputs
+def _plain(v: Any) -> Any:
+    """Parquet values (numpy arrays and scalars) as plain Python."""
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def decode_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """A dataset row with JSON-string fields (metadata, context) decoded and arrays as lists."""
+    row = {k: _plain(v) for k, v in rec.items()}
+    for key in ("metadata", "context"):
+        if isinstance(row.get(key), str):
+            row[key] = json.loads(row[key]) if row[key].strip() else {}
+    if isinstance(row.get("messages"), str):
+        row["messages"] = json.loads(row["messages"])
+    if isinstance(row.get("labels"), str):
+        row["labels"] = json.loads(row["labels"])
+    row["metadata"] = row.get("metadata") or {}
+    return row
+
+
+def load_test_rows(cfg: Config) -> tuple[list[dict[str, Any]], str | None]:
+    import pandas as pd
+
+    ds = cfg.paths.stage_dir("dataset")
+    require_stage(ds, "format")
+    rows = [decode_row(r) for r in pd.read_parquet(ds / "test.parquet").to_dict(orient="records")]
+    return rows, manifest_hash(ds)
+
+
+def load_gold(path: Path) -> list[dict[str, Any]]:
+    """Gold tasks: canonical rows (JSONL), optionally with ``messages``."""
+    return [decode_row(r) for r in read_jsonl(path)]
+
+
+def select_items(rows: Sequence[dict[str, Any]], max_items: int | None) -> list[dict[str, Any]]:
+    """Rows sorted by id; with ``max_items``, taken round-robin over categories so each is represented."""
+    rows = sorted(rows, key=lambda r: r["id"])
+    if max_items is None or len(rows) <= max_items:
+        return rows
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    picked: list[dict[str, Any]] = []
+    k = 0
+    while len(picked) < max_items:
+        for cat in sorted(by_cat):
+            if k < len(by_cat[cat]) and len(picked) < max_items:
+                picked.append(by_cat[cat][k])
+        k += 1
+    return sorted(picked, key=lambda r: r["id"])
+
+
+# ----------------------------------------------------------------------------- grading
+def primary_grader(row: dict[str, Any]) -> str:
+    """``numeric`` / ``classification`` / ``judge``: which grader decides an item's score."""
+    if row["task_type"] == "numeric_qa" and expected_values(row):
+        return "numeric"
+    if row["task_type"] == "classification":
+        return "classification"
+    return "judge"
+
+
+def grade_programmatic(row: dict[str, Any], answer: str, rel_tol: float) -> Grade:
+    if primary_grader(row) == "numeric":
+        return grade_numeric(answer, expected_values(row), rel_tol)
+    return grade_classification(answer, row["answer"], row.get("labels"))
+
+
+def _pick(seq: Sequence[Any], n: int, seed: int) -> list[Any]:
+    idx = sorted(random.Random(seed).sample(range(len(seq)), min(n, len(seq))))
+    return [seq[i] for i in idx]
+
+
+def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
+                     judge: LLMProvider | None = None, *, model_refs: dict[str, str] | None = None,
+                     judge_factory: Callable[[], LLMProvider] | None = None) -> dict[str, Any]:
+    """Grade base and tuned answers for ``rows`` (each with a ``split``) and build the report dict.
+
+    ``judge`` is used when some score rests on it (open_qa, judge_all, pairwise); ``judge_factory``
+    creates one lazily when ``judge`` is None.
+    """
+    ev = cfg.evaluate
+    model_refs = model_refs or {m: m for m in MODELS}
+    rubric = load_prompt(RUBRIC_PROMPT)
+    records: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        g = primary_grader(row)
+        input_hash = sha256_text(dumps(row.get("messages") or [row["question"]]))[:12]
+        for m in MODELS:
+            rec = {"split": row.get("split", "test"), "id": row["id"], "category": row["category"],
+                   "task_type": row["task_type"], "model": m, "model_ref": model_refs[m], "grader": g,
+                   "answer": answers[m][i], "reference": row["answer"], "prompt_hash": input_hash,
+                   "seed": ev.seed, "temperature": ev.temperature, "max_new_tokens": ev.max_new_tokens,
+                   "judge": None, "_row": row}
+            if g != "judge":
+                grade = grade_programmatic(row, answers[m][i], ev.rel_tolerance)
+                rec.update(score=grade.score, passed=grade.passed, unparsable=False, detail=grade.detail)
+            records.append(rec)
+
+    to_judge = [r for r in records if r["grader"] == "judge" or ev.judge_all]
+    numeric_recs = [r for r in records if r["grader"] == "numeric"]
+    judged_ids = {id(r) for r in to_judge}
+    kappa_recs = ([r for r in numeric_recs if id(r) in judged_ids]
+                  or _pick(numeric_recs, ev.selfcheck_samples, ev.seed))
+    needs_judge = bool(to_judge) or ev.pairwise
+    judge_info: dict[str, Any] = {"used": needs_judge}
+    pairwise_rows: list[dict[str, Any]] = []
+    if needs_judge:
+        judge = judge or (judge_factory() if judge_factory else None)
+        if judge is None:
+            raise ValueError("evaluation needs an LLM judge but none was given")
+        kw = {"seed": ev.seed, "max_tokens": ev.judge_max_tokens, "pass_score": ev.judge_pass_score}
+        extra = [r for r in kappa_recs if id(r) not in judged_ids]
+        batch = to_judge + extra
+        grades = judge_answers(judge, [JudgeItem.from_row(r["_row"], r["answer"], key=f"{r['id']}:{r['model']}")
+                                       for r in batch], prompt=rubric, desc="judge answers", **kw)
+        for r, gr in zip(batch, grades, strict=True):
+            r["judge"] = {"score": gr.score, "passed": gr.passed, "unparsable": gr.unparsable, **gr.detail}
+            if r["grader"] == "judge":
+                r.update(score=gr.score, passed=gr.passed, unparsable=gr.unparsable, detail={})
+        test_rows = [r for r in rows if r.get("split", "test") == "test"]
+        check = selfcheck(judge, test_rows, n=ev.selfcheck_samples, seed=ev.seed, prompt=rubric,
+                          max_tokens=ev.judge_max_tokens, pass_score=ev.judge_pass_score)
+        kappas = {"numeric grader": agreement([r["judge"]["passed"] for r in kappa_recs],
+                                              [r["passed"] for r in kappa_recs])}
+        if ev.calibration_file:
+            kappas["human labels"] = _calibration(cfg, judge, rubric)
+        judge_info.update(provider=judge.name, model=judge.model, prompt=rubric.ref, selfcheck=check,
+                          kappas=kappas, **reliability(check, kappas, min_accuracy=ev.judge_min_accuracy,
+                                                       min_kappa=ev.judge_min_kappa))
+        if ev.pairwise:
+            pairwise_rows = _pairwise(cfg, judge, rows, answers, judge_all=ev.judge_all)
+            judge_info["pairwise_prompt"] = load_prompt(PAIRWISE_PROMPT).ref
+        judge_info["usage"] = judge.usage.as_dict()
+
+    for r in records:
+        r.pop("_row")
+    records.sort(key=lambda r: (r["split"], r["category"], r["id"], r["model"]))
+    summary = aggregate(records, n_boot=ev.bootstrap_samples, seed=ev.seed)
+    judged_cats = sorted({(r["split"], r["category"]) for r in records if r["grader"] == "judge"})
+    return {
+        "models": model_refs,
+        "counts": _counts(records),
+        "summary": summary,
+        "graders": {f"{s}/{c}": g for s, c, g in sorted({(r["split"], r["category"], r["grader"])
+                                                          for r in records})},
+        "classification": _classification(records),
+        "judge": judge_info,
+        "rests_on_judge": [f"{s}/{c}" for s, c in judged_cats] + (["pairwise"] if pairwise_rows else []),
+        "pairwise": _pairwise_summary(pairwise_rows) if pairwise_rows else None,
+        "pairwise_items": pairwise_rows,
+        "items": records,
+    }
+
+
+def _counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in records:
+        if r["model"] != "base":
+            continue
+        out.setdefault(r["split"], {}).setdefault(r["category"], 0)
+        out[r["split"]][r["category"]] += 1
+    unparsable = sum(bool(r.get("unparsable")) for r in records)
+    return {"items": out, "unparsable_judge": unparsable}
+
+
+def _classification(records: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in sorted({(r["split"], r["category"]) for r in records if r["grader"] == "classification"}):
+        for m in MODELS:
+            rs = [r for r in records if (r["split"], r["category"]) == key and r["model"] == m]
+            gold = [r["detail"]["gold"] for r in rs]
+            pred = [r["detail"]["pred"] for r in rs]
+            out.setdefault(f"{key[0]}/{key[1]}", {})[m] = classification_metrics(gold, pred)
+    return out
+
+
+def _calibration(cfg: Config, judge: LLMProvider, rubric) -> dict[str, Any]:
+    path = cfg.paths.resolve(cfg.evaluate.calibration_file)
+    rows = read_jsonl(path)
+    items = [JudgeItem(question=r["question"], reference=r.get("reference", r.get("reference_answer", "")),
+                       answer=r["answer"], context=r.get("context", "") if isinstance(r.get("context"), str)
+                       else "", key=f"calibration:{i}") for i, r in enumerate(rows)]
+    grades = judge_answers(judge, items, prompt=rubric, seed=cfg.evaluate.seed,
+                           max_tokens=cfg.evaluate.judge_max_tokens, pass_score=cfg.evaluate.judge_pass_score,
+                           desc="judge calibration")
+    human = [bool(r.get("label", r.get("pass"))) for r in rows]
+    return agreement([g.passed for g in grades], human)
+
+
+def _pairwise(cfg: Config, judge: LLMProvider, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
+              judge_all: bool) -> list[dict[str, Any]]:
+    idx = [i for i, r in enumerate(rows) if judge_all or primary_grader(r) == "judge"]
+    items = [JudgeItem.from_row(rows[i], "", key=rows[i]["id"]) for i in idx]
+    res = judge_pairwise(judge, items, [answers["base"][i] for i in idx], [answers["tuned"][i] for i in idx],
+                         seed=cfg.evaluate.seed, max_tokens=cfg.evaluate.judge_max_tokens)
+    for i, r in zip(idx, res, strict=True):
+        r.update(split=rows[i].get("split", "test"), id=rows[i]["id"], category=rows[i]["category"])
+    return res
+
+
+def _pairwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in rows:
+        for key in (f"{r['split']}/{r['category']}", f"{r['split']}/overall"):
+            c = out.setdefault(key, {"n": 0, "tuned": 0, "base": 0, "tie": 0, "unparsable": 0})
+            c["n"] += 1
+            c[r["outcome"]] += 1
+    for c in out.values():
+        c["tuned_win_rate"] = c["tuned"] / c["n"]
+        c["base_win_rate"] = c["base"] / c["n"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Generator | None = None
+                 ) -> dict[str, Any]:
+    """Evaluate base vs the trained adapter; returns the manifest (with ``table_rows`` and report paths)."""
+    from training.generate import generate_base_and_tuned, prompt_messages
+    from training.report import render_markdown, plot_scores, table_rows
+
+    ev = cfg.evaluate
+    rows, ds_hash = load_test_rows(cfg)
+    rows = [{**r, "split": "test"} for r in select_items(rows, ev.max_items)]
+    if ev.gold_file:
+        rows += [{**r, "split": "gold"} for r in sorted(load_gold(cfg.paths.resolve(ev.gold_file)),
+                                                         key=lambda r: r["id"])]
+    if not rows:
+        raise ValueError(f"no test items in {cfg.paths.stage_dir('dataset') / 'test.parquet'}")
+    adapter_dir = cfg.paths.models_dir / cfg.train.run_name
+    require_stage(adapter_dir, "train")
+    system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
+    conversations = [prompt_messages(r, system) for r in rows]
+    log.info("evaluate: %d items (%s), base %s vs adapter %s", len(rows),
+             ", ".join(f"{s}={sum(r['split'] == s for r in rows)}" for s in ("test", "gold")),
+             cfg.model.name_or_path, adapter_dir)
+    answers = (generator or generate_base_and_tuned)(
+        cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+        batch_size=ev.batch_size, seed=ev.seed)
+    refs = {"base": cfg.model.name_or_path, "tuned": f"{cfg.model.name_or_path}+{adapter_dir.name}"}
+
+    def factory() -> LLMProvider:
+        from datagen.llm import get_provider
+
+        return get_provider(cfg, ev.judge_provider)
+
+    result = evaluate_answers(cfg, rows, answers, judge, model_refs=refs, judge_factory=factory)
+
+    out = cfg.paths.reports_dir / ev.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    items = result.pop("items")
+    write_jsonl(out / "items.jsonl", items)
+    report = {"run": ev.run_name, "config": cfg.dump_public()["evaluate"], **result}
+    rows_t = table_rows(report)
+    write_json(out / "report.json", report)
+    plot_scores(report, out / "scores.png")
+    atomic_write_text(out / "report.md", render_markdown(report))
+    judge_info = result["judge"]
+    prompts = [load_prompt(RUBRIC_PROMPT).ref] if judge_info["used"] else []
+    if result["pairwise"]:
+        prompts.append(load_prompt(PAIRWISE_PROMPT).ref)
+    manifest = {
+        "stage": "evaluate",
+        "config_hash": cfg.section_hash("evaluate", "llm", "model"),
+        "upstream": {"dataset": ds_hash, "adapter": manifest_hash(adapter_dir)},
+        "prompts": prompts,
+        "counts": result["counts"],
+        "models": refs,
+        "judge": {k: judge_info.get(k) for k in ("used", "provider", "model", "reliable", "reasons")},
+        "rests_on_judge": result["rests_on_judge"],
+        "llm_usage": judge_info.get("usage", {}),
+        "table_rows": rows_t,
+        "report_md": str(out / "report.md"),
+        "report_json": str(out / "report.json"),
+        "scores_png": str(out / "scores.png"),
+        "items_jsonl": str(out / "items.jsonl"),
+    }
+    return write_manifest(out, manifest)

@@ -1,0 +1,139 @@
+"""Batched generation for evaluation: the base model, then the same base with the adapter on top.
+
+Prompts are rendered with the tokenizer and chat template that training used
+(:func:`datagen.tokenizer.load_tokenizer`), from a row's ``messages`` minus the assistant turn, with
+``add_generation_prompt=True``. Generation is greedy unless ``temperature > 0``, stops at
+``<end_of_turn>`` or EOS, and runs in length-sorted batches with left padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from datagen.config import ModelConfig
+from datagen.packaged import resolve_model_path
+from datagen.schema import render_context
+
+log = logging.getLogger(__name__)
+
+STOP_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
+
+
+def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation up to (not including) the final assistant turn.
+
+    A row from the dataset carries ``messages``; a row without them (a gold-task file of canonical
+    rows) gets ``[system?, user: context + question]``.
+    """
+    msgs = row.get("messages")
+    if msgs is not None and len(msgs) > 0:
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        return msgs
+    ctx = render_context(row.get("context"))
+    user = f"{ctx}\n\n{row['question']}" if ctx else row["question"]
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}]
+
+
+def device_and_dtype(model_cfg: ModelConfig):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model_cfg.dtype != "auto":
+        dtype = getattr(torch, model_cfg.dtype)
+    else:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return device, dtype
+
+
+def load_base(model_cfg: ModelConfig):
+    """(model, tokenizer): the base model (safetensors, fp32 on CPU) and the training tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from datagen.tokenizer import load_tokenizer
+
+    device, dtype = device_and_dtype(model_cfg)
+    tok = load_tokenizer(model_cfg)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name_or_path), dtype=dtype,
+                                                 trust_remote_code=model_cfg.trust_remote_code)
+    model.to(device).eval()
+    return model, tok
+
+
+def attach_adapter(model, adapter_dir: str | Path):
+    """The base ``model`` wrapped with the LoRA adapter saved in ``adapter_dir``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def render_prompts(tok, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
+    return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def _stop_ids(tok) -> list[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in STOP_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+             batch_size: int = 8, seed: int = 0, desc: str = "generate") -> list[str]:
+    """Completions of ``prompts`` (already rendered), in order, cut at the first stop token."""
+    import torch
+
+    if not prompts:
+        return []
+    torch.manual_seed(seed)
+    tok.padding_side = "left"
+    # the template already writes <bos>: don't let the tokenizer add another
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    stop = _stop_ids(tok)
+    out: list[str | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop,
+                                  "pad_token_id": tok.pad_token_id}
+    if temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with torch.inference_mode():
+            seqs = model.generate(**enc, **gen_kwargs)
+        new = seqs[:, enc["input_ids"].shape[1]:]
+        for i, ids in zip(batch, new, strict=True):
+            ids = ids.tolist()
+            cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+            out[i] = tok.decode(ids[:cut], skip_special_tokens=True).strip()
+    return [o or "" for o in out]
+
+
+def generate_base_and_tuned(model_cfg: ModelConfig, adapter_dir: str | Path,
+                            conversations: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
+                            temperature: float = 0.0, batch_size: int = 8, seed: int = 0
+                            ) -> dict[str, list[str]]:
+    """``{"base": [...], "tuned": [...]}``: the base is loaded once and then wrapped with the adapter."""
+    import gc
+
+    model, tok = load_base(model_cfg)
+    prompts = render_prompts(tok, conversations)
+    kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size, "seed": seed}
+    base = generate(model, tok, prompts, desc="generate base", **kw)
+    tuned_model = attach_adapter(model, adapter_dir)
+    tuned = generate(tuned_model, tok, prompts, desc="generate tuned", **kw)
+    del tuned_model, model
+    gc.collect()
+    return {"base": base, "tuned": tuned}

@@ -1,0 +1,233 @@
+"""Programmatic graders: exact figures for ``numeric_qa``, normalised labels for ``classification``.
+
+Every grader returns a :class:`Grade` with a score in [0, 1] and a pass flag; nothing here raises on
+odd model output. Judge-graded items (``open_qa``) live in :mod:`training.judge`.
+
+Numeric grading reads ``metadata["answer_values"]`` (``[{"name", "value", "unit"}]``, percent values
+in percent units) and looks for each expected figure among the numbers written in the answer, within a
+relative tolerance. Units are reconciled: ``12.5%`` = ``12.5 percent`` = ``1250 bp`` = ``0.125``;
+``$1.5bn`` = ``1,500,000,000``; ``-3.2%`` = ``down 3.2%`` = ``(3.2%)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+NONE_LABEL = "<none>"
+
+
+@dataclass(frozen=True)
+class Grade:
+    score: float  # in [0, 1]
+    passed: bool
+    grader: str  # "numeric" | "classification" | "judge"
+    detail: dict[str, Any] = field(default_factory=dict)
+    unparsable: bool = False
+
+
+# ----------------------------------------------------------------------------- numbers
+@dataclass(frozen=True)
+class Figure:
+    """A number found in text, scaled (``1.5bn`` -> 1.5e9) with a normalised unit."""
+
+    value: float
+    unit: str  # "%" | "bp" | "USD" | "CUR" (another currency) | "x" | "" (plain)
+    text: str
+
+
+_SUFFIX = (r"%|percentage\s+points?\b|per\s?cent\b|percent\b|pct\b|pp\b|bps\b|bp\b|basis\s+points?\b"
+           r"|thousand\b|k\b|million\b|mln\b|mn\b|m\b|billion\b|bln\b|bn\b|b\b|trillion\b|tn\b|x\b")
+_NUMBER = re.compile(
+    r"(?<![\w.])"
+    r"(?P<paren>\(\s*)?"
+    r"(?P<sign>[-+\u2212\u2013])?\s?"
+    r"(?P<cur>US\$|\$|USD\s?|EUR\s?|GBP\s?|\u20ac|\u00a3)?\s?"
+    r"(?P<sign2>[-+\u2212\u2013])?"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\d,]*\d)"
+    rf"(?:\s?(?P<suf>{_SUFFIX}))?"
+    r"(?:\s?(?P<cur2>USD\b|US\s+dollars?\b|dollars?\b))?"
+    r"(?P<close>\s*\))?",
+    re.IGNORECASE)
+_DOWN = re.compile(
+    r"\b(?:down|fell|fallen|falls?|fell\s+by|declined?|declines|decline\s+of|decreased?|decreases|"
+    r"drop(?:ped|s)?|lost|loss\s+of|lower\s+by|negative|shrank|contracted|slid|plunged|tumbled|"
+    r"dipped|slipped|sank)"
+    r"(?:\s+(?:by|of|to))?(?:\s+(?:about|around|approximately|roughly|some|nearly|almost))?\s*$",
+    re.IGNORECASE)
+_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "mln": 1e6, "mn": 1e6, "m": 1e6,
+          "billion": 1e9, "bln": 1e9, "bn": 1e9, "b": 1e9, "trillion": 1e12, "tn": 1e12}
+
+
+def _suffix_unit(suf: str) -> tuple[str, float]:
+    s = re.sub(r"\s+", " ", suf.lower())
+    if s == "%" or s.startswith(("percent", "per cent", "pct", "pp", "percentage")):
+        return "%", 1.0
+    if s in ("bp", "bps") or s.startswith("basis"):
+        return "bp", 1.0
+    if s == "x":
+        return "x", 1.0
+    return "", _SCALE[s]
+
+
+def extract_figures(text: str) -> list[Figure]:
+    """All numbers in ``text`` with sign, scale and unit resolved, in order of appearance."""
+    out: list[Figure] = []
+    for m in _NUMBER.finditer(text or ""):
+        value = float(m.group("num").replace(",", ""))
+        unit, scale = ("", 1.0)
+        if m.group("suf"):
+            unit, scale = _suffix_unit(m.group("suf"))
+        value *= scale
+        cur = (m.group("cur") or m.group("cur2") or "").strip().upper()
+        if cur and unit not in ("%", "bp"):
+            unit = "USD" if ("$" in cur or "USD" in cur or "DOLLAR" in cur) else "CUR"
+        negative = any(m.group(g) in ("-", "\u2212", "\u2013") for g in ("sign", "sign2") if m.group(g))
+        if m.group("paren") and m.group("close") and not negative:
+            negative = True  # accounting style "(3.2)"
+        if not negative and not (m.group("sign") or m.group("sign2")):
+            negative = bool(_DOWN.search(text[max(0, m.start() - 40):m.start()]))
+        out.append(Figure(-value if negative else value, unit, m.group(0).strip()))
+    return out
+
+
+def normalise_unit(unit: str | None) -> str:
+    u = (unit or "").strip().lower()
+    if u in ("%", "pct", "percent", "pp") or "percent" in u:
+        return "%"
+    if u in ("bp", "bps") or u.startswith("basis"):
+        return "bp"
+    if "usd" in u or "$" in u or "dollar" in u:
+        return "USD"
+    if u == "x":
+        return "x"
+    return ""
+
+
+def _readings(fig: Figure, unit: str) -> list[float]:
+    """The values ``fig`` can stand for when the expected figure is in ``unit``."""
+    if unit == "%":
+        return {"%": [fig.value], "bp": [fig.value / 100], "": [fig.value, fig.value * 100]}.get(fig.unit, [])
+    if unit == "bp":
+        return {"bp": [fig.value], "%": [fig.value * 100], "": [fig.value]}.get(fig.unit, [])
+    if unit == "USD":
+        return [fig.value] if fig.unit in ("USD", "") else []
+    return [fig.value] if fig.unit in ("", "x", "USD", "CUR") else []
+
+
+def close(a: float, b: float, rel_tol: float) -> bool:
+    """``a`` within ``rel_tol`` of the expected ``b`` (an exact zero needs |a| < 1e-9)."""
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: float) -> Grade:
+    """Fraction of the expected figures found in ``answer``; pass when all are found.
+
+    A figure in the answer may match several expected values (e.g. two equal figures).
+    """
+    figures = extract_figures(answer)
+    matches = []
+    for e in expected:
+        target, unit = float(e["value"]), normalise_unit(e.get("unit"))
+        hit = next((f for f in figures if any(close(r, target, rel_tol) for r in _readings(f, unit))), None)
+        matches.append({"name": e.get("name", ""), "expected": target, "unit": e.get("unit", ""),
+                        "found": hit.text if hit else None})
+    n_ok = sum(m["found"] is not None for m in matches)
+    score = n_ok / len(matches) if matches else 0.0
+    return Grade(score=score, passed=bool(matches) and n_ok == len(matches), grader="numeric",
+                 detail={"matches": matches, "n_figures_in_answer": len(figures)})
+
+
+def expected_values(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """``metadata["answer_values"]``; failing that, the figures written in the reference answer."""
+    vals = (row.get("metadata") or {}).get("answer_values") or []
+    if vals:
+        return [v for v in vals if isinstance(v, dict) and "value" in v]
+    return [{"name": f"ref{i}", "value": f.value, "unit": f.unit}
+            for i, f in enumerate(extract_figures(row.get("answer", "")))]
+
+
+# ----------------------------------------------------------------------------- labels
+SYNONYMS: dict[str, str] = {
+    "bullish": "positive", "bearish": "negative", "optimistic": "positive", "pessimistic": "negative",
+    "favourable": "positive", "favorable": "positive", "unfavourable": "negative", "unfavorable": "negative",
+    "mixed": "neutral", "moderate": "medium", "med": "medium", "elevated": "high",
+}
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", (text or "").lower()).split())
+
+
+def normalise_label(answer: str, labels: Sequence[str], synonyms: dict[str, str] | None = None) -> str | None:
+    """The allowed label ``answer`` names, or None.
+
+    Exact match after normalisation (case, punctuation) first; else the label (or a synonym of one)
+    that appears earliest as a whole word, the longest one at a tie ("very high" over "high").
+    """
+    syn = SYNONYMS if synonyms is None else synonyms
+    by_norm = {_norm(lab): lab for lab in labels}
+    a = _norm(answer)
+    if a in by_norm:
+        return by_norm[a]
+    if a in syn and _norm(syn[a]) in by_norm:
+        return by_norm[_norm(syn[a])]
+    terms = dict(by_norm)
+    for word, target in syn.items():
+        if _norm(target) in by_norm and word not in terms:
+            terms[word] = by_norm[_norm(target)]
+    best: tuple[int, int, str] | None = None
+    padded = f" {a} "
+    for term, label in terms.items():
+        if not term:
+            continue
+        pos = padded.find(f" {term} ")
+        if pos >= 0 and (best is None or (pos, -len(term)) < (best[0], best[1])):
+            best = (pos, -len(term), label)
+    return best[2] if best else None
+
+
+def grade_classification(answer: str, reference: str, labels: Sequence[str] | None) -> Grade:
+    allowed = list(labels) if labels else [reference]
+    gold = normalise_label(reference, allowed) or reference
+    pred = normalise_label(answer, allowed)
+    ok = pred == gold
+    return Grade(score=1.0 if ok else 0.0, passed=ok, grader="classification",
+                 detail={"gold": gold, "pred": pred if pred is not None else NONE_LABEL})
+
+
+def classification_metrics(gold: Sequence[str], pred: Sequence[str | None],
+                           labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the confusion matrix ``{gold: {pred: count}}``.
+
+    Macro-F1 averages over ``labels`` (default: every label seen in gold or pred); an unrecognised
+    prediction (None) is recorded as ``<none>``: a miss for its gold class, never a class of its own.
+    """
+    pred = [p if p is not None else NONE_LABEL for p in pred]
+    if len(gold) != len(pred):
+        raise ValueError("gold and pred differ in length")
+    classes = sorted(set(labels) if labels is not None else (set(gold) | set(pred)) - {NONE_LABEL})
+    confusion: dict[str, dict[str, int]] = {}
+    for g, p in zip(gold, pred, strict=True):
+        confusion.setdefault(g, {}).setdefault(p, 0)
+        confusion[g][p] += 1
+    per_class = {}
+    for c in classes:
+        tp = sum(g == c and p == c for g, p in zip(gold, pred, strict=True))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred, strict=True))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred, strict=True))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[c] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn}
+    n = len(gold)
+    return {
+        "n": n,
+        "accuracy": sum(g == p for g, p in zip(gold, pred, strict=True)) / n if n else None,
+        "macro_f1": sum(v["f1"] for v in per_class.values()) / len(per_class) if per_class else None,
+        "per_class": per_class,
+        "confusion": {g: dict(sorted(row.items())) for g, row in sorted(confusion.items())},
+    }

@@ -1,0 +1,247 @@
+"""The LLM judge: reference-guided rubric grading, pairwise comparison, and the judge's self-check.
+
+Split as distilabel does: ``format_*_input(...) -> messages`` and ``format_*_output(result) -> value``
+are pure and tested on clean, noisy and malformed output; the ``judge_*`` functions only batch
+requests through an :class:`~datagen.llm.base.LLMProvider`. The judge runs at temperature 0 with a
+JSON schema; output that still does not parse after the provider's schema retries is recorded as
+*unparsable*: score 0, never a pass.
+
+The self-check (:func:`selfcheck`) asks the judge to grade each sampled item's *reference* answer
+(it should pass) and the reference answer of *another item of the same category* (it should fail).
+Its accuracy, plus Cohen's kappa against the programmatic numeric grader and, if given, against
+human labels, decide whether the report may trust the judge (:func:`reliability`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from datagen.llm.base import ChatRequest, LLMProvider, LLMResult, parse_structured
+from datagen.prompts import Prompt, load_prompt
+from datagen.schema import render_context
+from training.aggregate import cohen_kappa
+from training.graders import Grade, _norm
+
+log = logging.getLogger(__name__)
+
+RUBRIC_PROMPT = "judge_rubric"
+PAIRWISE_PROMPT = "judge_pairwise"
+
+
+class JudgeVerdict(BaseModel):
+    """What the rubric prompt asks for: ``{"score": 1-5, "pass": bool, "rationale": str}``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    score: int = Field(ge=1, le=5)
+    passed: bool = Field(alias="pass")
+    rationale: str = ""
+
+
+class PairwiseVerdict(BaseModel):
+    winner: Literal["A", "B", "tie"]
+    rationale: str = ""
+
+    @field_validator("winner", mode="before")
+    @classmethod
+    def _winner(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            s = v.strip().strip(".").lower().removeprefix("answer").strip()
+            return {"a": "A", "b": "B", "tie": "tie", "draw": "tie", "equal": "tie"}.get(s, v)
+        return v
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    question: str
+    reference: str
+    answer: str
+    context: str = ""
+    key: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], answer: str, key: str | None = None) -> JudgeItem:
+        return cls(question=row["question"], reference=row["answer"], answer=answer,
+                   context=render_context(row.get("context")), key=key)
+
+
+# ----------------------------------------------------------------------------- rubric grading
+def format_judge_input(item: JudgeItem, prompt: Prompt) -> list[dict[str, str]]:
+    text = prompt.render(question=item.question, context=item.context, reference=item.reference,
+                         answer=item.answer if item.answer.strip() else "(empty answer)")
+    return [{"role": "user", "content": text}]
+
+
+def format_judge_output(result: LLMResult, *, pass_score: int = 4, judge_model: str = "",
+                        prompt_ref: dict[str, str] | None = None) -> Grade:
+    """A provider result as a :class:`Grade`; unparsable output is a failed grade with its reason.
+
+    score = (rubric score - 1) / 4; pass needs the judge's ``pass`` AND a score >= ``pass_score``
+    (a judge that says "pass" with a 2 is not believed).
+    """
+    verdict = result.parsed if isinstance(result.parsed, JudgeVerdict) else None
+    error = result.error
+    if verdict is None and result.text:
+        verdict, err = parse_structured(result.text, JudgeVerdict)
+        error = error or err
+    base = {"judge_model": judge_model, "judge_prompt": prompt_ref or {}, "attempts": result.attempts}
+    if verdict is None:
+        return Grade(score=0.0, passed=False, grader="judge", unparsable=True,
+                     detail={**base, "error": error or "no output", "raw": (result.text or "")[:500]})
+    return Grade(score=(verdict.score - 1) / 4, passed=bool(verdict.passed and verdict.score >= pass_score),
+                 grader="judge",
+                 detail={**base, "judge_score": verdict.score, "judge_pass": verdict.passed,
+                         "rationale": verdict.rationale})
+
+
+def judge_answers(provider: LLMProvider, items: Sequence[JudgeItem], *, prompt: Prompt | None = None,
+                  seed: int | None = None, max_tokens: int = 256, pass_score: int = 4,
+                  desc: str = "judge") -> list[Grade]:
+    """Rubric grades for ``items``, in order (temperature 0, JSON schema)."""
+    prompt = prompt or load_prompt(RUBRIC_PROMPT)
+    requests = [ChatRequest(messages=format_judge_input(it, prompt), schema=JudgeVerdict, temperature=0.0,
+                            max_tokens=max_tokens, seed=seed, key=it.key) for it in items]
+    results = provider.generate_batch(requests, desc=desc) if requests else []
+    return [format_judge_output(r, pass_score=pass_score, judge_model=f"{provider.name}:{provider.model}",
+                                prompt_ref=prompt.ref) for r in results]
+
+
+# ----------------------------------------------------------------------------- pairwise
+def format_pairwise_input(item: JudgeItem, answer_a: str, answer_b: str, prompt: Prompt) -> list[dict[str, str]]:
+    text = prompt.render(question=item.question, context=item.context, reference=item.reference,
+                         answer_a=answer_a or "(empty answer)", answer_b=answer_b or "(empty answer)")
+    return [{"role": "user", "content": text}]
+
+
+def format_pairwise_output(result: LLMResult) -> str | None:
+    """"A" / "B" / "tie", or None when unparsable."""
+    verdict = result.parsed if isinstance(result.parsed, PairwiseVerdict) else None
+    if verdict is None and result.text:
+        verdict, _ = parse_structured(result.text, PairwiseVerdict)
+    return verdict.winner if verdict else None
+
+
+def combine_orders(first: str | None, second: str | None) -> str:
+    """Outcome for tuned vs base from both orders: (A=base, B=tuned) then (A=tuned, B=base).
+
+    Agreement gives ``tuned`` / ``base`` / ``tie``; a verdict that flips with the order is a ``tie``;
+    either order unparsable gives ``unparsable``.
+    """
+    if first is None or second is None:
+        return "unparsable"
+    map1 = {"A": "base", "B": "tuned", "tie": "tie"}
+    map2 = {"A": "tuned", "B": "base", "tie": "tie"}
+    a, b = map1[first], map2[second]
+    return a if a == b else "tie"
+
+
+def judge_pairwise(provider: LLMProvider, items: Sequence[JudgeItem], base: Sequence[str],
+                   tuned: Sequence[str], *, prompt: Prompt | None = None, seed: int | None = None,
+                   max_tokens: int = 192) -> list[dict[str, Any]]:
+    """Each item judged twice (base first, then tuned first); see :func:`combine_orders`."""
+    prompt = prompt or load_prompt(PAIRWISE_PROMPT)
+    reqs = []
+    for it, b, t in zip(items, base, tuned, strict=True):
+        for a_ans, b_ans in ((b, t), (t, b)):
+            reqs.append(ChatRequest(messages=format_pairwise_input(it, a_ans, b_ans, prompt),
+                                    schema=PairwiseVerdict, temperature=0.0, max_tokens=max_tokens,
+                                    seed=seed, key=it.key))
+    results = provider.generate_batch(reqs, desc="pairwise") if reqs else []
+    out = []
+    for i, it in enumerate(items):
+        first, second = format_pairwise_output(results[2 * i]), format_pairwise_output(results[2 * i + 1])
+        out.append({"key": it.key, "base_first": first, "tuned_first": second,
+                    "outcome": combine_orders(first, second)})
+    return out
+
+
+# ----------------------------------------------------------------------------- self-check
+def selfcheck_cases(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """Up to ``n`` items, each with its own reference (expect pass) and a mismatched answer: the reference
+    of another item of the same category whose answer differs (expect fail). Seeded, deterministic."""
+    rng = random.Random(seed)
+    rows = sorted(rows, key=lambda r: r["id"])
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    eligible = [(r, [o for o in by_cat[r["category"]] if _norm(o["answer"]) != _norm(r["answer"])])
+                for r in rows]
+    eligible = [(r, others) for r, others in eligible if others]
+    picked = rng.sample(eligible, min(n, len(eligible)))
+    picked.sort(key=lambda p: p[0]["id"])
+    cases = []
+    for r, others in picked:
+        other = rng.choice(others)
+        cases.append({"id": r["id"], "category": r["category"], "kind": "reference", "expect_pass": True,
+                      "item": JudgeItem.from_row(r, r["answer"], key=f"selfcheck:{r['id']}:ref")})
+        cases.append({"id": r["id"], "category": r["category"], "kind": "mismatch", "expect_pass": False,
+                      "mismatch_id": other["id"],
+                      "item": JudgeItem.from_row(r, other["answer"], key=f"selfcheck:{r['id']}:mis")})
+    return cases
+
+
+def score_selfcheck(cases: Sequence[dict[str, Any]], grades: Sequence[Grade]) -> dict[str, Any]:
+    """Accuracy of the judge on self-check cases; an unparsable verdict is always counted wrong."""
+    rows = []
+    for c, g in zip(cases, grades, strict=True):
+        correct = (not g.unparsable) and g.passed == c["expect_pass"]
+        rows.append({"id": c["id"], "category": c["category"], "kind": c["kind"],
+                     "mismatch_id": c.get("mismatch_id"), "expect_pass": c["expect_pass"],
+                     "judge_pass": g.passed, "judge_score": g.detail.get("judge_score"),
+                     "unparsable": g.unparsable, "correct": correct})
+    ref = [r for r in rows if r["kind"] == "reference"]
+    mis = [r for r in rows if r["kind"] == "mismatch"]
+    n = len(rows)
+    return {
+        "n_items": len(ref), "n_cases": n,
+        "accuracy": sum(r["correct"] for r in rows) / n if n else None,
+        "reference_pass_rate": sum(r["correct"] for r in ref) / len(ref) if ref else None,
+        "mismatch_fail_rate": sum(r["correct"] for r in mis) / len(mis) if mis else None,
+        "unparsable": sum(r["unparsable"] for r in rows),
+        "cases": rows,
+    }
+
+
+def selfcheck(provider: LLMProvider, rows: Sequence[dict[str, Any]], *, n: int, seed: int,
+              prompt: Prompt | None = None, max_tokens: int = 256, pass_score: int = 4) -> dict[str, Any]:
+    cases = selfcheck_cases(rows, n, seed)
+    grades = judge_answers(provider, [c["item"] for c in cases], prompt=prompt, seed=seed,
+                           max_tokens=max_tokens, pass_score=pass_score, desc="judge self-check")
+    return score_selfcheck(cases, grades)
+
+
+def agreement(judge_pass: Sequence[bool], other_pass: Sequence[bool]) -> dict[str, Any]:
+    """Cohen's kappa and raw agreement of the judge's pass/fail against another rater."""
+    n = len(judge_pass)
+    return {"n": n, "kappa": cohen_kappa(list(judge_pass), list(other_pass)),
+            "agreement": sum(a == b for a, b in zip(judge_pass, other_pass, strict=True)) / n if n else None}
+
+
+def reliability(check: dict[str, Any] | None, kappas: dict[str, dict[str, Any]], *,
+                min_accuracy: float, min_kappa: float) -> dict[str, Any]:
+    """Whether the judge's scores may be trusted, with the reasons when not.
+
+    Unreliable when it was not self-checked, when self-check accuracy < ``min_accuracy``, or when a
+    defined kappa < ``min_kappa``. An undefined kappa (one rater constant) is noted, not failed.
+    """
+    reasons, notes = [], []
+    if not check or not check.get("n_cases"):
+        reasons.append("not self-checked (no items with a same-category mismatch)")
+    elif check["accuracy"] < min_accuracy:
+        reasons.append(f"self-check accuracy {check['accuracy']:.2f} < {min_accuracy:.2f} "
+                       f"(passes references {check['reference_pass_rate']:.2f}, "
+                       f"fails mismatches {check['mismatch_fail_rate']:.2f}, unparsable {check['unparsable']})")
+    for name, k in kappas.items():
+        if not k.get("n"):
+            continue
+        if k["kappa"] is None:
+            notes.append(f"kappa vs {name} undefined on {k['n']} items (one rater gave a single label)")
+        elif k["kappa"] < min_kappa:
+            reasons.append(f"kappa vs {name} {k['kappa']:.2f} < {min_kappa:.2f} (n={k['n']})")
+    return {"reliable": not reasons, "reasons": reasons, "notes": notes,
+            "thresholds": {"min_accuracy": min_accuracy, "min_kappa": min_kappa}}

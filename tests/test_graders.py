@@ -1,0 +1,134 @@
+"""Programmatic graders: figure extraction, numeric grading, label normalisation, classification metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.graders import (NONE_LABEL, classification_metrics, expected_values, extract_figures,
+                              grade_classification, grade_numeric, normalise_label)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Return was -3.2% over the window", [(-3.2, "%")]),
+    ("ACME fell 3.2% over ten days", [(-3.2, "%")]),
+    ("a decline of about 4.1 pct", [(-4.1, "%")]),
+    ("(3.2%)", [(-3.2, "%")]),
+    ("\u22121.5%", [(-1.5, "%")]),
+    ("+2.5%", [(2.5, "%")]),
+    ("12.5 percent", [(12.5, "%")]),
+    ("up 40 basis points", [(40.0, "bp")]),
+    ("125 bps", [(125.0, "bp")]),
+    ("revenue of $1.5bn", [(1.5e9, "USD")]),
+    ("1,234,567.5 USD", [(1234567.5, "USD")]),
+    ("US$ 45", [(45.0, "USD")]),
+    ("EUR 2.3m", [(2.3e6, "CUR")]),
+    ("250k shares", [(250000.0, "")]),
+    ("3x leverage", [(3.0, "x")]),
+    ("close 101.25 on day 10", [(101.25, ""), (10.0, "")]),
+])
+def test_extract_figures(text, expected):
+    got = extract_figures(text)
+    assert [f.unit for f in got] == [u for _, u in expected]
+    assert [f.value for f in got] == pytest.approx([v for v, _ in expected])
+
+
+def test_extract_figures_dates_do_not_make_negatives():
+    # "2024-01-02": the hyphens are separators, not minus signs
+    assert [f.value for f in extract_figures("on 2024-01-02")] == [2024.0, 1.0, 2.0]
+
+
+def test_grade_numeric_signs_units_and_tolerance():
+    exp = [{"name": "return", "value": -3.2, "unit": "%"}, {"name": "close", "value": 101.25, "unit": "USD"}]
+    g = grade_numeric("It fell 3.2% to $101.25.", exp, rel_tol=0.01)
+    assert (g.score, g.passed, g.grader) == (1.0, True, "numeric")
+    assert [m["found"] for m in g.detail["matches"]] == ["3.2%", "$101.25"]
+    # sign wrong: the return is not matched, the close is
+    g = grade_numeric("It rose 3.2% to 101.25", exp, rel_tol=0.01)
+    assert (g.score, g.passed) == (0.5, False)
+    # within 1% relative (101.9 vs 101.25 is 0.64%); 102.5 is 1.2% off
+    assert grade_numeric("-3.2%, 101.9", exp, rel_tol=0.01).score == 1.0
+    assert grade_numeric("-3.2%, 102.5", exp, rel_tol=0.01).score == 0.5
+    assert grade_numeric("-3.2%, 102.5", exp, rel_tol=0.02).score == 1.0
+
+
+def test_grade_numeric_percent_forms():
+    exp = [{"name": "vol", "value": 12.5, "unit": "%"}]
+    for answer in ("12.5%", "12.5 percent", "1250 bp", "0.125", "12.50"):
+        assert grade_numeric(answer, exp, 0.001).passed, answer
+    for answer in ("12.5 bp", "$12.5", "13%", "no figure"):
+        assert not grade_numeric(answer, exp, 0.001).passed, answer
+
+
+def test_grade_numeric_scaled_currency_and_zero():
+    exp = [{"name": "rev", "value": 1.5e9, "unit": "USD"}]
+    assert grade_numeric("$1.5bn", exp, 0.01).passed
+    assert grade_numeric("1,500,000,000 dollars", exp, 0.01).passed
+    assert grade_numeric("1.5 billion", exp, 0.01).passed
+    assert not grade_numeric("$1.5m", exp, 0.01).passed
+    zero = [{"name": "chg", "value": 0.0, "unit": "%"}]
+    assert grade_numeric("unchanged at 0.0%", zero, 0.01).passed
+    assert not grade_numeric("0.1%", zero, 0.01).passed
+
+
+def test_grade_numeric_three_values_partial_score():
+    exp = [{"name": "a", "value": 1.0, "unit": ""}, {"name": "b", "value": 2.0, "unit": ""},
+           {"name": "c", "value": 3.0, "unit": ""}]
+    g = grade_numeric("a=1, c=3", exp, 0.0)
+    assert g.score == pytest.approx(2 / 3)
+    assert not g.passed
+    assert grade_numeric("", exp, 0.0).score == 0.0
+    assert grade_numeric("anything", [], 0.01).passed is False
+
+
+def test_expected_values_falls_back_to_reference_figures():
+    row = {"answer": "The drawdown was -12.4% and the close $88.10.", "metadata": {}}
+    assert expected_values(row) == [{"name": "ref0", "value": -12.4, "unit": "%"},
+                                    {"name": "ref1", "value": 88.1, "unit": "USD"}]
+    row = {"answer": "x", "metadata": {"answer_values": [{"name": "r", "value": 1.0, "unit": "%"}]}}
+    assert expected_values(row) == [{"name": "r", "value": 1.0, "unit": "%"}]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Positive", "positive"),
+    ("positive.", "positive"),
+    ("  NEGATIVE!! ", "negative"),
+    ("Bullish", "positive"),
+    ("The outlook is bearish given the drawdown", "negative"),
+    ("Sentiment: neutral; not positive", "neutral"),
+    ("I cannot tell", None),
+])
+def test_normalise_label_sentiment(answer, expected):
+    assert normalise_label(answer, ["positive", "negative", "neutral"]) == expected
+
+
+def test_normalise_label_prefers_longest_at_same_position():
+    labels = ["low", "high", "very high"]
+    assert normalise_label("Very high risk.", labels) == "very high"
+    assert normalise_label("Risk: high", labels) == "high"
+    assert normalise_label("elevated", ["low", "medium", "high"]) == "high"
+    assert normalise_label("Bullish", ["buy", "sell"]) is None  # synonym target not an allowed label
+
+
+def test_grade_classification():
+    g = grade_classification("Medium risk.", "medium", ["low", "medium", "high"])
+    assert (g.score, g.passed, g.detail) == (1.0, True, {"gold": "medium", "pred": "medium"})
+    g = grade_classification("no idea", "medium", ["low", "medium", "high"])
+    assert (g.score, g.passed, g.detail["pred"]) == (0.0, False, NONE_LABEL)
+    g = grade_classification("Low", "medium", None)  # no label set: only the reference is allowed
+    assert g.passed is False
+
+
+def test_classification_metrics_exact():
+    gold = ["pos", "pos", "pos", "neg", "neg", "neu"]
+    pred = ["pos", "pos", "neg", "neg", None, "pos"]
+    m = classification_metrics(gold, pred)
+    # pos: tp2 fp1 fn1 -> p=r=f1=2/3; neg: tp1 fp1 fn1 -> 1/2; neu: tp0 -> 0
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["per_class"]["pos"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["neg"]["f1"] == pytest.approx(0.5)
+    assert m["per_class"]["neu"]["f1"] == 0.0
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+    assert m["confusion"] == {"neg": {"<none>": 1, "neg": 1}, "neu": {"pos": 1}, "pos": {"neg": 1, "pos": 2}}
+    sk = pytest.importorskip("sklearn.metrics")
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(gold, [p or "<none>" for p in pred],
+                                                      labels=["neg", "neu", "pos"], average="macro"))
