@@ -14,7 +14,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
@@ -63,9 +63,13 @@ class Usage:
                 setattr(self, k, getattr(self, k) + v)
 
     def as_dict(self) -> dict[str, int]:
-        d = asdict(self)
-        d.pop("_lock", None)
-        return d
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """Counts accrued after ``before = usage.as_dict()`` (per-stage accounting on a shared provider)."""
+        now = self.as_dict()
+        return {k: v - before.get(k, 0) for k, v in now.items()}
 
 
 @runtime_checkable

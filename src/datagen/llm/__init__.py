@@ -1,0 +1,70 @@
+"""Language-model providers behind one interface.
+
+    from datagen.llm import ChatRequest, get_provider
+    llm = get_provider(cfg, cfg.augment.provider)
+    results = llm.generate_batch([ChatRequest(messages=[...], schema=MyModel)], desc="rephrase")
+    manifest["llm_usage"] = llm.usage.as_dict()
+
+Kinds (``cfg.llm.providers[name].kind``): ``openai`` (OpenAI and every OpenAI-compatible server),
+``gemini`` (google-genai) and ``local`` (transformers). See docs/providers.md.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from datagen.config import Config, ConfigError, ProviderConfig
+from datagen.llm.base import (
+    ChatRequest,
+    FunctionProvider,
+    LLMProvider,
+    LLMResult,
+    Message,
+    Usage,
+    parse_structured,
+)
+from datagen.llm.cache import ResponseCache, open_cache
+
+__all__ = [
+    "ChatRequest", "FunctionProvider", "LLMProvider", "LLMResult", "Message", "Usage",
+    "parse_structured", "get_provider", "make_provider", "ResponseCache", "open_cache",
+]
+
+_PROVIDERS: dict[tuple[str, str, str], LLMProvider] = {}
+_PROVIDERS_LOCK = threading.Lock()
+
+
+def make_provider(name: str, pcfg: ProviderConfig, cache: ResponseCache | None) -> LLMProvider:
+    """A new provider instance (no reuse); ``get_provider`` is what callers want."""
+    if pcfg.kind == "local":
+        from datagen.llm.local import LocalProvider
+
+        return LocalProvider(name, pcfg, cache)
+    if pcfg.kind == "openai":
+        from datagen.llm.openai_provider import OpenAIProvider
+
+        return OpenAIProvider(name, pcfg, cache)
+    if pcfg.kind == "gemini":
+        from datagen.llm.gemini_provider import GeminiProvider
+
+        return GeminiProvider(name, pcfg, cache)
+    raise ConfigError(f"llm.providers.{name}.kind: unknown provider kind {pcfg.kind!r}")
+
+
+def get_provider(cfg: Config, name: str) -> LLMProvider:
+    """The provider ``cfg.llm.providers[name]``, sharing the response cache ``cfg.llm.cache_file``.
+
+    One instance per (provider settings, cache file) per process, so its usage counters, rate limit
+    and concurrency limit are shared by every caller in the process.
+    """
+    if name not in cfg.llm.providers:
+        raise ConfigError(f"llm.providers: no provider named {name!r} (defined: {sorted(cfg.llm.providers)})")
+    pcfg = cfg.llm.providers[name]
+    cache_path = cfg.paths.resolve(cfg.llm.cache_file).resolve()
+    ident = (name, pcfg.model_dump_json(), str(cache_path))
+    with _PROVIDERS_LOCK:
+        prov = _PROVIDERS.get(ident)
+        if prov is None:
+            prov = make_provider(name, pcfg, open_cache(cache_path))
+            _PROVIDERS[ident] = prov
+        return prov

@@ -1,0 +1,117 @@
+"""Persistent response cache: one SQLite file (WAL) shared by every provider and process.
+
+A row is written the moment a request succeeds, so a process killed mid-batch keeps what it
+finished; a rerun makes no call for those. Only successes are stored (a failure is never cached).
+Rows hold the model's text and token counts, never an API key or a request header.
+
+The key is the sha256 of the provider kind, model, base URL, the generation parameters (including
+the requested JSON schema) and the rendered messages; see :func:`cache_key`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+)
+"""
+
+
+def cache_key(*, kind: str, model: str, base_url: str | None, params: dict[str, Any],
+              messages: list[dict[str, str]], sample: int = 0) -> str:
+    """sha256 over everything that changes a model's answer (never over credentials).
+
+    ``sample`` distinguishes identical requests inside one batch (the n-th copy is its own draw).
+    """
+    payload = {"kind": kind, "model": model, "base_url": base_url or "", "params": params,
+               "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if sample:
+        payload["sample"] = sample
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """Thread-safe SQLite cache; several processes may share the file (WAL, busy timeout)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False,
+                                     isolation_level=None)
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._conn.execute(_SCHEMA)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2]}
+
+    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        uniq = list(dict.fromkeys(keys))
+        with self._lock:
+            for i in range(0, len(uniq), 500):
+                chunk = uniq[i:i + 500]
+                rows = self._conn.execute(
+                    f"SELECT key, text, prompt_tokens, completion_tokens FROM responses "
+                    f"WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                for k, text, pt, ct in rows:
+                    out[k] = {"text": text, "prompt_tokens": pt, "completion_tokens": ct}
+        return out
+
+    def put(self, key: str, *, provider: str, model: str, text: str, prompt_tokens: int = 0,
+            completion_tokens: int = 0) -> None:
+        """Store one success (committed immediately)."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO responses (key, provider, model, text, prompt_tokens, "
+                "completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, provider, model, text, int(prompt_tokens), int(completion_tokens), time.time()))
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM responses WHERE key = ?", (key,))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+_CACHES: dict[Path, ResponseCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def open_cache(path: Path | str) -> ResponseCache:
+    """One :class:`ResponseCache` per file per process."""
+    p = Path(path).resolve()
+    with _CACHES_LOCK:
+        if p not in _CACHES:
+            _CACHES[p] = ResponseCache(p)
+        return _CACHES[p]
