@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the pipeline as a Prefect flow")
     run.add_argument("--only", choices=STAGE_NAMES, help="run this stage alone (reusing upstream outputs)")
     run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on")
+    run.add_argument("--refresh", action="store_true", help="ignore Prefect's cache and rerun the stages")
     for name in STAGE_NAMES:
         sub.add_parser(name, parents=[common], help=f"run the {name} stage alone, without Prefect")
     card = sub.add_parser("card", parents=[common], help="print the dataset card")
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from flows.pipeline import pipeline
 
-            result = pipeline(cfg, only=args.only, start=args.start)
+            result = pipeline(profile=args.profile, config_path=str(args.config) if args.config else None,
+                              overrides=args.overrides, root=str(args.root) if args.root else None,
+                              only=args.only, start=args.start, refresh=args.refresh)
             print(json.dumps(result, indent=2, default=str))
         elif args.command == "card":
             path = (args.path or cfg.paths.stage_dir("dataset")) / "README.md"

@@ -1,0 +1,196 @@
+"""Prefect orchestration: one flow per stage, and ``pipeline`` that runs them in order.
+
+Each stage flow calls one task, which calls the stage's plain ``src/`` function. The task's cache key
+is ``INPUTS + TASK_SOURCE`` over what the stage's output depends on:
+
+- the config sections the stage reads (``flows.stages.Stage.config_sections``),
+- the hash of each upstream stage's ``manifest.json`` (so a rerun upstream invalidates downstream),
+- the content hashes of the prompts it renders, and the source of the ``src/`` module it runs,
+- the project root (two roots never share results).
+
+So an unchanged rerun is served from Prefect's cache (state ``Cached``), and a changed config value or
+prompt reruns exactly the stage that reads it and the stages downstream of it. ``refresh=True`` forces
+a rerun. Results (the stage manifests) are persisted under ``prefect.result_storage`` inside the data
+folder. Flows take plain parameters (profile, config path, overrides) so deployments can run them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.filesystems import LocalFileSystem
+from prefect.logging import get_run_logger
+
+from datagen.config import Config, load_config
+from datagen.io import manifest_hash, mark_stale
+from datagen.prompts import PROMPTS_DIR
+from flows.stages import STAGES, Stage, get_stage, select
+
+# which finished stages each stage reads
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "fetch": (),
+    "augment": ("fetch",),
+    "dedup": ("augment",),
+    "split": ("dedup",),
+    "format": ("split",),
+    "train": ("format",),
+    "evaluate": ("format", "train"),
+}
+# the module that implements each stage (its source is part of the cache key)
+STAGE_MODULES: dict[str, str] = {
+    "fetch": "datagen.fetch", "augment": "datagen.augment", "dedup": "datagen.dedup",
+    "split": "datagen.split", "format": "datagen.chat_format", "train": "training.train",
+    "evaluate": "training.evaluate",
+}
+
+
+def _module_source_hash(module: str) -> str:
+    import importlib
+
+    try:
+        src = inspect.getsource(importlib.import_module(module))
+    except (ImportError, OSError, TypeError):
+        return "missing"
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _prompt_hashes(names: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for n in names:
+        p = PROMPTS_DIR / f"{n}.jinja"
+        out[n] = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "missing"
+    return out
+
+
+def cache_inputs(cfg: Config, stage: Stage) -> dict[str, Any]:
+    """Everything a stage's output depends on: the task's cache key is computed over this."""
+    public = cfg.dump_public()
+    return {
+        "stage": stage.name,
+        "config": {s: public[s] for s in stage.config_sections},
+        "upstream": {u: manifest_hash(get_stage(u).output(cfg)) for u in UPSTREAM[stage.name]},
+        "prompts": _prompt_hashes(stage.prompts),
+        "code": _module_source_hash(STAGE_MODULES[stage.name]),
+        "root": str(cfg.paths.root),
+    }
+
+
+@task(cache_policy=(INPUTS - "cfg") + TASK_SOURCE, persist_result=True, result_serializer="json",
+      task_run_name="{key[stage]}")
+def run_stage(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage's ``src/`` function. ``key`` is its cache key (see :func:`cache_inputs`)."""
+    return get_stage(key["stage"]).run(cfg)
+
+
+def _load(profile: str | None, config_path: str | None, overrides: list[str] | None,
+          root: str | None) -> Config:
+    return load_config(config_path, profile=profile, overrides=overrides,
+                       root=Path(root) if root else None)
+
+
+def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
+    stage = get_stage(name)
+    storage = LocalFileSystem(basepath=str(cfg.paths.resolve(cfg.prefect.result_storage)))
+    t = run_stage.with_options(result_storage=storage, refresh_cache=refresh or None)
+    state = t(cfg, cache_inputs(cfg, stage), return_state=True)
+    manifest = state.result()
+    cached = state.name == "Cached"
+    if not cached:  # finished work upstream makes finished work downstream stale until it reruns
+        names = [s.name for s in STAGES]
+        for later in names[names.index(name) + 1:]:
+            mark_stale(get_stage(later).output(cfg), f"upstream stage {name!r} was rerun")
+    _publish(cfg, name, manifest)
+    return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg))}
+
+
+def _png_markdown(title: str, png: Path, max_bytes: int = 1_500_000) -> str:
+    if not png.exists() or png.stat().st_size > max_bytes:
+        return f"### {title}\n\n`{png}`\n"
+    b64 = base64.b64encode(png.read_bytes()).decode()
+    return f"### {title}\n\n![{title}](data:image/png;base64,{b64})\n\n`{png}`\n"
+
+
+def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
+    """Prefect artifacts for what a person inspects: the dataset card, judge scores, plots."""
+    out = get_stage(name).output(cfg)
+    if name == "format" and (out / "README.md").exists():
+        create_markdown_artifact(markdown=(out / "README.md").read_text(encoding="utf-8"),
+                                 key="dataset-card", description="Hugging Face dataset card")
+        create_markdown_artifact(markdown=_png_markdown("Token lengths", out / "token_lengths.png"),
+                                 key="token-lengths", description="token-length histogram")
+    elif name == "train":
+        pngs = sorted(out.glob("*.png"))
+        if pngs:
+            create_markdown_artifact(markdown="\n".join(_png_markdown(p.stem, p) for p in pngs),
+                                     key="loss-curves", description="training and validation loss")
+    elif name == "evaluate":
+        rows = manifest.get("table_rows") or []
+        if rows:
+            create_table_artifact(table=rows, key="judge-scores",
+                                  description="per-category scores, base vs fine-tuned, 95% CIs")
+        if (out / "report.md").exists():
+            md = (out / "report.md").read_text(encoding="utf-8")
+            md += "\n\n" + _png_markdown("Scores", out / "scores.png")
+            create_markdown_artifact(markdown=md, key="evaluation-report", description="evaluation report")
+
+
+def _stage_flow(name: str):
+    @flow(name=f"{name}", log_prints=True)
+    def stage_flow(profile: str | None = "demo", config_path: str | None = None,
+                   overrides: list[str] | None = None, root: str | None = None,
+                   refresh: bool = False) -> dict[str, Any]:
+        return _run_one(_load(profile, config_path, overrides, root), name, refresh)
+
+    stage_flow.__name__ = f"{name}_flow"
+    return stage_flow
+
+
+fetch_flow = _stage_flow("fetch")
+augment_flow = _stage_flow("augment")
+dedup_flow = _stage_flow("dedup")
+split_flow = _stage_flow("split")
+format_flow = _stage_flow("format")
+train_flow = _stage_flow("train")
+evaluate_flow = _stage_flow("evaluate")
+STAGE_FLOWS = {"fetch": fetch_flow, "augment": augment_flow, "dedup": dedup_flow, "split": split_flow,
+               "format": format_flow, "train": train_flow, "evaluate": evaluate_flow}
+
+
+@flow(name="finsynth-pipeline", log_prints=True)
+def pipeline(profile: str | None = "demo", config_path: str | None = None,
+             overrides: list[str] | None = None, root: str | None = None,
+             only: str | None = None, start: str | None = None, refresh: bool = False) -> dict[str, Any]:
+    """The whole pipeline (or ``only`` one stage, or from ``start`` on). Returns each stage's state."""
+    cfg = _load(profile, config_path, overrides, root)
+    logger = get_run_logger()
+    stages = select(only, start)
+    progress = create_progress_artifact(progress=0.0, key="pipeline-progress",
+                                        description="stages finished / stages selected")
+    results = []
+    for i, stage in enumerate(stages, start=1):
+        logger.info("stage %s (%d/%d)", stage.name, i, len(stages))
+        results.append(STAGE_FLOWS[stage.name](profile, config_path, overrides, root, refresh))
+        update_progress_artifact(progress, progress=100.0 * i / len(stages))
+    summary = {
+        "profile": cfg.profile,
+        "stages": results,
+        "executed": [r["stage"] for r in results if not r["cached"]],
+        "cached": [r["stage"] for r in results if r["cached"]],
+        "dataset_card": str(cfg.paths.stage_dir("dataset") / "README.md"),
+        "adapter": str(cfg.paths.models_dir / cfg.train.run_name),
+        "report": str(cfg.paths.reports_dir / cfg.evaluate.run_name / "report.md"),
+    }
+    logger.info("executed: %s; cached: %s", summary["executed"], summary["cached"])
+    return summary
