@@ -151,10 +151,10 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
             ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=err, capsize=3, label=m, color=color)
         labels = [r["category"] + (" (judge!)" if r["judge_unreliable"] else "") for r in rs]
         ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.2)
         ax.set_ylabel("mean score")
         ax.set_title(f"{split}: base vs tuned (95% bootstrap CI)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=2, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

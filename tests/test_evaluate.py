@@ -1,0 +1,209 @@
+"""The evaluate stage end to end: a small test.parquet, scripted answers and judge; then the real Gemma."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from datagen.io import read_json, read_jsonl, write_manifest
+from datagen.llm.base import FunctionProvider
+from datagen.prompts import load_prompt
+from training.evaluate import decode_row, run_evaluate, select_items
+from training.report import scores_table
+
+SYSTEM = "You are a portfolio credit analyst."
+
+
+def _row(id_, category, task_type, question, answer, *, values=None, labels=None, context=""):
+    meta = {"answer_values": values} if values else {}
+    return {
+        "id": id_, "group_id": f"g-{id_}", "source": "test", "task_type": task_type, "category": category,
+        "scenario": None, "question": question, "context": json.dumps({"text": context, "table": None}),
+        "answer": answer, "labels": labels, "metadata": json.dumps(meta), "is_rephrase": False,
+        "rephrase_index": None,
+        "messages": [{"role": "system", "content": SYSTEM},
+                     {"role": "user", "content": f"{context}\n\n{question}".strip()},
+                     {"role": "assistant", "content": answer}],
+    }
+
+
+ROWS = [
+    _row("n1", "returns", "numeric_qa", "ACME 10-day return?", "ACME returned -3.2%.",
+         values=[{"name": "ret", "value": -3.2, "unit": "%"}], context="ACME closed 101.2 then 98.0."),
+    _row("n2", "returns", "numeric_qa", "BOLT 10-day return?", "BOLT returned 4.1%.",
+         values=[{"name": "ret", "value": 4.1, "unit": "%"}]),
+    _row("n3", "returns", "numeric_qa", "CRUX 10-day return?", "CRUX returned 0.5%.",
+         values=[{"name": "ret", "value": 0.5, "unit": "%"}]),
+    _row("c1", "risk", "classification", "ACME risk level?", "high", labels=["low", "medium", "high"]),
+    _row("c2", "risk", "classification", "BOLT risk level?", "low", labels=["low", "medium", "high"]),
+    _row("o1", "scenario", "open_qa", "What does a rate shock do to bank NIM?",
+         "Net interest margins widen at first as asset yields reprice faster than deposits."),
+    _row("o2", "scenario", "open_qa", "What does a downgrade wave do to spreads?",
+         "High-yield spreads widen as forced sellers exit fallen angels."),
+]
+
+BASE = {"n1": "It went up 3.2%", "n2": "4.1%", "n3": "no idea", "c1": "Medium", "c2": "low risk",
+        "o1": "It changes.", "o2": "Spreads widen as forced sellers exit fallen angels."}
+TUNED = {"n1": "ACME fell 3.2%.", "n2": "BOLT returned 4.1%.", "n3": "0.5%", "c1": "High.", "c2": "Low",
+         "o1": "Net interest margins widen at first as asset yields reprice faster than deposits.",
+         "o2": "Spreads widen as forced sellers exit fallen angels."}
+
+
+def _write_dataset(cfg, rows):
+    import pandas as pd
+
+    ds = cfg.paths.stage_dir("dataset")
+    ds.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(ds / "test.parquet", index=False)
+    write_manifest(ds, {"stage": "format"})
+
+
+def _fake_adapter(cfg):
+    d = cfg.paths.models_dir / cfg.train.run_name
+    d.mkdir(parents=True, exist_ok=True)
+    write_manifest(d, {"stage": "train"})
+    return d
+
+
+def _answer_of(conversation, table):
+    user = conversation[-1]["content"]
+    for r in ROWS:
+        if r["question"] in user:
+            return table[r["id"]]
+    raise AssertionError(user)
+
+
+def fake_generator(model_cfg, adapter_dir, conversations, **kw):
+    assert all(c[-1]["role"] == "user" for c in conversations)  # assistant turn removed
+    return {"base": [_answer_of(c, BASE) for c in conversations],
+            "tuned": [_answer_of(c, TUNED) for c in conversations]}
+
+
+def reference_judge(messages):
+    """Scripted judge: passes an answer iff its words are the reference's words."""
+    t = messages[0]["content"]
+    if "Answer A:" in t:
+        return json.dumps({"winner": "B" if "Answer B:\nNet interest" in t else "A", "rationale": "."})
+    ref = t.split("Reference answer (correct):\n")[1].split("\n\nAnswer to grade:")[0]
+    ans = t.split("Answer to grade:\n")[1].split("\n\nGrade the answer")[0]
+    words = lambda s: set(re.findall(r"[a-z0-9.]+", s.lower().replace("-", " ")))  # noqa: E731
+    ok = len(words(ans) & words(ref)) >= 0.6 * len(words(ref))
+    return json.dumps({"score": 5 if ok else 1, "pass": ok, "rationale": "."})
+
+
+@pytest.fixture
+def eval_cfg(tiny_cfg):
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.evaluate.max_items = None
+    cfg.evaluate.selfcheck_samples = 4
+    cfg.evaluate.bootstrap_samples = 200
+    _write_dataset(cfg, ROWS)
+    _fake_adapter(cfg)
+    return cfg
+
+
+def test_decode_row_and_select_items():
+    r = decode_row({**ROWS[0], "labels": None})
+    assert r["metadata"]["answer_values"][0]["value"] == -3.2
+    assert r["context"]["text"] == "ACME closed 101.2 then 98.0."
+    picked = select_items([decode_row(x) for x in ROWS], 3)
+    assert [p["id"] for p in picked] == ["c1", "n1", "o1"]  # one per category, round-robin
+
+
+def test_run_evaluate_with_scripted_judge(eval_cfg):
+    judge = FunctionProvider(reference_judge, name="scripted", model="ref-words")
+    m = run_evaluate(eval_cfg, judge=judge, generator=fake_generator)
+    out = eval_cfg.paths.reports_dir / eval_cfg.evaluate.run_name
+    for f in ("items.jsonl", "report.json", "report.md", "scores.png"):
+        assert (out / f).exists() and f in m["outputs"]
+    assert (out / "manifest.json").exists()
+
+    items = read_jsonl(out / "items.jsonl")
+    assert len(items) == 14
+    by = {(i["id"], i["model"]): i for i in items}
+    # numeric: "went up 3.2%" has the wrong sign; "fell 3.2%" is right
+    assert (by["n1", "base"]["score"], by["n1", "tuned"]["score"]) == (0.0, 1.0)
+    assert by["n1", "base"]["grader"] == "numeric"
+    assert by["c1", "base"]["detail"] == {"gold": "high", "pred": "medium"}
+    assert by["o1", "tuned"]["grader"] == "judge" and by["o1", "tuned"]["passed"] is True
+    assert by["o1", "base"]["passed"] is False
+    assert by["o1", "tuned"]["judge"]["judge_model"] == "scripted:ref-words"
+    assert by["o1", "tuned"]["judge"]["judge_prompt"] == load_prompt("judge_rubric").ref
+    assert {i["seed"] for i in items} == {eval_cfg.evaluate.seed}
+
+    report = read_json(out / "report.json")
+    cats = report["summary"]["test"]["categories"]
+    assert cats["returns"]["base"]["mean"] == pytest.approx(1 / 3)
+    assert cats["returns"]["tuned"]["mean"] == 1.0
+    assert cats["returns"]["diff"]["mean"] == pytest.approx(2 / 3)
+    assert cats["risk"]["base"]["pass_rate"] == 0.5 and cats["risk"]["tuned"]["pass_rate"] == 1.0
+    assert cats["scenario"]["base"]["pass_rate"] == 0.5 and cats["scenario"]["tuned"]["pass_rate"] == 1.0
+    assert report["summary"]["test"]["micro"]["tuned"]["mean"] == 1.0
+    assert report["classification"]["test/risk"]["base"]["accuracy"] == 0.5
+    assert report["classification"]["test/risk"]["tuned"]["macro_f1"] == 1.0
+    assert report["rests_on_judge"] == ["test/scenario"]
+    # self-check on 4 sampled items (8 cases); kappa vs the numeric grader on 4 sampled numeric answers
+    j = report["judge"]
+    assert j["used"] and j["selfcheck"]["n_cases"] == 8 and j["selfcheck"]["accuracy"] == 1.0
+    assert j["kappas"]["numeric grader"]["n"] == 4
+    assert j["reliable"] is True, j["reasons"]
+
+    rows = m["table_rows"]
+    assert [(r["split"], r["category"]) for r in rows] == [
+        ("test", "returns"), ("test", "risk"), ("test", "scenario"),
+        ("test", "overall (micro)"), ("test", "overall (macro)")]
+    assert rows[2]["rests_on_judge"] is True and rows[2]["judge_unreliable"] is False
+    assert m["judge"]["reliable"] is True
+    assert Path(m["report_md"]).read_text().startswith("# Evaluation report")
+
+    text = scores_table(eval_cfg)
+    assert "| test | returns | numeric | 3 |" in text
+    assert "passed its self-check" in text
+
+
+def test_run_evaluate_flags_an_unreliable_judge_and_pairwise(eval_cfg):
+    eval_cfg.evaluate.pairwise = True
+    yes_man = FunctionProvider(lambda m: '{"winner": "A"}' if "Answer A:" in m[0]["content"]
+                               else '{"score": 5, "pass": true, "rationale": "."}', name="yes", model="man")
+    m = run_evaluate(eval_cfg, judge=yes_man, generator=fake_generator)
+    report = read_json(Path(m["report_json"]))
+    j = report["judge"]
+    assert j["reliable"] is False
+    assert j["selfcheck"]["mismatch_fail_rate"] == 0.0
+    assert any(r.startswith("self-check accuracy 0.50") for r in j["reasons"])
+    # the yes-man always prefers position A: every verdict flips, so all are ties
+    assert report["pairwise"]["test/overall"] == {"n": 2, "tuned": 0, "base": 0, "tie": 2, "unparsable": 0,
+                                                  "tuned_win_rate": 0.0, "base_win_rate": 0.0}
+    assert "pairwise" in report["rests_on_judge"]
+    md = Path(m["report_md"]).read_text()
+    assert "**WARNING: the LLM judge `yes:man` is UNRELIABLE**" in md
+    assert "| test | scenario | judge (!) |" in md
+    assert [r["judge_unreliable"] for r in m["table_rows"] if r["category"] == "scenario"] == [True]
+
+
+def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
+    gold = tmp_path / "gold.jsonl"
+    g = {k: v for k, v in ROWS[1].items() if k != "messages"}
+    gold.write_text(json.dumps({**g, "id": "gold1"}) + "\n")
+    eval_cfg.evaluate.gold_file = gold
+    seen = []
+
+    def gen(model_cfg, adapter_dir, conversations, **kw):
+        seen.extend(conversations)
+        return fake_generator(model_cfg, adapter_dir, conversations, **kw)
+
+    m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
+    # a gold row without messages gets the system prompt + question
+    assert seen[-1][0]["role"] == "system" and seen[-1][0]["content"] == load_prompt("system_analyst").render()
+    assert seen[-1][-1] == {"role": "user", "content": "BOLT 10-day return?"}
+    report = read_json(Path(m["report_json"]))
+    assert report["summary"]["gold"]["categories"]["returns"]["tuned"]["n"] == 1
+    assert ("gold", "returns") in [(r["split"], r["category"]) for r in m["table_rows"]]
+
+
+def test_run_evaluate_requires_upstream(tiny_cfg):
+    with pytest.raises(FileNotFoundError, match="finsynth format"):
+        run_evaluate(tiny_cfg, judge=FunctionProvider(reference_judge), generator=fake_generator)
