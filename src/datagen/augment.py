@@ -1,0 +1,168 @@
+"""Stage ``augment``: scenario synthesis, then k validated rephrasings per question.
+
+Reads ``stage_dir("fetch")/samples.jsonl``; writes ``stage_dir("augment")``:
+
+- ``samples.jsonl``: every fetched original, the synthesized scenario tasks, and the kept rephrasings,
+  sorted by (group_id, rephrase_index);
+- ``rejections.jsonl``: every rejected candidate (rephrasings and scenario tasks) with its reason;
+  ``final: true`` marks the reason recorded for a slot that stayed empty;
+- ``manifest.json`` (last): config hash, upstream fetch manifest hash, prompt refs and hashes,
+  counts, acceptance per reason / category, and the LLM usage of this run.
+
+Then the downstream stages (dedup, split, dataset) are marked stale. Rerunning with nothing changed
+makes no model calls: the providers' response cache answers every request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from typing import Any
+
+from datagen.config import Config
+from datagen.embed import Embedder
+from datagen.io import manifest_hash, mark_stale, read_jsonl, require_stage, write_jsonl, write_manifest
+from datagen.llm.base import LLMProvider
+from datagen.rephrase import rephrase_rows
+from datagen.schema import Sample
+from datagen.scenarios import synthesize_scenarios
+from datagen.validators import RephraseChecks
+
+log = logging.getLogger(__name__)
+
+DOWNSTREAM = ("dedup", "split", "dataset")
+
+
+def select_for_rephrasing(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """Originals in a deterministic order that interleaves categories (so ``limit`` covers all of
+    them): category-sorted round-robin, rows within a category sorted by id. ``limit`` keeps the first N."""
+    by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if not r.get("is_rephrase"):
+            by_cat[str(r.get("category"))].append(r)
+    queues = [sorted(v, key=lambda r: r["id"]) for _, v in sorted(by_cat.items())]
+    order: list[dict[str, Any]] = []
+    i = 0
+    while any(i < len(q) for q in queues):
+        order.extend(q[i] for q in queues if i < len(q))
+        i += 1
+    return order if limit is None else order[:limit]
+
+
+def _usage_delta(provider: LLMProvider, before: dict[str, int]) -> dict[str, Any]:
+    after = provider.usage.as_dict()
+    return {"provider": provider.name, "model": provider.model,
+            **{k: after[k] - before.get(k, 0) for k in after}}
+
+
+def _sort_key(r: dict[str, Any]) -> tuple:
+    return (r["group_id"], -1 if r.get("rephrase_index") is None else r["rephrase_index"], r["id"])
+
+
+def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provider: LLMProvider | None = None,
+                embedder: Embedder | None = None) -> dict[str, Any]:
+    aug = cfg.augment
+    fetch_dir = cfg.paths.stage_dir("fetch")
+    require_stage(fetch_dir, "fetch")
+    originals = read_jsonl(fetch_dir / "samples.jsonl")
+    out_dir = cfg.paths.stage_dir("augment")
+
+    if provider is None:
+        from datagen.llm import get_provider
+
+        provider = get_provider(cfg, aug.provider)
+    if scenario_provider is None:
+        if aug.scenario.provider == aug.provider:
+            scenario_provider = provider
+        else:
+            from datagen.llm import get_provider
+
+            scenario_provider = get_provider(cfg, aug.scenario.provider)
+    if embedder is None:
+        from datagen.embed import load_embedder
+
+        embedder = load_embedder(cfg.dedup.embedder)
+    providers = {id(p): p for p in (provider, scenario_provider)}
+    before = {pid: p.usage.as_dict() for pid, p in providers.items()}
+
+    # 1. scenario tasks (new originals, rephrased like the rest)
+    scen = None
+    scenario_rows: list[dict[str, Any]] = []
+    if aug.scenario.enabled and aug.scenario.clusters and aug.scenario.per_cluster:
+        scen = synthesize_scenarios(aug.scenario, scenario_provider, embedder)
+        scenario_rows = scen.rows
+        log.info("augment: %d/%d scenario tasks kept", len(scen.rows), scen.planned)
+
+    # 2. rephrasings of the first `limit` originals (deterministic order)
+    pool = originals + scenario_rows
+    chosen = select_for_rephrasing(pool, aug.limit)
+    reph = rephrase_rows(chosen, provider, embedder, k=aug.k, max_attempts=aug.max_attempts,
+                         temperature=aug.temperature, max_tokens=aug.max_tokens,
+                         checks=RephraseChecks.from_config(aug))
+    log.info("augment: %d/%d rephrasings kept for %d items", len(reph.kept), reph.slots, len(chosen))
+
+    rows = sorted(pool + reph.kept, key=_sort_key)
+    for r in rows:  # the contract with downstream stages: every row is a valid Sample
+        Sample.model_validate(r)
+    rejections = (scen.rejections if scen else []) + reph.rejections
+    rejections.sort(key=lambda r: (r["kind"], r["group_id"], r["rephrase_index"] or 0, r["attempt"]))
+
+    write_jsonl(out_dir / "samples.jsonl", rows)
+    write_jsonl(out_dir / "rejections.jsonl", rejections)
+
+    prompts = dict(reph.prompts)
+    if scen:
+        prompts[scen.prompt["name"]] = scen.prompt
+    usage: dict[str, dict[str, Any]] = {}
+    for pid, p in providers.items():
+        usage[p.name if p.name not in usage else f"{p.name}#{len(usage)}"] = _usage_delta(p, before[pid])
+    kept_first = sum(1 for r in reph.kept if r["metadata"]["rephrase_attempt"] == 0)
+    manifest = {
+        "stage": "augment",
+        "config_hash": cfg.section_hash("augment"),
+        "upstream": {"fetch": manifest_hash(fetch_dir)},
+        "prompts": dict(sorted(prompts.items())),
+        "embedder": getattr(embedder, "name", type(embedder).__name__),
+        "counts": {
+            "originals": len(originals),
+            "scenario_tasks": len(scenario_rows),
+            "rephrased_items": len(chosen),
+            "passthrough_items": len(pool) - len(chosen),
+            "rephrasings": len(reph.kept),
+            "rows": len(rows),
+            "rejections": len(rejections),
+            "per_category": dict(sorted(Counter(r["category"] for r in rows).items())),
+        },
+        "rephrase": {
+            "k": aug.k,
+            "max_attempts": aug.max_attempts,
+            "slots": reph.slots,
+            "kept": len(reph.kept),
+            "missing": reph.slots - len(reph.kept),
+            "requests": reph.requests,
+            "rounds": reph.rounds,
+            "acceptance": round(len(reph.kept) / reph.slots, 4) if reph.slots else None,
+            "first_attempt_acceptance": round(kept_first / reph.slots, 4) if reph.slots else None,
+            "candidate_acceptance": round(len(reph.kept) / reph.requests, 4) if reph.requests else None,
+            "rejected_by_reason": dict(sorted(reph.rejected_reasons.items())),
+            "missing_by_reason": dict(sorted(reph.missing_reasons.items())),
+            "by_category": reph.by_category,
+        },
+        "scenarios": None if scen is None else {
+            "planned": scen.planned,
+            "kept": len(scen.rows),
+            "requests": scen.requests,
+            "acceptance": round(len(scen.rows) / scen.planned, 4) if scen.planned else None,
+            "rejected_by_reason": dict(sorted(scen.rejected_reasons.items())),
+            "missing_by_reason": dict(sorted(scen.missing_reasons.items())),
+            "by_cluster": scen.by_cluster,
+        },
+        "llm_usage": usage,
+        "llm_calls": sum(u["calls"] for u in usage.values()),
+        "llm_cache_hits": sum(u["cache_hits"] for u in usage.values()),
+    }
+    manifest = write_manifest(out_dir, manifest)
+    for stage in DOWNSTREAM:
+        if mark_stale(cfg.paths.stage_dir(stage), "augment was rerun; rerun this stage"):
+            log.info("augment: marked %s stale", stage)
+    return manifest

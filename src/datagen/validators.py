@@ -1,0 +1,409 @@
+"""Validators for LLM rephrasings: does the new question still ask the same thing?
+
+Each check is a pure function that returns a :class:`Verdict` (``ok`` plus a short ``reason``) and
+never raises. :func:`validate_rephrasing` runs them in a fixed order and reports the first failure,
+so every rejection has exactly one reason that the manifest can count.
+
+Facts are compared as *normalised extracted sets* (regex based, no NLP model):
+
+- currency amounts: ``$1,200`` = ``USD 1200`` = ``1,200 dollars``; ``$1.2m`` = ``$1.2 million`` = ``$1,200,000``
+- percentages: ``12.5%`` = ``12.5 percent`` = ``12.5 per cent`` = ``12.5 pct``
+- dates: ``2024-01-02`` = ``January 2, 2024`` = ``2 Jan 2024`` = ``01/02/2024`` (month first unless the
+  first field is > 12); ``March 2024`` = ``2024-03``; fiscal periods ``FY23`` = ``FY2023``, ``Q3``, ``H1``
+- other numbers: ``1,200`` = ``1200`` = ``1200.0``
+- tickers / acronyms: ALL-CAPS tokens of 2-6 letters (``ACME``, ``BRK.B``, ``LGD``)
+- named entities: capitalised words outside a sentence start (and sentence-initial ones that are not
+  common sentence openers), compared case-insensitively word by word
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from typing import Any
+
+# ----------------------------------------------------------------------------- verdicts
+REASONS = (
+    "ok", "empty", "length_ratio", "not_a_question", "leaks_answer",
+    "missing_amount", "missing_percent", "missing_date", "missing_number", "missing_ticker",
+    "missing_entity", "added_amount", "added_percent", "added_date", "added_number", "added_ticker",
+    "near_copy", "duplicate_rephrase", "off_topic", "too_similar",
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = "ok"
+    detail: str = ""
+
+    def __bool__(self) -> bool:  # `if verdict:` reads naturally
+        return self.ok
+
+
+OK = Verdict(True)
+
+
+def fail(reason: str, detail: str = "") -> Verdict:
+    return Verdict(False, reason, detail)
+
+
+# ----------------------------------------------------------------------------- fact extraction
+_MONTHS = {m: i for i, m in enumerate(
+    ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+     "november", "december"], start=1)}
+_MONTHS.update({m[:3]: i for m, i in list(_MONTHS.items())})
+_MONTHS["sept"] = 9
+_MON = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|" \
+       r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
+_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
+_SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mn": 1e6, "mm": 1e6, "million": 1e6, "b": 1e9, "bn": 1e9,
+          "billion": 1e9, "t": 1e12, "tn": 1e12, "trillion": 1e12, "crore": 1e7, "lakh": 1e5, "lakhs": 1e5,
+          "crores": 1e7}
+_SCALE_RE = r"(?:thousand|million|billion|trillion|crores?|lakhs?|mn|mm|bn|tn|k|m|b|t)\b"
+_CUR_SYMBOL = {"$": "USD", "us$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR", "rs": "INR",
+               "rs.": "INR", "inr": "INR", "usd": "USD", "eur": "EUR", "gbp": "GBP", "jpy": "JPY",
+               "chf": "CHF", "cny": "CNY", "cad": "CAD", "aud": "AUD", "hkd": "HKD", "sgd": "SGD"}
+_CUR_WORD = {"dollar": "USD", "dollars": "USD", "euro": "EUR", "euros": "EUR", "pound": "GBP",
+             "pounds": "GBP", "yen": "JPY", "rupee": "INR", "rupees": "INR"}
+_CODES = r"(?:USD|EUR|GBP|JPY|INR|CHF|CNY|CAD|AUD|HKD|SGD)"
+
+_DATE_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), "ymd"),
+    (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), "ymd"),
+    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), "xy_y"),
+    (re.compile(rf"\b({_MON})\s+(\d{{1,2}})(?:st|nd|rd|th)?,?\s+(\d{{4}})\b", re.I), "mdy"),
+    (re.compile(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?({_MON}),?\s+(\d{{4}})\b", re.I), "dmy"),
+    (re.compile(rf"\b({_MON})\s+(\d{{4}})\b", re.I), "my"),
+    (re.compile(r"\b(\d{4})-(\d{2})\b(?!-)"), "ym"),
+    (re.compile(r"\bFY\s?'?(\d{4}|\d{2})\b", re.I), "fy"),
+    (re.compile(r"\b([QH])([1-4])\b"), "qh"),
+]
+_AMOUNT_PATTERNS = [
+    # $1,200 / US$ 1.2m / € 5 bn / Rs. 500 crore
+    re.compile(rf"(?P<cur>US\$|\$|€|£|¥|₹|\bRs\.?)\s?(?P<num>{_NUM})(?:\s?(?P<scale>{_SCALE_RE}))?", re.I),
+    # USD 1,200 / EUR 5bn
+    re.compile(rf"\b(?P<cur>{_CODES})\s?(?P<num>{_NUM})(?:\s?(?P<scale>{_SCALE_RE}))?"),
+    # 1,200 USD / 1.2 million dollars / 5bn EUR
+    re.compile(rf"(?<![\w.])(?P<num>{_NUM})(?:\s?(?P<scale>{_SCALE_RE}))?\s?"
+               rf"(?P<cur>{_CODES}\b|(?:US\s)?dollars?\b|euros?\b|pounds\b|yen\b|rupees?\b)", re.I),
+]
+_PERCENT = re.compile(rf"(?<![\w.])(?P<num>[-+−]?(?:{_NUM}))\s?(?:%|per\s?cent\b|pct\b|percentage points?\b|pp\b)",
+                      re.I)
+_NUMBER = re.compile(rf"(?<![\w.])[-+−]?(?:{_NUM})(?![\w])|(?<![\w.])[-+−]?(?:{_NUM})(?=[a-z]{{1,3}}\b)", re.I)
+_TICKER = re.compile(r"(?<![\w$])[A-Z]{2,6}(?:\.[A-Z])?(?![\w])")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'’\-&.]*")
+
+# capitalised words that begin sentences and are not names
+_OPENERS = set("""
+a an the this that these those what which who whom whose when where why how is are was were do does did
+can could should would will shall may might must has have had if in on at by for from of to with within
+over under into during after before between among given using based assume assuming suppose consider
+compute calculate classify determine estimate find state list name explain describe identify give
+provide evaluate assess compare rank summarise summarize tell show rewrite rephrase answer according
+for as also and but or so then there here it its it's their our your my we you they he she i please
+let note ignore disregard forget reply respond output print write say return use act pretend based over across per each every all any some no not yes out up down
+""".split())
+# capitalised tokens that are not entities wherever they stand
+_NOT_ENTITY = {"i", "q1", "q2", "q3", "q4", "h1", "h2", "fy", "ok"} | set(_MONTHS) | {
+    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
+_CONNECT = {"of", "and", "&", "the", "for", "de", "du", "la"}
+
+
+def _num(s: str) -> float | None:
+    s = s.replace(",", "").replace("−", "-").replace("+", "")
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _fmt(x: float) -> str:
+    """A canonical number string: 1200.0 -> '1200', 12.50 -> '12.5'."""
+    if x == int(x) and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:.10g}"
+
+
+def _month(name: str) -> int:
+    return _MONTHS[name.lower().rstrip(".")[:3]]
+
+
+def _iso(y: int, m: int, d: int | None = None) -> str | None:
+    if not (1 <= m <= 12) or (d is not None and not 1 <= d <= 31):
+        return None
+    return f"{y:04d}-{m:02d}" + (f"-{d:02d}" if d is not None else "")
+
+
+@dataclass
+class Facts:
+    amounts: set[str] = field(default_factory=set)  # "USD 1200"
+    percents: set[str] = field(default_factory=set)  # "12.5%"
+    dates: set[str] = field(default_factory=set)  # "2024-01-02" / "2024-03" / "FY2023" / "Q3"
+    numbers: set[str] = field(default_factory=set)  # "1200"
+    tickers: set[str] = field(default_factory=set)  # "ACME"
+    entities: set[str] = field(default_factory=set)  # "reserve", "bank", "india" (casefolded words)
+
+    KINDS = ("amount", "percent", "date", "number", "ticker", "entity")
+
+    def get(self, kind: str) -> set[str]:
+        return getattr(self, {"entity": "entities"}.get(kind, kind + "s"))
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {k: sorted(self.get(k)) for k in self.KINDS}
+
+
+def _mask(text: str, spans: list[tuple[int, int]]) -> str:
+    chars = list(text)
+    for a, b in spans:
+        for i in range(a, b):
+            chars[i] = " "
+    return "".join(chars)
+
+
+def extract_facts(text: str) -> Facts:
+    """The normalised numbers, percentages, dates, amounts, tickers and entities in ``text``."""
+    f = Facts()
+    if not text:
+        return f
+    spans: list[tuple[int, int]] = []
+    # dates first: their digits must not count as numbers
+    for pat, kind in _DATE_PATTERNS:
+        for m in pat.finditer(_mask(text, spans)):
+            g = m.groups()
+            iso = None
+            if kind == "ymd":
+                iso = _iso(int(g[0]), int(g[1]), int(g[2]))
+            elif kind == "xy_y":
+                a, b, y = int(g[0]), int(g[1]), int(g[2])
+                iso = _iso(y, b, a) if a > 12 else _iso(y, a, b)
+            elif kind == "mdy":
+                iso = _iso(int(g[2]), _month(g[0]), int(g[1]))
+            elif kind == "dmy":
+                iso = _iso(int(g[2]), _month(g[1]), int(g[0]))
+            elif kind == "my":
+                iso = _iso(int(g[1]), _month(g[0]))
+            elif kind == "ym":
+                iso = _iso(int(g[0]), int(g[1]))
+            elif kind == "fy":
+                iso = "FY" + (g[0] if len(g[0]) == 4 else "20" + g[0])
+            elif kind == "qh" and (g[0] == "Q" or g[1] in "12"):
+                iso = g[0] + g[1]
+            if iso:
+                f.dates.add(iso)
+                spans.append(m.span())
+    for pat in _AMOUNT_PATTERNS:
+        for m in pat.finditer(_mask(text, spans)):
+            cur_raw = m.group("cur").lower().strip()
+            cur = _CUR_SYMBOL.get(cur_raw) or _CUR_WORD.get(cur_raw.replace("us ", "")) or cur_raw.upper()
+            x = _num(m.group("num"))
+            if x is None:
+                continue
+            scale = (m.group("scale") or "").lower()
+            x *= _SCALE.get(scale, 1.0)
+            f.amounts.add(f"{cur} {_fmt(round(x, 6))}")
+            spans.append(m.span())
+    for m in _PERCENT.finditer(_mask(text, spans)):
+        x = _num(m.group("num"))
+        if x is not None:
+            f.percents.add(_fmt(x) + "%")
+            spans.append(m.span())
+    masked = _mask(text, spans)
+    for m in _NUMBER.finditer(masked):
+        x = _num(m.group(0))
+        if x is not None:
+            f.numbers.add(_fmt(abs(x)))
+    for m in _TICKER.finditer(masked):
+        tok = m.group(0)
+        if tok.lower() not in _NOT_ENTITY and tok not in {"OK"}:
+            f.tickers.add(tok)
+    f.entities = _entities(masked)
+    return f
+
+
+def _entities(text: str) -> set[str]:
+    words: set[str] = set()
+    sentence_start = True
+    for m in _WORD.finditer(text):
+        raw = m.group(0)
+        tok = raw.rstrip(".'’").removesuffix("'s").removesuffix("’s").rstrip(".'’")
+        before = text[max(0, m.start() - 3):m.start()]
+        if re.search(r"[.?!:;\n]\s*$", before) or m.start() == 0 or not text[:m.start()].strip():
+            sentence_start = True
+        low = tok.lower()
+        is_cap = tok[:1].isupper() and not tok.isupper()  # ALL-CAPS tokens are tickers
+        if is_cap and low not in _NOT_ENTITY and not (sentence_start and low in _OPENERS):
+            for part in re.split(r"[-&]", low):
+                if part and part not in _CONNECT:
+                    words.add(part)
+        sentence_start = raw.endswith(".") and len(raw) > 2 and not raw[:-1].isupper() and "." not in raw[:-1]
+    return words
+
+
+def _word_present(word: str, text_low: str) -> bool:
+    return re.search(rf"(?<![a-z]){re.escape(word)}(?![a-z])", text_low) is not None
+
+
+def compare_facts(original: str, candidate: str) -> Verdict:
+    """Every fact of ``original`` is in ``candidate``, and ``candidate`` adds no numeric fact or ticker."""
+    fo, fc = extract_facts(original), extract_facts(candidate)
+    cand_low = candidate.lower()
+    for kind in Facts.KINDS:
+        if kind == "entity":
+            missing = sorted(w for w in fo.entities if not _word_present(w, cand_low))
+        else:
+            missing = sorted(fo.get(kind) - fc.get(kind))
+        if missing:
+            return fail(f"missing_{kind}", ", ".join(missing))
+    for kind in ("amount", "percent", "date", "number", "ticker"):
+        added = sorted(fc.get(kind) - fo.get(kind))
+        if added:
+            return fail(f"added_{kind}", ", ".join(added))
+    return OK
+
+
+# ----------------------------------------------------------------------------- individual checks
+_INTERROGATIVE = set("""
+what which who whom whose when where why how is are was were do does did can could should would will
+shall may might has have had compute calculate classify determine estimate find state list name explain
+describe identify give provide evaluate assess compare rank summarise summarize tell show predict
+select choose decide label categorize categorise
+""".split())
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def is_question(text: str) -> bool:
+    """Ends with '?' or starts with an interrogative or an imperative task verb."""
+    t = text.strip()
+    if not t:
+        return False
+    if t.rstrip("\"'”’ )").endswith("?"):
+        return True
+    first = re.match(r"[A-Za-z]+", t)
+    return bool(first) and first.group(0).lower() in _INTERROGATIVE
+
+
+def check_intent(original: str, candidate: str) -> Verdict:
+    if is_question(original) and not is_question(candidate):
+        return fail("not_a_question")
+    return OK
+
+
+def check_length(original: str, candidate: str, bounds: tuple[float, float]) -> Verdict:
+    r = len(candidate.strip()) / max(1, len(original.strip()))
+    if not bounds[0] <= r <= bounds[1]:
+        return fail("length_ratio", f"{r:.2f} outside [{bounds[0]}, {bounds[1]}]")
+    return OK
+
+
+def char_ratio(a: str, b: str) -> float:
+    return SequenceMatcher(None, _norm(a), _norm(b), autojunk=False).ratio()
+
+
+def check_near_copy(original: str, candidate: str, kept: list[str], max_ratio: float) -> Verdict:
+    r = char_ratio(original, candidate)
+    if r >= max_ratio:
+        return fail("near_copy", f"char ratio {r:.3f} >= {max_ratio}")
+    for other in kept:
+        r = char_ratio(other, candidate)
+        if r >= max_ratio:
+            return fail("duplicate_rephrase", f"char ratio {r:.3f} >= {max_ratio} to a kept rephrasing")
+    return OK
+
+
+def check_similarity(cosine: float, low: float, high: float) -> Verdict:
+    if cosine < low:
+        return fail("off_topic", f"cosine {cosine:.3f} < {low}")
+    if cosine > high:
+        return fail("too_similar", f"cosine {cosine:.3f} > {high}")
+    return OK
+
+
+def _answer_values(row: dict[str, Any]) -> list[tuple[float, str]]:
+    vals = []
+    for v in (row.get("metadata") or {}).get("answer_values") or []:
+        try:
+            vals.append((float(v["value"]), str(v.get("unit") or "")))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return vals
+
+
+def _decimals(s: str) -> int:
+    return len(s.split(".")[1]) if "." in s else 0
+
+
+def check_answer_leak(original: str, candidate: str, row: dict[str, Any]) -> Verdict:
+    """The answer's figures or label must not newly appear in the candidate."""
+    answer = str(row.get("answer") or "")
+    fo, fc = extract_facts(original), extract_facts(candidate)
+    # figures: from metadata["answer_values"] and from the answer text
+    new_nums = {s for s in (fc.numbers - fo.numbers)} | {s.rstrip("%") for s in fc.percents - fo.percents}
+    new_nums |= {s.split(" ", 1)[1] for s in fc.amounts - fo.amounts}
+    fa = extract_facts(answer)
+    answer_nums = [(float(s), s) for s in fa.numbers | {p.rstrip("%") for p in fa.percents}
+                   | {a.split(" ", 1)[1] for a in fa.amounts}]
+    answer_nums += [(v, _fmt(round(v, 6))) for v, _ in _answer_values(row)]
+    for s in sorted(new_nums):
+        x = float(s)
+        for v, shown in answer_nums:
+            # the candidate shows the answer, possibly rounded to the candidate's own precision
+            if x == v or (_decimals(s) > 0 and abs(x - v) <= 0.5 * 10 ** -_decimals(s) + 1e-12):
+                return fail("leaks_answer", f"answer figure {shown} appears as {s}")
+    for d in sorted(fc.dates - fo.dates):
+        if d in fa.dates:
+            return fail("leaks_answer", f"answer date {d}")
+    # a short answer (a label, a name): its words must not newly appear
+    short = answer.strip().strip(".")
+    if short and len(short.split()) <= 4 and not extract_facts(short).numbers:
+        low_o, low_c = original.lower(), candidate.lower()
+        ans = short.lower()
+        if _word_present(ans, low_c):
+            if not _word_present(ans, low_o):
+                return fail("leaks_answer", f"answer {short!r} appears")
+            labels = [str(x).lower() for x in row.get("labels") or []]
+            # the original offers every label; a candidate naming only the answer reveals it
+            if labels and all(_word_present(x, low_o) for x in labels) and \
+                    not all(_word_present(x, low_c) for x in labels):
+                return fail("leaks_answer", f"answer {short!r} kept, other labels dropped")
+    return OK
+
+
+# ----------------------------------------------------------------------------- all together
+@dataclass(frozen=True)
+class RephraseChecks:
+    sim_low: float = 0.70
+    sim_high: float = 0.985
+    near_copy_char_ratio: float = 0.95
+    length_ratio: tuple[float, float] = (0.5, 2.0)
+
+    @classmethod
+    def from_config(cls, aug: Any) -> RephraseChecks:
+        return cls(aug.sim_low, aug.sim_high, aug.near_copy_char_ratio, tuple(aug.length_ratio))
+
+
+def validate_rephrasing(row: dict[str, Any], candidate: str | None, *, cosine: float | None,
+                        kept: list[str] = (), checks: RephraseChecks = RephraseChecks()) -> Verdict:
+    """All checks in a fixed order; the first failure is the verdict. ``cosine`` None skips the band."""
+    try:
+        original = row["question"]
+        if not isinstance(original, str):
+            raise TypeError(f"question is {type(original).__name__}, not str")
+        if candidate is None or not candidate.strip():
+            return fail("empty")
+        for v in (check_length(original, candidate, checks.length_ratio),
+                  check_intent(original, candidate),
+                  check_answer_leak(original, candidate, row),
+                  compare_facts(original, candidate),
+                  check_near_copy(original, candidate, list(kept), checks.near_copy_char_ratio)):
+            if not v.ok:
+                return v
+        if cosine is not None:
+            return check_similarity(cosine, checks.sim_low, checks.sim_high)
+        return OK
+    except Exception as e:  # a validator bug must not kill a stage: it is a rejection with a reason
+        return fail("validator_error", f"{type(e).__name__}: {e}")
