@@ -171,7 +171,7 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
         if lim.any():
             i = int(np.flatnonzero(lim.to_numpy())[0])
             what = "non-positive price" if col != "volume" else "negative volume"
-            raise _fail(path, int(df["_row"].iloc[i]), names[col], f"{what} {num.iloc[i]!r}")
+            raise _fail(path, int(df["_row"].iloc[i]), names[col], f"{what} {float(num.iloc[i]):g}")
         df[col] = num.astype(float)
     hl = df["high"] < df["low"]
     if hl.any():
@@ -194,10 +194,10 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
         i = int(np.flatnonzero(conflict.to_numpy())[0])
         dup = df.iloc[i]
         first = df[(df["ticker"] == dup["ticker"]) & (df["date"] == dup["date"])].iloc[0]
-        diff = [c for c in (*PRICE_COLUMNS, "volume") if first[c] != dup[c]]
+        diff = [names[c] for c in (*PRICE_COLUMNS, "volume") if first[c] != dup[c]]
         raise _fail(path, int(dup["_row"]), names["date"],
                     f"duplicate date {dup['date']:%Y-%m-%d} for {dup['ticker']} conflicts with row "
-                    f"{int(first['_row'])} ({', '.join(diff)} differ)")
+                    f"{int(first['_row'])} (different {', '.join(diff)})")
     for t, g in df.groupby("ticker", sort=True):
         if not g["date"].is_monotonic_increasing:
             repairs.append({"file": str(path), "action": "sorted_dates", "ticker": str(t), "count": len(g)})
