@@ -181,7 +181,7 @@ def _text(fld: str, v: Any, *, numbers_ok: bool = False, required: bool = True) 
 
 
 def _table(v: Any) -> dict[str, Any] | None:
-    if _is_missing(v) or v == [] or v == {}:
+    if _is_missing(v) or (isinstance(v, str) and not v.strip()) or v == [] or v == {}:
         return None
     if isinstance(v, dict) and "columns" in v and "rows" in v:
         cols, rows = v["columns"], v["rows"]
