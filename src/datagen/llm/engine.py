@@ -91,6 +91,28 @@ def parse_retry_after(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def classify_transport(exc: BaseException) -> CallError:
+    """Errors below the SDK's own classes: timeouts, dropped connections, unreadable bodies.
+
+    Transient transport faults and unparseable responses (truncated or garbage bodies) are
+    retried; anything else (a bug, a bad argument) fails the item at once.
+    """
+    name = type(exc).__name__
+    mod = type(exc).__module__.split(".")[0]
+    detail = f"{name}: {exc}"[:500]
+    if isinstance(exc, TimeoutError) or "Timeout" in name:
+        return CallError("timeout", detail, retryable=True)
+    if isinstance(exc, (ConnectionError, EOFError)) or (
+            mod.startswith(("httpx", "httpcore", "h11", "anyio", "aiohttp"))
+            and any(w in name for w in ("Connect", "Protocol", "Read", "Write", "Network", "Transport",
+                                        "Closed", "Incomplete", "Stream"))):
+        return CallError("connection", detail, retryable=True)
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)) or name in (
+            "ValidationError", "DecodingError", "APIResponseValidationError"):
+        return CallError("bad_response", detail, retryable=True)
+    return CallError("error", detail, retryable=False)
+
+
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
                   rng: random.Random | None = None) -> float:
     """Delay before retry number ``attempt`` (0-based).

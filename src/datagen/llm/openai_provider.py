@@ -1,0 +1,95 @@
+"""``openai``: the official openai SDK (async client) against OpenAI or any compatible server.
+
+``base_url`` points it at vLLM (``http://host:8000/v1``), llama.cpp's ``llama-server`` or
+llama-cpp-python's server (``http://127.0.0.1:8080/v1``), Ollama (``http://127.0.0.1:11434/v1``).
+A server that needs no key gets a placeholder key.
+
+Structured output (``ChatRequest.schema``) by ``json_mode``:
+
+- ``schema``: ``response_format={"type": "json_schema", ...}`` (OpenAI, vLLM, llama-server);
+- ``json_object``: ``{"type": "json_object", "schema": ...}`` (llama.cpp servers honour the schema
+  there; llama-cpp-python's server answers HTTP 500 to ``json_schema``);
+- ``none``: no ``response_format`` (the prompt asks for JSON).
+
+Whatever the mode, the reply is validated against the pydantic model here; an invalid one is asked
+again with the validation error (see :mod:`datagen.llm.engine`). ``extra_body`` is passed through
+on every call (``top_k``, ``repetition_penalty``, ...). The SDK's own retries are off: retries,
+backoff and the timeout are the engine's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from datagen.llm.base import ChatRequest, Message
+from datagen.llm.engine import AsyncProvider, CallError, Reply, classify_transport, status_error
+from datagen.llm.keys import resolve_api_key
+
+NO_KEY = "sk-no-key-needed"
+
+
+class OpenAIProvider(AsyncProvider):
+    kind = "openai"
+
+    def __init__(self, name, cfg, cache=None):
+        super().__init__(name, cfg, cache)
+        if not self.model:
+            raise ValueError(f"llm.providers.{name}.model: the openai provider needs a model name")
+        self._api_key = resolve_api_key(name, cfg)  # held in memory only
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIProvider(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r})"
+
+    async def _make_client(self) -> Any:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(api_key=self._api_key or NO_KEY, base_url=self.cfg.base_url,
+                           timeout=self.cfg.timeout_s, max_retries=0)
+
+    def request_body(self, messages: list[Message], req: ChatRequest) -> dict[str, Any]:
+        """The keyword arguments of ``chat.completions.create`` (pure; tested exactly)."""
+        kw: dict[str, Any] = {"model": self.model, "messages": messages,
+                              "temperature": req.temperature, "max_tokens": req.max_tokens}
+        if req.seed is not None:
+            kw["seed"] = req.seed
+        if req.stop:
+            kw["stop"] = list(req.stop)
+        if req.schema is not None and self.cfg.json_mode != "none":
+            schema = req.schema.model_json_schema()
+            if self.cfg.json_mode == "schema":
+                kw["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": req.schema.__name__, "schema": schema, "strict": False}}
+            else:
+                kw["response_format"] = {"type": "json_object", "schema": schema}
+        if self.cfg.extra_body:
+            kw["extra_body"] = dict(self.cfg.extra_body)
+        return kw
+
+    async def _acall(self, client: Any, messages: list[Message], req: ChatRequest) -> Reply:
+        resp = await client.chat.completions.create(**self.request_body(messages, req))
+        if isinstance(resp, (str, bytes)):  # a non-JSON body the SDK handed back as-is
+            raise CallError("bad_response", f"unparseable body: {str(resp)[:200]!r}", retryable=True)
+        if not getattr(resp, "choices", None):
+            raise CallError("bad_response", "response without choices", retryable=True)
+        text = resp.choices[0].message.content or ""
+        u = getattr(resp, "usage", None)
+        return Reply(text=text, prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
+                     completion_tokens=int(getattr(u, "completion_tokens", 0) or 0))
+
+    def _classify(self, exc: BaseException) -> CallError:
+        import openai
+
+        if isinstance(exc, openai.APITimeoutError):
+            return CallError("timeout", str(exc)[:300], retryable=True)
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__
+            return CallError("connection", f"{exc}{f' ({type(cause).__name__})' if cause else ''}"[:300],
+                             retryable=True)
+        if isinstance(exc, openai.APIStatusError):
+            body = exc.body if exc.body is not None else exc.message
+            detail = body if isinstance(body, str) else json.dumps(body, default=str)
+            return status_error(exc.status_code, detail, exc.response.headers)
+        if isinstance(exc, openai.APIResponseValidationError):
+            return CallError("bad_response", str(exc)[:300], retryable=True)
+        return classify_transport(exc)

@@ -1,0 +1,262 @@
+"""Providers against local HTTP servers: the engine's contract (order, retries, schema feedback,
+cache, accounting, keys), the openai provider on an OpenAI-compatible echo endpoint with injected
+faults, and the gemini provider on a fake speaking the Gemini REST wire format.
+The same machinery against a real llama.cpp server is in test_llm_llamacpp.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+from llm_fakes import FaultProxy, GeminiFake, item_tag
+from pydantic import BaseModel
+
+from datagen.config import ProviderConfig, load_config
+from datagen.llm import ChatRequest, get_provider, make_provider, open_cache
+from datagen.llm.engine import RateLimiter, backoff_delay, parse_retry_after
+from datagen.llm.keys import MissingKeyError
+
+FAKE_KEY = "sk-finsynth-FAKE-9f8e7d6c5b4a"
+
+
+class Verdict(BaseModel):
+    label: str
+    score: int
+
+
+def req(i: int, **kw) -> ChatRequest:
+    return ChatRequest(messages=[{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": f"[item {i}] Say something."}], **kw)
+
+
+def openai_provider(tmp_path, url: str, **kw):
+    pcfg = ProviderConfig(kind="openai", model="fake", base_url=url + "/v1", **kw)
+    return make_provider("t", pcfg, open_cache(tmp_path / "cache.sqlite"))
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_openai_request_body_per_json_mode(tmp_path):
+    p = make_provider("t", ProviderConfig(kind="openai", model="m", json_mode="json_object",
+                                          extra_body={"top_k": 5}), None)
+    r = ChatRequest(messages=[{"role": "user", "content": "hi"}], schema=Verdict, temperature=0.5,
+                    max_tokens=9, seed=3, stop=("\n",))
+    body = p.request_body(list(r.messages), r)
+    assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5,
+                    "max_tokens": 9, "seed": 3, "stop": ["\n"],
+                    "response_format": {"type": "json_object", "schema": Verdict.model_json_schema()},
+                    "extra_body": {"top_k": 5}}
+    p2 = make_provider("t", ProviderConfig(kind="openai", model="m"), None)
+    assert p2.request_body(list(r.messages), r)["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "Verdict", "schema": Verdict.model_json_schema(),
+                                               "strict": False}}
+    p3 = make_provider("t", ProviderConfig(kind="openai", model="m", json_mode="none"), None)
+    assert "response_format" not in p3.request_body(list(r.messages), r)
+    plain = ChatRequest(messages=[{"role": "user", "content": "hi"}])
+    assert p3.request_body(list(plain.messages), plain) == {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "max_tokens": 256}
+
+
+def test_retry_after_and_backoff():
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # in the past
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after(None) is None
+    rng = random.Random(0)
+    for attempt, lo, hi in [(0, 0.25, 0.5), (1, 0.5, 1.0), (2, 1.0, 2.0), (10, 1.5, 3.0)]:
+        d = [backoff_delay(attempt, 0.5, 3.0, rng=rng) for _ in range(200)]
+        assert lo <= min(d) and max(d) <= hi and max(d) - min(d) > 0.1 * (hi - lo)  # jittered
+    assert 2.0 <= backoff_delay(0, 0.5, 3.0, retry_after=2.0, rng=rng) <= 2.2  # the server's hint wins
+
+
+def test_rate_limiter_spaces_starts():
+    now = [100.0]
+    lim = RateLimiter(120, clock=lambda: now[0])  # one start per 0.5 s
+    assert [lim.reserve() for _ in range(3)] == [0.0, 0.5, 1.0]
+    now[0] = 110.0
+    assert lim.reserve() == 0.0
+    assert RateLimiter(None).reserve() == 0.0
+
+
+def test_identical_requests_in_a_batch_are_separate_samples():
+    p = make_provider("t", ProviderConfig(kind="openai", model="m"), None)
+    keys = p.batch_keys([req(1), req(2), req(1), req(1)])
+    assert len(set(keys)) == 4
+    assert keys[0] == p.request_key(req(1)) and keys[1] == p.request_key(req(2))
+    assert p.batch_keys([req(1), req(1)]) == keys[0:1] + keys[2:3]  # stable across runs
+    assert p.request_key(req(1, temperature=0.1)) != keys[0]
+    assert p.request_key(req(1, schema=Verdict)) != keys[0]
+    assert p.request_key(req(1, key="caller-id")) == keys[0]  # the caller's id is not in the key
+
+
+def test_get_provider_reuses_instances_and_reads_keys_from_env(tmp_root, monkeypatch):
+    cfg = load_config(profile="demo", root=tmp_root, overrides=[
+        "llm.providers.api.kind=openai", "llm.providers.api.model=gpt-x",
+        "llm.providers.api.api_key_env=FINSYNTH_TEST_KEY"])
+    monkeypatch.delenv("FINSYNTH_TEST_KEY", raising=False)
+    with pytest.raises(MissingKeyError, match="FINSYNTH_TEST_KEY is not set"):
+        get_provider(cfg, "api")
+    monkeypatch.setenv("FINSYNTH_TEST_KEY", FAKE_KEY)
+    a = get_provider(cfg, "api")
+    assert a is get_provider(cfg, "api") and a.model == "gpt-x"
+    assert FAKE_KEY not in repr(a)
+    assert get_provider(cfg, "local").model == "packaged:gemma3-270m"
+    with pytest.raises(ValueError, match="no provider named 'nope'"):
+        get_provider(cfg, "nope")
+
+
+# ----------------------------------------------------------------------------- openai on the echo endpoint
+def test_openai_batch_order_cache_and_key_never_stored(tmp_path, monkeypatch, caplog, capfd):
+    monkeypatch.setenv("FINSYNTH_TEST_KEY", FAKE_KEY)
+    caplog.set_level(logging.DEBUG)
+    with FaultProxy() as proxy:
+        p = openai_provider(tmp_path, proxy.url, api_key_env="FINSYNTH_TEST_KEY", concurrency=4)
+        reqs = [req(i) for i in range(12)]
+        out = p.generate_batch(reqs, desc="echo")
+        assert [r.text for r in out] == [f"echo {i}" for i in range(12)]
+        assert all(r.ok and not r.cached and r.attempts == 1 for r in out)
+        assert out[0].usage == {"prompt_tokens": 7, "completion_tokens": 3}
+        assert p.usage.as_dict() == {"calls": 12, "cache_hits": 0, "retries": 0, "failures": 0,
+                                     "schema_retries": 0, "prompt_tokens": 84, "completion_tokens": 36}
+        assert set(proxy.auth) == {f"Bearer {FAKE_KEY}"}  # the key did reach the server
+        before = p.usage.as_dict()
+        again = p.generate_batch(reqs + [req(99)], desc="echo")
+        assert proxy.received == {**{str(i): 1 for i in range(12)}, "99": 1}  # only the new one was sent
+        assert [r.cached for r in again] == [True] * 12 + [False]
+        assert [r.text for r in again] == [f"echo {i}" for i in range(12)] + ["echo 99"]
+        assert p.usage.since(before) == {"calls": 1, "cache_hits": 12, "retries": 0, "failures": 0,
+                                         "schema_retries": 0, "prompt_tokens": 7, "completion_tokens": 3}
+    blobs = b"".join(f.read_bytes() for f in tmp_path.glob("cache.sqlite*"))
+    assert b"echo 99" in blobs or len(open_cache(tmp_path / "cache.sqlite")) == 13
+    assert FAKE_KEY.encode() not in blobs
+    captured = capfd.readouterr()
+    assert FAKE_KEY not in caplog.text + captured.out + captured.err
+    assert "127.0.0.1" in caplog.text  # the HTTP client did log at DEBUG: the check had something to see
+
+
+def test_openai_schema_feedback_then_success_and_final_failure(tmp_path):
+    def responder(body, tag):
+        turns = len(body["messages"])
+        if tag == "1":  # invalid, then valid once the error was shown
+            return '{"label": "up", "score": 7}' if turns > 2 else '{"label": "up", "score": "high"}'
+        if tag == "2":
+            return "sorry, no JSON today"
+        return '```json\n{"label": "flat", "score": 1}\n```'
+
+    with FaultProxy(responder=responder) as proxy:
+        p = openai_provider(tmp_path, proxy.url, schema_retries=2, json_mode="json_object")
+        out = p.generate_batch([req(i, schema=Verdict) for i in (0, 1, 2)])
+        assert out[0].ok and out[0].parsed == Verdict(label="flat", score=1) and out[0].attempts == 1
+        assert out[1].ok and out[1].parsed == Verdict(label="up", score=7) and out[1].attempts == 2
+        assert not out[2].ok and out[2].text == "sorry, no JSON today" and out[2].attempts == 3
+        assert out[2].error == "schema_invalid: invalid JSON: Expecting value at char 0"
+        assert proxy.received == {"0": 1, "1": 2, "2": 3}
+        assert p.usage.schema_retries == 3 and p.usage.failures == 1 and p.usage.calls == 6
+        # the model was shown its answer and the validation error
+        retry_msgs = proxy.bodies["1"][1]["messages"]
+        assert retry_msgs[:2] == proxy.bodies["1"][0]["messages"]
+        assert retry_msgs[2] == {"role": "assistant", "content": '{"label": "up", "score": "high"}'}
+        assert retry_msgs[3]["role"] == "user" and "score: Input should be a valid integer" in retry_msgs[3]["content"]
+        # the failure was not cached (asked again), the two successes were
+        out2 = p.generate_batch([req(i, schema=Verdict) for i in (0, 1, 2)])
+        assert [r.cached for r in out2] == [True, True, False]
+        assert out2[1].parsed == Verdict(label="up", score=7)
+        assert proxy.received == {"0": 1, "1": 2, "2": 6}
+
+
+def test_openai_faults_every_item_accounted_once(tmp_path):
+    n = 60
+    rates = {"429": 0.12, "500": 0.1, "hang": 0.04, "truncate": 0.06, "garbage": 0.06}
+    with FaultProxy(rates=rates, always={"7": "500", "13": "400"}, seed=1, hang_s=4.0) as proxy:
+        p = openai_provider(tmp_path, proxy.url, concurrency=8, max_retries=4, timeout_s=1.0,
+                            backoff_base_s=0.02, backoff_max_s=0.2)
+        out = p.generate_batch([req(i) for i in range(n)], desc="faults")
+        assert len(out) == n
+        for i, r in enumerate(out):
+            if r.ok:
+                assert r.text == f"echo {i}" and r.text in proxy.delivered[str(i)]
+            else:
+                assert r.error and r.text is None
+        assert not out[7].ok and out[7].error.startswith("http_500") and "gave up after 5 attempts" in out[7].error
+        assert not out[13].ok and out[13].error.startswith("http_400") and proxy.received["13"] == 1
+        assert sum(r.ok for r in out) >= n - 6
+        # nothing lost, nothing duplicated: every request the server saw belongs to one item's attempts
+        assert sum(r.attempts for r in out) == proxy.total_received == p.usage.calls
+        assert p.usage.retries == p.usage.calls - n
+        assert p.usage.failures == sum(not r.ok for r in out)
+        assert min(proxy.faults[k] for k in ("429", "500", "hang", "truncate", "garbage")) >= 1
+        # Retry-After honoured: the request after a 429 came >= 1 s later
+        for times in proxy.times.values():
+            for (t0, f0), (t1, _) in zip(times, times[1:]):
+                if f0 == "429":
+                    assert t1 - t0 >= 1.0
+        failed = [i for i, r in enumerate(out) if not r.ok]
+        proxy.rates, proxy.always = {}, {}
+        seen = proxy.received.copy()
+        out2 = p.generate_batch([req(i) for i in range(n)], desc="rerun")
+        assert all(r.ok for r in out2)
+        assert proxy.received - seen == {str(i): 1 for i in failed}  # only the failures were asked again
+
+
+# ----------------------------------------------------------------------------- gemini on the wire-format fake
+def gemini_provider(tmp_path, url: str, **kw):
+    pcfg = ProviderConfig(kind="gemini", model="gemini-2.5-flash", base_url=url,
+                          api_key_env="FINSYNTH_TEST_KEY", backoff_base_s=0.01, **kw)
+    return make_provider("g", pcfg, open_cache(tmp_path / "cache.sqlite"))
+
+
+def test_gemini_plain_and_structured(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINSYNTH_TEST_KEY", FAKE_KEY)
+
+    def script(model, body, n):
+        if "responseSchema" in body.get("generationConfig", {}) or "responseJsonSchema" in body.get(
+                "generationConfig", {}):
+            return 200, GeminiFake.answer(json.dumps({"label": f"L{item_tag(body)}", "score": n})), {}
+        return 200, GeminiFake.answer(f"gemini says {item_tag(body)}"), {}
+
+    with GeminiFake(script) as fake:
+        p = gemini_provider(tmp_path, fake.url)
+        out = p.generate_batch([req(1, temperature=0.2, max_tokens=7, seed=5, stop=("END",)), req(2),
+                                req(3, schema=Verdict)])
+        assert [r.text for r in out[:2]] == ["gemini says 1", "gemini says 2"]
+        assert out[2].parsed == Verdict(label="L3", score=1)
+        assert out[0].usage == {"prompt_tokens": 11, "completion_tokens": 5}
+        assert p.usage.prompt_tokens == 33 and p.usage.calls == 3
+        first = next(r for r in fake.requests if item_tag(r["body"]) == "1")
+        # the SDK's default API version (v1 in google-genai 3.x, v1beta before)
+        assert first["path"] in ("/v1/models/gemini-2.5-flash:generateContent",
+                                 "/v1beta/models/gemini-2.5-flash:generateContent")
+        assert first["api_key"] == FAKE_KEY
+        assert first["body"]["contents"] == [{"role": "user", "parts": [{"text": "[item 1] Say something."}]}]
+        assert first["body"]["systemInstruction"]["parts"] == [{"text": "Be brief."}]
+        gc = first["body"]["generationConfig"]
+        assert (gc["temperature"], gc["maxOutputTokens"], gc["seed"], gc["stopSequences"]) == (0.2, 7, 5, ["END"])
+        third = next(r for r in fake.requests if item_tag(r["body"]) == "3")
+        assert third["body"]["generationConfig"]["responseMimeType"] == "application/json"
+    assert FAKE_KEY.encode() not in b"".join(f.read_bytes() for f in tmp_path.glob("cache.sqlite*"))
+
+
+def test_gemini_429_then_success_and_400_not_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINSYNTH_TEST_KEY", FAKE_KEY)
+
+    def script(model, body, n):
+        tag = item_tag(body)
+        if tag == "1" and n == 1:
+            return 429, GeminiFake.error(429, "RESOURCE_EXHAUSTED", "quota"), {"retry-after": "1"}
+        if tag == "2":
+            return 400, GeminiFake.error(400, "INVALID_ARGUMENT", "bad field"), {}
+        if tag == "3" and n <= 2:
+            return 503, GeminiFake.error(503, "UNAVAILABLE", "overloaded"), {}
+        return 200, GeminiFake.answer(f"ok {tag} after {n}"), {}
+
+    with GeminiFake(script) as fake:
+        p = gemini_provider(tmp_path, fake.url)
+        out = p.generate_batch([req(1), req(2), req(3)])
+        assert out[0].ok and out[0].text == "ok 1 after 2" and out[0].attempts == 2
+        assert not out[1].ok and out[1].attempts == 1 and fake.per_tag["2"] == 1
+        assert out[1].error.startswith("http_400: INVALID_ARGUMENT") and "bad field" in out[1].error
+        assert out[2].ok and out[2].text == "ok 3 after 3"
+        assert p.usage.as_dict() == {"calls": 6, "cache_hits": 0, "retries": 3, "failures": 1,
+                                     "schema_retries": 0, "prompt_tokens": 22, "completion_tokens": 10}
