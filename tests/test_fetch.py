@@ -1,0 +1,114 @@
+"""The fetch stage end to end: manifest counts, byte-identical reruns, the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datagen.config import load_config
+from datagen.fetch import run_fetch
+from datagen.io import read_jsonl
+from datagen.schema import Sample
+
+BAD = Path(__file__).parent / "data" / "bad_inputs"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "finsynth"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_fetch_demo_counts_and_byte_identical_rerun(demo_cfg):
+    m = run_fetch(demo_cfg)
+    out = demo_cfg.paths.stage_dir("fetch")
+    rows = read_jsonl(out / "samples.jsonl")
+    for r in rows:
+        Sample.model_validate(r)
+    n_market = 7 * demo_cfg.sources.market.questions_per_type
+    sample_set = sum(1 for _ in open(demo_cfg.paths.resolve(demo_cfg.sources.source_qa[0].path)))
+    assert m["stage"] == "fetch" and m["config_hash"] == demo_cfg.section_hash("sources")
+    assert m["counts"]["samples"] == len(rows) == n_market + sample_set
+    assert m["counts"]["per_source"] == {"finsynth-sample-qa": sample_set, "market:simulator": n_market}
+    assert sum(m["counts"]["per_category"].values()) == len(rows)
+    assert m["counts"]["per_category"]["market_volatility"] == demo_cfg.sources.market.questions_per_type
+    assert m["counts"]["per_task_type"] == {
+        t: sum(1 for r in rows if r["task_type"] == t) for t in ("classification", "numeric_qa", "open_qa")}
+    assert m["quarantine"] == {"total": 0, "by_reason": {}, "by_file": {}}
+    assert set(m["outputs"]) == {"samples.jsonl", "quarantine.jsonl"}
+    assert [(r["source"], r["id"]) for r in rows] == sorted((r["source"], r["id"]) for r in rows)
+
+    first = {f: (out / f).read_bytes() for f in ("samples.jsonl", "quarantine.jsonl")}
+    m2 = run_fetch(demo_cfg)
+    assert {f: (out / f).read_bytes() for f in first} == first
+    strip = lambda d: {k: v for k, v in d.items() if k != "timing"}  # noqa: E731
+    assert strip(m2) == strip(m)
+    assert json.loads((out / "manifest.json").read_text())["outputs"] == m["outputs"]
+
+
+def test_fetch_quarantines_bad_rows_and_cross_source_duplicates(tmp_root):
+    (tmp_root / "data" / "raw" / "dup.jsonl").symlink_to(BAD / "sqa_duplicate_id.jsonl")
+    (tmp_root / "data" / "raw" / "empty.jsonl").symlink_to(BAD / "sqa_empty_answer.jsonl")
+    cfg = load_config(profile="tiny", root=tmp_root, overrides=[
+        "sources.source_qa=[{path: data/raw/dup.jsonl, name: a}, {path: data/raw/empty.jsonl, name: b}]"])
+    m = run_fetch(cfg)
+    q = read_jsonl(cfg.paths.stage_dir("fetch") / "quarantine.jsonl")
+    # dup.jsonl: row 2 repeats id g1; empty.jsonl: row 2 blank answer, row 1 reuses g1 from source a
+    assert [(x["file"], x["row"], x["reason"]) for x in q] == [
+        ("data/raw/dup.jsonl", 2, "duplicate_id"), ("data/raw/empty.jsonl", 1, "duplicate_id"),
+        ("data/raw/empty.jsonl", 2, "empty")]
+    assert m["quarantine"]["by_reason"] == {"duplicate_id": 2, "empty": 1}
+    assert m["counts"]["per_source"]["a"] == 1 and "b" not in m["counts"]["per_source"]
+    assert m["source_files"]["data/raw/empty.jsonl"] == {"rows": 2, "kept": 1, "quarantined": 1}
+
+
+def test_fetch_from_price_files_records_repairs(tmp_root):
+    src = tmp_root / "data" / "raw" / "prices.csv"
+    lines = ["ticker,date,open,high,low,close,volume"]
+    for t, base in (("AAA", 100.0), ("BBB", 40.0)):
+        for i in range(15):
+            c = base * (1 + 0.01 * ((i * 7) % 5 - 2))
+            lines.append(f"{t},2024-02-{i + 1:02d},{c:.2f},{c + 1:.2f},{c - 1:.2f},{c:.2f},{1000 + i}")
+    lines.append(lines[3])  # an exact duplicate row
+    src.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # and unsorted
+    cfg = load_config(profile="tiny", root=tmp_root, overrides=[
+        "sources.market.provider=csv", "sources.market.paths=[data/raw/prices.csv]", "sources.source_qa=[]"])
+    m = run_fetch(cfg)
+    actions = sorted(r["action"] for r in m["market"]["repairs"])
+    assert actions == ["dropped_exact_duplicates", "sorted_dates", "sorted_dates"]
+    assert m["market"]["repairs"][0]["file"] == "data/raw/prices.csv"
+    assert m["inputs"].keys() == {"data/raw/prices.csv"}
+    assert m["counts"]["per_scenario"] == {"observed": 7}
+
+
+def test_cli_fetch_demo_writes_files(tmp_root):
+    p = _cli("fetch", "--profile", "demo", "--root", str(tmp_root))
+    assert p.returncode == 0, p.stderr
+    out = tmp_root / "data" / "processed" / "fetch"
+    assert {f.name for f in out.iterdir()} >= {"samples.jsonl", "quarantine.jsonl", "manifest.json"}
+    assert json.loads(p.stdout)["counts"]["samples"] == len(read_jsonl(out / "samples.jsonl"))
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("sources.source_qa=[{path: %s}]" % (BAD / "sqa_not_parquet.parquet"), "sqa_not_parquet.parquet"),
+    ("sources.source_qa=[{path: data/raw/missing.jsonl}]", "missing.jsonl"),
+])
+def test_cli_fetch_bad_file_exits_nonzero_with_one_line(tmp_root, override, expect):
+    p = _cli("fetch", "--profile", "tiny", "--root", str(tmp_root), "--set", override)
+    assert p.returncode != 0
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("finsynth:")]
+    assert len(err) == 1 and expect in err[0] and "Traceback" not in p.stderr
+    assert not (tmp_root / "data" / "processed" / "fetch" / "manifest.json").exists()
+
+
+def test_cli_fetch_bad_price_file_names_row_and_field(tmp_root):
+    bad = BAD / "market_nan_price.csv"
+    p = _cli("fetch", "--profile", "tiny", "--root", str(tmp_root), "--set", "sources.market.provider=csv",
+             "--set", f"sources.market.paths=[{bad}]")
+    assert p.returncode != 0
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("finsynth:")]
+    assert "market_nan_price.csv: row 2: field Close" in line
