@@ -166,6 +166,8 @@ class EmbedderConfig(_Strict):
     model: str = "packaged:all-minilm-l6-v2"  # or a local directory
     batch_size: int = Field(64, ge=1)
     device: str = "cpu"
+    max_seq_length: int = Field(128, ge=8)  # MiniLM was trained on 128 tokens; longer input is truncated
+    disk_cache: bool = True  # cache vectors by text hash under paths.cache/embeddings/<model key>
 
 
 class DedupConfig(_Strict):
@@ -174,6 +176,9 @@ class DedupConfig(_Strict):
     within_group_threshold: float = Field(0.985, gt=0, le=1)  # near-copy inside one group
     method: Literal["auto", "exact", "partitioned"] = "auto"
     partition_min_rows: int = Field(50_000, ge=1)
+    nlist: int | None = Field(None, ge=1)  # partitioned: k-means cells (default ~4*sqrt(n))
+    nprobe: int = Field(16, ge=1)  # partitioned: cells searched per query
+    context_chars: int = Field(200, ge=0)  # chars of context added to the question for embedding
 
 
 class SplitConfig(_Strict):
