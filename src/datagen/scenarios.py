@@ -45,7 +45,11 @@ _METRIC = re.compile(
     r"(?:(?:US\$|\$|€|£|¥|₹)\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:bn|m|k|million|billion))?"
     r"|\b(?:USD|EUR|GBP|JPY|INR|BRL|TRY|CNY)\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:bn|m|k|million|billion))?"
     r"|(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?\s?(?:%|bps?\b|basis points?\b|x\b|pp\b|percent\b))", re.I)
-_FIELD = re.compile(r"^\s*\**\s*(instruction|response)\s*\**\s*:\s*(.*)$", re.I)
+_ALIASES = {"United States": ("us", "u.s.", "american", "america"), "United Kingdom": ("uk", "british", "britain"),
+            "Euro area": ("euro", "europe", "european", "eurozone"), "China": ("chinese",), "Japan": ("japanese",),
+            "India": ("indian",), "Brazil": ("brazilian",), "Mexico": ("mexican",), "Turkey": ("turkish", "lira"),
+            "South Africa": ("south african",), "Indonesia": ("indonesian",), "Australia": ("australian",)}
+_FIELD = re.compile(r"^\s*\**\s*(instruction|response)\s*\**\s*:\s*\**\s*(.*)$", re.I)
 
 
 def cluster_title(cluster: str) -> str:
@@ -127,17 +131,30 @@ def format_output(text: str | None, task: dict[str, Any]) -> dict[str, Any]:
     return {"instruction": instruction, "response": response, "error": None}
 
 
-def check_task(parsed: dict[str, Any], examples: list[str], max_repetition: float = 0.25) -> str | None:
+def on_topic(text: str, task: dict[str, Any]) -> bool:
+    """The task mentions its sector or its geography (a word of either, or a common alias)."""
+    low = f" {text.lower()} "
+    words = [w for w in re.findall(r"[a-z]+", f"{task['sector']} {task['geography']}".lower())
+             if len(w) >= 4 and w not in {"and", "area", "real", "united", "south", "consumer", "technology"}]
+    words += list(_ALIASES.get(task["geography"], ()))
+    # a word's first 6 letters: "utilities" ~ "utility", "airlines" ~ "airline", "chemicals" ~ "chemical"
+    return any(re.search(rf"(?<![a-z]){re.escape(w[:6])}", low) for w in words)
+
+
+def check_task(parsed: dict[str, Any], examples: list[str], max_repetition: float = 0.25,
+               task: dict[str, Any] | None = None) -> str | None:
     """A reason to drop a parsed task, or None. (Diversity against kept tasks is checked separately.)"""
     response = parsed["response"]
     if len(count_metrics(response)) < 2:
         return "missing_metrics"
-    whole = parsed["instruction"] + " " + response
-    if repetition_ratio(whole) > max_repetition:
+    if max(repetition_ratio(parsed["instruction"]), repetition_ratio(response)) > max_repetition:
         return "repetitive"
+    whole = parsed["instruction"] + " " + response
     for ex in examples:
         if char_ratio(ex, whole) >= 0.8:
             return "copies_example"
+    if task is not None and not on_topic(whole, task):
+        return "off_topic"
     return None
 
 
@@ -206,13 +223,13 @@ def synthesize_scenarios(cfg: ScenarioSynthConfig, provider: LLMProvider,
         res.requests += len(reqs)
         parsed = [format_output(r.text if r.ok else None, tasks[i]) for r, i in zip(results, open_tasks)]
         reasons: list[str | None] = []
-        for r, p in zip(results, parsed):
+        for i, r, p in zip(open_tasks, results, parsed):
             if not r.ok:
                 reasons.append("llm_error")
             elif p["error"]:
                 reasons.append(p["error"])
             else:
-                reasons.append(check_task(p, examples))
+                reasons.append(check_task(p, examples, task=tasks[i]))
         # diversity: against kept tasks and earlier candidates of this round, in task order
         cand = [j for j, why in enumerate(reasons) if why is None]
         if embedder is not None and cand:
@@ -229,7 +246,8 @@ def synthesize_scenarios(cfg: ScenarioSynthConfig, provider: LLMProvider,
                 res.rows.append(make_row(task, p, prompt.ref, teacher, attempt))
                 continue
             rec = {"kind": "scenario", "group_id": f"scn-{stable_id(SOURCE, task['cluster'], task['slot'])}",
-                   "source_id": None, "category": CATEGORY, "scenario": task["cluster"], "rephrase_index": None,
+                   "source_id": None, "category": CATEGORY, "scenario": task["cluster"], "sector": task["sector"],
+                   "geography": task["geography"], "rephrase_index": None,
                    "attempt": attempt, "text": r.text, "candidate": None, "reason": why,
                    "detail": (r.error or "")[:200] if not r.ok else "", "cosine": None, "prompt": prompt.ref,
                    "final": False}
