@@ -24,6 +24,7 @@ Exact figures go into ``metadata["answer_values"]``. Generation is seeded; ids c
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ import pandas as pd
 from datagen.config import MarketConfig
 from datagen.market import MarketData
 from datagen.schema import Sample, stable_id
+
+log = logging.getLogger(__name__)
 
 QUESTION_TYPES: tuple[str, ...] = (
     "latest_value", "period_return", "volatility", "max_drawdown", "ma_trend", "comparison", "risk_level")
@@ -388,6 +391,8 @@ def build_market_qa(md: MarketData, mc: MarketConfig) -> list[dict[str, Any]]:
                 used.add(sid)
                 out.append(_sample(sid, source, qtype, w, q, md).to_row())
                 break
+            else:
+                log.warning("market QA: could not build %s question %d (too few tickers or windows)", qtype, i + 1)
     return out
 
 
