@@ -180,7 +180,7 @@ def capital(rng: random.Random) -> list[dict]:
     for i in range(6):
         ccyb = rng.choice([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
         gsib = rng.choice([0.0, 0.0, 1.0, 1.5])
-        cet1_ratio = round(rng.uniform(7.0, 14.0), 1)
+        cet1_ratio = round(rng.uniform(6.5, 12.0), 1)
         rwa = rng.randrange(50, 400) * 1000
         req = 4.5 + 2.5 + ccyb + gsib
         req_exact = F(45, 10) + F(25, 10) + F(str(ccyb)) + F(str(gsib))
@@ -188,7 +188,7 @@ def capital(rng: random.Random) -> list[dict]:
         gap = check(cet1_ratio - req, F(str(cet1_ratio)) - req_exact)
         amount = check(gap / 100 * rwa, (F(str(cet1_ratio)) - req_exact) / 100 * rwa)
         word = "surplus" if gap >= 0 else "shortfall"
-        gs = f" and a G-SIB surcharge of {gsib}%" if gsib else ""
+        gs = f", and its G-SIB surcharge is {gsib}%" if gsib else ""
         out.append(item(f"cap-{len(out) + 1:03d}", cat,
                         "What is the bank's combined CET1 requirement (4.5% minimum + 2.5% capital conservation buffer "
                         "+ countercyclical buffer + any G-SIB surcharge), and what is its surplus or shortfall in "
@@ -220,7 +220,7 @@ def liquidity(rng: random.Random) -> list[dict]:
     out, cat = [], "liquidity"
     for i in range(8):
         hqla = rng.randrange(100, 900) * 10
-        nco = rng.randrange(80, 800) * 10
+        nco = hqla * rng.randrange(55, 130) // 100  # LCRs of roughly 75% to 180%
         lcr = check(hqla / nco * 100, F(hqla, nco) * 100)
         ok = "meets" if lcr >= 100 else "falls short of"
         out.append(item(f"liq-{len(out) + 1:03d}", cat,
@@ -232,9 +232,9 @@ def liquidity(rng: random.Random) -> list[dict]:
                                          f"scenario are USD {nco:,} million."},
                         values=[val("lcr", lcr, "%")]))
     for i in range(6):
-        hqla = rng.randrange(200, 900) * 10
         outflows = rng.randrange(300, 1200) * 10
-        inflows = rng.randrange(100, 1200) * 10
+        inflows = outflows * rng.randrange(20, 110) // 100
+        hqla = outflows * rng.randrange(30, 120) // 100
         capped = min(inflows, 0.75 * outflows)
         capped_exact = min(F(inflows), F(3, 4) * outflows)
         nco = check(outflows - capped, outflows - capped_exact)
@@ -363,66 +363,66 @@ REGULATION = [
     ("What is the minimum total capital ratio under Basel III?",
      "8% of risk-weighted assets (Tier 1 plus Tier 2), before buffers."),
     ("What is the capital conservation buffer and how large is it?",
-     "A buffer of 2.5% of risk-weighted assets, held in CET1 above the minimum; a bank that dips into it faces "
-     "restrictions on distributions such as dividends, share buybacks and discretionary bonuses."),
+     ("A buffer of 2.5% of risk-weighted assets, held in CET1 above the minimum; a bank that dips into it faces "
+     "restrictions on distributions such as dividends, share buybacks and discretionary bonuses.")),
     ("What is the countercyclical capital buffer?",
-     "An extra CET1 buffer, set by national authorities between 0% and 2.5% of risk-weighted assets, built up when "
-     "credit growth is judged excessive and released in a downturn."),
+     ("An extra CET1 buffer, set by national authorities between 0% and 2.5% of risk-weighted assets, built up when "
+     "credit growth is judged excessive and released in a downturn.")),
     ("What range does the Basel III G-SIB capital surcharge cover?",
      "Additional CET1 from 1% to 3.5% of risk-weighted assets, depending on the bank's systemic-importance bucket."),
     ("How is the Basel III leverage ratio defined and what is its minimum?",
-     "Tier 1 capital divided by the total exposure measure (on-balance-sheet assets, derivatives, securities "
-     "financing transactions and off-balance-sheet items); the minimum is 3%."),
+     ("Tier 1 capital divided by the total exposure measure (on-balance-sheet assets, derivatives, securities "
+     "financing transactions and off-balance-sheet items); the minimum is 3%.")),
     ("How is the liquidity coverage ratio (LCR) defined?",
-     "The stock of high-quality liquid assets divided by total net cash outflows over the next 30 calendar days "
-     "under a stress scenario; it must be at least 100%."),
+     ("The stock of high-quality liquid assets divided by total net cash outflows over the next 30 calendar days "
+     "under a stress scenario; it must be at least 100%.")),
     ("How is the net stable funding ratio (NSFR) defined?",
      "Available stable funding divided by required stable funding over a one-year horizon; it must be at least 100%."),
     ("What is the difference between the LCR and the NSFR?",
-     "The LCR covers short-term resilience (liquid assets against 30 days of stressed outflows); the NSFR covers "
-     "structural funding (stable funding against the liquidity needs of assets over one year)."),
+     ("The LCR covers short-term resilience (liquid assets against 30 days of stressed outflows); the NSFR covers "
+     "structural funding (stable funding against the liquidity needs of assets over one year).")),
     ("What caps apply to Level 2 assets in the LCR's stock of HQLA?",
      "Level 2 assets may make up at most 40% of the HQLA stock, and Level 2B assets at most 15%, after haircuts."),
     ("What haircut applies to Level 2A assets in the LCR?",
      "A 15% haircut to their current market value."),
     ("What limit applies to cash inflows in the LCR calculation?",
-     "Total inflows that can offset outflows are capped at 75% of total outflows, so at least 25% of outflows must "
-     "be covered by HQLA."),
+     ("Total inflows that can offset outflows are capped at 75% of total outflows, so at least 25% of outflows must "
+     "be covered by HQLA.")),
     ("What are the three pillars of the Basel framework?",
-     "Pillar 1: minimum capital requirements; Pillar 2: supervisory review of capital adequacy and risk management; "
-     "Pillar 3: market discipline through public disclosure."),
+     ("Pillar 1: minimum capital requirements; Pillar 2: supervisory review of capital adequacy and risk management; "
+     "Pillar 3: market discipline through public disclosure.")),
     ("What is the difference between the foundation and advanced IRB approaches?",
-     "Under foundation IRB the bank estimates PD and uses supervisory values for LGD and EAD; under advanced IRB the "
-     "bank estimates PD, LGD and EAD itself."),
+     ("Under foundation IRB the bank estimates PD and uses supervisory values for LGD and EAD; under advanced IRB the "
+     "bank estimates PD, LGD and EAD itself.")),
     ("Which risk measure does the Fundamental Review of the Trading Book (FRTB) use for internal models?",
      "Expected shortfall at a 97.5% confidence level, replacing value-at-risk and stressed VaR."),
     ("How does the Basel traffic-light test classify VaR backtesting results?",
-     "Over 250 trading days of 99% VaR: 0-4 exceptions is the green zone, 5-9 the yellow zone and 10 or more the "
-     "red zone, with higher capital multipliers in yellow and red."),
+     ("Over 250 trading days of 99% VaR: 0-4 exceptions is the green zone, 5-9 the yellow zone and 10 or more the "
+     "red zone, with higher capital multipliers in yellow and red.")),
     ("What is stressed VaR, introduced in Basel 2.5?",
-     "A 10-day, 99% VaR calibrated to a continuous 12-month period of significant financial stress relevant to the "
-     "bank's portfolio, added to the normal VaR charge."),
+     ("A 10-day, 99% VaR calibrated to a continuous 12-month period of significant financial stress relevant to the "
+     "bank's portfolio, added to the normal VaR charge.")),
     ("What is the output floor in the final Basel III reforms?",
-     "Risk-weighted assets from internal models may not fall below 72.5% of those calculated with the standardised "
-     "approaches."),
+     ("Risk-weighted assets from internal models may not fall below 72.5% of those calculated with the standardised "
+     "approaches.")),
     ("What is the Basel large exposures limit?",
-     "Exposure to a single counterparty or group of connected counterparties is limited to 25% of Tier 1 capital "
-     "(15% between two G-SIBs)."),
+     ("Exposure to a single counterparty or group of connected counterparties is limited to 25% of Tier 1 capital "
+     "(15% between two G-SIBs).")),
     ("What features must Additional Tier 1 instruments have?",
-     "They are perpetual and subordinated, have fully discretionary non-cumulative coupons, no incentive to redeem, "
-     "and absorb losses on a going-concern basis through conversion to equity or write-down."),
+     ("They are perpetual and subordinated, have fully discretionary non-cumulative coupons, no incentive to redeem, "
+     "and absorb losses on a going-concern basis through conversion to equity or write-down.")),
     ("What is Tier 2 capital meant to do?",
-     "Absorb losses on a gone-concern basis (in resolution or liquidation); Tier 2 instruments need an original "
-     "maturity of at least five years."),
+     ("Absorb losses on a gone-concern basis (in resolution or liquidation); Tier 2 instruments need an original "
+     "maturity of at least five years.")),
     ("What is the ICAAP?",
-     "The Internal Capital Adequacy Assessment Process: the bank's own Pillar 2 assessment of the capital it needs "
-     "for all material risks, including those not fully captured by Pillar 1."),
+     ("The Internal Capital Adequacy Assessment Process: the bank's own Pillar 2 assessment of the capital it needs "
+     "for all material risks, including those not fully captured by Pillar 1.")),
     ("Under the IRB approach, how are expected and unexpected losses covered?",
-     "Expected losses are covered by provisions (loan-loss reserves), while capital requirements cover unexpected "
-     "losses, calibrated to a 99.9% confidence level over one year."),
+     ("Expected losses are covered by provisions (loan-loss reserves), while capital requirements cover unexpected "
+     "losses, calibrated to a 99.9% confidence level over one year.")),
     ("What is TLAC and what minimum applies to G-SIBs?",
-     "Total Loss-Absorbing Capacity: G-SIBs must hold loss-absorbing capital and debt of at least 18% of "
-     "risk-weighted assets and 6.75% of the leverage exposure measure."),
+     ("Total Loss-Absorbing Capacity: G-SIBs must hold loss-absorbing capital and debt of at least 18% of "
+     "risk-weighted assets and 6.75% of the leverage exposure measure.")),
 ]
 
 
@@ -504,8 +504,7 @@ def main() -> None:
     rows = build()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
     print(f"wrote {len(rows)} items to {args.out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -16,8 +17,15 @@ import pytest
 from datagen.config import MarketConfig, SimulatorConfig
 from datagen.market import MarketDataError, fetch_yfinance, load_files, load_price_file, simulate
 from datagen.market_qa import (
-    CATEGORIES, QUESTION_TYPES, annualised_volatility, build_market_qa, max_drawdown, period_return,
-    risk_level, sma)
+    CATEGORIES,
+    QUESTION_TYPES,
+    annualised_volatility,
+    build_market_qa,
+    max_drawdown,
+    period_return,
+    risk_level,
+    sma,
+)
 
 BAD = Path(__file__).parent / "data" / "bad_inputs"
 EXPECTED = json.loads((BAD / "EXPECTED.json").read_text())
@@ -54,7 +62,7 @@ def test_computations_on_known_series():
     assert max_drawdown([1.0, 2.0, 3.0])[0] == 0.0
     assert sma(c, 3) == pytest.approx((99 + 108.9 + 105) / 3)
     # volatility: a plain-Python sample standard deviation of log returns
-    lr = [math.log(b / a) for a, b in zip(c, c[1:])]
+    lr = [math.log(b / a) for a, b in itertools.pairwise(c)]
     m = sum(lr) / len(lr)
     sd = math.sqrt(sum((x - m) ** 2 for x in lr) / (len(lr) - 1))
     assert annualised_volatility(c) == pytest.approx(sd * math.sqrt(252) * 100)

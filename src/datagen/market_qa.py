@@ -238,12 +238,12 @@ def _q_return(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
 
 
 _VOL_T = (
-    "What is the annualised volatility of {t} over this window, computed as the sample standard deviation of "
-    "daily log returns of the closing prices times sqrt(252)?",
-    "Estimate {t}'s annualised volatility from the {n} closes in the table (use daily log returns, sample "
-    "standard deviation, and annualise with sqrt(252)).",
-    "Using daily log returns of the close, annualised with the square root of 252 trading days, how volatile "
-    "was {t} between {d0} and {d1}?",
+    ("What is the annualised volatility of {t} over this window, computed as the sample standard deviation of "
+    "daily log returns of the closing prices times sqrt(252)?"),
+    ("Estimate {t}'s annualised volatility from the {n} closes in the table (use daily log returns, sample "
+    "standard deviation, and annualise with sqrt(252))."),
+    ("Using daily log returns of the close, annualised with the square root of 252 trading days, how volatile "
+    "was {t} between {d0} and {d1}?"),
 )
 
 
@@ -305,12 +305,12 @@ def _q_trend(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
 
 
 _CMP_T = (
-    "Which of {a} and {b} had the higher return over the window shown (first to last close), and by how many "
-    "percentage points?",
-    "Between {d0} and {d1}, did {a} or {b} perform better on a close-to-close basis? Give the gap in "
-    "percentage points.",
-    "Compare the close-to-close returns of {a} and {b} over these {n} trading days: which was higher and by "
-    "how much?",
+    ("Which of {a} and {b} had the higher return over the window shown (first to last close), and by how many "
+    "percentage points?"),
+    ("Between {d0} and {d1}, did {a} or {b} perform better on a close-to-close basis? Give the gap in "
+    "percentage points."),
+    ("Compare the close-to-close returns of {a} and {b} over these {n} trading days: which was higher and by "
+    "how much?"),
 )
 
 
@@ -330,14 +330,14 @@ def _q_cmp(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
 
 
 _RISK_T = (
-    "Classify {t}'s risk level over this window. Rule: annualised volatility (sample standard deviation of "
+    ("Classify {t}'s risk level over this window. Rule: annualised volatility (sample standard deviation of "
     "daily log returns of the close x sqrt(252)) below {a}% is low, from {a}% up to {b}% is medium, {b}% or "
-    "more is high. Answer low, medium or high.",
-    "Using annualised volatility of daily log returns (sample std x sqrt(252)) with the thresholds low < {a}% "
-    "<= medium < {b}% <= high, what risk level does {t} fall into? Answer low, medium or high.",
-    "A desk labels a ticker low risk when its annualised volatility (sample std of daily log returns x "
+    "more is high. Answer low, medium or high."),
+    ("Using annualised volatility of daily log returns (sample std x sqrt(252)) with the thresholds low < {a}% "
+    "<= medium < {b}% <= high, what risk level does {t} fall into? Answer low, medium or high."),
+    ("A desk labels a ticker low risk when its annualised volatility (sample std of daily log returns x "
     "sqrt(252)) is under {a}%, medium when it is at least {a}% but under {b}%, and high otherwise. Which label "
-    "applies to {t} for the period shown?",
+    "applies to {t} for the period shown?"),
 )
 
 

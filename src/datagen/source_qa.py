@@ -180,6 +180,10 @@ def _text(fld: str, v: Any, *, numbers_ok: bool = False, required: bool = True) 
     return s.strip() if isinstance(v, str) else s
 
 
+def _cell(x: Any) -> str:
+    return "" if _is_missing(x) else (x if isinstance(x, str) else json.dumps(x))
+
+
 def _table(v: Any) -> dict[str, Any] | None:
     if _is_missing(v) or (isinstance(v, str) and not v.strip()) or v == [] or v == {}:
         return None
@@ -197,8 +201,7 @@ def _table(v: Any) -> dict[str, Any] | None:
     for i, r in enumerate(rows):
         if len(r) != len(cols):
             raise RowError("table", "bad_table", f"row {i + 1} has {len(r)} cells, expected {len(cols)}")
-    cell = lambda x: "" if _is_missing(x) else (x if isinstance(x, str) else json.dumps(x))  # noqa: E731
-    return {"columns": [cell(c) for c in cols], "rows": [[cell(x) for x in r] for r in rows]}
+    return {"columns": [_cell(c) for c in cols], "rows": [[_cell(x) for x in r] for r in rows]}
 
 
 def _paragraphs(fld: str, v: Any) -> str:
