@@ -41,6 +41,9 @@ def test_file_level_problem_raises_naming_the_file(name):
 def test_missing_file_raises(tmp_path):
     with pytest.raises(SourceQAError, match="not found: .*nope.jsonl"):
         load_source_qa(SourceQAFile(path=tmp_path / "nope.jsonl"))
+    (tmp_path / "junk.jsonl").write_bytes(b"\x1f\x8b\x08\x00binary\n\x00\x01\n")
+    with pytest.raises(SourceQAError, match="junk.jsonl: unreadable JSONL"):
+        load_source_qa(SourceQAFile(path=tmp_path / "junk.jsonl"))
     (tmp_path / "x.txt").write_text("a")
     with pytest.raises(SourceQAError, match="x.txt.*format"):
         load_source_qa(SourceQAFile(path=tmp_path / "x.txt"))

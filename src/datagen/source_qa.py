@@ -348,6 +348,8 @@ def load_source_qa(spec: SourceQAFile, path: Path | None = None, file_label: str
     fmt = _detect_format(spec, path)
     if fmt == "jsonl":
         records = _read_jsonl(path)
+        if records and all(err is not None for _, _, err, _ in records):
+            raise SourceQAError(f"{path}: unreadable JSONL (no line is a valid JSON object)")
     else:
         header, records = _read_csv(path) if fmt == "csv" else _read_parquet(path)
         for f in ("question", "answer"):
