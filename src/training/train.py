@@ -1,0 +1,344 @@
+"""The train stage: LoRA / QLoRA supervised fine-tuning with TRL's ``SFTTrainer`` and PEFT.
+
+``train(cfg, dataset_dir) -> adapter_dir`` configures (never subclasses) ``SFTTrainer``:
+
+- GPU: 4-bit NF4 + double quantization, bf16 compute where supported (else fp16), paged 8-bit AdamW,
+  gradient checkpointing, flash attention when installed (else SDPA), Liger layer kernels when installed.
+- CPU: fp32 LoRA (bf16 is ~12x slower on this kind of CPU), NF4 on request (``train.quantization: nf4``).
+- Both: loss on assistant tokens only (``assistant_only_loss`` with the ``{% generation %}`` markers of the
+  chat template), padding-free BFD packing (``train.packing``), evaluation every ``eval_steps`` on the
+  validation split, early stopping on ``eval_loss``, the best checkpoint loaded at the end, and resume
+  from the last checkpoint of an interrupted run with the same configuration.
+
+Output folder ``cfg.paths.models_dir / cfg.train.run_name``: ``adapter_config.json`` +
+``adapter_model.safetensors``, the tokenizer with its chat template, ``log_history.json``, ``loss.png``,
+optionally ``merged/`` (the adapter merged onto the unquantized base, safetensors) and ``manifest.json``
+written last. Checkpoints live in ``<run>/checkpoints`` while training and are removed after a finished
+run unless ``train.keep_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from datagen.config import Config
+from datagen.io import (
+    atomic_write_text,
+    manifest_hash,
+    read_manifest,
+    require_stage,
+    write_json,
+    write_manifest,
+)
+from datagen.tokenizer import load_tokenizer
+from training.models import (
+    attn_implementation,
+    compact_lm_head_on_cpu,
+    compute_dtype,
+    count_parameters,
+    get_peft_config,
+    get_quantization_config,
+    load_model,
+    resolve_device,
+)
+from training.plots import plot_loss_curves
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CONFIG_STAMP = "config_hash.txt"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger_kernel",
+             "flash_attn")
+
+
+# ----------------------------------------------------------------------------- data
+def load_split(dataset_dir: str | Path, split: str) -> Dataset | None:
+    """``<dataset_dir>/<split>.parquet`` as a ``datasets.Dataset`` with only its ``messages`` column; None if absent."""
+    from datasets import Dataset
+
+    path = Path(dataset_dir) / f"{split}.parquet"
+    if not path.exists():
+        return None
+    ds = Dataset.from_parquet(str(path), keep_in_memory=True)
+    if "messages" not in ds.column_names:
+        raise ValueError(f"{path} has no 'messages' column (columns: {ds.column_names})")
+    return ds.select_columns(["messages"])
+
+
+# ----------------------------------------------------------------------------- configuration
+def logging_steps(cfg: Config) -> int:
+    return cfg.train.logging_steps or max(1, min(10, cfg.train.eval_steps // 2))
+
+
+def build_sft_config(cfg: Config, output_dir: str | Path, device: str, *, has_eval: bool) -> SFTConfig:
+    """The ``SFTConfig`` for this run: precision, optimizer and memory settings by device, the rest from ``cfg.train``."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    cuda = device.startswith("cuda")
+    half = compute_dtype(device) if cuda else None
+    save_steps = t.save_steps or t.eval_steps
+    if has_eval and save_steps % t.eval_steps:
+        raise ValueError(f"train.save_steps ({save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}) "
+                         "so that the best evaluated checkpoint exists")
+    import torch
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        run_name=t.run_name,
+        seed=t.seed,
+        data_seed=t.seed,
+        # optimisation
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        max_grad_norm=t.max_grad_norm,
+        optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        # precision and memory
+        bf16=half == torch.bfloat16,
+        fp16=half == torch.float16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # data: chat messages, loss on the assistant turns, padding-free best-fit packing
+        max_length=t.max_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        assistant_only_loss=True,
+        dataset_num_proc=None,
+        # evaluation, checkpoints, early stopping
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        # logging
+        logging_steps=logging_steps(cfg),
+        logging_first_step=True,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        disable_tqdm=False,
+    )
+
+
+class ThroughputCallback(TrainerCallback):
+    """Wall time spent inside optimizer steps (evaluation and checkpoint saving excluded)."""
+
+    def __init__(self) -> None:
+        self.step_seconds = 0.0
+        self.steps = 0
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_seconds += time.perf_counter() - self._t0
+        self.steps += 1
+
+
+def build_trainer(cfg: Config, train_ds: Dataset, eval_ds: Dataset | None, output_dir: str | Path, *,
+                  device: str | None = None, model: Any = None, tokenizer: Any = None,
+                  callbacks: list | None = None) -> SFTTrainer:
+    """An ``SFTTrainer`` with PEFT for ``cfg`` (the model and tokenizer are loaded from ``cfg.model`` unless given)."""
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    device = resolve_device(device or cfg.train.device)
+    has_eval = eval_ds is not None and len(eval_ds) > 0
+    if device == "cpu" and cfg.train.compact_lm_head:
+        compact_lm_head_on_cpu()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    model = model if model is not None else load_model(cfg, device)
+    callbacks = list(callbacks or [])
+    if has_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience,
+                                               early_stopping_threshold=cfg.train.early_stopping_threshold))
+    return SFTTrainer(
+        model=model,
+        args=build_sft_config(cfg, output_dir, device, has_eval=has_eval),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if has_eval else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(cfg.train),
+        callbacks=callbacks,
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` (one with its ``trainer_state.json``), or None."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def _prepare_checkpoints(ckpt_dir: Path, config_hash: str) -> Path | None:
+    """Checkpoint to resume from; checkpoints of a different configuration are discarded."""
+    stamp = ckpt_dir / CONFIG_STAMP
+    if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != config_hash):
+        log.warning("discarding checkpoints in %s: they belong to another configuration", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, config_hash + "\n")
+    return last_checkpoint(ckpt_dir)
+
+
+# ----------------------------------------------------------------------------- the stage
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def peak_memory(device: str) -> dict[str, int | None]:
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {"peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    m = re.search(r"checkpoint-(\d+)", checkpoint or "")
+    return int(m.group(1)) if m else None
+
+
+def merge_adapter(cfg: Config, adapter_dir: Path, target: Path, device: str = "cpu") -> Path:
+    """Merge the adapter onto the base loaded without quantization and save it (safetensors) with the tokenizer."""
+    from peft import PeftModel
+
+    base = load_model(cfg, device, quantization_config=None)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def train(cfg: Config, dataset_dir: str | Path) -> Path:
+    """Fine-tune ``cfg.model`` on ``<dataset_dir>/{train,validation}.parquet``; returns the adapter folder."""
+    import torch
+
+    dataset_dir = Path(dataset_dir)
+    out_dir = cfg.paths.models_dir / cfg.train.run_name
+    ckpt_dir = out_dir / CHECKPOINTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is being rewritten: not finished
+
+    train_ds = load_split(dataset_dir, "train")
+    if train_ds is None or len(train_ds) == 0:
+        raise FileNotFoundError(f"no training rows in {dataset_dir / 'train.parquet'}")
+    eval_ds = load_split(dataset_dir, "validation")
+    if eval_ds is None or len(eval_ds) == 0:
+        log.warning("no validation rows: training without evaluation, early stopping or best-checkpoint selection")
+        eval_ds = None
+
+    device = resolve_device(cfg.train.device)
+    config_hash = cfg.section_hash("train", "model")
+    resume = _prepare_checkpoints(ckpt_dir, config_hash + ":" + str(manifest_hash(dataset_dir)))
+    meter = ThroughputCallback()
+    t0 = time.perf_counter()
+    trainer = build_trainer(cfg, train_ds, eval_ds, ckpt_dir, device=device, callbacks=[meter])
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - t0
+    state = trainer.state
+
+    if not trainer.is_world_process_zero():
+        return out_dir
+    tokenizer = trainer.processing_class
+    trainer.model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    write_json(out_dir / "log_history.json", state.log_history)
+    best_step = _step_of(state.best_model_checkpoint)
+    plot_loss_curves(state.log_history, out_dir / "loss.png", best_step=best_step,
+                     title=f"{cfg.model.name_or_path} · {cfg.train.run_name}")
+    tokens = int(getattr(trainer, "_total_train_tokens", 0))
+    memory = peak_memory(device)
+    params = count_parameters(trainer.model)
+    del trainer
+    merged = None
+    if cfg.train.merge:
+        merged = merge_adapter(cfg, out_dir, out_dir / "merged", device)
+    if not cfg.train.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    train_losses = [r["loss"] for r in state.log_history if "loss" in r]
+    dtype = compute_dtype(device)
+    quant = get_quantization_config(cfg.train, device)
+    from datagen.prompts import load_prompt
+
+    manifest = {
+        "stage": "train",
+        "config_hash": config_hash,
+        "config": {"train": cfg.dump_public()["train"], "model": cfg.dump_public()["model"]},
+        "upstream": {"dataset": manifest_hash(dataset_dir), "dataset_dir": str(dataset_dir)},
+        "prompts": {"chat_template": load_prompt(cfg.model.chat_template).ref} if cfg.model.chat_template else {},
+        "libraries": library_versions(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "precision": "4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."),
+        "attn_implementation": attn_implementation(device, dtype),
+        "counts": {"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0},
+        "parameters": params,
+        "resumed_from": str(resume.name) if resume else None,
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": state.epoch,
+        "stopped_early": bool(eval_ds is not None and state.global_step < state.max_steps),
+        "best_eval_loss": state.best_metric,
+        "best_step": best_step,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "train_loss_mean": result.training_loss,
+        "wall_time_s": round(wall, 2),
+        "train_step_time_s": round(meter.step_seconds, 2),
+        "train_tokens": tokens,
+        "tokens_per_s": round(tokens / meter.step_seconds, 2) if meter.step_seconds > 0 else None,
+        "memory": memory,
+        "merged_dir": "merged" if merged else None,
+    }
+    write_manifest(out_dir, manifest)
+    return out_dir
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    """Stage entry point: train on the finished ``dataset`` stage; returns the written manifest."""
+    dataset_dir = cfg.paths.stage_dir("dataset")
+    require_stage(dataset_dir, "format")
+    out_dir = train(cfg, dataset_dir)
+    return read_manifest(out_dir) or {}

@@ -1,0 +1,249 @@
+"""Trainer tests on a tiny random Gemma-3 (2 layers, hidden 32) with the packaged Gemma tokenizer and template."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from datagen.config import load_config
+from datagen.io import read_manifest, write_manifest
+from datagen.tokenizer import load_tokenizer
+from training.models import get_peft_config, get_quantization_config, load_model
+from training.plots import loss_series, plot_loss_curves
+from training.train import build_sft_config, build_trainer, load_split, train
+
+SYSTEM = "You are a careful financial analyst. Answer from the context."
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        q = f"Revenue was {100 + i} and costs were {60 + i}. What is the operating profit?"
+        rows.append({"id": f"r{i}", "category": "ratio", "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": f"The operating profit is {40} (revenue {100 + i} minus costs {60 + i})."},
+        ]})
+    return rows
+
+
+def write_dataset(d: Path, n_train: int = 12, n_val: int = 4) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(_rows(n_train)).to_parquet(d / "train.parquet")
+    pd.DataFrame(_rows(n_val, offset=1000)).to_parquet(d / "validation.parquet")
+    write_manifest(d, {"stage": "format"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Gemma-3 text model saved as safetensors next to the packaged Gemma tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    d = tmp_path_factory.mktemp("tiny-gemma")
+    tok = load_tokenizer(load_config(profile="demo").model)
+    torch.manual_seed(0)
+    mc = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)
+    Gemma3ForCausalLM(mc).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_cfg(root: Path, model_dir: Path, *overrides: str):
+    return load_config(profile="tiny", root=root, overrides=[
+        f"model.name_or_path={model_dir}", "train.device=cpu", "train.max_length=128",
+        "train.per_device_batch_size=2", "train.learning_rate=0.01", "train.lora.r=4", "train.lora.alpha=8",
+        "train.lora.dropout=0.0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(load_config(profile="demo", overrides=[f"model.name_or_path={tiny_model_dir}"]).model)
+
+
+# ----------------------------------------------------------------------------- factories
+def test_quantization_config_by_device(monkeypatch):
+    cfg = load_config(profile="demo")
+    assert get_quantization_config(cfg.train.model_copy(update={"quantization": "auto"}), "cpu") is None
+    assert get_quantization_config(cfg.train.model_copy(update={"quantization": "none"}), "cuda") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    q = get_quantization_config(cfg.train.model_copy(update={"quantization": "auto"}), "cuda")
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    q = get_quantization_config(cfg.train.model_copy(update={"quantization": "auto"}), "cuda")
+    assert q.bnb_4bit_compute_dtype == torch.float16
+    q = get_quantization_config(cfg.train.model_copy(update={"quantization": "nf4"}), "cpu")
+    assert q.bnb_4bit_compute_dtype == torch.float32
+
+
+def test_peft_config_from_train_section():
+    cfg = load_config(profile="demo", overrides=["train.lora.r=8", "train.lora.alpha=16", "train.lora.dropout=0.1"])
+    p = get_peft_config(cfg.train)
+    assert (p.r, p.lora_alpha, p.lora_dropout, p.bias, p.task_type) == (8, 16, 0.1, "none", "CAUSAL_LM")
+    assert p.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    p = get_peft_config(load_config(profile="demo", overrides=["train.lora.target_modules=all-linear"]).train)
+    assert p.target_modules == "all-linear"
+
+
+def test_sft_config_on_cpu(tmp_path):
+    cfg = load_config(profile="demo", overrides=["train.eval_steps=6", "train.save_steps=12"])
+    a = build_sft_config(cfg, tmp_path, "cpu", has_eval=True)
+    assert (a.bf16, a.fp16, a.use_cpu, a.optim) == (False, False, True, "adamw_torch")
+    assert (a.assistant_only_loss, a.packing, a.packing_strategy) == (True, True, "bfd")
+    assert (a.eval_strategy, a.eval_steps, a.save_steps, a.logging_steps) == ("steps", 6, 12, 3)
+    assert (a.load_best_model_at_end, a.metric_for_best_model, a.greater_is_better) == (True, "eval_loss", False)
+    assert a.max_length == 384 and a.max_steps == 12 and a.warmup_steps == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="multiple of train.eval_steps"):
+        build_sft_config(load_config(profile="demo", overrides=["train.save_steps=5"]), tmp_path, "cpu",
+                         has_eval=True)
+
+
+def test_load_split_keeps_messages_only(tmp_path):
+    d = write_dataset(tmp_path / "ds", 3, 2)
+    ds = load_split(d, "train")
+    assert ds.column_names == ["messages"] and len(ds) == 3
+    assert ds[0]["messages"][2] == {"role": "assistant", "content": _rows(1)[0]["messages"][2]["content"]}
+    assert load_split(d, "test") is None
+
+
+# ----------------------------------------------------------------------------- masks and packing
+@pytest.mark.parametrize("packing", [False, True])
+def test_prompt_tokens_are_masked(tmp_path, tiny_model_dir, tok, packing):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, f"train.packing={str(packing).lower()}")
+    ds = load_split(write_dataset(tmp_path / "ds", 2, 0), "train")
+    trainer = build_trainer(cfg, ds, None, tmp_path / "ck", tokenizer=tok)
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    ids, labels = batch["input_ids"].flatten(), batch["labels"].flatten()
+    rows = _rows(2)
+    # only the assistant answers (with their end-of-turn) carry labels; everything else is -100
+    trained = tok.decode(ids[labels != -100])
+    answers = [r["messages"][2]["content"] + "<end_of_turn>\n" for r in rows]
+    assert sorted(trained.split("<end_of_turn>\n")[:-1]) == sorted(a.removesuffix("<end_of_turn>\n") for a in answers)
+    assert trained.count("<end_of_turn>\n") == 2
+    # per conversation: the first labelled token is the first answer token, after the whole prompt
+    prompt_ids = tok.apply_chat_template(rows[0]["messages"][:2], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+    one = trainer.train_dataset[0] if not packing else None
+    if one is not None:
+        n_prompt = len(prompt_ids) if ids[: len(prompt_ids)].tolist() == prompt_ids else None
+        assert n_prompt is not None
+        assert (torch.tensor(one["labels"][:n_prompt]) == -100).all()
+        assert one["labels"][n_prompt] == one["input_ids"][n_prompt] != -100
+        assert "attention_mask" in batch
+    else:
+        assert "position_ids" in batch and "attention_mask" not in batch  # padding-free
+        assert int((batch["position_ids"][0] == 0).sum()) == 2
+
+
+def test_packed_loss_equals_separate_sequences(tmp_path, tiny_model_dir, tok):
+    """Padding-free packing on CPU/SDPA keeps conversations apart: same loss as scoring each one alone."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.packing=true")
+    ds = load_split(write_dataset(tmp_path / "ds", 3, 0), "train")
+    trainer = build_trainer(cfg, ds, None, tmp_path / "ck", tokenizer=tok)
+    model = trainer.model.eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    assert int((batch["position_ids"][0] == 0).sum()) == 3
+    with torch.no_grad():
+        packed = trainer.compute_loss(model, dict(batch)).item()
+        nll, n = 0.0, 0
+        for row in ds:
+            enc = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            ids = torch.tensor([enc["input_ids"]])
+            labels = torch.tensor(enc["input_ids"])
+            labels[torch.tensor(enc["assistant_masks"]) == 0] = -100
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum").item()
+            n += int((labels[1:] != -100).sum())
+    assert packed == pytest.approx(nll / n, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+def test_lora_trains_and_base_is_frozen(tmp_path, tiny_model_dir, tok):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=3", "train.eval_steps=3")
+    d = write_dataset(tmp_path / "ds", 8, 2)
+    trainer = build_trainer(cfg, load_split(d, "train"), load_split(d, "validation"), tmp_path / "ck", tokenizer=tok)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and base
+    assert all(not after[n].requires_grad for n in base)
+    assert all(torch.equal(before[n], after[n]) for n in base)
+    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert any("eval_loss" in r for r in trainer.state.log_history)
+
+
+def test_nf4_on_cpu(tmp_path, tiny_model_dir, tok):
+    import bitsandbytes as bnb
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.quantization=nf4", "train.max_steps=2", "train.packing=false")
+    model = load_model(cfg, "cpu")
+    assert getattr(model, "is_loaded_in_4bit", False)
+    q = model.model.layers[0].mlp.down_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+    packed = q.weight.detach().clone()
+    d = write_dataset(tmp_path / "ds", 4, 0)
+    trainer = build_trainer(cfg, load_split(d, "train"), None, tmp_path / "ck", model=model, tokenizer=tok)
+    lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    now = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(v, now[n]) for n, v in lora_b.items())
+    assert torch.equal(packed, trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight)
+    assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
+
+
+@pytest.mark.slow
+def test_train_stage_outputs_and_resume(tmp_path, tiny_model_dir):
+    """train() writes adapter, tokenizer, plot and manifest; an interrupted run resumes from its checkpoint."""
+    from peft import PeftModel
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=4", "train.eval_steps=2",
+                   "train.keep_checkpoints=true", "train.run_name=tiny")
+    d = write_dataset(tmp_path / "ds", 16, 4)
+    out = train(cfg, d)
+    assert out == cfg.paths.models_dir / "tiny"
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
+              "loss.png", "log_history.json", "manifest.json"):
+        assert (out / f).exists(), f
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    m = read_manifest(out)
+    assert m["stage"] == "train" and m["steps"] == 4 and m["resumed_from"] is None
+    assert m["upstream"]["dataset"] and m["best_eval_loss"] == min(
+        r["eval_loss"] for r in json.loads((out / "log_history.json").read_text()) if "eval_loss" in r)
+    assert m["tokens_per_s"] > 0 and m["train_tokens"] > 0 and m["memory"]["peak_rss_bytes"] > 0
+    assert m["libraries"]["trl"] and m["config"]["train"]["max_steps"] == 4
+    assert "adapter_model.safetensors" in m["outputs"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter = PeftModel.from_pretrained(load_model(cfg, "cpu"), str(out))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapter.named_parameters())
+
+    # interrupted after the step-2 checkpoint: the rerun resumes there and finishes at step 4
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    (out / "manifest.json").unlink()
+    m2 = read_manifest(train(cfg, d))
+    assert m2["resumed_from"] == "checkpoint-2" and m2["steps"] == 4
+
+
+def test_loss_series_and_plot(tmp_path):
+    hist = [{"loss": 2.0, "step": 1}, {"loss": 1.5, "step": 2}, {"eval_loss": 1.7, "step": 2},
+            {"train_runtime": 3.0, "step": 2}]
+    assert loss_series(hist) == {"train": [(1, 2.0), (2, 1.5)], "eval": [(2, 1.7)]}
+    p = plot_loss_curves(hist, tmp_path / "loss.png", best_step=2)
+    assert p.read_bytes()[:4] == b"\x89PNG"
