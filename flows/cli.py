@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(json.dumps(cfg.dump_public(), indent=2))
         elif args.command == "run":
+            # without PREFECT_API_URL Prefect starts a temporary local server; give it time on 2 busy cores
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
             from flows.pipeline import pipeline
 
             result = pipeline(profile=args.profile, config_path=str(args.config) if args.config else None,

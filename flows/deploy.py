@@ -111,21 +111,19 @@ def run_cli(args: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(args[2:])} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
-def deploy_and_run(*, deployment: str, parameters: dict, home: Path, port: int = 0,
-                   timeout_s: float = 3600, keep_server: bool = False) -> dict:
-    """Start server and worker, deploy, run ``deployment`` with ``parameters``; return a summary."""
+@contextmanager
+def local_prefect(home: Path, port: int = 0):
+    """A local server + process pool + deployments from prefect.yaml + a worker; yields the env."""
     port = port or free_port()
     env = prefect_env(home, port)
     api_url = env["PREFECT_API_URL"]
     logs = home / "logs"
-    summary: dict = {"deployment": f"{FLOW_NAME}/{deployment}", "api_url": api_url}
     with ExitStack() as stack:
-        t0 = time.monotonic()
         server = stack.enter_context(background(
             _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), env,
             logs / "server.log", "server"))
-        summary["server_healthy_s"] = round(wait_healthy(api_url, server, logs / "server.log"), 1)
-        print(f"[deploy] server healthy at {api_url} in {summary['server_healthy_s']} s", flush=True)
+        healthy_s = wait_healthy(api_url, server, logs / "server.log")
+        print(f"[deploy] server healthy at {api_url} in {healthy_s:.1f} s", flush=True)
         r = subprocess.run(_prefect("work-pool", "create", POOL, "--type", "process"), env=env,
                            cwd=PROJECT_ROOT, capture_output=True, text=True)
         if r.returncode != 0 and "already exists" not in (r.stdout + r.stderr):
@@ -135,16 +133,24 @@ def deploy_and_run(*, deployment: str, parameters: dict, home: Path, port: int =
         print(f"[deploy] deployed prefect.yaml to pool {POOL}", flush=True)
         stack.enter_context(background(_prefect("worker", "start", "--pool", POOL, "--type", "process"),
                                        env, logs / "worker.log", "worker"))
-        print(f"[deploy] worker started; running {summary['deployment']} with {parameters}", flush=True)
-        state = _run_deployment(env, summary["deployment"], parameters, timeout_s)
-        summary.update(state)
-        summary["total_s"] = round(time.monotonic() - t0, 1)
-        if keep_server:
-            stack.pop_all()
+        print("[deploy] worker started", flush=True)
+        yield env
+
+
+def deploy_and_run(*, deployment: str, parameters: dict, home: Path, port: int = 0,
+                   timeout_s: float = 3600) -> dict:
+    """Start server and worker, deploy, run ``deployment`` with ``parameters``; return a summary."""
+    t0 = time.monotonic()
+    with local_prefect(home, port) as env:
+        name = f"{FLOW_NAME}/{deployment}"
+        print(f"[deploy] running {name} with {parameters}", flush=True)
+        summary = {"deployment": name, "api_url": env["PREFECT_API_URL"],
+                   **run_deployment_in(env, name, parameters, timeout_s)}
+    summary["total_s"] = round(time.monotonic() - t0, 1)
     return summary
 
 
-def _run_deployment(env: dict[str, str], name: str, parameters: dict, timeout_s: float) -> dict:
+def run_deployment_in(env: dict[str, str], name: str, parameters: dict, timeout_s: float) -> dict:
     """Run in a child process so this process's Prefect settings stay untouched."""
     code = (
         "import json,sys\n"

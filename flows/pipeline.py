@@ -94,6 +94,16 @@ def run_stage(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
     return get_stage(key["stage"]).run(cfg)
 
 
+def _result_storage(cfg: Config) -> LocalFileSystem:
+    """A saved LocalFileSystem block under the project's data folder (Prefect wants it server-side)."""
+    path = cfg.paths.resolve(cfg.prefect.result_storage).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    name = "finsynth-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    block = LocalFileSystem(basepath=str(path))
+    block.save(name, overwrite=True)
+    return block
+
+
 def _load(profile: str | None, config_path: str | None, overrides: list[str] | None,
           root: str | None) -> Config:
     return load_config(config_path, profile=profile, overrides=overrides,
@@ -102,8 +112,7 @@ def _load(profile: str | None, config_path: str | None, overrides: list[str] | N
 
 def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     stage = get_stage(name)
-    storage = LocalFileSystem(basepath=str(cfg.paths.resolve(cfg.prefect.result_storage)))
-    t = run_stage.with_options(result_storage=storage, refresh_cache=refresh or None)
+    t = run_stage.with_options(result_storage=_result_storage(cfg), refresh_cache=refresh or None)
     state = t(cfg, cache_inputs(cfg, stage), return_state=True)
     manifest = state.result()
     cached = state.name == "Cached"
