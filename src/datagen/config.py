@@ -147,8 +147,8 @@ class AugmentConfig(_Strict):
     max_attempts: int = Field(3, ge=1)  # per missing rephrasing
     temperature: float = Field(0.7, ge=0)
     max_tokens: int = Field(96, ge=8)
-    sim_low: float = Field(0.70, ge=-1, le=1)
-    sim_high: float = Field(0.985, ge=-1, le=1)
+    sim_low: float = Field(0.71, ge=-1, le=1)  # calibrated: scripts/calibrate_rephrase.py, docs/augment.md
+    sim_high: float = Field(0.98, ge=-1, le=1)
     near_copy_char_ratio: float = Field(0.95, gt=0, le=1)
     length_ratio: tuple[float, float] = (0.5, 2.0)
     limit: int | None = Field(None, ge=1)  # rephrase only the first N items (demo/testing)
