@@ -1,0 +1,77 @@
+"""The pipeline through a real local Prefect server and process worker, on the tiny profile.
+
+One module-scoped server + worker (PREFECT_HOME and result storage in temporary folders, so cached
+results never leak between test sessions). The first run executes every stage through the
+deployment; a second run with nothing changed executes none (all Cached); a changed augmentation
+setting with ``--only augment`` executes augmentation alone and marks downstream outputs stale.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datagen.io import STALE, read_json
+from flows.deploy import local_prefect, run_deployment_in
+from flows.stages import STAGE_NAMES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    with local_prefect(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    (root / "data").mkdir()
+    (root / "data" / "raw").symlink_to(Path(__file__).resolve().parents[1] / "data" / "raw")
+    return root
+
+
+def _cli_run(env: dict, root: Path, *args: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--root", str(root), *args],
+                       env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    return json.loads(out[out.index("{"): out.rindex("}") + 1])
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_env, project) -> dict:
+    return run_deployment_in(prefect_env, "finsynth-pipeline/pipeline",
+                             {"profile": "tiny", "root": str(project)}, timeout_s=1500)
+
+
+def test_deployment_runs_the_whole_pipeline(first_run, project):
+    assert first_run["state"] == "COMPLETED", first_run.get("message")
+    result = first_run["result"]
+    assert result["executed"] == list(STAGE_NAMES) and result["cached"] == []
+    dataset = project / "data" / "processed" / "dataset"
+    assert (dataset / "README.md").read_text().startswith("---\n")
+    assert (dataset / "train.parquet").exists() and (dataset / "test.parquet").exists()
+    adapter = project / "data" / "models" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    report = read_json(project / "data" / "reports" / "eval" / "report.json")
+    assert report  # a report with content
+    for stage in ("fetch", "augment", "dedup", "split", "dataset"):
+        assert (project / "data" / "processed" / stage / "manifest.json").exists(), stage
+
+
+def test_unchanged_rerun_executes_nothing_and_only_augment_reruns_augment(first_run, prefect_env, project):
+    assert first_run["state"] == "COMPLETED"
+    again = _cli_run(prefect_env, project)
+    assert again["executed"] == [] and again["cached"] == list(STAGE_NAMES)
+
+    only = _cli_run(prefect_env, project, "--only", "augment", "--set", "augment.temperature=0.9")
+    assert only["executed"] == ["augment"] and [s["stage"] for s in only["stages"]] == ["augment"]
+    for downstream in ("dedup", "split", "dataset"):
+        assert (project / "data" / "processed" / downstream / STALE).exists(), downstream
+    assert not (project / "data" / "processed" / "fetch" / STALE).exists()
