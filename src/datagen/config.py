@@ -187,6 +187,7 @@ class SplitConfig(_Strict):
     balance_train: bool = False
     k_range: tuple[int, int] = (2, 8)
     seed: int = 13
+    cluster_by: Literal["scenario", "kmeans"] = "scenario"  # scenario/category where given, or k-means for all
 
     @field_validator("ratios")
     @classmethod
