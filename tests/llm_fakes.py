@@ -118,17 +118,22 @@ class FaultProxy(_Base):
     """OpenAI-compatible endpoint with injected faults (see module docstring).
 
     ``rates``: probability of each fault per request. ``always``: tag -> fault applied to every
-    request of that item (``"400"`` is a non-retryable client error). ``responder(body, tag)``
-    replaces the echo when there is no upstream.
+    request of that item (``"400"`` is a non-retryable client error). ``plan``: tag -> faults for
+    that item's first requests, in order (``"ok"`` passes). ``responder(body, tag)`` replaces the
+    echo when there is no upstream; ``delay_s`` slows the echo. 429, 500, 400, hang and garbage
+    (a broken intermediary's page) never reach the upstream; a truncated body was forwarded.
     """
 
     def __init__(self, upstream: str | None = None, *, rates: dict[str, float] | None = None,
-                 always: dict[str, str] | None = None, seed: int = 0, hang_s: float = 10.0,
-                 retry_after: str = "1", responder: Callable[[dict, str], str] | None = None):
+                 always: dict[str, str] | None = None, plan: dict[str, list[str]] | None = None,
+                 seed: int = 0, hang_s: float = 10.0, retry_after: str = "1",
+                 responder: Callable[[dict, str], str] | None = None, delay_s: float = 0.0):
         super().__init__()
         self.upstream = upstream.rstrip("/") if upstream else None
         self.rates = rates or {}
         self.always = always or {}
+        self.plan = plan or {}
+        self.delay_s = delay_s
         self.rng = random.Random(seed)
         self.hang_s = hang_s
         self.retry_after = retry_after
@@ -153,11 +158,12 @@ class FaultProxy(_Base):
         if self._http is not None:
             self._http.close()
 
-    def _pick(self, tag: str) -> str:
+    def _pick(self, tag: str, n: int) -> str:  # called under self.lock
         if tag in self.always:
             return self.always[tag]
-        with self.lock:
-            r = self.rng.random()
+        if n <= len(self.plan.get(tag, ())):
+            return self.plan[tag][n - 1]
+        r = self.rng.random()
         acc = 0.0
         for kind in FAULTS:
             acc += self.rates.get(kind, 0.0)
@@ -174,6 +180,8 @@ class FaultProxy(_Base):
 
     def _upstream(self, raw: bytes, body: dict) -> tuple[int, bytes]:
         if self.upstream is None:
+            if self.delay_s:
+                time.sleep(self.delay_s)
             text = self.responder(body, item_tag(body))
             return 200, _json_bytes(echo_completion(body, text))
         r = self._http.post(self.upstream + "/v1/chat/completions", content=raw,
@@ -183,9 +191,9 @@ class FaultProxy(_Base):
     def handle_post(self, h: _Handler, raw: bytes) -> None:
         body = json.loads(raw or b"{}")
         tag = item_tag(body)
-        fault = self._pick(tag)
         with self.lock:
             self.received[tag] += 1
+            fault = self._pick(tag, self.received[tag])
             self.faults[fault] += 1
             self.times[tag].append((time.monotonic(), fault))
             self.auth.append(h.headers.get("authorization", ""))
@@ -204,12 +212,17 @@ class FaultProxy(_Base):
             time.sleep(self.hang_s)
             h.close_connection = True
             return
+        if fault == "garbage":
+            data = b"<html>502 Bad Gateway ... \x00\xff not json"
+            h.send_response(200)
+            h.send_header("content-type", "application/json")
+            h.send_header("content-length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
         status, data = self._upstream(raw, body)
         with self.lock:
             self.forwarded[tag] += 1
-        if fault == "garbage":
-            data = b"<html>502 Bad Gateway ... \x00\xff not json"
-            status = 200
         if fault == "truncate":
             h.send_response(status)
             h.send_header("content-type", "application/json")
