@@ -11,6 +11,7 @@ from datagen.rephrase import (
     attempt_temperature,
     format_input,
     format_output,
+    max_tokens_for,
     rephrase_id,
     rephrase_rows,
     split_turns,
@@ -43,6 +44,10 @@ def test_retry_attempts_use_the_retry_prompt_and_hotter_sampling():
     assert msgs[-1] == {"role": "user", "content": "Question: Q?"}
     assert len(msgs) == 7 and format_input({"question": "Q?"}, 2) == msgs
     assert [attempt_temperature(0.7, a) for a in range(4)] == [0.7, 0.9, 1.1, 1.2]
+
+
+def test_max_tokens_scale_with_the_question_in_buckets():
+    assert [max_tokens_for("x" * n, 96) for n in (0, 10, 40, 53, 54, 80, 200)] == [16, 16, 32, 48, 48, 64, 96]
 
 
 def test_question_text_cannot_open_a_turn():

@@ -101,6 +101,16 @@ def attempt_temperature(base: float, attempt: int) -> float:
     return round(min(base + 0.2 * attempt, 1.2), 3)
 
 
+def max_tokens_for(question: str, cap: int) -> int:
+    """Enough new tokens for a rephrasing up to the length-ratio bound, in buckets of 16, at most ``cap``.
+
+    A local model generates until it stops or hits the limit, and a small base model rarely stops on
+    its own, so the limit is the cost. ~0.6 tokens per character covers digit-by-digit tokenizers.
+    """
+    need = int(0.6 * len(question)) + 8
+    return max(16, min(cap, 16 * -(-need // 16)))
+
+
 def request_seed(row_id: str, slot: int, attempt: int) -> int:
     return int(hashlib.sha256(f"{row_id}|{slot}|{attempt}".encode()).hexdigest()[:8], 16)
 
@@ -162,7 +172,7 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
         res.prompts[prompt.name] = prompt.ref
         temp = attempt_temperature(temperature, attempt)
         reqs = [ChatRequest(messages=tuple(format_input(s.row, attempt)), temperature=temp,
-                            max_tokens=max_tokens, seed=request_seed(s.row["id"], s.slot, attempt), stop=STOP,
+                            max_tokens=max_tokens_for(str(s.row["question"]), max_tokens), seed=request_seed(s.row["id"], s.slot, attempt), stop=STOP,
                             key=f"{s.row['id']}#{s.slot}@{attempt}") for s in open_slots]
         results = provider.generate_batch(reqs, desc=f"rephrase attempt {attempt + 1}/{max_attempts}")
         res.requests += len(reqs)
