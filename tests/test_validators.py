@@ -74,6 +74,9 @@ def test_is_question_and_intent():
     assert is_question("What was the return?")
     assert is_question("Classify the volatility of ACME as low, medium or high.")
     assert is_question("Compute the 10-day return of ACME")
+    assert is_question("Scale the one-day VaR to a 10-day horizon with the square-root-of-time rule.")
+    assert is_question("Between 2024-05-01 and 2024-05-14, did DYNA or EONX do better? Give the gap in points.")
+    assert is_question("Using these thresholds, what risk level does DYNA fall into? Answer low, medium or high.")
     assert not is_question("The 10-day return of ACME.")
     assert not is_question("OK")
     assert check_intent("What was it?", "It was 5.").reason == "not_a_question"

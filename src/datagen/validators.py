@@ -277,8 +277,10 @@ _INTERROGATIVE = set("""
 what which who whom whose when where why how is are was were do does did can could should would will
 shall may might has have had compute calculate classify determine estimate find state list name explain
 describe identify give provide evaluate assess compare rank summarise summarize tell show predict
-select choose decide label categorize categorise
+select choose decide label categorize categorise report scale convert express annualise annualize derive
+apply answer quantify measure
 """.split())
+_OPENERS |= _INTERROGATIVE | {"rule", "hint", "context", "headline", "table", "scenario", "task", "between"}
 
 
 def _norm(text: str) -> str:
@@ -286,14 +288,17 @@ def _norm(text: str) -> str:
 
 
 def is_question(text: str) -> bool:
-    """Ends with '?' or starts with an interrogative or an imperative task verb."""
+    """Some sentence ends with '?' or starts with an interrogative or an imperative task verb."""
     t = text.strip()
     if not t:
         return False
-    if t.rstrip("\"'”’ )").endswith("?"):
-        return True
-    first = re.match(r"[A-Za-z]+", t)
-    return bool(first) and first.group(0).lower() in _INTERROGATIVE
+    for sentence in re.split(r"(?<=[.?!:;])\s+", t):
+        if sentence.rstrip("\"'”’ )").endswith("?"):
+            return True
+        first = re.match(r"[A-Za-z]+", sentence.lstrip("\"'“‘(*- "))
+        if first and first.group(0).lower() in _INTERROGATIVE:
+            return True
+    return False
 
 
 def check_intent(original: str, candidate: str) -> Verdict:
