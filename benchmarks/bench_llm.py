@@ -1,0 +1,162 @@
+"""Throughput of the ``openai`` provider against a raw async load generator on the same server.
+
+Two servers, both on 127.0.0.1:
+- ``llamacpp``: llama-cpp-python's server with the packaged Gemma-3-270M GGUF (the real peer; it
+  answers one request at a time, so this measures whether the provider keeps it busy);
+- ``echo``: an instant OpenAI-compatible echo endpoint in a separate process (no model): this
+  exposes the provider's own per-request overhead (cache look-up and write, accounting, progress).
+
+For each, the same requests are sent by (a) ``AsyncOpenAI`` + an ``asyncio.Semaphore`` of the same
+concurrency, and (b) ``provider.generate_batch`` with a fresh cache, alternating a/b/b/a per round;
+``ratio`` = provider throughput / raw throughput (goal >= 0.95). Then the provider's batch is rerun
+fully cached and timed.
+
+    .venv/bin/python benchmarks/bench_llm.py            # writes benchmarks/results/llm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from datagen.config import ProviderConfig  # noqa: E402
+from datagen.llm import ChatRequest, make_provider, open_cache  # noqa: E402
+from datagen.llm.llamacpp_server import LlamaCppServer, llama_cpp_available  # noqa: E402
+
+ECHO_SERVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from llm_fakes import FaultProxy
+with FaultProxy() as p:
+    print(p.port, flush=True)
+    while True:
+        time.sleep(3600)
+"""
+
+
+def requests_for(n: int, max_tokens: int, tag: str) -> list[ChatRequest]:
+    return [ChatRequest(messages=[{"role": "user", "content": f"Name one finance term. [item {tag}{i}]"}],
+                        max_tokens=max_tokens) for i in range(n)]
+
+
+async def raw_run(base_url: str, model: str, reqs: list[ChatRequest], concurrency: int) -> list[str]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(r: ChatRequest) -> str:
+        async with sem:
+            resp = await client.chat.completions.create(model=model, messages=list(r.messages),
+                                                        max_tokens=r.max_tokens, temperature=r.temperature)
+            return resp.choices[0].message.content
+
+    try:
+        return await asyncio.gather(*(one(r) for r in reqs))
+    finally:
+        await client.close()
+
+
+def bench_server(base_url: str, model: str, *, n: int, concurrency: int, max_tokens: int,
+                 rounds: int, workdir: Path) -> dict:
+    pcfg = ProviderConfig(kind="openai", model=model, base_url=base_url, concurrency=concurrency,
+                          timeout_s=120)
+    raw_s, prov_s = [], []
+    # warm-up (server prompt path, client imports)
+    asyncio.run(raw_run(base_url, model, requests_for(2, max_tokens, "w"), concurrency))
+    last = None
+    for r in range(rounds):
+        order = ("raw", "prov", "prov", "raw") if r % 2 == 0 else ("prov", "raw", "raw", "prov")
+        for k, which in enumerate(order[:2]):
+            reqs = requests_for(n, max_tokens, f"r{r}")
+            if which == "raw":
+                t = time.perf_counter()
+                texts = asyncio.run(raw_run(base_url, model, reqs, concurrency))
+                raw_s.append(time.perf_counter() - t)
+                assert all(isinstance(x, str) for x in texts)
+            else:
+                cache = open_cache(workdir / f"cache-{base_url.split(':')[-1].split('/')[0]}-{r}-{k}.sqlite")
+                prov = make_provider("bench", pcfg, cache)
+                t = time.perf_counter()
+                out = prov.generate_batch(reqs, desc="bench")
+                prov_s.append(time.perf_counter() - t)
+                assert all(x.ok for x in out), [x.error for x in out if not x.ok][:3]
+                last = (prov, reqs)
+    prov, reqs = last
+    t = time.perf_counter()
+    cached = prov.generate_batch(reqs, desc="cached")
+    cached_s = time.perf_counter() - t
+    assert all(x.cached for x in cached)
+    raw_rps = n * len(raw_s) / sum(raw_s)
+    prov_rps = n * len(prov_s) / sum(prov_s)
+    return {
+        "requests_per_run": n, "concurrency": concurrency, "max_tokens": max_tokens,
+        "runs_each": len(raw_s),
+        "raw_s": [round(x, 3) for x in raw_s], "provider_s": [round(x, 3) for x in prov_s],
+        "raw_req_per_s": round(raw_rps, 2), "provider_req_per_s": round(prov_rps, 2),
+        "ratio": round(prov_rps / raw_rps, 3),
+        "ratio_median_runs": round(statistics.median(raw_s) / statistics.median(prov_s), 3),
+        "cached_rerun_s": round(cached_s, 4),
+        "cached_rerun_speedup": round(statistics.median(prov_s) / cached_s, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--echo-n", type=int, default=400)
+    ap.add_argument("--echo-concurrency", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    result: dict = {"machine": f"{os.cpu_count()} cores, {platform.machine()}, shared with other jobs",
+                    "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(ROOT / "tests")],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(echo.stdout.readline())
+            result["echo"] = bench_server(f"http://127.0.0.1:{port}/v1", "echo", n=args.echo_n,
+                                          concurrency=args.echo_concurrency, max_tokens=8,
+                                          rounds=args.rounds, workdir=work)
+        finally:
+            echo.kill()
+            echo.wait()
+        print("echo", json.dumps(result["echo"]), flush=True)
+        if llama_cpp_available():
+            import llama_cpp
+
+            with LlamaCppServer(log_path=work / "server.log") as srv:
+                result["llamacpp"] = bench_server(srv.base_url, srv.model, n=args.n,
+                                                  concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                                  rounds=args.rounds, workdir=work)
+                result["llamacpp"]["server"] = f"llama-cpp-python {llama_cpp.__version__} server, Gemma-3-270M Q4_K_M"
+            print("llamacpp", json.dumps(result["llamacpp"]), flush=True)
+        else:
+            result["llamacpp"] = {"skipped": "llama-cpp-python[server] not installed"}
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
