@@ -53,9 +53,9 @@ def test_openai_provider_plain_and_json_object(llama_server, tmp_path):
     from openai import OpenAI
 
     p = provider(llama_server.base_url, tmp_path / "c.sqlite", concurrency=2)
+    yes_no = [{"role": "user", "content": 'Is 2 > 1? Answer as {"ok": true/false}.'}]
     out = p.generate_batch([ask(0, max_tokens=3), ask(1, max_tokens=3),
-                            ChatRequest(messages=[{"role": "user", "content": 'Is 2 > 1? Answer as {"ok": true/false}.'}],
-                                        schema=YesNo, max_tokens=16)])
+                            ChatRequest(messages=yes_no, schema=YesNo, max_tokens=16)])
     assert all(r.ok for r in out), [r.error for r in out]
     raw = OpenAI(base_url=llama_server.base_url, api_key="x").chat.completions.create(
         model="gemma3-270m", messages=list(ask(0).messages), max_tokens=3, temperature=0.0)

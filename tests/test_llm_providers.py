@@ -298,3 +298,29 @@ def test_local_rounds_schema_feedback_and_chunking(tmp_path, monkeypatch):
     assert sorted(i for c in calls[3:] for i, n in c) == [2, 3] and all(n == 4 for c in calls[3:] for _, n in c)
     assert p.usage.as_dict() == {"calls": 7, "cache_hits": 0, "retries": 0, "failures": 1, "schema_retries": 2,
                                  "prompt_tokens": 28, "completion_tokens": 27}
+
+
+def test_key_from_prefect_secret_block(monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from datagen.llm.keys import resolve_api_key
+
+    loaded = []
+
+    def fake_load(name, *a, **kw):
+        loaded.append(name)
+        if name != "openai-key":
+            raise ValueError("no such block")
+        return Secret(value=FAKE_KEY)
+
+    monkeypatch.setattr(Secret, "load", fake_load)
+    monkeypatch.delenv("FINSYNTH_TEST_KEY", raising=False)
+    cfg = ProviderConfig(kind="openai", model="m", api_key_env="FINSYNTH_TEST_KEY",
+                         api_key_secret_block="openai-key")
+    assert resolve_api_key("api", cfg) == FAKE_KEY  # env var unset: falls back to the block
+    monkeypatch.setenv("FINSYNTH_TEST_KEY", "sk-from-env")
+    assert resolve_api_key("api", cfg) == "sk-from-env" and loaded == ["openai-key"]
+    with pytest.raises(MissingKeyError, match="cannot load Prefect Secret block 'missing'") as e:
+        resolve_api_key("api", ProviderConfig(kind="openai", model="m", api_key_secret_block="missing"))
+    assert e.value.__cause__ is None
+    assert resolve_api_key("api", ProviderConfig(kind="openai", model="m")) is None

@@ -20,6 +20,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -309,6 +310,8 @@ class AsyncProvider(BaseProvider):
         super().__init__(name, cfg, cache)
         self.limiter = RateLimiter(cfg.rpm)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_pid = 0
         self._loop_lock = threading.Lock()
         self._sem: asyncio.Semaphore | None = None
         self._client: Any = None
@@ -326,21 +329,25 @@ class AsyncProvider(BaseProvider):
     # ------------------------------------------------------------------ loop plumbing
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
-            if self._loop is None or self._loop.is_closed():
+            alive = (self._loop is not None and not self._loop.is_closed() and self._loop_pid == os.getpid()
+                     and self._loop_thread is not None and self._loop_thread.is_alive())
+            if not alive:  # first use, or a forked child that inherited a dead loop thread
                 loop = asyncio.new_event_loop()
                 t = threading.Thread(target=loop.run_forever, name=f"llm-{self.name}", daemon=True)
                 t.start()
-                self._loop = loop
+                self._loop, self._loop_thread, self._loop_pid = loop, t, os.getpid()
+                self._sem, self._client = None, None  # both belong to a loop
             return self._loop
 
     def _run_batch(self, items, done) -> None:
         loop = self._ensure_loop()
-
-        def done_threadsafe(i: int, key: str, res: LLMResult) -> None:
-            done(i, key, res)  # runs in the loop thread; ``done`` only touches its own slot
-
-        fut = asyncio.run_coroutine_threadsafe(self._abatch(items, done_threadsafe), loop)
-        fut.result()
+        # ``done`` runs in the loop thread; it only touches its own item's slot
+        fut = asyncio.run_coroutine_threadsafe(self._abatch(items, done), loop)
+        try:
+            fut.result()
+        except BaseException:  # e.g. KeyboardInterrupt in the caller: stop the batch's calls too
+            fut.cancel()
+            raise
 
     async def _abatch(self, items, done) -> None:
         if self._sem is None:
