@@ -99,7 +99,7 @@ def test_sft_config_on_cpu(tmp_path):
     cfg = load_config(profile="demo", overrides=["train.eval_steps=6", "train.save_steps=12"])
     a = build_sft_config(cfg, tmp_path, "cpu", has_eval=True)
     assert (a.bf16, a.fp16, a.use_cpu, a.optim) == (False, False, True, "adamw_torch")
-    assert (a.assistant_only_loss, a.packing, a.packing_strategy) == (True, True, "bfd")
+    assert (a.packing, a.packing_strategy) == (True, "bfd")
     assert (a.eval_strategy, a.eval_steps, a.save_steps, a.logging_steps) == ("steps", 6, 12, 3)
     assert (a.load_best_model_at_end, a.metric_for_best_model, a.greater_is_better) == (True, "eval_loss", False)
     assert a.max_length == 384 and a.max_steps == 12 and a.warmup_steps == pytest.approx(0.03)
@@ -117,6 +117,7 @@ def test_load_split_keeps_messages_only(tmp_path):
 
 
 # ----------------------------------------------------------------------------- masks and packing
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_prompt_tokens_are_masked(tmp_path, tiny_model_dir, tok, packing):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, f"train.packing={str(packing).lower()}")
@@ -146,6 +147,7 @@ def test_prompt_tokens_are_masked(tmp_path, tiny_model_dir, tok, packing):
         assert int((batch["position_ids"][0] == 0).sum()) == 2
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_separate_sequences(tmp_path, tiny_model_dir, tok):
     """Padding-free packing on CPU/SDPA keeps conversations apart: same loss as scoring each one alone."""
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.packing=true")
@@ -170,6 +172,7 @@ def test_packed_loss_equals_separate_sequences(tmp_path, tiny_model_dir, tok):
 
 
 # ----------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_lora_trains_and_base_is_frozen(tmp_path, tiny_model_dir, tok):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=3", "train.eval_steps=3")
     d = write_dataset(tmp_path / "ds", 8, 2)
@@ -188,6 +191,7 @@ def test_lora_trains_and_base_is_frozen(tmp_path, tiny_model_dir, tok):
     assert any("eval_loss" in r for r in trainer.state.log_history)
 
 
+@pytest.mark.slow
 def test_nf4_on_cpu(tmp_path, tiny_model_dir, tok):
     import bitsandbytes as bnb
 

@@ -5,8 +5,9 @@
 - GPU: 4-bit NF4 + double quantization, bf16 compute where supported (else fp16), paged 8-bit AdamW,
   gradient checkpointing, flash attention when installed (else SDPA), Liger layer kernels when installed.
 - CPU: fp32 LoRA (bf16 is ~12x slower on this kind of CPU), NF4 on request (``train.quantization: nf4``).
-- Both: loss on assistant tokens only (``assistant_only_loss`` with the ``{% generation %}`` markers of the
-  chat template), padding-free BFD packing (``train.packing``), evaluation every ``eval_steps`` on the
+- Both: loss on assistant tokens only (the assistant mask from the ``{% generation %}`` markers of the chat
+  template, computed as TRL's ``assistant_only_loss`` does; see :func:`tokenize_conversations`), padding-free
+  BFD packing (``train.packing``), evaluation every ``eval_steps`` on the
   validation split, early stopping on ``eval_loss``, the best checkpoint loaded at the end, and resume
   from the last checkpoint of an interrupted run with the same configuration.
 
@@ -77,13 +78,43 @@ def load_split(dataset_dir: str | Path, split: str) -> Dataset | None:
     return ds.select_columns(["messages"])
 
 
+def tokenize_conversations(ds: Dataset, tokenizer: Any, *, desc: str = "tokenizing") -> Dataset:
+    """``messages`` -> ``input_ids`` + ``assistant_masks`` (1 on assistant tokens), as TRL's own tokenization does.
+
+    Done here rather than inside ``SFTTrainer`` because ``datasets`` fingerprints every ``map`` by pickling
+    its arguments, and pickling a 262k-vocabulary tokenizer costs ~30 s per split on this machine. TRL
+    builds the labels (-100 outside the assistant mask), truncates and packs the pre-tokenized rows.
+    The template must have ``{% generation %}`` markers; one without (an instruct model's own) is
+    swapped for TRL's training variant when TRL knows it, as ``assistant_only_loss=True`` would.
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = None
+    if not has_generation_markers(tokenizer.chat_template):
+        template = get_training_chat_template(tokenizer)
+        if template is None:
+            raise ValueError("the chat template has no {% generation %} markers and TRL has no training variant "
+                             "for it: set model.chat_template to a template with markers")
+    ids, masks = [], []
+    for i, messages in enumerate(tqdm(ds["messages"], desc=desc, disable=len(ds) < 500)):
+        enc = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        if 1 not in enc["assistant_masks"]:
+            raise ValueError(f"row {i} has no assistant tokens: the chat template marks no assistant turn")
+        ids.append(list(enc["input_ids"]))
+        masks.append(list(enc["assistant_masks"]))
+    return Dataset.from_dict({"input_ids": ids, "assistant_masks": masks})
+
+
 # ----------------------------------------------------------------------------- configuration
 def logging_steps(cfg: Config) -> int:
     return cfg.train.logging_steps or max(1, min(10, cfg.train.eval_steps // 2))
 
 
 def build_sft_config(cfg: Config, output_dir: str | Path, device: str, *, has_eval: bool) -> SFTConfig:
-    """The ``SFTConfig`` for this run: precision, optimizer and memory settings by device, the rest from ``cfg.train``."""
+    """The ``SFTConfig`` of a run: precision, optimizer and memory by device, the rest from ``cfg.train``."""
     from trl import SFTConfig
 
     t = cfg.train
@@ -121,7 +152,9 @@ def build_sft_config(cfg: Config, output_dir: str | Path, device: str, *, has_ev
         max_length=t.max_length,
         packing=t.packing,
         packing_strategy="bfd",
-        assistant_only_loss=True,
+        # loss on assistant tokens only: the rows arrive pre-tokenized with their assistant masks (see
+        # tokenize_conversations), from which TRL builds the labels; TRL's own flag only applies to raw messages
+        assistant_only_loss=False,
         dataset_num_proc=None,
         # evaluation, checkpoints, early stopping
         eval_strategy="steps" if has_eval else "no",
@@ -173,6 +206,10 @@ def build_trainer(cfg: Config, train_ds: Dataset, eval_ds: Dataset | None, outpu
     if has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience,
                                                early_stopping_threshold=cfg.train.early_stopping_threshold))
+    if "messages" in train_ds.column_names:
+        train_ds = tokenize_conversations(train_ds, tokenizer, desc="tokenizing train")
+    if has_eval and "messages" in eval_ds.column_names:
+        eval_ds = tokenize_conversations(eval_ds, tokenizer, desc="tokenizing validation")
     return SFTTrainer(
         model=model,
         args=build_sft_config(cfg, output_dir, device, has_eval=has_eval),
