@@ -179,6 +179,9 @@ class DedupConfig(_Strict):
     nlist: int | None = Field(None, ge=1)  # partitioned: k-means cells (default ~4*sqrt(n))
     nprobe: int = Field(16, ge=1)  # partitioned: cells searched per query
     context_chars: int = Field(200, ge=0)  # chars of context added to the question for embedding
+    # cross-group near duplicates must also share their figures: Jaccard of the numbers in question +
+    # context >= this (embeddings are blind to numbers: one template over other data is not a duplicate)
+    min_number_overlap: float = Field(0.8, ge=0, le=1)
 
 
 class SplitConfig(_Strict):
