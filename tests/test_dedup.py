@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from datagen.dedup import (Pairs, dedup_rows, exact_key, normalise_text, pairs_exact, pairs_partitioned,
-                           run_dedup)
+from datagen.dedup import (Pairs, dedup_rows, exact_key, normalise_text, number_overlap, numbers, pairs_exact,
+                           pairs_partitioned, run_dedup)
 from datagen.embed import sample_text
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
 
@@ -94,6 +94,27 @@ def test_dedup_constructed_set_exact_outcome(method):
     assert [r["id"] for r in res.kept] == ["a1", "a1-r1", "d1", "e1", "f1", "h1"]
     assert res.counts == {"exact_duplicate": 1, "near_duplicate": 2, "within_group_near_copy": 1}
     assert res.method == method
+
+
+def test_numbers_and_overlap():
+    row = _row("n", "g", "Loss on 3,559,000 USD at 1.50%?", "PD 1.50%, LGD 40%, EAD 3,559,000 USD.")
+    assert numbers(row) == frozenset({"3559000", "1.5", "40"})
+    assert number_overlap(frozenset({"1", "2"}), frozenset({"2", "3"})) == 1 / 3
+    assert number_overlap(frozenset(), frozenset()) == 1.0
+
+
+def test_same_template_other_figures_is_not_a_duplicate():
+    """Embeddings barely see numbers: the same question over other data must survive."""
+    q = "What is the one-year expected loss on the loan?"
+    rows = [_row("p1", "g1", q, "PD 3.00%, LGD 35%, EAD 4,937,000 USD."),
+            _row("p2", "g2", q, "PD 1.50%, LGD 40%, EAD 3,559,000 USD."),
+            _row("p3", "g3", q + " ", "PD 3.00%, LGD 35%, EAD 4,937,000 USD (term loan).")]
+    vecs = np.stack([_e(0), _mix(0.999, 0, 1), _mix(0.995, 0, 2)])
+    res = dedup_rows(rows, vecs, 0.92, 0.985, method="exact", min_number_overlap=0.8)
+    # p3 keeps: richer context
+    assert [(d["dropped_id"], d["kept_id"], d["reason"]) for d in res.drops] == [("p1", "p3", "near_duplicate")]
+    res = dedup_rows(rows, vecs, 0.92, 0.985, method="exact", min_number_overlap=0.0)
+    assert [d["dropped_id"] for d in res.drops] == ["p1", "p2"]
 
 
 def test_no_cross_group_pair_above_threshold_survives():

@@ -150,7 +150,16 @@ def test_leakage_check_exact_values():
     res = leakage_check({"train": a, "validation": b, "test": c}, threshold=0.75)
     assert res["by_split_pair"] == {"train|validation": 0.8, "test|train": 0.0, "test|validation": 0.0}
     assert res["max_cross_split_cosine"] == 0.8
-    assert res["cross_split_pairs_above_threshold"] == 1
+    assert res["cross_split_pairs_above_threshold"] == 1 and res["cross_split_duplicates"] == 1
+
+
+def test_leakage_check_separates_duplicates_from_same_template_other_figures():
+    v = np.array([[1, 0, 0]], np.float32)
+    mk = lambda i, ctx: {"id": i, "question": "Expected loss?", "context": {"text": ctx, "table": None}}  # noqa
+    rows = {"train": [mk("a", "PD 3%, LGD 35%")], "validation": [mk("b", "PD 1%, LGD 40%")],
+            "test": [mk("c", "PD 3%, LGD 35%")]}
+    res = leakage_check({"train": v, "validation": v, "test": v}, 0.9, rows=rows, min_number_overlap=0.8)
+    assert res["cross_split_pairs_above_threshold"] == 3 and res["cross_split_duplicates"] == 1
 
 
 def test_run_split_stage_files(demo_cfg):
@@ -163,7 +172,7 @@ def test_run_split_stage_files(demo_cfg):
     n = {s: len(read_jsonl(out / f"{s}.jsonl")) for s in SPLITS}
     assert n == {s: m["counts"][s] for s in SPLITS}
     assert sum(n.values()) + m["counts"]["dropped_by_reason"]["test_rephrase"] == len(rows)
-    assert m["leakage"]["cross_split_pairs_above_threshold"] == 0
+    assert m["leakage"]["cross_split_pairs_above_threshold"] == 0 == m["leakage"]["cross_split_duplicates"]
     assert m["leakage"]["max_cross_split_cosine"] < 0.6
     cl = read_json(out / "clusters.json")
     assert [c["name"] for c in cl["clusters"]] == sorted(CATS)

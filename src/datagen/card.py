@@ -157,8 +157,9 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     leak = _get(split, "leakage", default={}) or {}
     lines += [f"Leakage check: largest cross-split cosine {leak.get('max_cross_split_cosine', NA)}; "
               f"cross-split pairs with cosine >= {leak.get('threshold', NA)}: "
-              f"{leak.get('cross_split_pairs_above_threshold', NA)}; groups in two splits: "
-              f"{leak.get('groups_in_two_splits', NA)}.", ""]
+              f"{leak.get('cross_split_pairs_above_threshold', NA)}, of which duplicates (same figures, "
+              f"overlap >= {leak.get('min_number_overlap', NA)}): {leak.get('cross_split_duplicates', NA)}; "
+              f"groups in two splits: {leak.get('groups_in_two_splits', NA)}.", ""]
 
     # tokens
     lines += ["## Token lengths", ""]

@@ -3,7 +3,8 @@
 Rules (``cfg.dedup``):
 
 - **exact duplicates**: rows whose normalised question + context are identical (any groups);
-- **near duplicates across groups**: cosine >= ``threshold`` between rows of *different* groups;
+- **near duplicates across groups**: cosine >= ``threshold`` between rows of *different* groups that
+  also share their figures (Jaccard of the numbers >= ``min_number_overlap``);
 - **near-copies within a group**: cosine >= ``within_group_threshold`` between rows of one group
   (distinct rephrasings of one item are meant to be similar and are kept below that).
 
@@ -11,7 +12,7 @@ Pairs are merged with union-find (see :func:`dedup_rows`); each cluster keeps on
 policy (originals over rephrasings, then richer context, then lowest id). Every drop is
 written to ``drops.jsonl`` with the kept id, the dropped row's cosine to the keeper and the reason
 (``exact_duplicate`` | ``near_duplicate`` | ``within_group_near_copy``), and counted in the manifest.
-After dedup no two rows of different groups have cosine >= ``threshold``.
+After dedup no two rows of different groups are near duplicates.
 
 Pair search: an exact blocked matrix product (torch) up to ``partition_min_rows`` rows; above it a
 partitioned search (faiss IVF: k-means cells, then pairs within the ``nprobe`` nearest cells of each
@@ -53,6 +54,25 @@ def normalise_text(text: str) -> str:
 
 def exact_key(row: dict[str, Any]) -> str:
     return normalise_text(row["question"]) + "\n" + normalise_text(render_context(row.get("context")))
+
+
+_NUM = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def numbers(row: dict[str, Any]) -> frozenset[str]:
+    """The figures in a row's question and context (``3,559,000`` -> ``3559000``; ``1.50`` -> ``1.5``)."""
+    out = set()
+    for m in _NUM.findall(row["question"] + "\n" + render_context(row.get("context"))):
+        t = m.replace(",", "")
+        if "." in t:
+            t = t.rstrip("0").rstrip(".")
+        out.add(t.lstrip("0") or "0")
+    return frozenset(out)
+
+
+def number_overlap(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard of two figure sets (1.0 when neither has any)."""
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 # ----------------------------------------------------------------------------- pair search
@@ -191,13 +211,16 @@ class DedupResult:
 
 def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, within_group_threshold: float,
                method: str = "auto", partition_min_rows: int = 50_000, nlist: int | None = None,
-               nprobe: int = 16) -> DedupResult:
+               nprobe: int = 16, min_number_overlap: float = 0.0) -> DedupResult:
     """Deduplicate ``rows`` (``vecs`` are their L2-normalised embeddings, same order).
 
     1. Across groups: union-find over exact-duplicate pairs and cross-group pairs with cosine >=
-       ``threshold``. Each cluster keeps the best row by :func:`keeper_rank` and, with it, the other
+       ``threshold`` whose figures overlap (:func:`number_overlap` >= ``min_number_overlap``: sentence
+       embeddings barely see numbers, so one question template over other data would otherwise look
+       like a duplicate). Each cluster keeps the best row by :func:`keeper_rank` and, with it, the other
        members of the keeper's group; members of other groups are dropped. So a duplicated item's
-       distinct rephrasings survive with it, and no two surviving rows of different groups are similar.
+       distinct rephrasings survive with it, and no two surviving rows of different groups are
+       duplicates (similar and sharing their figures).
     2. Within each group: union-find over the surviving rows' exact copies and pairs with cosine >=
        ``within_group_threshold``; one keeper per cluster by the same policy.
     """
@@ -210,6 +233,14 @@ def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, w
         same = groups[pairs.i] == groups[pairs.j]
         cross = (~same) & (pairs.sim >= threshold)
         within = same & (pairs.sim >= within_group_threshold)
+        if min_number_overlap > 0 and cross.any():
+            nums: dict[int, frozenset[str]] = {}
+            for k in np.flatnonzero(cross).tolist():
+                a, b = int(pairs.i[k]), int(pairs.j[k])
+                na = nums.setdefault(a, numbers(rows[a]))
+                nb = nums.setdefault(b, numbers(rows[b]))
+                if number_overlap(na, nb) < min_number_overlap:
+                    cross[k] = False
     else:
         cross = within = np.zeros(0, bool)
     by_key: dict[str, list[int]] = {}
@@ -281,7 +312,8 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = dedup_rows(rows, vecs, cfg.dedup.threshold, cfg.dedup.within_group_threshold, cfg.dedup.method,
-                     cfg.dedup.partition_min_rows, cfg.dedup.nlist, cfg.dedup.nprobe)
+                     cfg.dedup.partition_min_rows, cfg.dedup.nlist, cfg.dedup.nprobe,
+                     cfg.dedup.min_number_overlap)
     t_pairs = time.perf_counter() - t0
     out = cfg.paths.stage_dir("dedup")
     write_jsonl(out / "samples.jsonl", res.kept)
@@ -295,6 +327,7 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
         "embedder": {"name": embedder.name, **getattr(embedder, "stats", {})},
         "threshold": cfg.dedup.threshold,
         "within_group_threshold": cfg.dedup.within_group_threshold,
+        "min_number_overlap": cfg.dedup.min_number_overlap,
         "method": res.method,
         "counts": {"in": len(rows), "kept": len(res.kept), "dropped": len(res.drops),
                    "edges": res.pairs,

@@ -9,8 +9,10 @@
   ``test_rephrase``); groups without an original never go to test.
 - ``balance_train``: each cluster's training rows are capped at the median cluster size (originals
   kept first; reason ``balance_train``).
-- Leakage check: the largest cosine between rows of different splits, and the number of cross-split
-  pairs with cosine >= ``dedup.threshold`` (0 after dedup, since splits never share a group).
+- Leakage check: the largest cosine between rows of different splits, the number of cross-split
+  pairs with cosine >= ``dedup.threshold``, and how many of those are duplicates by dedup's rule
+  (figures shared too): 0 after dedup. Similar pairs with other figures (one question template over
+  other data) are legitimate and reported, not removed.
 
 Outputs in ``stage_dir("split")``: ``train.jsonl``, ``validation.jsonl``, ``test.jsonl`` (each row
 carries ``metadata["cluster"]``), ``clusters.json``, ``drops.jsonl``, ``manifest.json``.
@@ -28,7 +30,7 @@ import numpy as np
 
 from datagen.cluster import assign_clusters
 from datagen.config import Config
-from datagen.dedup import similar_pairs
+from datagen.dedup import number_overlap, numbers, similar_pairs
 from datagen.embed import Embedder, load_embedder, sample_text
 from datagen.io import manifest_hash, read_jsonl, require_stage, write_json, write_jsonl, write_manifest
 
@@ -83,8 +85,11 @@ def _balance(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]
 
 
 def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "auto",
-                  partition_min_rows: int = 50_000) -> dict[str, Any]:
-    """Largest cross-split cosine (exact, faiss flat search) and cross-split pairs >= threshold."""
+                  partition_min_rows: int = 50_000, rows: dict[str, list[dict[str, Any]]] | None = None,
+                  min_number_overlap: float = 0.0) -> dict[str, Any]:
+    """Largest cross-split cosine (exact, faiss flat search), cross-split pairs with cosine >= threshold,
+    and of those the duplicates by dedup's rule (figures overlap >= ``min_number_overlap``; needs ``rows``).
+    After dedup the duplicates count is 0; similar pairs that differ in their figures may remain."""
     import faiss
 
     names = [s for s in SPLITS if len(vecs.get(s, ())) > 0]
@@ -97,15 +102,23 @@ def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "
             index.add(np.ascontiguousarray(vecs[b], dtype=np.float32))
             d, _ = index.search(np.ascontiguousarray(vecs[a], dtype=np.float32), 1)
             max_cos[f"{a}|{b}"] = round(float(d.max()), 6)
+    above = dups = 0
     if names:
         allv = np.concatenate([vecs[s] for s in names])
         label = np.concatenate([np.full(len(vecs[s]), i) for i, s in enumerate(names)])
         pairs, _ = similar_pairs(allv, threshold, method, partition_min_rows)
-        above = int((label[pairs.i] != label[pairs.j]).sum()) if len(pairs) else 0
-    else:
-        above = 0
+        if len(pairs):
+            cross = np.flatnonzero(label[pairs.i] != label[pairs.j])
+            above = len(cross)
+            if rows is not None:
+                flat = [r for s in names for r in rows[s]]
+                dups = sum(number_overlap(numbers(flat[pairs.i[k]]), numbers(flat[pairs.j[k]]))
+                           >= min_number_overlap for k in cross.tolist())
+            else:
+                dups = above
     return {"max_cross_split_cosine": max(max_cos.values(), default=None), "by_split_pair": max_cos,
-            "threshold": threshold, "cross_split_pairs_above_threshold": above}
+            "threshold": threshold, "cross_split_pairs_above_threshold": above,
+            "min_number_overlap": min_number_overlap, "cross_split_duplicates": dups}
 
 
 def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dict[str, Any]:
@@ -139,7 +152,7 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
         splits[s] = [splits[s][k] for k in order]
         index[s] = [index[s][k] for k in order]
     leak = leakage_check({s: vecs[index[s]] for s in SPLITS}, cfg.dedup.threshold, cfg.dedup.method,
-                         cfg.dedup.partition_min_rows)
+                         cfg.dedup.partition_min_rows, splits, cfg.dedup.min_number_overlap)
     groups_in = {s: {r["group_id"] for r in splits[s]} for s in SPLITS}
     leak["groups_in_two_splits"] = sum(len(groups_in[a] & groups_in[b]) for a in SPLITS for b in SPLITS if a < b)
     names = sorted({r["metadata"]["cluster"] for r in rows})
