@@ -35,13 +35,18 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             for m in (*MODELS, "diff"):
                 s = entry[m]
                 row[f"{m}_mean"] = _r(s["mean"])
-                row[f"{m}_mean_ci"] = [_r(x) for x in s["mean_ci"]] if s["mean_ci"] else None
+                row[f"{m}_mean_lo"], row[f"{m}_mean_hi"] = [_r(x) for x in (s["mean_ci"] or (None, None))]
                 row[f"{m}_pass"] = _r(s["pass_rate"])
-                row[f"{m}_pass_ci"] = [_r(x) for x in s["pass_ci"]] if s["pass_ci"] else None
+                row[f"{m}_pass_lo"], row[f"{m}_pass_hi"] = [_r(x) for x in (s["pass_ci"] or (None, None))]
             row["rests_on_judge"] = "judge" in grader
             row["judge_unreliable"] = bool(unreliable and "judge" in grader)
             rows.append(row)
     return rows
+
+
+def _ci(row: dict[str, Any], key: str) -> list[float] | None:
+    lo, hi = row[f"{key}_lo"], row[f"{key}_hi"]
+    return None if lo is None else [lo, hi]
 
 
 def _fmt(mean: float | None, ci: list[float] | None, signed: bool = False) -> str:
@@ -59,10 +64,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         grader = r["grader"] + (" (!)" if r["judge_unreliable"] else "")
         lines.append(
             f"| {r['split']} | {r['category']} | {grader} | {r['n']} | "
-            f"{_fmt(r['base_mean'], r['base_mean_ci'])} | {_fmt(r['tuned_mean'], r['tuned_mean_ci'])} | "
-            f"{_fmt(r['diff_mean'], r['diff_mean_ci'], signed=True)} | "
+            f"{_fmt(r['base_mean'], _ci(r, 'base_mean'))} | {_fmt(r['tuned_mean'], _ci(r, 'tuned_mean'))} | "
+            f"{_fmt(r['diff_mean'], _ci(r, 'diff_mean'), signed=True)} | "
             f"{_fmt(r['base_pass'], None)} | {_fmt(r['tuned_pass'], None)} | "
-            f"{_fmt(r['diff_pass'], r['diff_pass_ci'], signed=True)} |")
+            f"{_fmt(r['diff_pass'], _ci(r, 'diff_pass'), signed=True)} |")
     return "\n".join(lines)
 
 
@@ -145,8 +150,8 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
         x = np.arange(len(rs))
         for k, (m, color) in enumerate((("base", "#9aa5b1"), ("tuned", "#2f6fb0"))):
             means = np.array([r[f"{m}_mean"] if r[f"{m}_mean"] is not None else np.nan for r in rs])
-            lo = np.array([r[f"{m}_mean_ci"][0] if r[f"{m}_mean_ci"] else np.nan for r in rs])
-            hi = np.array([r[f"{m}_mean_ci"][1] if r[f"{m}_mean_ci"] else np.nan for r in rs])
+            lo = np.array([r[f"{m}_mean_lo"] if r[f"{m}_mean_lo"] is not None else np.nan for r in rs])
+            hi = np.array([r[f"{m}_mean_hi"] if r[f"{m}_mean_hi"] is not None else np.nan for r in rs])
             err = np.vstack([np.clip(means - lo, 0, None), np.clip(hi - means, 0, None)])
             ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=err, capsize=3, label=m, color=color)
         labels = [r["category"] + (" (judge!)" if r["judge_unreliable"] else "") for r in rs]
