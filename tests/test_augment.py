@@ -257,23 +257,21 @@ REAL_ITEMS = [
 ]
 
 
-@pytest.mark.slow
-def test_real_gemma_every_item_ends_with_k_or_reasons_then_rerun_makes_zero_calls(tmp_path):
-    from datagen.augment import run_augment
-    from datagen.embed import load_embedder
-
-    llm = pytest.importorskip("datagen.llm")
-    if not hasattr(llm, "get_provider"):
-        pytest.skip("datagen.llm.get_provider not available yet")
+def _real_cfg(tmp_path, *overrides):
     cfg = load_config(profile="demo", root=tmp_path, overrides=[
         "augment.k=2", "augment.max_attempts=2", "augment.limit=null", "augment.scenario.enabled=false",
-        "augment.max_tokens=48"])
+        "augment.max_tokens=48", *overrides])
     fetch = cfg.paths.stage_dir("fetch")
     write_jsonl(fetch / "samples.jsonl", REAL_ITEMS)
     write_manifest(fetch, {"stage": "fetch"})
-    emb = load_embedder(cfg.dedup.embedder)
+    return cfg
 
-    m1 = run_augment(cfg, embedder=emb)
+
+def _assert_k_or_reasons_then_zero_call_rerun(cfg, embedder, label):
+    """Every item ends with k=2 rephrasings or a final reason per missing slot; a rerun calls nothing."""
+    from datagen.augment import run_augment
+
+    m1 = run_augment(cfg, embedder=embedder)
     out = cfg.paths.stage_dir("augment")
     rows, rej = read_jsonl(out / "samples.jsonl"), read_jsonl(out / "rejections.jsonl")
     for item in REAL_ITEMS:
@@ -282,9 +280,39 @@ def test_real_gemma_every_item_ends_with_k_or_reasons_then_rerun_makes_zero_call
         assert kept | missing == {1, 2} and not kept & missing, (item["id"], kept, missing)
         assert all(r["reason"] for r in rej if r["source_id"] == item["id"])
     assert m1["llm_calls"] > 0 and m1["rephrase"]["kept"] + sum(m1["rephrase"]["missing_by_reason"].values()) == 6
-    print("real gemma:", json.dumps(m1["rephrase"], indent=1))
-
+    print(label, json.dumps({k: m1["rephrase"][k] for k in ("kept", "requests", "rejected_by_reason",
+                                                             "missing_by_reason")}))
     first = (out / "samples.jsonl").read_bytes()
-    m2 = run_augment(cfg, embedder=emb)  # same process: the provider instance is shared; usage is a delta
+    m2 = run_augment(cfg, embedder=embedder)  # same process: the provider instance is shared; usage is a delta
     assert m2["llm_calls"] == 0 and m2["llm_cache_hits"] == m1["llm_calls"]
     assert (out / "samples.jsonl").read_bytes() == first
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from datagen.config import EmbedderConfig
+    from datagen.embed import load_embedder
+
+    return load_embedder(EmbedderConfig())
+
+
+@pytest.mark.slow
+def test_real_gemma_every_item_ends_with_k_or_reasons_then_rerun_makes_zero_calls(tmp_path, minilm):
+    llm = pytest.importorskip("datagen.llm")
+    if not hasattr(llm, "get_provider"):
+        pytest.skip("datagen.llm.get_provider not available yet")
+    _assert_k_or_reasons_then_zero_call_rerun(_real_cfg(tmp_path), minilm, "local gemma:")
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_llamacpp_server_every_item_ends_with_k_or_reasons_then_rerun_makes_zero_calls(tmp_path, minilm):
+    from datagen.llm.llamacpp_server import LlamaCppServer, llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama_cpp is not importable: pip install -e '.[llamacpp]'")
+    with LlamaCppServer(log_path=tmp_path / "server.log") as srv:
+        prov = (f"llm.providers.llamacpp={{kind: openai, model: {srv.model}, base_url: '{srv.base_url}', "
+                f"json_mode: none, concurrency: 1}}")
+        cfg = _real_cfg(tmp_path, prov, "augment.provider=llamacpp")
+        _assert_k_or_reasons_then_zero_call_rerun(cfg, minilm, "llama.cpp server:")
