@@ -225,7 +225,7 @@ class BaseProvider:
         if not requests:
             return []
         keys = self.batch_keys(requests)
-        bar = tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
         try:
             hits = self.cache.get_many(keys) if self.cache is not None else {}
             todo: list[tuple[int, ChatRequest, str]] = []
@@ -393,7 +393,8 @@ class AsyncProvider(BaseProvider):
                 self.usage.add(calls=1)
                 st.attempts += 1
                 try:
-                    reply = await asyncio.wait_for(self._acall(self._client, conv, req), cfg.timeout_s)
+                    async with asyncio.timeout(cfg.timeout_s):  # no extra task per call (unlike wait_for)
+                        reply = await self._acall(self._client, conv, req)
                 except asyncio.CancelledError:
                     raise
                 except TimeoutError:
