@@ -25,7 +25,8 @@ from datagen.scenarios import (
 )
 from test_rephrase import AnchorEmbedder
 
-GOOD_TASK = ("Instruction: The rand falls 35% and a South African chemicals maker rated BB- has 60% of its debt in USD. "
+GOOD_TASK = ("Instruction: The rand falls 35% and a South African chemicals maker rated BB- has 60% of its debt "
+             "in USD. "
              "Estimate the PD change and the loss on a USD 80m loan with LGD 55%.\n"
              "Response: Downgrade to B within a quarter: PD rises from 2.1% to 6.5%, expected loss = 6.5% x 55% x "
              "USD 80m = USD 2.9m (3.6% of exposure). Spreads widen by 250bp; cut the line by half.")

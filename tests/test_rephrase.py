@@ -69,16 +69,17 @@ def test_few_shot_examples_pass_our_own_validators():
 
 
 ROW = {"question": "What was the 10-day return of ACME ending 2024-02-14?"}
+E = "Ending 2024-02-14, what return did ACME post?"
 
 
 @pytest.mark.parametrize("text, expected", [
     # clean
     ("Ending 2024-02-14, what 10-day return did ACME post?", "Ending 2024-02-14, what 10-day return did ACME post?"),
     # noisy: labels, quotes, bold, list markers, chatter, more lines, special tokens
-    ("Rephrased: \"Ending 2024-02-14, what return did ACME post?\"", "Ending 2024-02-14, what return did ACME post?"),
-    ("Rewritten question:\nEnding 2024-02-14, what return did ACME post?", "Ending 2024-02-14, what return did ACME post?"),
-    ("**Ending 2024-02-14, what return did ACME post?**\nQuestion: next", "Ending 2024-02-14, what return did ACME post?"),
-    ("1. Ending 2024-02-14, what return did ACME post? prochains\n(.*)", "Ending 2024-02-14, what return did ACME post?"),
+    ("Rephrased: \"Ending 2024-02-14, what return did ACME post?\"", E),
+    ("Rewritten question:\nEnding 2024-02-14, what return did ACME post?", E),
+    ("**Ending 2024-02-14, what return did ACME post?**\nQuestion: next", E),
+    ("1. Ending 2024-02-14, what return did ACME post? prochains\n(.*)", E),
     ("  'Over ten days, what did ACME return?'<end_of_turn>\nmore", "Over ten days, what did ACME return?"),
     ("```\nWhat did ACME return?\n```", "What did ACME return?"),
     ("Classify ACME's volatility as low, medium or high.", "Classify ACME's volatility as low, medium or high."),
@@ -140,8 +141,8 @@ def test_rephrase_rows_retries_fill_slots_and_record_reasons():
         {"id": "b", "group_id": "gb", "category": "c2", "question": "What did ACME close at on 2024-03-01?",
          "answer": "101.5", "metadata": {}},
     ]
-    good = ["Ending 2024-02-14, what 10-day return did ACME post?", "Over 10 days to 2024-02-14, what was ACME's return?",
-            "On 2024-03-01, at what price did ACME close?"]
+    good = ["Ending 2024-02-14, what 10-day return did ACME post?",
+            "Over 10 days to 2024-02-14, what was ACME's return?", "On 2024-03-01, at what price did ACME close?"]
     prov = scripted({
         rows[0]["question"]: [good[0], "Did ACME return 3.42% over 10 days ending 2024-02-14?",  # round 0
                               good[1]],  # round 1, slot 2

@@ -172,7 +172,8 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
         res.prompts[prompt.name] = prompt.ref
         temp = attempt_temperature(temperature, attempt)
         reqs = [ChatRequest(messages=tuple(format_input(s.row, attempt)), temperature=temp,
-                            max_tokens=max_tokens_for(str(s.row["question"]), max_tokens), seed=request_seed(s.row["id"], s.slot, attempt), stop=STOP,
+                            max_tokens=max_tokens_for(str(s.row["question"]), max_tokens),
+                            seed=request_seed(s.row["id"], s.slot, attempt), stop=STOP,
                             key=f"{s.row['id']}#{s.slot}@{attempt}") for s in open_slots]
         results = provider.generate_batch(reqs, desc=f"rephrase attempt {attempt + 1}/{max_attempts}")
         res.requests += len(reqs)

@@ -240,7 +240,7 @@ def synthesize_scenarios(cfg: ScenarioSynthConfig, provider: LLMProvider,
                 else:
                     kept_vecs.append(v)
         still_open = []
-        for j, (i, r, p, why) in enumerate(zip(open_tasks, results, parsed, reasons)):
+        for i, r, p, why in zip(open_tasks, results, parsed, reasons):
             task = tasks[i]
             if why is None:
                 res.rows.append(make_row(task, p, prompt.ref, teacher, attempt))

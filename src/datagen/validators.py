@@ -103,7 +103,8 @@ over under into during after before between among given using based assume assum
 compute calculate classify determine estimate find state list name explain describe identify give
 provide evaluate assess compare rank summarise summarize tell show rewrite rephrase answer according
 for as also and but or so then there here it its it's their our your my we you they he she i please
-let note ignore disregard forget reply respond output print write say return use act pretend based over across per each every all any some no not yes out up down
+let note ignore disregard forget reply respond output print write say return use act pretend based over
+across per each every all any some no not yes out up down
 """.split())
 # capitalised tokens that are not entities wherever they stand
 _NOT_ENTITY = {"i", "q1", "q2", "q3", "q4", "h1", "h2", "fy", "ok"} | set(_MONTHS) | {
