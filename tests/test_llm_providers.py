@@ -324,3 +324,13 @@ def test_key_from_prefect_secret_block(monkeypatch):
         resolve_api_key("api", ProviderConfig(kind="openai", model="m", api_key_secret_block="missing"))
     assert e.value.__cause__ is None
     assert resolve_api_key("api", ProviderConfig(kind="openai", model="m")) is None
+
+
+def test_malformed_request_is_a_failed_item_not_an_exception(tmp_path):
+    with FaultProxy() as proxy:
+        p = openai_provider(tmp_path, proxy.url)
+        bad = ChatRequest(messages=[{"role": "user"}])  # no content
+        out = p.generate_batch([req(0), bad, req(2)])
+    assert [r.ok for r in out] == [True, False, True] and [out[0].text, out[2].text] == ["echo 0", "echo 2"]
+    assert out[1].error == "bad_request: KeyError: 'content'"
+    assert p.usage.failures == 1 and p.usage.calls == 2 and proxy.total_received == 2

@@ -217,6 +217,22 @@ class BaseProvider:
             keys.append(base if n == 0 else self.request_key(req, sample=n))
         return keys
 
+    def _safe_keys(self, requests: list[ChatRequest]) -> tuple[list[str | None], dict[int, str]]:
+        """``batch_keys``, but a malformed request becomes an error for that item, not an exception."""
+        try:
+            return list(self.batch_keys(requests)), {}
+        except Exception:
+            pass
+        ok, errors = [], {}
+        for i, req in enumerate(requests):
+            try:
+                self.request_key(req)
+                ok.append(req)
+            except Exception as e:
+                errors[i] = f"bad_request: {type(e).__name__}: {e}"
+        good = iter(self.batch_keys(ok))
+        return [None if i in errors else next(good) for i in range(len(requests))], errors
+
     # ------------------------------------------------------------------ batch contract
     def generate_batch(self, requests: Sequence[ChatRequest], *, desc: str = "llm") -> list[LLMResult]:
         """One :class:`LLMResult` per request, in input order; never raises for an item."""
@@ -224,12 +240,17 @@ class BaseProvider:
         results: list[LLMResult | None] = [None] * len(requests)
         if not requests:
             return []
-        keys = self.batch_keys(requests)
+        keys, bad = self._safe_keys(requests)
         bar = tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
         try:
-            hits = self.cache.get_many(keys) if self.cache is not None else {}
+            hits = self.cache.get_many([k for k in keys if k]) if self.cache is not None else {}
             todo: list[tuple[int, ChatRequest, str]] = []
             for i, (req, key) in enumerate(zip(requests, keys)):
+                if key is None:
+                    results[i] = failure(bad[i])
+                    self.usage.add(failures=1)
+                    bar.update(1)
+                    continue
                 hit = hits.get(key)
                 res = self._from_cache(req, hit) if hit is not None else None
                 if res is None:
