@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -154,9 +155,15 @@ class RateLimiter:
             await asyncio.sleep(wait)
 
 
+@functools.lru_cache(maxsize=256)
+def json_schema_of(schema: type[BaseModel]) -> dict[str, Any]:
+    """``schema.model_json_schema()``, computed once per class (treat the result as read-only)."""
+    return schema.model_json_schema()
+
+
 def schema_feedback(text: str, error: str, schema: type[BaseModel]) -> list[Message]:
     """The turns appended after an invalid structured answer: the answer, then the error."""
-    schema_json = json.dumps(schema.model_json_schema(), separators=(",", ":"))
+    schema_json = json.dumps(json_schema_of(schema), separators=(",", ":"))
     return [
         {"role": "assistant", "content": text},
         {"role": "user", "content": (
@@ -197,7 +204,7 @@ class BaseProvider:
             "max_tokens": req.max_tokens,
             "seed": req.seed,
             "stop": list(req.stop),
-            "schema": req.schema.model_json_schema() if req.schema is not None else None,
+            "schema": json_schema_of(req.schema) if req.schema is not None else None,
             "json_mode": self.cfg.json_mode if req.schema is not None else None,
             "extra_body": self.cfg.extra_body or None,
         }

@@ -23,7 +23,14 @@ import json
 from typing import Any
 
 from datagen.llm.base import ChatRequest, Message
-from datagen.llm.engine import AsyncProvider, CallError, Reply, classify_transport, status_error
+from datagen.llm.engine import (
+    AsyncProvider,
+    CallError,
+    Reply,
+    classify_transport,
+    json_schema_of,
+    status_error,
+)
 from datagen.llm.keys import resolve_api_key
 
 NO_KEY = "sk-no-key-needed"
@@ -56,7 +63,7 @@ class OpenAIProvider(AsyncProvider):
         if req.stop:
             kw["stop"] = list(req.stop)
         if req.schema is not None and self.cfg.json_mode != "none":
-            schema = req.schema.model_json_schema()
+            schema = json_schema_of(req.schema)
             if self.cfg.json_mode == "schema":
                 kw["response_format"] = {"type": "json_schema", "json_schema": {
                     "name": req.schema.__name__, "schema": schema, "strict": False}}
