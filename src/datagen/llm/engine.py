@@ -163,12 +163,12 @@ def json_schema_of(schema: type[BaseModel]) -> dict[str, Any]:
 
 def schema_feedback(text: str, error: str, schema: type[BaseModel]) -> list[Message]:
     """The turns appended after an invalid structured answer: the answer, then the error."""
+    from datagen.prompts import load_prompt
+
     schema_json = json.dumps(json_schema_of(schema), separators=(",", ":"))
     return [
         {"role": "assistant", "content": text},
-        {"role": "user", "content": (
-            f"That reply was not valid ({error}). Reply again with only a JSON object that "
-            f"matches this JSON schema, nothing else:\n{schema_json}")},
+        {"role": "user", "content": load_prompt("schema_retry").render(error=error, schema_json=schema_json)},
     ]
 
 
