@@ -280,6 +280,41 @@ def bench_calibrate() -> None:
         "grid": table})
 
 
+def bench_calibrate_source_qa() -> None:
+    """The shipped source QA file: 165 distinct items, many sharing one question template over other
+    figures. Every cross-item pair is a non-duplicate: count how many each threshold would merge, with
+    and without dedup's figures guard (``min_number_overlap``)."""
+    from datagen.config import DedupConfig, EmbedderConfig
+    from datagen.dedup import number_overlap, numbers
+    from datagen.embed import SentenceTransformerEmbedder, sample_text
+    from datagen.io import read_jsonl
+
+    rows = read_jsonl(ROOT / "data" / "raw" / "sample_source_qa.jsonl")
+    for r in rows:
+        r.setdefault("context", {})
+    dc = DedupConfig()
+    emb = SentenceTransformerEmbedder(EmbedderConfig(), cache_dir=None, show_progress=False)
+    v = emb.encode([sample_text(r, dc.context_chars) for r in rows])
+    s = v @ v.T
+    iu = np.triu_indices(len(rows), 1)
+    sims = s[iu]
+    nums = [numbers(r) for r in rows]
+    ov = np.array([number_overlap(nums[i], nums[j]) for i, j in zip(*iu)])
+    # duplicates: each item vs a copy with the question reworded (hand paraphrase prefixes), same context
+    para = [{**r, "question": "Please answer: " + r["question"].rstrip("?") + ", based on the data?"} for r in rows]
+    vp = emb.encode([sample_text(r, dc.context_chars) for r in para])
+    dsim = (v * vp).sum(1)
+    grid = []
+    for t in (0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98):
+        grid.append({"threshold": t, "non_dup_pairs_merged_no_guard": int((sims >= t).sum()),
+                     "non_dup_pairs_merged_with_guard": int(((sims >= t) & (ov >= dc.min_number_overlap)).sum()),
+                     "reworded_copies_caught": round(float((dsim >= t).mean()), 4)})
+    _save("calibration", "source_qa_items", {
+        "items": len(rows), "cross_item_pairs": int(len(sims)), "context_chars": dc.context_chars,
+        "min_number_overlap": dc.min_number_overlap, "max_cross_item_cosine": round(float(sims.max()), 4),
+        "reworded_copy_cosine_min": round(float(dsim.min()), 4), "grid": grid})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", nargs="+", default=["calibrate", "embed", "search"])
@@ -290,6 +325,7 @@ def main() -> None:
     args = ap.parse_args()
     if "calibrate" in args.sections:
         bench_calibrate()
+        bench_calibrate_source_qa()
     if "embed" in args.sections:
         bench_embed(args.embed_n)
     if "search" in args.sections:

@@ -12,7 +12,8 @@ Rows longer than ``format.max_tokens`` (reason ``too_long``) or without assistan
 ``no_assistant_tokens``, e.g. a template without generation markers) are dropped and listed in
 ``drops.jsonl``. Output (``stage_dir("dataset")``): ``train|validation|test.parquet`` with the
 canonical fields (``context`` and ``metadata`` as JSON strings, so Arrow schemas stay stable),
-``cluster``, ``messages`` and ``n_tokens`` (an empty split gets no file); ``README.md`` (the card), ``token_lengths.png``.
+``cluster``, ``messages`` and ``n_tokens`` (an empty split gets no file); ``README.md`` (the card),
+``token_lengths.png``.
 Load with ``datasets.load_dataset("parquet", data_dir=...)``; TRL's SFTTrainer takes it as is.
 """
 
