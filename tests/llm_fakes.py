@@ -212,8 +212,9 @@ class FaultProxy(_Base):
             time.sleep(self.hang_s)
             h.close_connection = True
             return
-        if fault == "garbage":
-            data = b"<html>502 Bad Gateway ... \x00\xff not json"
+        if fault in ("garbage", "html"):
+            data = (b"<html>502 Bad Gateway ... \x00\xff not json" if fault == "garbage"
+                    else b"<html><body>upstream says hello</body></html>")
             h.send_response(200)
             h.send_header("content-type", "application/json")
             h.send_header("content-length", str(len(data)))

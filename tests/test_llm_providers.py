@@ -334,3 +334,19 @@ def test_malformed_request_is_a_failed_item_not_an_exception(tmp_path):
     assert [r.ok for r in out] == [True, False, True] and [out[0].text, out[2].text] == ["echo 0", "echo 2"]
     assert out[1].error == "bad_request: KeyError: 'content'"
     assert p.usage.failures == 1 and p.usage.calls == 2 and proxy.total_received == 2
+
+
+def test_each_fault_gets_its_reason(tmp_path):
+    always = {"1": "garbage", "2": "html", "3": "truncate", "4": "hang", "5": "429", "6": "500", "7": "400"}
+    with FaultProxy(always=always, hang_s=3.0, retry_after="0") as proxy:
+        p = openai_provider(tmp_path, proxy.url, max_retries=0, timeout_s=1.0)
+        out = p.generate_batch([req(i) for i in range(1, 8)])
+    errors = [r.error for r in out]
+    assert errors[0].startswith("bad_response: UnicodeDecodeError")
+    assert errors[1] == ("bad_response: JSONDecodeError: Expecting value: line 1 column 1 (char 0) "
+                         "(gave up after 1 attempts)")
+    assert errors[2] == "connection: Connection error. (RemoteProtocolError) (gave up after 1 attempts)"
+    assert errors[3] == "timeout: no answer within 1s (gave up after 1 attempts)"
+    assert errors[4].startswith("http_429: ") and errors[5].startswith("http_500: ")
+    assert errors[6] == 'http_400: {"message": "bad request", "type": "invalid_request_error"}'
+    assert all(not r.ok and r.attempts == 1 for r in out) and p.usage.failures == 7
