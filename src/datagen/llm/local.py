@@ -156,7 +156,9 @@ class LocalProvider(BaseProvider):
         gen_kwargs: dict[str, Any] = {"max_new_tokens": req.max_tokens, "eos_token_id": stop_ids,
                                       "pad_token_id": tok.pad_token_id}
         if req.temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=req.temperature, top_p=1.0, top_k=0)
+            # Gemma's recommended sampling (top-k 64, top-p 0.95): sampling from the whole 262k vocabulary
+            # puts long-tail tokens (other scripts, stray words) into a small model's output
+            gen_kwargs.update(do_sample=True, temperature=req.temperature, top_p=0.95, top_k=64)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         seeds = [it.req.seed for it in chunk if it.req.seed is not None]
