@@ -217,7 +217,7 @@ def test_train_stage_outputs_and_resume(tmp_path, tiny_model_dir):
     from peft import PeftModel
 
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=4", "train.eval_steps=2",
-                   "train.keep_checkpoints=true", "train.run_name=tiny")
+                   "train.keep_checkpoints=true", "train.run_name=tiny", "train.merge=true")
     d = write_dataset(tmp_path / "ds", 16, 4)
     out = train(cfg, d)
     assert out == cfg.paths.models_dir / "tiny"
@@ -233,8 +233,15 @@ def test_train_stage_outputs_and_resume(tmp_path, tiny_model_dir):
     assert m["libraries"]["trl"] and m["config"]["train"]["max_steps"] == 4
     assert "adapter_model.safetensors" in m["outputs"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    adapter = PeftModel.from_pretrained(load_model(cfg, "cpu"), str(out))
+    assert m["merged_dir"] == "merged" and (out / "merged" / "model.safetensors").exists()
+    adapter = PeftModel.from_pretrained(load_model(cfg, "cpu"), str(out)).eval()
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapter.named_parameters())
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.tensor([[2, 105, 2364, 107, 818]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-4)
 
     # interrupted after the step-2 checkpoint: the rerun resumes there and finishes at step 4
     import shutil
