@@ -207,3 +207,68 @@ def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
 def test_run_evaluate_requires_upstream(tiny_cfg):
     with pytest.raises(FileNotFoundError, match="finsynth format"):
         run_evaluate(tiny_cfg, judge=FunctionProvider(reference_judge), generator=fake_generator)
+
+
+# ----------------------------------------------------------------------------- real packaged Gemma
+def _train_tiny_adapter(cfg, rows, adapter_dir: Path) -> None:
+    """A briefly tuned LoRA adapter (r=4 on q/v, 2 AdamW steps on 3 examples), saved like the trainer does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from datagen.packaged import resolve_model_path
+    from datagen.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows[:3]]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model.train()
+    for _ in range(2):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(adapter_dir))
+    write_manifest(adapter_dir, {"stage": "train", "note": "tiny test adapter"})
+
+
+@pytest.mark.slow
+def test_real_run_on_packaged_gemma(tiny_cfg):
+    """Base Gemma-3-270M vs a briefly tuned adapter, judged by the local Gemma provider (the default)."""
+    cfg = tiny_cfg.model_copy(deep=True)
+    ev = cfg.evaluate
+    ev.max_items, ev.max_new_tokens, ev.batch_size = 4, 16, 4
+    ev.selfcheck_samples, ev.bootstrap_samples, ev.judge_max_tokens = 2, 200, 40
+    cfg.llm.providers["local"].schema_retries = 1  # keep the run short: one retry per unparsable verdict
+    rows = [ROWS[0], ROWS[1], ROWS[3], ROWS[5]]
+    _write_dataset(cfg, rows)
+    adapter = cfg.paths.models_dir / cfg.train.run_name
+    _train_tiny_adapter(cfg, rows, adapter)
+
+    m = run_evaluate(cfg)  # the judge is get_provider(cfg, "local"): the packaged Gemma base
+
+    report = read_json(Path(m["report_json"]))
+    items = read_jsonl(Path(m["items_jsonl"]))
+    assert len(items) == 8
+    assert {i["model"] for i in items} == {"base", "tuned"}
+    assert all(isinstance(i["answer"], str) for i in items)
+    assert {i["grader"] for i in items} == {"numeric", "classification", "judge"}
+    assert all(0.0 <= i["score"] <= 1.0 for i in items)
+    for i in items:  # unparsable judge output is never a pass
+        if i.get("unparsable"):
+            assert i["passed"] is False and i["score"] == 0.0
+    j = report["judge"]
+    assert j["used"] and j["provider"] == "local"
+    assert j["selfcheck"]["n_cases"] == 4  # only "returns" has two items: 2 items x (reference, mismatch)
+    assert m["judge"]["reliable"] == j["reliable"]
+    md = Path(m["report_md"]).read_text()
+    if not j["reliable"]:  # the expected, honest outcome for a 270M base-model judge
+        assert "UNRELIABLE" in md and "test/scenario" in md
+    assert Path(m["scores_png"]).stat().st_size > 1000
+    print(md)
