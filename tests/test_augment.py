@@ -17,6 +17,7 @@ from datagen.scenarios import (
     SECTORS,
     check_task,
     count_metrics,
+    credit_terms,
     few_shot_texts,
     format_input as scenario_input,
     format_output as scenario_output,
@@ -80,8 +81,15 @@ def test_metric_count_repetition_and_copy_filters():
     assert check_task(ok, examples, task=task) is None
     assert check_task(ok, examples, task={**task, "sector": "airlines", "geography": "Japan"}) == "off_topic"
     assert check_task(ok, examples, task={**task, "sector": "utilities", "geography": "Euro area"}) == "off_topic"
-    assert check_task({**ok, "instruction": "A European utility faces a EUR 10m loss."}, examples,
+    assert check_task({**ok, "instruction": "A European utility faces a EUR 10m loss. Estimate its PD."}, examples,
                       task={**task, "sector": "airlines", "geography": "Euro area"}) is None
+    # seen from the real Gemma: a non-task instruction, a response with metrics but no credit analysis
+    assert check_task({**ok, "instruction": "Create a new South African chemical plant (R&D)."}, examples,
+                      task=task) == "not_a_task"
+    assert check_task({**ok, "response": "Capacity rises to 1.5mn barrels (1.5x R&D) and demand grows 7.8x; "
+                                         "gas use rises 3.3x."}, examples, task=task) == "not_credit_analysis"
+    assert credit_terms("Downgrade to BB+: PD rises, LGD 60%, spreads widen; Baa2; defaulted; a rating") == {
+        "downgr", "BB+", "pd", "lgd", "spread", "Baa2", "defaul", "rating"}
     assert check_task({**ok, "response": "Downgrade it, the outlook is poor and losses will rise a lot."},
                       examples) == "missing_metrics"
     loop = "PD rises to 5% and LGD 40% and PD rises to 5% and LGD 40% and PD rises to 5% and LGD 40%"

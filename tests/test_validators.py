@@ -70,6 +70,24 @@ def test_compare_facts_reasons():
     assert (v.reason, v.detail) == ("missing_entity", "india")
 
 
+def test_check_terms():
+    from datagen.validators import check_terms
+
+    low = "According to the table, what is the latest intraday low of DYNA?"
+    assert check_terms(low, "According to the table, what is the latest intraday high of DYNA?").reason == \
+        "flipped_term"
+    assert check_terms(low, "Per the table, what is DYNA's most recent intraday low?").ok
+    assert check_terms(low, "What is the latest low of DYNA in the table?").reason == "missing_term"
+    lcr = "What is the bank's liquidity coverage ratio, and does it meet the 100% requirement?"
+    assert check_terms(lcr, "What is the bank's private placement coverage ratio; does it meet the 100% "
+                            "requirement?").detail == "liquidity"
+    assert check_terms(lcr, "Does the bank's LCR meet the 100% requirement, and what is it?").ok
+    both = "How much did EONX gain or lose over the 5 days?"
+    assert check_terms(both, "Over the 5 days, what was EONX's gain or loss?").ok
+    cls = "Classify ACME's risk as low, medium or high."
+    assert check_terms(cls, "Is ACME's risk high, medium or low?").ok
+
+
 def test_is_question_and_intent():
     assert is_question("What was the return?")
     assert is_question("Classify the volatility of ACME as low, medium or high.")

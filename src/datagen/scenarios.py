@@ -8,6 +8,9 @@ repetition inside the text), do not copy a few-shot example, and are not too clo
 task (embedding cosine >= ``diversity_threshold``). Missing tasks are retried (other seed, hotter)
 up to ``max_attempts`` rounds; one ``generate_batch`` per round.
 
+The instruction must read as a task (a question or a task verb) and the response must use at least two
+credit-risk terms (PD, LGD, spread, rating, downgrade, default, exposure, ...).
+
 A tiny base teacher (the packaged Gemma-3-270M) fails most of these checks; the counts per reason
 go to the manifest so that is visible, not hidden.
 """
@@ -29,7 +32,7 @@ from datagen.llm.base import ChatRequest, LLMProvider, Message
 from datagen.prompts import load_prompt
 from datagen.rephrase import split_turns
 from datagen.schema import stable_id
-from datagen.validators import char_ratio
+from datagen.validators import char_ratio, is_question
 
 PROMPT = "scenario_synthesis"
 SOURCE = "scenario_synth"
@@ -141,12 +144,28 @@ def on_topic(text: str, task: dict[str, Any]) -> bool:
     return any(re.search(rf"(?<![a-z]){re.escape(w[:6])}", low) for w in words)
 
 
+_CREDIT_WORDS = re.compile(
+    r"(?<![a-z])(?:pd|lgd|ead|cds|spreads?|rat(?:ed|ing|ings)|downgrade[sd]?|default(?:s|ed)?|expected loss|"
+    r"exposures?|coverage|leverage|recovery|covenants?|refinanc\w*)(?![a-z])", re.I)
+_RATINGS = re.compile(r"(?<![A-Za-z])(?:AAA|AA|A|BBB|BB|B|CCC|Aaa|Aa|Baa|Ba|Caa)(?:[+-]|[123])?(?![A-Za-z])")
+
+
+def credit_terms(text: str) -> set[str]:
+    """Distinct credit-risk terms (PD, LGD, spread, rating, BB+, default, ...) in ``text``."""
+    words = {m.group(0).lower()[:6] for m in _CREDIT_WORDS.finditer(text)}  # spreads ~ spread
+    return words | {m.group(0) for m in _RATINGS.finditer(text)}
+
+
 def check_task(parsed: dict[str, Any], examples: list[str], max_repetition: float = 0.25,
                task: dict[str, Any] | None = None) -> str | None:
     """A reason to drop a parsed task, or None. (Diversity against kept tasks is checked separately.)"""
     response = parsed["response"]
     if len(count_metrics(response)) < 2:
         return "missing_metrics"
+    if not is_question(parsed["instruction"]):
+        return "not_a_task"
+    if len(credit_terms(response)) < 2:
+        return "not_credit_analysis"
     if max(repetition_ratio(parsed["instruction"]), repetition_ratio(response)) > max_repetition:
         return "repetitive"
     whole = parsed["instruction"] + " " + response

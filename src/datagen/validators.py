@@ -28,7 +28,7 @@ REASONS = (
     "ok", "empty", "length_ratio", "not_a_question", "leaks_answer",
     "missing_amount", "missing_percent", "missing_date", "missing_number", "missing_ticker",
     "missing_entity", "added_amount", "added_percent", "added_date", "added_number", "added_ticker",
-    "near_copy", "duplicate_rephrase", "off_topic", "too_similar",
+    "flipped_term", "missing_term", "near_copy", "duplicate_rephrase", "off_topic", "too_similar",
 )
 
 
@@ -273,6 +273,55 @@ def compare_facts(original: str, candidate: str) -> Verdict:
     return OK
 
 
+# ----------------------------------------------------------------------------- key terms
+# Opposite word families: a candidate that brings in one side where the original had only the other
+# flips the question ("latest intraday low" -> "latest intraday high").
+_OPPOSITES: list[tuple[frozenset[str], frozenset[str]]] = [(frozenset(a.split()), frozenset(b.split())) for a, b in [
+    ("low lower lowest", "high higher highest"),
+    ("minimum min minimal", "maximum max maximal"),
+    ("gain gains gained", "loss losses lose lost"),
+    ("above", "below"),
+    ("increase increased increases rise rises rose", "decrease decreased decreases fall falls fell"),
+    ("buy buying bought", "sell selling sold"),
+    ("long", "short"),
+    ("positive", "negative"),
+    ("earliest", "latest"),
+    ("best", "worst"),
+    ("upgrade upgrades upgraded", "downgrade downgrades downgraded"),
+    ("inflow inflows", "outflow outflows"),
+    ("asset assets", "liability liabilities"),
+    ("bid", "ask"),
+]]
+# Finance terms that carry the question's meaning: kept as written (by word stem) or as an alias.
+_TERMS: list[tuple[str, tuple[str, ...]]] = [
+    ("drawdown", ()), ("volatil", ("vol",)), ("volume", ()), ("spread", ()), ("yield", ()), ("coupon", ()),
+    ("rating", ("rated",)), ("default", ("pd", "lgd")), ("exposure", ("ead",)), ("liquidity", ("lcr", "nsfr")),
+    ("leverage", ()), ("sentiment", ()), ("moving average", ("sma", "ema")), ("coverage", ("lcr",)),
+    ("expected loss", ("el",)), ("value at risk", ("var",)), ("intraday", ()), ("dividend", ()),
+    ("duration", ()), ("inflation", ()), ("repo", ()), ("capital", ("cet1", "tier")), ("drawdown", ()),
+    ("headline", ()), ("risk-weighted", ("rwa",)),
+]
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def check_terms(original: str, candidate: str) -> Verdict:
+    """No flipped opposite (low -> high) and no dropped key finance term (liquidity, drawdown, ...)."""
+    wo, wc = _words(original), _words(candidate)
+    for a, b in _OPPOSITES:
+        for x, y in ((a, b), (b, a)):
+            if wo & x and not wo & y and wc & y:
+                return fail("flipped_term", f"{sorted(wo & x)[0]} -> {sorted(wc & y)[0]}")
+    lo, lc = original.lower(), candidate.lower()
+    for stem, aliases in _TERMS:
+        pat = rf"(?<![a-z]){re.escape(stem)}"
+        if re.search(pat, lo) and not re.search(pat, lc) and not any(al in wc for al in aliases):
+            return fail("missing_term", stem)
+    return OK
+
+
 # ----------------------------------------------------------------------------- individual checks
 _INTERROGATIVE = set("""
 what which who whom whose when where why how is are was were do does did can could should would will
@@ -414,6 +463,7 @@ def validate_rephrasing(row: dict[str, Any], candidate: str | None, *, cosine: f
                   check_intent(original, candidate),
                   check_answer_leak(original, candidate, row),
                   compare_facts(original, candidate),
+                  check_terms(original, candidate),
                   check_near_copy(original, candidate, list(kept), checks.near_copy_char_ratio)):
             if not v.ok:
                 return v
