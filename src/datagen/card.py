@@ -10,6 +10,7 @@ never an error, so the card can be built while other stages evolve.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def metadata(cfg: Config, summary: dict[str, Any], fetch: dict | None) -> dict[s
         "annotations_creators": ["machine-generated"],
         "multilinguality": ["monolingual"],
         "size_categories": [size_category(total)],
-        "source_datasets": ["original"] + [f"extended|{s}" for s in sources if s],
+        "source_datasets": ["original"] + [f"extended|{re.sub(r'[^A-Za-z0-9_.-]+', '-', s)}" for s in sources if s],
         "task_categories": cats,
         "tags": ["finance", "synthetic", "sft", "chat"],
         "configs": [{"config_name": "default",
@@ -108,13 +109,16 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     # rephrasing
     lines += ["## Rephrasing", ""]
     reph = _get(aug, "rephrase", default={}) or {}
-    lines += [f"- Rephrasings requested per item (k): {reph.get('k', NA)}; items rephrased: "
-              f"{_get(aug, 'counts', 'rephrased_items', default=NA)}; slots {reph.get('slots', NA)}, "
-              f"kept {reph.get('kept', NA)}, missing {reph.get('missing', NA)}.",
-              f"- Acceptance: {_pct(reph.get('acceptance'))} of slots filled "
-              f"(first attempt {_pct(reph.get('first_attempt_acceptance'))}; "
-              f"{_pct(reph.get('candidate_acceptance'))} of candidates accepted).",
-              f"- Rejected candidates by reason: {reph.get('rejected_by_reason') or NA}."]
+    if reph:
+        lines += [f"- Rephrasings requested per item (k): {reph.get('k', NA)}; items rephrased: "
+                  f"{_get(aug, 'counts', 'rephrased_items', default=NA)}; slots {reph.get('slots', NA)}, "
+                  f"kept {reph.get('kept', NA)}, missing {reph.get('missing', NA)}.",
+                  f"- Acceptance: {_pct(reph.get('acceptance'))} of slots filled "
+                  f"(first attempt {_pct(reph.get('first_attempt_acceptance'))}; "
+                  f"{_pct(reph.get('candidate_acceptance'))} of candidates accepted).",
+                  f"- Rejected candidates by reason: {reph.get('rejected_by_reason') or NA}."]
+    else:
+        lines.append(f"- Rephrase acceptance: {NA} (no `rephrase` section in the augment manifest).")
     scen = _get(aug, "scenarios")
     if scen:
         lines.append(f"- Scenario tasks synthesized: {scen.get('kept', NA)} of {scen.get('planned', NA)} planned "
@@ -137,9 +141,9 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     lines += ["## Splits, clusters and leakage", ""]
     cb = _get(clusters, "cluster_by", default=cfg.split.cluster_by)
     lines += [f"Split by group (a source item with all its rephrasings goes to one split), stratified by "
-              f"scenario cluster (`cluster_by: {cb}`), ratios {list(cfg.split.ratios)}. "
-              + ("The test split holds originals only. " if cfg.split.test_originals_only else "")
-              + ("Training rows are balanced per cluster. " if cfg.split.balance_train else ""), ""]
+              f"scenario cluster (`cluster_by: {cb}`), ratios {list(cfg.split.ratios)}."
+              + (" The test split holds originals only." if cfg.split.test_originals_only else "")
+              + (" Training rows are balanced per cluster." if cfg.split.balance_train else ""), ""]
     sd = _get(split, "counts", "dropped_by_reason", default={}) or {}
     if sd:
         lines += [f"Removed at split: {', '.join(f'{k} {v}' for k, v in sorted(sd.items()))}.", ""]
