@@ -140,7 +140,8 @@ def test_selfcheck_numbers_on_scripted_judges():
 
 
 def test_reliability_flags():
-    good = {"n_cases": 10, "accuracy": 0.9, "reference_pass_rate": 1.0, "mismatch_fail_rate": 0.8, "unparsable": 0}
+    good = {"n_items": 10, "n_cases": 20, "accuracy": 0.9, "reference_pass_rate": 1.0,
+            "mismatch_fail_rate": 0.8, "unparsable": 0}
     bad = {**good, "accuracy": 0.5, "mismatch_fail_rate": 0.0}
     k_ok = {"numeric grader": {"n": 8, "kappa": 0.6, "agreement": 0.8}}
     k_low = {"numeric grader": {"n": 8, "kappa": 0.1, "agreement": 0.5}}
@@ -154,3 +155,6 @@ def test_reliability_flags():
     r = reliability(good, k_undef, **kw)
     assert r["reliable"] is True and "undefined" in r["notes"][0]
     assert reliability(None, {}, **kw)["reliable"] is False
+    small = reliability({**good, "n_items": 3, "n_cases": 6}, k_ok, **kw)
+    assert small["reliable"] is True and small["notes"] == [
+        "self-check ran on only 3 items: its accuracy is a rough estimate"]

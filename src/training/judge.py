@@ -232,12 +232,12 @@ def reliability(check: dict[str, Any] | None, kappas: dict[str, dict[str, Any]],
     reasons, notes = [], []
     if not check or not check.get("n_cases"):
         reasons.append("not self-checked (no items with a same-category mismatch)")
-    elif check["n_items"] < 10:
-        notes.append(f"self-check ran on only {check['n_items']} items: its accuracy is a rough estimate")
     elif check["accuracy"] < min_accuracy:
         reasons.append(f"self-check accuracy {check['accuracy']:.2f} < {min_accuracy:.2f} "
                        f"(passes references {check['reference_pass_rate']:.2f}, "
                        f"fails mismatches {check['mismatch_fail_rate']:.2f}, unparsable {check['unparsable']})")
+    if check and 0 < check.get("n_items", 0) < 10:
+        notes.append(f"self-check ran on only {check['n_items']} items: its accuracy is a rough estimate")
     for name, k in kappas.items():
         if not k.get("n"):
             continue

@@ -107,8 +107,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("")
     if j.get("used"):
         sc = j.get("selfcheck") or {}
-        out += ["## Judge self-check", "",
-                f"Judge `{j.get('provider')}:{j.get('model')}`, prompt `{j['prompt']['name']}@{j['prompt']['hash']}`.", ""]
+        prompt = f"{j['prompt']['name']}@{j['prompt']['hash']}"
+        out += ["## Judge self-check", "", f"Judge `{j.get('provider')}:{j.get('model')}`, prompt `{prompt}`.", ""]
         if sc.get("n_cases"):
             out.append(f"- On {sc['n_items']} test items it passed {sc['reference_pass_rate']:.2f} of the "
                        f"reference answers and failed {sc['mismatch_fail_rate']:.2f} of the mismatched answers "
