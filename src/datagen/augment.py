@@ -119,7 +119,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     kept_first = sum(1 for r in reph.kept if r["metadata"]["rephrase_attempt"] == 0)
     manifest = {
         "stage": "augment",
-        "config_hash": cfg.section_hash("augment"),
+        "config_hash": cfg.section_hash("augment", "llm"),
         "upstream": {"fetch": manifest_hash(fetch_dir)},
         "prompts": dict(sorted(prompts.items())),
         "embedder": getattr(embedder, "name", type(embedder).__name__),
