@@ -23,15 +23,37 @@ from typing import Any
 import numpy as np
 
 from datagen.config import Config
-from datagen.io import (atomic_write_text, dumps, manifest_hash, read_jsonl, require_stage, sha256_text, write_json,
-                        write_jsonl, write_manifest)
+from datagen.io import (
+    atomic_write_text,
+    dumps,
+    manifest_hash,
+    read_jsonl,
+    require_stage,
+    sha256_text,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
 from datagen.llm.base import LLMProvider
 from datagen.prompts import load_prompt
 from training.aggregate import aggregate
-from training.graders import (Grade, classification_metrics, expected_values, grade_classification,
-                              grade_numeric)
-from training.judge import (PAIRWISE_PROMPT, RUBRIC_PROMPT, JudgeItem, agreement, judge_answers,
-                            judge_pairwise, reliability, selfcheck)
+from training.graders import (
+    Grade,
+    classification_metrics,
+    expected_values,
+    grade_classification,
+    grade_numeric,
+)
+from training.judge import (
+    PAIRWISE_PROMPT,
+    RUBRIC_PROMPT,
+    JudgeItem,
+    agreement,
+    judge_answers,
+    judge_pairwise,
+    reliability,
+    selfcheck,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +288,7 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
                  ) -> dict[str, Any]:
     """Evaluate base vs the trained adapter; returns the manifest (with ``table_rows`` and report paths)."""
     from training.generate import generate_base_and_tuned, prompt_messages
-    from training.report import render_markdown, plot_scores, table_rows
+    from training.report import plot_scores, render_markdown, table_rows
 
     ev = cfg.evaluate
     rows, ds_hash = load_test_rows(cfg)
