@@ -245,6 +245,7 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
     ev = cfg.evaluate
     ev.max_items, ev.max_new_tokens, ev.batch_size = 4, 16, 4
     ev.selfcheck_samples, ev.bootstrap_samples, ev.judge_max_tokens = 1, 200, 40
+    ev.judge_provider = "local"  # the profile may name another judge; this test pins the default
     cfg.llm.providers["local"].schema_retries = 0  # keep the run short (retries are the provider's tests)
     rows = [ROWS[0], ROWS[1], ROWS[3], ROWS[5]]
     _write_dataset(cfg, rows)
