@@ -93,8 +93,8 @@ def test_finqa_like_jsonl_with_nested_columns(tmp_path):
 
 def test_parquet_with_records_table(tmp_path):
     df = pd.DataFrame({"question": ["Total?", "Blank?"], "answer": ["7", None], "category": ["x", "x"],
-                       "context": [json.dumps({"text": "Two items.", "table": [{"k": "a", "v": 3}, {"k": "b", "v": 4}]}),
-                                   None]})
+                       "context": [json.dumps({"text": "Two items.",
+                                               "table": [{"k": "a", "v": 3}, {"k": "b", "v": 4}]}), None]})
     path = tmp_path / "p.parquet"
     df.to_parquet(path)
     res = load_source_qa(SourceQAFile(path=path))
@@ -126,7 +126,8 @@ def test_sample_set_shape(sample_rows):
     assert len(sample_rows) >= 150
     cats = Counter(s["category"] for s in sample_rows)
     assert len(cats) >= 6 and min(cats.values()) >= 20
-    assert {"credit_risk", "capital_adequacy", "liquidity", "market_risk", "banking_regulation", "sentiment"} <= set(cats)
+    assert {"credit_risk", "capital_adequacy", "liquidity", "market_risk", "banking_regulation",
+            "sentiment"} <= set(cats)
     sent = [s for s in sample_rows if s["category"] == "sentiment"]
     assert Counter(s["answer"] for s in sent) == {"positive": 10, "negative": 10, "neutral": 10}
     assert all(s["task_type"] == "classification" and s["labels"] == ["positive", "negative", "neutral"] for s in sent)

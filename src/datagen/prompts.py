@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class Prompt:
         return _ENV.from_string(self.text).render(**variables).strip()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: Path, mtime: float) -> str:
     return path.read_text(encoding="utf-8")
 

@@ -54,7 +54,10 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 def model_dtype(cfg: Config, device: str) -> torch.dtype:
-    """The dtype the (unquantized part of the) model is loaded in: ``model.dtype`` or, for ``auto``, the compute dtype."""
+    """The dtype the (unquantized part of the) model is loaded in.
+
+    ``model.dtype``, or for ``auto`` the compute dtype.
+    """
     import torch
 
     if cfg.model.dtype == "auto":
