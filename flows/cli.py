@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from datagen.config import ConfigError, load_config
-from flows.stages import STAGE_NAMES, get_stage
+from flows.stages import STAGE_NAMES, get_stage, mark_downstream_stale
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             print(scores_table(cfg, args.run))
         else:
             manifest = get_stage(args.command).run(cfg)
+            mark_downstream_stale(cfg, args.command)
             print(json.dumps(_summary(manifest), indent=2, default=str))
     except KeyboardInterrupt:
         print("finsynth: interrupted", file=sys.stderr)

@@ -34,9 +34,9 @@ from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
-from datagen.io import manifest_hash, mark_stale
+from datagen.io import manifest_hash
 from datagen.prompts import PROMPTS_DIR
-from flows.stages import STAGES, Stage, get_stage, select
+from flows.stages import Stage, get_stage, mark_downstream_stale, select
 
 # which finished stages each stage reads
 UPSTREAM: dict[str, tuple[str, ...]] = {
@@ -117,9 +117,7 @@ def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     manifest = state.result()
     cached = state.name == "Cached"
     if not cached:  # finished work upstream makes finished work downstream stale until it reruns
-        names = [s.name for s in STAGES]
-        for later in names[names.index(name) + 1:]:
-            mark_stale(get_stage(later).output(cfg), f"upstream stage {name!r} was rerun")
+        mark_downstream_stale(cfg, name)
     _publish(cfg, name, manifest)
     return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg))}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.config import Config
+from datagen.io import mark_stale
 
 
 def _fetch(cfg: Config) -> dict[str, Any]:
@@ -86,6 +87,12 @@ def get_stage(name: str) -> Stage:
         if s.name == name:
             return s
     raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def mark_downstream_stale(cfg: Config, name: str) -> list[str]:
+    """After ``name`` ran, mark every later stage's finished output STALE (until it reruns)."""
+    later = STAGE_NAMES[STAGE_NAMES.index(get_stage(name).name) + 1:]
+    return [n for n in later if mark_stale(get_stage(n).output(cfg), f"upstream stage {name!r} was rerun")]
 
 
 def select(only: str | None = None, start: str | None = None) -> list[Stage]:

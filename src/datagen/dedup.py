@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from datagen.config import Config
-from datagen.embed import Embedder, load_embedder, sample_text
+from datagen.embed import Embedder, embed_samples, load_embedder
 from datagen.io import manifest_hash, read_jsonl, require_stage, write_jsonl, write_manifest
 from datagen.schema import render_context
 
@@ -305,10 +305,9 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     src = cfg.paths.stage_dir("augment")
     require_stage(src, "augment")
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
-    if embedder is None:
-        embedder = load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
     t0 = time.perf_counter()
-    vecs = embedder.encode([sample_text(r, cfg.dedup.context_chars) for r in rows])
+    embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
+    vecs = embed_samples(cfg, rows, embedder)
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = dedup_rows(rows, vecs, cfg.dedup.threshold, cfg.dedup.within_group_threshold, cfg.dedup.method,

@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from datagen.config import EmbedderConfig
+from datagen.config import Config, EmbedderConfig
 from datagen.packaged import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -206,3 +206,13 @@ def load_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedde
     """The configured sentence-transformers embedder; ``cache_dir`` (e.g. ``paths.cache_dir /
     "embeddings"``) turns on the on-disk cache."""
     return SentenceTransformerEmbedder(cfg, cache_dir)
+
+
+def embed_samples(cfg: Config, rows: list[dict], embedder: Embedder | None = None) -> np.ndarray:
+    """Embed canonical rows (question + a short form of their context): the one text form that dedup,
+    split and the leakage check compare. With no ``embedder``, the configured one with its on-disk cache
+    (so the split stage's pass over rows dedup already embedded encodes nothing).
+    """
+    if embedder is None:
+        embedder = load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
+    return embedder.encode([sample_text(r, cfg.dedup.context_chars) for r in rows])

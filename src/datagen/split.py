@@ -31,7 +31,7 @@ import numpy as np
 from datagen.cluster import assign_clusters
 from datagen.config import Config
 from datagen.dedup import number_overlap, numbers, similar_pairs
-from datagen.embed import Embedder, load_embedder, sample_text
+from datagen.embed import Embedder, embed_samples, load_embedder, sample_text
 from datagen.io import manifest_hash, read_jsonl, require_stage, write_json, write_jsonl, write_manifest
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,8 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     src = cfg.paths.stage_dir("dedup")
     require_stage(src, "dedup")
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
-    if embedder is None:
-        embedder = load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
-    vecs = embedder.encode([sample_text(r, cfg.dedup.context_chars) for r in rows])
+    embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
+    vecs = embed_samples(cfg, rows, embedder)
     res = split_rows(rows, vecs, cfg)
     out = cfg.paths.stage_dir("split")
     for s in SPLITS:
