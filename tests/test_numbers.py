@@ -1,0 +1,73 @@
+"""The one number parser: scale words, units, accounting negatives, lists of spans."""
+
+from __future__ import annotations
+
+import pytest
+
+from datagen.numbers import answer_values, find_numbers, format_number, number_keys, parse_number
+
+
+@pytest.mark.parametrize("text, value, unit", [
+    ("14.16 percent", 14.16, "%"),
+    ("14.16 per cent", 14.16, "%"),
+    ("12%", 12.0, "%"),
+    ("12.5 %.", 12.5, "%"),
+    ("-7 million", -7_000_000.0, ""),
+    ("$1.2bn", 1_200_000_000.0, "USD"),
+    ("US$ 5 million", 5_000_000.0, "USD"),
+    ("EUR 3.5bn", 3_500_000_000.0, "EUR"),
+    ("5 million dollars", 5_000_000.0, "USD"),
+    ("1.2 billion USD", 1_200_000_000.0, "USD"),
+    ("(3.4)", -3.4, ""),
+    ("(3.4%)", -3.4, "%"),
+    ("$(3.4) million", -3_400_000.0, "USD"),
+    ("1,234.5", 1234.5, ""),
+    ("-$5", -5.0, "USD"),
+    ("\u22122.5 pp", -2.5, "pp"),
+    ("2.5 percentage points", 2.5, "pp"),
+    ("25 basis points", 25.0, "bp"),
+    ("about 5.2x", 5.2, "x"),
+    ("0.5", 0.5, ""),
+    ("45", 45.0, ""),
+    ("Rs. 500 crore", 5_000_000_000.0, "INR"),
+    ("\u20ac12k", 12_000.0, "EUR"),
+])
+def test_parse_number(text, value, unit):
+    f = parse_number(text)
+    assert f is not None, text
+    assert (f.value, f.unit) == (value, unit)
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "inf", "1,23", "(3.4", "3 months", "positive", "", "12 and 13",
+                                  "2024-01-02", "USD"])
+def test_not_one_number(text):
+    assert parse_number(text) is None
+
+
+def test_numbers_pass_through_and_non_finite_does_not():
+    assert parse_number(45).value == 45.0 and parse_number(2.5).value == 2.5
+    assert parse_number(float("nan")) is None and parse_number(float("inf")) is None and parse_number(True) is None
+
+
+def test_answer_values_single_and_list():
+    assert answer_values("14.16 percent") == [{"name": "answer", "value": 14.16, "unit": "%"}]
+    assert answer_values(["-7 million", "(3.4)"]) == [
+        {"name": "answer_1", "value": -7e6, "unit": ""}, {"name": "answer_2", "value": -3.4, "unit": ""}]
+    assert answer_values(["12%"]) == [{"name": "answer", "value": 12.0, "unit": "%"}]
+    assert answer_values(["12%", "Revenue"]) is None and answer_values([]) is None
+    assert answer_values("It rose sharply.") is None
+
+
+def test_find_numbers_in_text():
+    text = "On 2024-01-02 revenue rose 12% to $1.2bn, and costs fell by 3.4 million (note 5)."
+    assert [(f.value, f.unit) for f in find_numbers(text)] == [
+        (12.0, "%"), (1.2e9, "USD"), (3.4e6, ""), (5.0, "")]
+    assert [f.value for f in find_numbers(text, directional=True)][2] == -3.4e6
+    assert [f.text for f in find_numbers("a loss of (3.4) and 1,234.5 units")] == ["(3.4)", "1,234.5"]
+    # dates are not figures unless asked
+    assert [f.value for f in find_numbers("2024-01-02", skip_dates=False)][0] == 2024.0
+
+
+def test_number_keys_canonical():
+    assert number_keys("$1.2bn vs 1,200,000,000 USD vs 12.50%") == ["1200000000USD", "1200000000USD", "12.5%"]
+    assert format_number(1200.0) == "1200" and format_number(12.5) == "12.5"
