@@ -12,6 +12,7 @@ requests cut each other off silently). The server answers one request at a time.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def describe_exit(returncode: int, log_path: Path | None = None) -> str:
+    """A one-line reason for a server process's exit; a negative code names the signal (SIGILL gets
+    the likely cause: a native build for CPU features this machine lacks)."""
+    where = f" (log: {log_path})" if log_path else ""
+    if returncode >= 0:
+        return f"llama_cpp.server exited with status {returncode}{where}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = ""
+    if name == "SIGILL":
+        hint = ("; llama-cpp-python was compiled for CPU instructions this machine does not have "
+                "(a -march=native build): rebuild it with portable flags, `rm -rf .venv && bash scripts/setup.sh "
+                "dev,llamacpp` (see scripts/setup.sh)")
+    return f"llama_cpp.server was killed by {name} (exit {returncode}){hint}{where}"
 
 
 class LlamaCppServer:
@@ -58,6 +77,12 @@ class LlamaCppServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def death_message(self) -> str | None:
+        """Why the server process is gone (naming the signal that killed it), or None while it runs."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return describe_exit(self.proc.returncode, self.log_path)
+
     def start(self) -> LlamaCppServer:
         import httpx
 
@@ -65,17 +90,37 @@ class LlamaCppServer:
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode} "
-                                   f"(log: {self.log_path or 'not kept'})")
+            if (why := self.death_message()) is not None:
+                raise RuntimeError(why)
             try:
                 if httpx.get(self.base_url + "/models", timeout=2.0).status_code == 200:
-                    return self
+                    break
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"llama_cpp.server not ready after {self.start_timeout_s:g}s")
+        else:
+            self.stop()
+            raise TimeoutError(f"llama_cpp.server not ready after {self.start_timeout_s:g}s")
+        self._probe_completion()
+        return self
+
+    def _probe_completion(self) -> None:
+        """One 1-token completion. ``/v1/models`` answers before any kernel runs; a build for CPU
+        features this machine lacks dies (SIGILL) only here, and we say so instead of letting every
+        later request fail with a bare connection error."""
+        import httpx
+
+        try:
+            httpx.post(self.base_url + "/chat/completions", timeout=60.0,
+                       json={"model": self.model, "max_tokens": 1, "temperature": 0.0,
+                             "messages": [{"role": "user", "content": "Hi"}]})
+        except httpx.HTTPError as e:
+            time.sleep(0.5)
+            why = self.death_message()
+            self.stop()
+            raise RuntimeError(why or f"llama_cpp.server failed its first completion: {e}") from None
+        if (why := self.death_message()) is not None:
+            raise RuntimeError(why)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
