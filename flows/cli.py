@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from datagen.config import ConfigError, load_config
-from flows.stages import STAGE_NAMES, get_stage, mark_downstream_stale
+from datagen.io import run_lock
+from flows.stages import STAGE_NAMES, execute
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set augment.k=2 (repeatable)")
     common.add_argument("--root", type=Path, default=None, help="project root for data/ (default: repo)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("--allow-stale", action="store_true",
+                        help="let a stage read upstream output marked STALE (an earlier stage was rerun)")
 
     p = argparse.ArgumentParser(prog="finsynth", description=__doc__.splitlines()[0], parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, profile=args.profile, overrides=args.overrides, root=args.root)
+        if args.allow_stale:
+            os.environ["FINSYNTH_ALLOW_STALE"] = "1"
         if args.command == "config":
             print(json.dumps(cfg.dump_public(), indent=2))
         elif args.command == "run":
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
             result = pipeline(profile=args.profile, config_path=str(args.config) if args.config else None,
                               overrides=args.overrides, root=str(args.root) if args.root else None,
-                              only=args.only, start=args.start, refresh=args.refresh)
+                              only=args.only, start=args.start, refresh=args.refresh,
+                              allow_stale=args.allow_stale)
             print(json.dumps(result, indent=2, default=str))
         elif args.command == "card":
             path = (args.path or cfg.paths.stage_dir("dataset")) / "README.md"
@@ -70,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(scores_table(cfg, args.run))
         else:
-            manifest = get_stage(args.command).run(cfg)
-            mark_downstream_stale(cfg, args.command)
+            with run_lock(cfg.paths.root):
+                manifest = execute(cfg, args.command)
             print(json.dumps(_summary(manifest), indent=2, default=str))
     except KeyboardInterrupt:
         print("finsynth: interrupted", file=sys.stderr)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,64 +34,18 @@ from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
-from datagen.io import manifest_hash
-from datagen.prompts import PROMPTS_DIR
-from flows.stages import Stage, get_stage, mark_downstream_stale, select
-
-# which finished stages each stage reads
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "fetch": (),
-    "augment": ("fetch",),
-    "dedup": ("augment",),
-    "split": ("dedup",),
-    "format": ("split",),
-    "train": ("format",),
-    "evaluate": ("format", "train"),
-}
-# the module that implements each stage (its source is part of the cache key)
-STAGE_MODULES: dict[str, str] = {
-    "fetch": "datagen.fetch", "augment": "datagen.augment", "dedup": "datagen.dedup",
-    "split": "datagen.split", "format": "datagen.chat_format", "train": "training.train",
-    "evaluate": "training.evaluate",
-}
-
-
-def _module_source_hash(module: str) -> str:
-    import importlib
-
-    try:
-        src = inspect.getsource(importlib.import_module(module))
-    except (ImportError, OSError, TypeError):
-        return "missing"
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
-def _prompt_hashes(names: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for n in names:
-        p = PROMPTS_DIR / f"{n}.jinja"
-        out[n] = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "missing"
-    return out
-
-
-def cache_inputs(cfg: Config, stage: Stage) -> dict[str, Any]:
-    """Everything a stage's output depends on: the task's cache key is computed over this."""
-    public = cfg.dump_public()
-    return {
-        "stage": stage.name,
-        "config": {s: public[s] for s in stage.config_sections},
-        "upstream": {u: manifest_hash(get_stage(u).output(cfg)) for u in UPSTREAM[stage.name]},
-        "prompts": _prompt_hashes(stage.prompts),
-        "code": _module_source_hash(STAGE_MODULES[stage.name]),
-        "root": str(cfg.paths.root),
-    }
-
+from datagen.io import RUN_INFO, STALE, run_lock, write_json
+from flows.stages import cache_inputs, execute, get_stage, inputs_key, output_matches, probe_providers, select
 
 @task(cache_policy=(INPUTS - "cfg") + TASK_SOURCE, persist_result=True, result_serializer="json",
       task_run_name="{key[stage]}")
 def run_stage(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage's ``src/`` function. ``key`` is its cache key (see :func:`cache_inputs`)."""
-    return get_stage(key["stage"]).run(cfg)
+    """Run one stage (:func:`flows.stages.execute`). ``key`` is its cache key (see
+    :func:`flows.stages.cache_inputs`); it is recorded beside the output, so a later run can tell
+    whether the folder on disk was made from the same inputs."""
+    manifest = execute(cfg, key["stage"])
+    write_json(get_stage(key["stage"]).output(cfg) / RUN_INFO, {"inputs_key": inputs_key(key)})
+    return manifest
 
 
 def _result_storage(cfg: Config) -> LocalFileSystem:
@@ -112,12 +66,16 @@ def _load(profile: str | None, config_path: str | None, overrides: list[str] | N
 
 def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     stage = get_stage(name)
+    key = cache_inputs(cfg, stage)
+    # Prefect's cache knows the inputs; only the folder knows whether its output is still the one those
+    # inputs made (not deleted, edited, or overwritten by a run with other inputs)
+    refresh = refresh or not output_matches(cfg, stage, key)
     t = run_stage.with_options(result_storage=_result_storage(cfg), refresh_cache=refresh or None)
-    state = t(cfg, cache_inputs(cfg, stage), return_state=True)
+    state = t(cfg, key, return_state=True)
     manifest = state.result()
     cached = state.name == "Cached"
-    if not cached:  # finished work upstream makes finished work downstream stale until it reruns
-        mark_downstream_stale(cfg, name)
+    if cached:  # made from the current upstream content: not stale, whatever ran in between
+        (stage.output(cfg) / STALE).unlink(missing_ok=True)
     _publish(cfg, name, manifest)
     return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg))}
 
@@ -177,8 +135,12 @@ def _stage_flow(name: str):
     @flow(name=f"{name}", log_prints=True)
     def stage_flow(profile: str | None = "demo", config_path: str | None = None,
                    overrides: list[str] | None = None, root: str | None = None,
-                   refresh: bool = False) -> dict[str, Any]:
-        return _run_one(_load(profile, config_path, overrides, root), name, refresh)
+                   refresh: bool = False, allow_stale: bool = False) -> dict[str, Any]:
+        if allow_stale:
+            os.environ["FINSYNTH_ALLOW_STALE"] = "1"
+        cfg = _load(profile, config_path, overrides, root)
+        with run_lock(cfg.paths.root):
+            return _run_one(cfg, name, refresh)
 
     stage_flow.__name__ = f"{name}_flow"
     return stage_flow
@@ -198,11 +160,23 @@ STAGE_FLOWS = {"fetch": fetch_flow, "augment": augment_flow, "dedup": dedup_flow
 @flow(name="finsynth-pipeline", log_prints=True, persist_result=True, result_serializer="json")
 def pipeline(profile: str | None = "demo", config_path: str | None = None,
              overrides: list[str] | None = None, root: str | None = None,
-             only: str | None = None, start: str | None = None, refresh: bool = False) -> dict[str, Any]:
+             only: str | None = None, start: str | None = None, refresh: bool = False,
+             allow_stale: bool = False) -> dict[str, Any]:
     """The whole pipeline (or ``only`` one stage, or from ``start`` on). Returns each stage's state."""
+    if allow_stale:
+        os.environ["FINSYNTH_ALLOW_STALE"] = "1"
     cfg = _load(profile, config_path, overrides, root)
+    with run_lock(cfg.paths.root):
+        return _pipeline(cfg, profile, config_path, overrides, root, only, start, refresh, allow_stale)
+
+
+def _pipeline(cfg: Config, profile, config_path, overrides, root, only, start, refresh,
+              allow_stale) -> dict[str, Any]:
     logger = get_run_logger()
     stages = select(only, start)
+    probed = probe_providers(cfg, stages)  # a missing key or dead server fails before any stage runs
+    if probed:
+        logger.info("providers answering: %s", ", ".join(probed))
     progress = create_progress_artifact(progress=0.0, key="pipeline-progress",
                                         description="stages finished / stages selected")
     results = []
@@ -211,7 +185,7 @@ def pipeline(profile: str | None = "demo", config_path: str | None = None,
         stage_flow = STAGE_FLOWS[stage.name]
         if stage.name in DATA_STAGES and cfg.prefect.task_runner == "dask":
             stage_flow = stage_flow.with_options(task_runner=task_runner(cfg))
-        results.append(stage_flow(profile, config_path, overrides, root, refresh))
+        results.append(stage_flow(profile, config_path, overrides, root, refresh, allow_stale))
         update_progress_artifact(progress, progress=100.0 * i / len(stages))
     summary = {
         "profile": cfg.profile,

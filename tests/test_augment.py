@@ -177,8 +177,6 @@ def _fake_run(cfg):
 
 def test_augment_stage_exact_counts(stage_cfg):
     cfg = stage_cfg
-    dedup = cfg.paths.stage_dir("dedup")
-    write_manifest(dedup, {"stage": "dedup"})
     prov, emb = _fake_run(cfg)
     m = run_augment_cfg(cfg, prov, emb)
     out = cfg.paths.stage_dir("augment")
@@ -219,7 +217,6 @@ def test_augment_stage_exact_counts(stage_cfg):
     assert set(m["prompts"]) == {"rephrase", "rephrase_retry", "scenario_synthesis"}
     assert m["prompts"]["rephrase"]["hash"] == load_prompt("rephrase").hash
     assert m["upstream"]["fetch"] and read_manifest(out)["outputs"].keys() == {"samples.jsonl", "rejections.jsonl"}
-    assert (dedup / "STALE").exists()
 
     # the same inputs give byte-identical outputs
     first = (out / "samples.jsonl").read_bytes(), (out / "rejections.jsonl").read_bytes()

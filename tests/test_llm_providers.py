@@ -118,7 +118,7 @@ def test_openai_batch_order_cache_and_key_never_stored(tmp_path, monkeypatch, ca
         assert [r.text for r in out] == [f"echo {i}" for i in range(12)]
         assert all(r.ok and not r.cached and r.attempts == 1 for r in out)
         assert out[0].usage == {"prompt_tokens": 7, "completion_tokens": 3}
-        assert p.usage.as_dict() == {"calls": 12, "cache_hits": 0, "retries": 0, "failures": 0,
+        assert p.usage.as_dict() == {"calls": 12, "requests": 12, "cache_hits": 0, "retries": 0, "failures": 0,
                                      "schema_retries": 0, "prompt_tokens": 84, "completion_tokens": 36}
         assert set(proxy.auth) == {f"Bearer {FAKE_KEY}"}  # the key did reach the server
         before = p.usage.as_dict()
@@ -126,8 +126,10 @@ def test_openai_batch_order_cache_and_key_never_stored(tmp_path, monkeypatch, ca
         assert proxy.received == {**{str(i): 1 for i in range(12)}, "99": 1}  # only the new one was sent
         assert [r.cached for r in again] == [True] * 12 + [False]
         assert [r.text for r in again] == [f"echo {i}" for i in range(12)] + ["echo 99"]
-        assert p.usage.since(before) == {"calls": 1, "cache_hits": 12, "retries": 0, "failures": 0,
-                                         "schema_retries": 0, "prompt_tokens": 7, "completion_tokens": 3}
+        now = p.usage.as_dict()
+        assert {k: now[k] - before[k] for k in now} == {
+            "calls": 1, "requests": 1, "cache_hits": 12, "retries": 0, "failures": 0, "schema_retries": 0,
+            "prompt_tokens": 7, "completion_tokens": 3}
     blobs = b"".join(f.read_bytes() for f in tmp_path.glob("cache.sqlite*"))
     assert b"echo 99" in blobs or len(open_cache(tmp_path / "cache.sqlite")) == 13
     assert FAKE_KEY.encode() not in blobs
@@ -261,7 +263,7 @@ def test_gemini_429_then_success_and_400_not_retried(tmp_path, monkeypatch):
         assert not out[1].ok and out[1].attempts == 1 and fake.per_tag["2"] == 1
         assert out[1].error.startswith("http_400: INVALID_ARGUMENT") and "bad field" in out[1].error
         assert out[2].ok and out[2].text == "ok 3 after 3"
-        assert p.usage.as_dict() == {"calls": 6, "cache_hits": 0, "retries": 3, "failures": 1,
+        assert p.usage.as_dict() == {"calls": 6, "requests": 3, "cache_hits": 0, "retries": 3, "failures": 1,
                                      "schema_retries": 0, "prompt_tokens": 22, "completion_tokens": 10}
 
 
@@ -296,7 +298,7 @@ def test_local_rounds_schema_feedback_and_chunking(tmp_path, monkeypatch):
     assert out[3].error.startswith("schema_invalid: ") and out[3].text == "never JSON" and out[3].attempts == 2
     assert [len(c) for c in calls] == [2, 2, 1, 2]  # 5 items in chunks of 2, then the 2 retries together
     assert sorted(i for c in calls[3:] for i, n in c) == [2, 3] and all(n == 4 for c in calls[3:] for _, n in c)
-    assert p.usage.as_dict() == {"calls": 7, "cache_hits": 0, "retries": 0, "failures": 1, "schema_retries": 2,
+    assert p.usage.as_dict() == {"calls": 7, "requests": 5, "cache_hits": 0, "retries": 0, "failures": 1, "schema_retries": 2,
                                  "prompt_tokens": 28, "completion_tokens": 27}
 
 

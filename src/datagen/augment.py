@@ -9,8 +9,8 @@ Reads ``stage_dir("fetch")/samples.jsonl``; writes ``stage_dir("augment")``:
 - ``manifest.json`` (last): config hash, upstream fetch manifest hash, prompt refs and hashes,
   counts, acceptance per reason / category, and the LLM usage of this run.
 
-Then the downstream stages (dedup, split, dataset) are marked stale. Rerunning with nothing changed
-makes no model calls: the providers' response cache answers every request.
+Rerunning with nothing changed makes no model calls: the providers' response cache answers every
+request. (Marking later stages stale is the orchestration's job: ``flows.stages.execute``.)
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ from typing import Any
 
 from datagen.config import Config
 from datagen.embed import Embedder
-from datagen.io import manifest_hash, mark_stale, read_jsonl, require_stage, write_jsonl, write_manifest
-from datagen.llm.base import LLMProvider
+from datagen.io import manifest_hash, read_jsonl, require_stage, write_jsonl, write_manifest
+from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.rephrase import rephrase_rows
 from datagen.schema import Sample
 from datagen.scenarios import synthesize_scenarios
 from datagen.validators import RephraseChecks
 
 log = logging.getLogger(__name__)
-
-DOWNSTREAM = ("dedup", "split", "dataset")
 
 
 def select_for_rephrasing(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
@@ -83,7 +81,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
 
         embedder = load_embedder(cfg.dedup.embedder)
     providers = {id(p): p for p in (provider, scenario_provider)}
-    before = {pid: p.usage.as_dict() for pid, p in providers.items()}
+    before = {pid: p.usage.snapshot() for pid, p in providers.items()}
 
     # 1. scenario tasks (new originals, rephrased like the rest)
     scen = None
@@ -91,6 +89,8 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     if aug.scenario.enabled and aug.scenario.clusters and aug.scenario.per_cluster:
         scen = synthesize_scenarios(aug.scenario, scenario_provider, embedder)
         scenario_rows = scen.rows
+        check_failure_rate("augment (scenario synthesis)", scenario_provider, before[id(scenario_provider)],
+                           cfg.llm.max_failure_rate)
         log.info("augment: %d/%d scenario tasks kept", len(scen.rows), scen.planned)
 
     # 2. rephrasings of the first `limit` originals (deterministic order)
@@ -99,6 +99,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     reph = rephrase_rows(chosen, provider, embedder, k=aug.k, max_attempts=aug.max_attempts,
                          temperature=aug.temperature, max_tokens=aug.max_tokens,
                          checks=RephraseChecks.from_config(aug))
+    check_failure_rate("augment (rephrase)", provider, before[id(provider)], cfg.llm.max_failure_rate)
     log.info("augment: %d/%d rephrasings kept for %d items", len(reph.kept), reph.slots, len(chosen))
 
     rows = sorted(pool + reph.kept, key=_sort_key)
@@ -161,8 +162,4 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
         "llm_calls": sum(u["calls"] for u in usage.values()),
         "llm_cache_hits": sum(u["cache_hits"] for u in usage.values()),
     }
-    manifest = write_manifest(out_dir, manifest)
-    for stage in DOWNSTREAM:
-        if mark_stale(cfg.paths.stage_dir(stage), "augment was rerun; rerun this stage"):
-            log.info("augment: marked %s stale", stage)
-    return manifest
+    return write_manifest(out_dir, manifest)

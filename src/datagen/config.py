@@ -73,6 +73,7 @@ class SimulatorConfig(_Strict):
 
 class MarketConfig(_Strict):
     provider: Literal["simulator", "csv", "yfinance"] = "simulator"
+    license: str | None = None  # of price files / downloaded data, for the dataset card (None: not stated)
     # csv/parquet: a file per ticker (stem = ticker) or one long table with a ticker column
     paths: list[Path] = []
     tickers: list[str] = []  # yfinance tickers, or a filter for files
@@ -88,10 +89,18 @@ class MarketConfig(_Strict):
 class SourceQAFile(_Strict):
     path: Path
     name: str | None = None  # source name written to `source`; defaults to the file stem
-    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
-    # canonical field -> column name in the file
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
+    # canonical field -> column name in the file (``group_id: doc_id`` names the source's own group column)
     columns: dict[str, str] = {}
     task_type: Literal["open_qa", "numeric_qa", "classification"] | None = None  # default when no column
+    category: str | None = None  # default category when no column (else the source name)
+    # nested records: dotted path to the list of questions inside each record (one row per item; the
+    # record's other fields are shared by its items, which share a group unless group_id is mapped)
+    records_path: str | None = None
+    # provenance for the dataset card (None: not stated by the source)
+    license: str | None = None
+    annotations_creators: list[str] | None = None  # e.g. ["expert-generated"], ["crowdsourced"]
+    source_datasets: list[str] | None = None  # e.g. ["original"] or ["extended|tatqa"]
 
 
 class SourcesConfig(_Strict):
@@ -124,6 +133,9 @@ class ProviderConfig(_Strict):
 class LLMConfig(_Strict):
     providers: dict[str, ProviderConfig] = {"local": ProviderConfig(kind="local")}
     cache_file: Path = Path("data/cache/llm_cache.sqlite")
+    # a stage fails when more than this fraction of its model calls fail (connection, timeout, HTTP
+    # status; not invalid content), or all of them; an authentication error fails it at once
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
 
 
 # ----------------------------------------------------------------------------- augment
@@ -178,9 +190,11 @@ class DedupConfig(_Strict):
     partition_min_rows: int = Field(50_000, ge=1)
     nlist: int | None = Field(None, ge=1)  # partitioned: k-means cells (default ~4*sqrt(n))
     nprobe: int = Field(16, ge=1)  # partitioned: cells searched per query
-    context_chars: int = Field(200, ge=0)  # chars of context added to the question for embedding
-    # cross-group near duplicates must also share their figures: Jaccard of the numbers in question +
-    # context >= this (embeddings are blind to numbers: one template over other data is not a duplicate)
+    context_chars: int = Field(200, ge=0)  # chars of context added to the question for split's embedding
+    # two contexts are "nearly shared" when this share of the smaller one's tokens is in the larger
+    # (and tables agree row for row, no figure differs); see datagen.dedup.context_similarity
+    context_threshold: float = Field(0.98, gt=0, le=1)
+    # bench_dedup.py's figures guard (Jaccard of the numbers in question + context); not a dedup rule
     min_number_overlap: float = Field(0.8, ge=0, le=1)
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +19,25 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 STALE = "STALE"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+IN_PROGRESS = "IN_PROGRESS"
+TIMINGS = "timings.json"  # wall-clock figures: beside the manifest, never part of a cache key
+RUN_INFO = "run.json"  # the inputs key the output was made from (written by the orchestration)
+_BOOKKEEPING = (MANIFEST, STALE, IN_PROGRESS, TIMINGS, RUN_INFO)
+_TIMING_KEYS = ("timing", "seconds")
+
+
+class StageOutputError(RuntimeError):
+    """An upstream stage's output is unfinished, stale or not what its manifest lists."""
+
+
+class StageNotFinished(StageOutputError, FileNotFoundError):
+    """An upstream stage has no finished output (no manifest)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -31,7 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual mode
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -88,6 +106,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def drop_record(stage: str, row_id: str | None, reason: str, detail: str = "", **extra: Any) -> dict[str, Any]:
+    """The one shape of a dropped or quarantined row, in every stage (datatrove-style):
+    ``{stage, row_id, reason, detail}`` plus stage-specific fields (``kept_id``, ``split``, ``file``,
+    ``line``, ``field``, ...). ``reason`` is a stable snake_case tag; ``detail`` is for people."""
+    return {"stage": stage, "row_id": row_id, "reason": reason, "detail": clip(detail), **extra}
+
+
+def drop_counts(drops: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """``{"dropped_<reason>": n}`` over drop records, sorted: what every manifest and card reports."""
+    counts: dict[str, int] = {}
+    for d in drops:
+        k = f"dropped_{d['reason']}"
+        counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def clip(value: Any, limit: int = 200) -> str:
+    """A value as text, cut to ``limit`` characters (error messages never echo a 10 MB cell)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -100,16 +140,31 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def begin_stage(stage_dir: str | Path) -> None:
+    """Mark a stage's folder as work in progress: its old manifest goes first, so a run killed while it
+    replaces outputs leaves no finished manifest over half-new files (``write_manifest`` ends it)."""
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stage_dir / IN_PROGRESS, f"pid {os.getpid()}\n")
+    for name in (MANIFEST, RUN_INFO):
+        (stage_dir / name).unlink(missing_ok=True)
+
+
 def write_manifest(stage_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Record output file hashes and write ``manifest.json`` last; clears a STALE mark."""
+    """Record output file hashes and write ``manifest.json`` last; clears STALE and IN_PROGRESS.
+    Wall-clock figures (``timing``, ``seconds``) go to ``timings.json`` beside it."""
     stage_dir = Path(stage_dir)
     outputs = {}
     for p in sorted(stage_dir.rglob("*")):
-        if p.is_file() and p.name not in (MANIFEST, STALE) and not p.name.startswith("."):
+        if p.is_file() and p.name not in _BOOKKEEPING and not p.name.startswith("."):
             outputs[str(p.relative_to(stage_dir))] = sha256_file(p)
-    manifest = {**manifest, "outputs": outputs}
+    timings = {k: manifest[k] for k in _TIMING_KEYS if k in manifest}
+    manifest = {**{k: v for k, v in manifest.items() if k not in _TIMING_KEYS}, "outputs": outputs}
+    if timings:
+        write_json(stage_dir / TIMINGS, timings)
     write_json(stage_dir / MANIFEST, manifest)
     (stage_dir / STALE).unlink(missing_ok=True)
+    (stage_dir / IN_PROGRESS).unlink(missing_ok=True)
     return manifest
 
 
@@ -119,18 +174,52 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
 
 
 def manifest_hash(stage_dir: str | Path) -> str | None:
-    """Hash of a finished stage's manifest (what a downstream stage depends on); None if unfinished."""
-    p = Path(stage_dir) / MANIFEST
-    return sha256_file(p) if p.exists() else None
+    """Content hash of a finished stage: the hash of the output files its manifest lists (not of the
+    manifest itself, so a rerun that writes the same files gives the same hash); None if unfinished."""
+    m = read_manifest(stage_dir)
+    if m is None:
+        return None
+    return sha256_text(dumps(m.get("outputs", {})))[:16]
+
+
+def verify_outputs(stage_dir: str | Path, manifest: dict[str, Any], stage: str) -> None:
+    """Every file the manifest lists is there with the listed hash, or :class:`StageOutputError`
+    naming the path and the expected vs found hash."""
+    stage_dir = Path(stage_dir)
+    for rel, want in sorted(manifest.get("outputs", {}).items()):
+        p = stage_dir / rel
+        if not p.is_file():
+            raise StageOutputError(f"stage {stage!r}: {p} is listed in its manifest but missing; "
+                                   f"rerun `finsynth {stage}`")
+        found = sha256_file(p)
+        if found != want:
+            raise StageOutputError(f"stage {stage!r}: {p} does not match its manifest (expected sha256 "
+                                   f"{want[:12]}, found {found[:12]}): the output changed after the stage "
+                                   f"finished; rerun `finsynth {stage}`")
+
+
+def allow_stale() -> bool:
+    """``--allow-stale`` (the CLI and flows set FINSYNTH_ALLOW_STALE=1): read stale upstream output."""
+    return os.environ.get("FINSYNTH_ALLOW_STALE", "") not in ("", "0", "false")
 
 
 def require_stage(stage_dir: str | Path, stage: str) -> dict[str, Any]:
-    """The manifest of a finished upstream stage, or a clear error telling the user what to run."""
+    """The manifest of a finished upstream stage whose files are intact and not stale, or a clear error
+    telling the user what to run."""
+    stage_dir = Path(stage_dir)
     m = read_manifest(stage_dir)
     if m is None:
-        raise FileNotFoundError(
-            f"stage {stage!r} has no finished output in {stage_dir} (no manifest.json); "
+        why = "unfinished (IN_PROGRESS: a run stopped before it finished)" if (stage_dir / IN_PROGRESS).exists() \
+            else "no manifest.json"
+        raise StageNotFinished(
+            f"stage {stage!r} has no finished output in {stage_dir} ({why}); "
             f"run `finsynth {stage}` or `finsynth run` first")
+    stale = stage_dir / STALE
+    if stale.exists() and not allow_stale():
+        reason = stale.read_text(encoding="utf-8").strip()
+        raise StageOutputError(f"stage {stage!r} is STALE ({reason}): refresh it with `finsynth run --from {stage}`, "
+                               f"or pass --allow-stale to use it as it is")
+    verify_outputs(stage_dir, m, stage)
     return m
 
 
@@ -141,3 +230,30 @@ def mark_stale(stage_dir: str | Path, reason: str) -> bool:
         return False
     atomic_write_text(stage_dir / STALE, reason + "\n")
     return True
+
+
+@contextmanager
+def run_lock(root: str | Path) -> Iterator[None]:
+    """One run per project root at a time: a second ``finsynth`` run on the same root fails at once
+    with who holds it, instead of paying for every LLM call twice. Re-entrant in one thread."""
+    from filelock import FileLock, Timeout
+
+    path = Path(root) / "data" / ".finsynth-run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _LOCKS.setdefault(str(path), FileLock(str(path)))
+    holder = path.with_suffix(".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = holder.read_text(encoding="utf-8").strip() if holder.exists() else "another process"
+        raise RuntimeError(f"another finsynth run is using {root} ({who}); wait for it to finish, "
+                           f"or give this run its own --root") from None
+    try:
+        if lock.lock_counter == 1:
+            atomic_write_text(holder, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        yield
+    finally:
+        lock.release()
+
+
+_LOCKS: dict[str, Any] = {}

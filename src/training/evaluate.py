@@ -34,7 +34,7 @@ from datagen.io import (
     write_jsonl,
     write_manifest,
 )
-from datagen.llm.base import LLMProvider
+from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.prompts import load_prompt
 from training.aggregate import aggregate
 from training.graders import (
@@ -180,11 +180,14 @@ def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[
         judge = judge or (judge_factory() if judge_factory else None)
         if judge is None:
             raise ValueError("evaluation needs an LLM judge but none was given")
+        before = judge.usage.snapshot() if hasattr(judge.usage, "snapshot") else None
         kw = {"seed": ev.seed, "max_tokens": ev.judge_max_tokens, "pass_score": ev.judge_pass_score}
         extra = [r for r in kappa_recs if id(r) not in judged_ids]
         batch = to_judge + extra
         grades = judge_answers(judge, [JudgeItem.from_row(r["_row"], r["answer"], key=f"{r['id']}:{r['model']}")
                                        for r in batch], prompt=rubric, desc="judge answers", **kw)
+        if before is not None:  # a dead judge is a failed evaluation, not a column of zeros
+            check_failure_rate("evaluate (judge)", judge, before, cfg.llm.max_failure_rate)
         for r, gr in zip(batch, grades, strict=True):
             r["judge"] = {"score": gr.score, "passed": gr.passed, "unparsable": gr.unparsable, **gr.detail}
             if r["grader"] == "judge":
@@ -305,6 +308,10 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
     log.info("evaluate: %d items (%s), base %s vs adapter %s", len(rows),
              ", ".join(f"{s}={sum(r['split'] == s for r in rows)}" for s in ("test", "gold")),
              cfg.model.name_or_path, adapter_dir)
+    if judge is None and (ev.judge_all or ev.pairwise or any(r.get("task_type") == "open_qa" for r in rows)):
+        from datagen.llm import probe_provider
+
+        judge = probe_provider(cfg, ev.judge_provider)  # a missing key or dead judge fails before generation
     answers = (generator or generate_base_and_tuned)(
         cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
         batch_size=ev.batch_size, seed=ev.seed)

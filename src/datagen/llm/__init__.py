@@ -19,14 +19,17 @@ from datagen.llm.base import (
     FunctionProvider,
     LLMProvider,
     LLMResult,
+    LLMUnavailable,
     Message,
     Usage,
+    check_failure_rate,
     parse_structured,
 )
 from datagen.llm.cache import ResponseCache, open_cache
 
 __all__ = [
-    "ChatRequest", "FunctionProvider", "LLMProvider", "LLMResult", "Message", "Usage",
+    "ChatRequest", "FunctionProvider", "LLMProvider", "LLMResult", "LLMUnavailable", "Message", "Usage",
+    "check_failure_rate", "probe_provider",
     "parse_structured", "get_provider", "make_provider", "ResponseCache", "open_cache",
 ]
 
@@ -68,3 +71,18 @@ def get_provider(cfg: Config, name: str) -> LLMProvider:
             prov = make_provider(name, pcfg, open_cache(cache_path))
             _PROVIDERS[ident] = prov
         return prov
+
+
+_PROBED: set[int] = set()
+
+
+def probe_provider(cfg: Config, name: str) -> LLMProvider:
+    """``get_provider``, then one cheap call (once per provider per process): a missing key, a dead
+    server or a refused key fails here, before any stage spends time, with one line."""
+    prov = get_provider(cfg, name)
+    if id(prov) not in _PROBED:
+        probe = getattr(prov, "probe", None)
+        if probe is not None:
+            probe()
+        _PROBED.add(id(prov))
+    return prov

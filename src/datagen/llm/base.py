@@ -44,11 +44,27 @@ class LLMResult:
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
 
 
+class LLMUnavailable(RuntimeError):
+    """A provider that cannot do its job: authentication refused, or most of a stage's calls failed.
+    The one exception a provider lets out of ``generate_batch`` (an item's failure never raises)."""
+
+
+# failures that say "the model answered, but badly" rather than "the model is not there": they are
+# the validators' business, not a reason to fail the stage
+CONTENT_ERRORS = ("schema_invalid", "bad_request")
+
+
+def error_kind(error: str | None) -> str:
+    """The stable tag of an ``LLMResult.error`` (``http_401: ...`` -> ``http_401``)."""
+    return (error or "unknown").split(":", 1)[0].strip() or "unknown"
+
+
 @dataclass
 class Usage:
     """Per-provider accounting, written into stage manifests."""
 
-    calls: int = 0  # requests sent to the model (not counting cache hits)
+    calls: int = 0  # model calls made, retries included (not counting cache hits)
+    requests: int = 0  # items sent to the model (not answered from the cache)
     cache_hits: int = 0
     retries: int = 0
     failures: int = 0
@@ -56,20 +72,50 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _errors: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
         with self._lock:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def failed(self, error: str | None) -> None:
+        """Count one failed item under its error kind."""
+        kind = error_kind(error)
+        with self._lock:
+            self.failures += 1
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def errors(self) -> dict[str, int]:
+        """Failed items per error kind."""
+        with self._lock:
+            return dict(self._errors)
+
     def as_dict(self) -> dict[str, int]:
         with self._lock:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
-    def since(self, before: dict[str, int]) -> dict[str, int]:
-        """Counts accrued after ``before = usage.as_dict()`` (per-stage accounting on a shared provider)."""
-        now = self.as_dict()
-        return {k: v - before.get(k, 0) for k, v in now.items()}
+    def snapshot(self) -> dict[str, Any]:
+        """Counts and error kinds now, for :func:`check_failure_rate` after a stage's calls."""
+        return {**self.as_dict(), "errors": self.errors()}
+
+
+def check_failure_rate(stage: str, provider: LLMProvider, before: dict[str, Any], max_rate: float) -> None:
+    """Fail loudly when a stage's model calls mostly failed: raise :class:`LLMUnavailable` with one line
+    naming the provider, the dominant error kind and its count, when the items that failed for a
+    non-content reason (connection, timeout, HTTP status, internal) are all of them, or more than
+    ``max_rate`` of them. ``before`` is ``provider.usage.snapshot()`` taken when the stage started."""
+    now = provider.usage.snapshot()
+    sent = now["requests"] - before.get("requests", 0)
+    errs = {k: v - before.get("errors", {}).get(k, 0) for k, v in now["errors"].items()}
+    hard = {k: v for k, v in errs.items() if v > 0 and k not in CONTENT_ERRORS}
+    failed = sum(hard.values())
+    if sent <= 0 or failed == 0 or (failed < sent and failed / sent <= max_rate):
+        return
+    kind, n = max(hard.items(), key=lambda kv: kv[1])
+    raise LLMUnavailable(
+        f"{stage}: provider {provider.name!r} ({provider.model or 'model?'}) failed {failed} of {sent} calls; "
+        f"most common error: {kind} x{n} (limit: more than {max_rate:.0%} fails the stage, llm.max_failure_rate)")
 
 
 @runtime_checkable
@@ -127,18 +173,20 @@ class FunctionProvider:
     def generate_batch(self, requests: Sequence[ChatRequest], *, desc: str = "llm") -> list[LLMResult]:
         out = []
         for req in requests:
-            self.usage.add(calls=1)
+            self.usage.add(calls=1, requests=1)
             try:
                 text = self.fn(list(req.messages))
             except Exception as e:  # a broken fake is a failed item, like any provider
-                self.usage.add(failures=1)
-                out.append(LLMResult(ok=False, text=None, error=f"{type(e).__name__}: {e}", attempts=1))
+                error = f"internal: {type(e).__name__}: {e}"
+                self.usage.failed(error)
+                out.append(LLMResult(ok=False, text=None, error=error, attempts=1))
                 continue
             if req.schema is None:
                 out.append(LLMResult(ok=True, text=text, attempts=1))
                 continue
             parsed, err = parse_structured(text, req.schema)
             if err:
-                self.usage.add(failures=1)
+                err = f"schema_invalid: {err}"
+                self.usage.failed(err)
             out.append(LLMResult(ok=err is None, text=text, parsed=parsed, error=err, attempts=1))
         return out

@@ -34,8 +34,9 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from datagen.config import ProviderConfig
-from datagen.llm.base import ChatRequest, LLMResult, Message, Usage, parse_structured
+from datagen.llm.base import ChatRequest, LLMResult, LLMUnavailable, Message, Usage, parse_structured
 from datagen.llm.cache import ResponseCache, cache_key
+from datagen.llm.keys import redact
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class CallError(Exception):
     """A failed call, classified: ``kind`` is a stable tag (``http_429``, ``timeout``, ...)."""
 
     def __init__(self, kind: str, detail: str, *, retryable: bool, retry_after: float | None = None):
+        detail = redact(detail) or ""  # servers echo headers and keys back in error bodies
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
@@ -174,7 +176,11 @@ def schema_feedback(text: str, error: str, schema: type[BaseModel]) -> list[Mess
 
 def failure(error: str, *, text: str | None = None, attempts: int = 0,
             usage: dict[str, int] | None = None) -> LLMResult:
-    return LLMResult(ok=False, text=text, error=error, attempts=attempts, usage=usage or {})
+    """A failed item. Its texts are redacted: this is where an error leaves the provider."""
+    return LLMResult(ok=False, text=redact(text), error=redact(error), attempts=attempts, usage=usage or {})
+
+
+AUTH_ERRORS = ("http_401", "http_403")
 
 
 class BaseProvider:
@@ -188,6 +194,7 @@ class BaseProvider:
         self.cache = cache
         self.model = cfg.model or self.default_model()
         self.usage = Usage()
+        self.auth_error: str | None = None  # set at the first 401/403: every later call is refused
 
     # ------------------------------------------------------------------ identity
     def default_model(self) -> str:
@@ -255,7 +262,7 @@ class BaseProvider:
             for i, (req, key) in enumerate(zip(requests, keys)):
                 if key is None:
                     results[i] = failure(bad[i])
-                    self.usage.add(failures=1)
+                    self.usage.failed(bad[i])
                     bar.update(1)
                     continue
                 hit = hits.get(key)
@@ -279,15 +286,18 @@ class BaseProvider:
                     except Exception as e:  # a cache problem must not lose the answer
                         log.warning("%s: cache write failed: %s", self.name, e)
                 if not res.ok:
-                    self.usage.add(failures=1)
+                    self.usage.failed(res.error)
                 results[i] = res
                 bar.update(1)
 
+            self.usage.add(requests=len(todo))
+            if todo and self.auth_error:
+                raise LLMUnavailable(self._auth_message())
             if todo:
                 try:
                     self._run_batch(todo, done)
                 except Exception as e:  # the contract: never raise mid-batch
-                    log.exception("%s: batch runner failed", self.name)
+                    log.error("%s: batch runner failed: %s", self.name, redact(f"{type(e).__name__}: {e}"))
                     for i, _req, key in todo:
                         if results[i] is None:
                             done(i, key, failure(f"internal: {type(e).__name__}: {e}"))
@@ -296,7 +306,18 @@ class BaseProvider:
                         done(i, key, failure("internal: no result produced"))
         finally:
             bar.close()
+        if self.auth_error:  # the one exception to "never raise": a refused key fails everything after it
+            raise LLMUnavailable(self._auth_message())
         return results  # type: ignore[return-value]
+
+    def _auth_message(self) -> str:
+        return (f"provider {self.name!r}: the server refused our credentials ({self.auth_error}); "
+                f"check llm.providers.{self.name}.api_key_env / api_key_secret_block")
+
+    def probe(self) -> None:
+        """A cheap check that the provider can work, before the first stage that needs it (the key is
+        already resolved at construction). Raises :class:`LLMUnavailable` with one line."""
+        return None
 
     def _from_cache(self, req: ChatRequest, hit: dict[str, Any]) -> LLMResult | None:
         usage = {"prompt_tokens": hit["prompt_tokens"], "completion_tokens": hit["completion_tokens"]}
@@ -354,6 +375,29 @@ class AsyncProvider(BaseProvider):
     def _classify(self, exc: BaseException) -> CallError:
         raise NotImplementedError
 
+    async def _aprobe(self, client: Any) -> None:
+        """One cheap request (a models list); the default makes none."""
+
+    def probe(self) -> None:
+        loop = self._ensure_loop()
+
+        async def go() -> None:
+            if self._client is None:
+                self._client = await self._make_client()
+            async with asyncio.timeout(min(self.cfg.timeout_s, 30.0)):
+                await self._aprobe(self._client)
+
+        try:
+            asyncio.run_coroutine_threadsafe(go(), loop).result()
+        except Exception as e:
+            err = e if isinstance(e, CallError) else (
+                CallError("timeout", "no answer", retryable=True) if isinstance(e, TimeoutError) else self._classify(e))
+            if err.kind in AUTH_ERRORS:
+                self.auth_error = err.kind
+                raise LLMUnavailable(self._auth_message()) from None
+            raise LLMUnavailable(f"provider {self.name!r} is not reachable at {self.base_url or 'its default URL'}: "
+                                 f"{err.kind}: {err.detail}") from None
+
     # ------------------------------------------------------------------ loop plumbing
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
@@ -387,6 +431,9 @@ class AsyncProvider(BaseProvider):
     # ------------------------------------------------------------------ one item
     async def _aitem(self, i: int, req: ChatRequest, key: str, done) -> None:
         st = _ItemState()
+        if self.auth_error:  # refused once: make no more calls with that key
+            done(i, key, failure(f"skipped: {self.auth_error}"))
+            return
         try:
             conv: list[Message] = [dict(m) for m in req.messages]
             last_text, last_err = None, None
@@ -407,7 +454,7 @@ class AsyncProvider(BaseProvider):
             done(i, key, failure(f"schema_invalid: {last_err}", text=last_text, attempts=st.attempts,
                                  usage=st.usage()))
         except Exception as e:
-            log.exception("%s: item %d crashed", self.name, i)
+            log.error("%s: item %d crashed: %s", self.name, i, redact(f"{type(e).__name__}: {e}"))
             done(i, key, failure(f"internal: {type(e).__name__}: {e}", attempts=st.attempts,
                                  usage=st.usage()))
 
@@ -435,6 +482,8 @@ class AsyncProvider(BaseProvider):
                     self.usage.add(prompt_tokens=reply.prompt_tokens,
                                    completion_tokens=reply.completion_tokens)
                     return reply, None
+            if err.kind in AUTH_ERRORS:
+                self.auth_error = self.auth_error or err.kind
             if not err.retryable:
                 return None, f"{err.kind}: {err.detail}"
             if attempt == cfg.max_retries:

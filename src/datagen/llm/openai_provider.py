@@ -54,6 +54,9 @@ class OpenAIProvider(AsyncProvider):
         return AsyncOpenAI(api_key=self._api_key or NO_KEY, base_url=self.cfg.base_url,
                            timeout=self.cfg.timeout_s, max_retries=0)
 
+    async def _aprobe(self, client: Any) -> None:
+        await client.models.list()
+
     def request_body(self, messages: list[Message], req: ChatRequest) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` (pure; tested exactly)."""
         kw: dict[str, Any] = {"model": self.model, "messages": messages,
