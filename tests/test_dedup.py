@@ -4,14 +4,16 @@ agreement between exact and partitioned search, the stage's files, and one slow 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from datagen.dedup import (Pairs, dedup_rows, exact_key, normalise_text, number_overlap, numbers, pairs_exact,
-                           pairs_partitioned, run_dedup)
-from datagen.embed import sample_text
+from datagen.dedup import (Pairs, answers_agree, context_similarity, dedup_rows, exact_key, normalise_text,
+                           number_overlap, numbers, pairs_exact, pairs_partitioned, question_near_copy, question_text,
+                           run_dedup, signed_numbers, term_difference)
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
+from datagen.schema import Sample
 
 DIM = 16
 
@@ -45,15 +47,18 @@ CASE = {
     "b1": (_row("b1", "g2", "what is  ACME's 10-day return", "ACME closed at 101"), _e(0)),
     # g7: similar to a1 but below the threshold (0.91 < 0.92): kept
     "h1": (_row("h1", "g7", "What is ACME's 20-day return?", "ACME closed at 99."), _mix(0.91, 0, 3)),
-    # g3 vs g4: near duplicates (0.95); d1 has the richer context, so it keeps despite its higher id
-    "c1": (_row("c1", "g3", "Is BOLT's volatility high?", "short"), _e(4)),
-    "d1": (_row("d1", "g4", "Is the volatility of BOLT high?", "a much longer context paragraph"),
+    # g3 vs g4: near duplicates (0.95, d1's context adds a sentence to c1's); d1 has the richer
+    # context, so it keeps despite its higher id
+    "c1": (_row("c1", "g3", "Is BOLT's volatility high?", "BOLT vol 30%."), _e(4)),
+    "d1": (_row("d1", "g4", "Is the volatility of BOLT high?", "BOLT vol 30%. Rated by the desk."),
            _mix(0.95, 4, 5)),
-    # g5's rephrasing vs g6's original (0.93): the original keeps despite richer context and lower id
-    "e1": (_row("e1", "g5", "Rate the credit risk of CRUX.", "ctx"), _e(8)),
-    "e1-r1": (_row("e1-r1", "g5", "How risky is CRUX's credit?", "a much longer context paragraph", True),
+    # g5's rephrasing vs g6's original (0.93): the original keeps despite its higher id
+    "e1": (_row("e1", "g5", "Rate the credit risk of CRUX.", "CRUX: PD 2%, LGD 45%."), _e(8)),
+    "e1-r1": (_row("e1-r1", "g5", "How risky is CRUX's credit?", "CRUX: PD 2%, LGD 45%.", True),
               _mix(0.93, 6, 7)),
-    "f1": (_row("f1", "g6", "How risky is DYNA credit?", "ctx"), _e(6)),
+    "f1": (_row("f1", "g6", "How risky is CRUX credit?", "CRUX: PD 2%, LGD 45%."), _e(6)),
+    # g8: another entity in the same template (cosine 0.99 to f1): another question, kept
+    "f2": (_row("f2", "g8", "How risky is DYNA credit?", "CRUX: PD 2%, LGD 45%."), _mix(0.99, 6, 9)),
 }
 
 
@@ -84,15 +89,16 @@ def test_normalise_text_keeps_numbers():
 def test_dedup_constructed_set_exact_outcome(method):
     rows, vecs = _case()
     res = dedup_rows(rows, vecs, threshold=0.92, within_group_threshold=0.985, method=method, nlist=1)
-    got = [(d["dropped_id"], d["kept_id"], round(d["similarity"], 4), d["reason"]) for d in res.drops]
+    got = [(d["row_id"], d["kept_id"], round(d["similarity"], 4), d["reason"]) for d in res.drops]
     assert got == [
         ("a1-r2", "a1", 0.99, "within_group_near_copy"),
         ("b1", "a1", 1.0, "exact_duplicate"),
         ("c1", "d1", 0.95, "near_duplicate"),
         ("e1-r1", "f1", 0.93, "near_duplicate"),
     ]
-    assert [r["id"] for r in res.kept] == ["a1", "a1-r1", "d1", "e1", "f1", "h1"]
-    assert res.counts == {"exact_duplicate": 1, "near_duplicate": 2, "within_group_near_copy": 1}
+    assert [r["id"] for r in res.kept] == ["a1", "a1-r1", "d1", "e1", "f1", "f2", "h1"]
+    assert res.counts == {"dropped_exact_duplicate": 1, "dropped_near_duplicate": 2,
+                          "dropped_within_group_near_copy": 1}
     assert res.method == method
 
 
@@ -110,26 +116,44 @@ def test_same_template_other_figures_is_not_a_duplicate():
             _row("p2", "g2", q, "PD 1.50%, LGD 40%, EAD 3,559,000 USD."),
             _row("p3", "g3", q + " ", "PD 3.00%, LGD 35%, EAD 4,937,000 USD (term loan).")]
     vecs = np.stack([_e(0), _mix(0.999, 0, 1), _mix(0.995, 0, 2)])
-    res = dedup_rows(rows, vecs, 0.92, 0.985, method="exact", min_number_overlap=0.8)
-    # p3 keeps: richer context
-    assert [(d["dropped_id"], d["kept_id"], d["reason"]) for d in res.drops] == [("p1", "p3", "near_duplicate")]
-    res = dedup_rows(rows, vecs, 0.92, 0.985, method="exact", min_number_overlap=0.0)
-    assert [d["dropped_id"] for d in res.drops] == ["p1", "p2"]
+    res = dedup_rows(rows, vecs, 0.92, 0.985, method="exact")
+    # p3's context holds all of p1's (and adds a note): p3 keeps, the richer context; p2 is other data
+    assert [(d["row_id"], d["kept_id"], d["reason"]) for d in res.drops] == [("p1", "p3", "near_duplicate")]
 
 
-def test_no_cross_group_pair_above_threshold_survives():
+def test_no_duplicate_pair_of_different_groups_survives():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 32))
     x = np.repeat(centres, 8, axis=0) + 0.15 * rng.normal(size=(40, 32))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    rows = [_row(f"r{i:02d}", f"g{i // 2}", f"q{i}") for i in range(40)]
+    metrics = ["return", "volatility", "drawdown", "volume", "spread"]
+    # 8 rows per centre: one question in two spellings, or (odd rows of centre 4) about another ticker
+    rows = [_row(f"r{i:02d}", f"g{i // 2}", f"What is the {metrics[i // 8]} of "
+                 f"{'BOLT' if i // 8 == 4 and i % 2 else 'ACME'}{'?' if i % 3 else ''}") for i in range(40)]
     res = dedup_rows(rows, x, threshold=0.9, within_group_threshold=0.97, method="exact")
-    idx = [int(r["id"][1:]) for r in res.kept]
-    sims = x[idx] @ x[idx].T
-    groups = np.array([r["group_id"] for r in res.kept])
-    cross = groups[:, None] != groups[None, :]
-    assert len(res.drops) > 0 and (sims[cross] < 0.9).all()
-    assert len(res.kept) + len(res.drops) == 40
+    assert len(res.kept) + len(res.drops) == 40 and len(res.drops) > 0
+    for a in res.kept:
+        for b in res.kept:
+            if a["id"] < b["id"] and a["group_id"] != b["group_id"]:
+                sim = float(x[int(a["id"][1:])] @ x[int(b["id"][1:])])
+                assert not (question_near_copy(a["question"], b["question"], sim, 0.9)
+                            and context_similarity(a, b) >= 0.98 and answers_agree(a, b)), (a["id"], b["id"])
+    assert len(res.kept) == 6  # one per centre, two for centre 4 (two tickers)
+
+
+def test_signals():
+    assert signed_numbers("-2.04% vs (3.4) and $1,200.50 in 2017-2018") == (-3.4, -2.04, 1200.5, 2017.0, 2018.0)
+    assert term_difference("What was the percentage change in net income?",
+                           "What was the percentage change in net sales?") == (["income"], ["sales"])
+    assert term_difference("What was ACME's total return over the last 10 trading days?",
+                           "Over the last 10 trading days, what total return did ACME deliver?") == ([], [])
+    assert term_difference("What is the percentage change?", "What's the percent change?") == ([], [])
+    assert term_difference("What was the revenue in 2019?", "What was the revenue growth in 2019?") == ([], ["growth"])
+    r = lambda a, lab=None: {"answer": a, "metadata": {"answer_label": lab} if lab else {}}  # noqa: E731
+    assert answers_agree(r("5.20%"), r("5.20%: (105.2 / 100 - 1) x 100"))
+    assert answers_agree(r("14.16 percent"), r("14.16%")) and answers_agree(r("Good."), r("good"))
+    assert not answers_agree(r("-2.04%"), r("2.04%")) and not answers_agree(r("yes"), r("no"))
+    assert not answers_agree(r("x", "above"), r("x", "below"))
 
 
 def test_partitioned_search_matches_exact_when_all_cells_probed():
@@ -156,15 +180,18 @@ def test_run_dedup_writes_files_and_manifest(demo_cfg):
     aug = demo_cfg.paths.stage_dir("augment")
     write_jsonl(aug / "samples.jsonl", rows)
     write_manifest(aug, {"stage": "augment"})
-    emb = FakeEmbedder({sample_text(r, demo_cfg.dedup.context_chars): v for r, v in zip(rows, vecs)})
+    emb = FakeEmbedder({question_text(r): v for r, v in zip(rows, vecs)})  # dedup embeds questions alone
     m = run_dedup(demo_cfg, embedder=emb)
     out = demo_cfg.paths.stage_dir("dedup")
-    assert [r["id"] for r in read_jsonl(out / "samples.jsonl")] == ["a1", "a1-r1", "d1", "e1", "f1", "h1"]
+    assert [r["id"] for r in read_jsonl(out / "samples.jsonl")] == ["a1", "a1-r1", "d1", "e1", "f1", "f2", "h1"]
     drops = read_jsonl(out / "drops.jsonl")
-    assert [(d["dropped_id"], d["kept_id"], d["reason"]) for d in drops][1] == ("b1", "a1", "exact_duplicate")
+    assert [(d["stage"], d["row_id"], d["kept_id"], d["reason"]) for d in drops][1] == (
+        "dedup", "b1", "a1", "exact_duplicate")
     assert m["counts"]["dropped_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 2,
-                                                "within_group_near_copy": 1}
-    assert m["counts"]["in"] == 10 and m["counts"]["kept"] == 6
+                                                "within_group_near_copy": 1, "conflicting_answers": 0}
+    assert {k: v for k, v in m["counts"].items() if k.startswith("dropped_") and k != "dropped_by_reason"} == {
+        "dropped_exact_duplicate": 1, "dropped_near_duplicate": 2, "dropped_within_group_near_copy": 1}
+    assert m["counts"]["in"] == 11 and m["counts"]["kept"] == 7 and m["counts"]["quarantined"] == 0
     assert read_json(out / "manifest.json")["outputs"].keys() == {"samples.jsonl", "drops.jsonl"}
 
 
@@ -182,9 +209,90 @@ def test_real_minilm_paraphrases(tmp_path):
     vecs = emb.encode(texts)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     res = dedup_rows(rows, vecs, threshold=0.92, within_group_threshold=0.985, method="exact")
-    reasons = {d["dropped_id"]: (d["kept_id"], d["reason"]) for d in res.drops}
+    reasons = {d["row_id"]: (d["kept_id"], d["reason"]) for d in res.drops}
     assert reasons == {"r1": ("r0", "near_duplicate"), "r2": ("r0", "exact_duplicate")}
     # the disk cache answers a second embedder without re-encoding
     emb2 = load_embedder(EmbedderConfig(), cache_dir=tmp_path / "emb")
     np.testing.assert_allclose(emb2.encode(texts), vecs, atol=1e-6)
     assert emb2.stats["encoded"] == 0 and emb2.stats["cache_hits"] == 4
+
+
+# ----------------------------------------------------------------------------- realistic data (issue 13)
+REALISTIC = Path(__file__).parent / "data" / "realistic"
+
+
+def _load(name):
+    rows = [Sample.model_validate(r).to_row() for r in read_jsonl(REALISTIC / name)]
+    assert rows
+    return rows
+
+
+def _fooled_vecs(rows, near_copies=None, cos=0.96):
+    """Question vectors of an embedder the shared context has fooled: every two distinct questions
+    have cosine ``cos`` (above the threshold); the same question text gives the same vector;
+    ``near_copies`` maps a question to the question it copies (cosine 0.99 to it)."""
+    near_copies = near_copies or {}
+    distinct = sorted({r["question"] for r in rows} - set(near_copies))
+    dim = len(distinct) + len(near_copies) + 1
+    by_q = {}
+    for k, q in enumerate(distinct):
+        v = np.zeros(dim, np.float32)
+        v[0], v[k + 1] = math.sqrt(cos), math.sqrt(1 - cos)
+        by_q[q] = v
+    for k, (q, of) in enumerate(sorted(near_copies.items())):
+        v = by_q[of] * 0.99
+        v[len(distinct) + 1 + k] = math.sqrt(1 - 0.99 ** 2)
+        by_q[q] = v.astype(np.float32)
+    return np.stack([by_q[r["question"]] for r in rows])
+
+
+def test_same_context_distinct_questions_are_kept_and_conflicts_quarantined():
+    """Issue 13.1: questions over one shared report context are distinct items even when the embedder
+    calls them near-identical; a true copy goes, an exact copy with another answer is quarantined."""
+    rows = _load("report_qa.jsonl")
+    copy_q = "What was the percentage change in the net income from 2018 to 2019?"
+    rows.append({**rows[0], "id": "doc-acme-2019-q00-near", "group_id": "doc-acme-2019-q00-near", "question": copy_q})
+    vecs = _fooled_vecs(rows, {copy_q: rows[0]["question"]})
+    res = dedup_rows(rows, vecs, threshold=0.92, within_group_threshold=0.985, method="exact")
+    got = sorted((d["row_id"], d["reason"], d.get("kept_id")) for d in res.drops)
+    assert got == [("doc-acme-2019-q00-copy", "exact_duplicate", "doc-acme-2019-q00"),
+                   ("doc-acme-2019-q00-near", "near_duplicate", "doc-acme-2019-q00"),
+                   ("doc-acme-2019-q01", "conflicting_answers", None),
+                   ("doc-acme-2019-q01-copy", "conflicting_answers", None)]
+    conflict = {d["row_id"]: d for d in res.drops if d["reason"] == "conflicting_answers"}
+    assert conflict["doc-acme-2019-q01"]["conflicts_with"] == ["doc-acme-2019-q01-copy"]
+    assert "-2.04%" in conflict["doc-acme-2019-q01"]["detail"] and "2.04%" in conflict["doc-acme-2019-q01-copy"]["detail"]
+    assert all(d["stage"] == "dedup" for d in res.drops)
+    # all 20 distinct questions of the two reports survive, except the one whose answer is disputed
+    assert len(res.kept) == 19 and "doc-acme-2019-q01" not in {r["id"] for r in res.kept}
+    assert res.counts == {"dropped_conflicting_answers": 2, "dropped_exact_duplicate": 1,
+                          "dropped_near_duplicate": 1}
+
+
+def test_tabular_rows_differing_in_one_field_are_not_duplicates():
+    """Issue 13.1: credit applicants (one table row each, one shared question) that differ in one
+    field are distinct, whatever their labels; the same applicant exported twice is a duplicate."""
+    rows = _load("credit_table.jsonl")
+    vecs = _fooled_vecs(rows)  # one question text: every pair has cosine 1.0
+    res = dedup_rows(rows, vecs, threshold=0.92, within_group_threshold=0.985, method="exact")
+    assert [(d["row_id"], d["reason"], d["kept_id"]) for d in res.drops] == [
+        ("credit-011", "exact_duplicate", "credit-002")]
+    assert len(res.kept) == 11
+
+
+def test_same_question_other_answer_in_a_near_shared_context_is_a_conflict():
+    """A context that only adds a paragraph nearly shares the other; conflicting answers there are a
+    quarantine, agreeing ones a duplicate (the richer context keeps)."""
+    base = _load("report_qa.jsonl")[5]  # "What was the net income in 2019?" -> 55,256 million
+    longer = {**base["context"], "text": base["context"]["text"] + " All figures are audited."}
+    agree = {**base, "id": "z-agree", "group_id": "z-agree", "context": longer}
+    res = dedup_rows([base, agree], _fooled_vecs([base, agree]), 0.92, 0.985, method="exact")
+    assert [(d["row_id"], d["reason"], d["kept_id"]) for d in res.drops] == [(base["id"], "near_duplicate", "z-agree")]
+    other = {**agree, "answer": "59,531 million"}
+    res = dedup_rows([base, other], _fooled_vecs([base, other]), 0.92, 0.985, method="exact")
+    assert sorted(d["reason"] for d in res.drops) == ["conflicting_answers"] * 2 and res.kept == []
+    # a different figure in the context is other data, not a near-shared context
+    edited = {**base, "id": "z-edit", "group_id": "z-edit",
+              "context": {**base["context"], "text": base["context"]["text"].replace("15.9%", "16.9%")}}
+    res = dedup_rows([base, edited], _fooled_vecs([base, edited]), 0.92, 0.985, method="exact")
+    assert res.drops == []

@@ -1,26 +1,43 @@
-"""Dedup: exact and near-duplicate removal by embedding similarity.
+"""Dedup: a duplicate is the same question, over the same context, with the same answer.
 
-Rules (``cfg.dedup``):
+Three signals are compared separately (``cfg.dedup``), because a shared context must not make distinct
+questions look alike: when many questions share one long report, an embedding of question + context
+is dominated by the context, and so are its figures.
 
-- **exact duplicates**: rows whose normalised question + context are identical (any groups);
-- **near duplicates across groups**: cosine >= ``threshold`` between rows of *different* groups that
-  also share their figures (Jaccard of the numbers >= ``min_number_overlap``);
-- **near-copies within a group**: cosine >= ``within_group_threshold`` between rows of one group
-  (distinct rephrasings of one item are meant to be similar and are kept below that).
+- **question**: the cosine of *question-only* embeddings >= ``threshold`` (across groups) or
+  ``within_group_threshold`` (inside one group), the same figures in both questions (signed: ``2018``
+  is not ``2019``), and the same content words (:func:`term_difference`: "net income" vs "net sales",
+  or "revenue" vs "revenue growth", is another question however close the embeddings are; typos,
+  plurals, stop words and word order are not). Questions equal after :func:`normalise_text` always match.
+- **context**: identical (content hash of the normalised rendered context) or *nearly shared*
+  (:func:`context_similarity` >= ``context_threshold``): tables with the same columns whose rows are
+  one a sub-multiset of the other (one different cell is another record: a credit applicant who
+  differs in one field is another applicant), the smaller context's tokens contained in the larger's,
+  and no figure of the smaller missing from the larger.
+- **answer**: :func:`answers_agree` (same label; or the signed figures of one contained in the
+  other's, so ``-2.04%`` is not ``2.04%``; or the same normalised text).
 
-Pairs are merged with union-find (see :func:`dedup_rows`); each cluster keeps one row by the keeper
-policy (originals over rephrasings, then richer context, then lowest id). Every drop is
-written to ``drops.jsonl`` with the kept id, the dropped row's cosine to the keeper and the reason
-(``exact_duplicate`` | ``near_duplicate`` | ``within_group_near_copy``), and counted in the manifest.
-After dedup no two rows of different groups are near duplicates.
+Question and context match, answers agree: a duplicate (``exact_duplicate`` when question + context
+are identical after normalisation, else ``near_duplicate`` across groups or ``within_group_near_copy``
+inside one). Question and context match, answers disagree: both rows are quarantined as
+``conflicting_answers`` (with their rephrasings), never silently dropped: one of the two answers is
+wrong and nothing here can tell which. ``benchmarks/bench_dedup_calibration.py`` measures precision
+and recall of this rule on a labelled set of pairs (``benchmarks/results/dedup_calibration.json``).
 
-Pair search: an exact blocked matrix product (torch) up to ``partition_min_rows`` rows; above it a
-partitioned search (faiss IVF: k-means cells, then pairs within the ``nprobe`` nearest cells of each
-query, as SemDeDup does). ``benchmarks/bench_dedup.py`` measures time and pair recall of both.
+Duplicate pairs are merged with union-find (see :func:`dedup_rows`); each cluster keeps one row by
+the keeper policy (originals over rephrasings, then richer context, then lowest id). Every drop and
+quarantine is one :func:`datagen.io.drop_record` in ``drops.jsonl`` (kept id, question cosine,
+context similarity) and counted by :func:`datagen.io.drop_counts` in the manifest.
+
+Pair search (question embeddings): an exact blocked matrix product (torch) up to
+``partition_min_rows`` rows; above it a partitioned search (faiss IVF: k-means cells, then pairs within
+the ``nprobe`` nearest cells of each query, as SemDeDup does). ``benchmarks/bench_dedup.py`` measures
+time and pair recall of both.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -33,13 +50,14 @@ from typing import Any
 import numpy as np
 
 from datagen.config import Config
-from datagen.embed import Embedder, embed_samples, load_embedder
-from datagen.io import manifest_hash, read_jsonl, require_stage, write_jsonl, write_manifest
+from datagen.embed import Embedder, load_embedder
+from datagen.io import (drop_counts, drop_record, manifest_hash, read_jsonl, require_stage, sha256_text, write_jsonl,
+                        write_manifest)
 from datagen.schema import render_context
 
 log = logging.getLogger(__name__)
 
-REASONS = ("exact_duplicate", "near_duplicate", "within_group_near_copy")
+REASONS = ("exact_duplicate", "near_duplicate", "within_group_near_copy", "conflicting_answers")
 
 
 # ----------------------------------------------------------------------------- text keys
@@ -73,6 +91,133 @@ def numbers(row: dict[str, Any]) -> frozenset[str]:
 def number_overlap(a: frozenset[str], b: frozenset[str]) -> float:
     """Jaccard of two figure sets (1.0 when neither has any)."""
     return len(a & b) / len(a | b) if a or b else 1.0
+
+
+_SIGNED = re.compile(r"(?<![\w.,])(\(?)([-+\u2212]?)\$?(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(\)?)")
+
+
+def signed_numbers(text: str) -> tuple[float, ...]:
+    """The figures in ``text`` with their signs, sorted (``-7`` and ``(7)`` are negative; ``2017-2018``
+    is two positive years; ``1,200.50`` is ``1200.5``)."""
+    out = []
+    for paren, sign, digits, close in _SIGNED.findall(str(text)):
+        v = float(digits.replace(",", ""))
+        if sign in "-\u2212" and sign or (paren and close):
+            v = -v
+        out.append(round(v, 6))
+    return tuple(sorted(out))
+
+
+def question_text(row: dict[str, Any]) -> str:
+    """What a question is embedded as for dedup: the question alone, whitespace collapsed."""
+    return " ".join(str(row["question"]).split())
+
+
+def context_key(row: dict[str, Any]) -> str:
+    """Content hash of the normalised rendered context; ``""`` for a row without context. Rows with one
+    key share a context (the split keeps them together)."""
+    text = normalise_text(render_context(row.get("context")))
+    return sha256_text(text)[:16] if text else ""
+
+
+# words whose change does not change what a question asks
+STOP_WORDS = frozenset("""a an the of in on at to from for by and or vs versus between over during within with as
+    is are was were be been being what whats which who how much many did does do done s its it this that these those
+    than per into out up down please give tell me us you your our their there here if then so can could would should
+    will shall may might must according based using use shown show table above below following given
+    deliver delivered record recorded report reported post posted compute calculate estimate find state""".split())
+
+
+def _close(a: str, b: str) -> bool:
+    """One word as another's typo, plural or stem (``percent`` / ``percentage``, ``sale`` / ``sales``)."""
+    if a == b:
+        return True
+    if min(len(a), len(b)) >= 4 and (a.startswith(b) or b.startswith(a)):
+        return True
+    return min(len(a), len(b)) >= 5 and difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` that say what it asks: normalised, without stop words and bare numbers."""
+    return [w for w in normalise_text(text).split() if w not in STOP_WORDS and not w.replace(".", "").isdigit()]
+
+
+def term_difference(qa: str, qb: str) -> tuple[list[str], list[str]]:
+    """Content words of each question with no counterpart in the other (matched one to one; a typo,
+    plural or stem counts as a counterpart). ``"... change in net income"`` vs ``"... change in net
+    sales"`` gives ``(["income"], ["sales"])``; a reordering or a stop-word change gives ``([], [])``.
+    Sentence embeddings see paraphrases well and one-word meaning changes badly, so a question that
+    adds, drops or swaps a content word is another question, however close the embeddings are."""
+    wa, wb = content_words(qa), content_words(qb)
+    left = list(wb)
+    only_a = []
+    for w in wa:
+        k = next((k for k, x in enumerate(left) if x == w), None)
+        if k is None:
+            k = next((k for k, x in enumerate(left) if _close(w, x)), None)
+        if k is None:
+            only_a.append(w)
+        else:
+            left.pop(k)
+    return only_a, left
+
+
+def question_near_copy(qa: str, qb: str, sim: float, threshold: float) -> bool:
+    """The question signal: equal after normalisation, or cosine >= ``threshold`` with the same signed
+    figures and the same content words (:func:`term_difference`)."""
+    if normalise_text(qa) == normalise_text(qb):
+        return True
+    return sim >= threshold and signed_numbers(qa) == signed_numbers(qb) and term_difference(qa, qb) == ([], [])
+
+
+def _table_rows(table: dict[str, Any] | None) -> tuple[tuple[str, ...], Counter] | None:
+    if not table:
+        return None
+    cols = tuple(normalise_text(str(c)) for c in table.get("columns") or [])
+    return cols, Counter(tuple(normalise_text(str(c)) for c in r) for r in table.get("rows") or [])
+
+
+def context_similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """How nearly two rows share their context, in [0, 1]: 1.0 for identical contexts (normalised); 0.0
+    when one has a table the other lacks, the tables' columns differ, neither table's rows are a
+    sub-multiset of the other's (a changed cell is another record), or a figure of the smaller
+    context is missing from the larger (other data). Otherwise the share of the smaller context's
+    tokens (rendered table and text, as a multiset) found in the larger."""
+    ca, cb = a.get("context") or {}, b.get("context") or {}
+    ra, rb = render_context(ca), render_context(cb)
+    na, nb = normalise_text(ra), normalise_text(rb)
+    if na == nb:
+        return 1.0
+    if not na or not nb:
+        return 0.0
+    ta, tb = _table_rows(ca.get("table")), _table_rows(cb.get("table"))
+    if (ta is None) != (tb is None):
+        return 0.0
+    if ta is not None and tb is not None:
+        if ta[0] != tb[0]:
+            return 0.0
+        small, big = (ta[1], tb[1]) if sum(ta[1].values()) <= sum(tb[1].values()) else (tb[1], ta[1])
+        if small - big:
+            return 0.0
+    (sa, ra_), (sb, rb_) = sorted([(na.split(), ra), (nb.split(), rb)], key=lambda x: len(x[0]))
+    if Counter(signed_numbers(ra_)) - Counter(signed_numbers(rb_)):
+        return 0.0
+    small_c, big_c = Counter(sa), Counter(sb)
+    return sum((small_c & big_c).values()) / max(1, sum(small_c.values()))
+
+
+def answers_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The answer signal: the same ``metadata.answer_label`` where both have one; else, where either
+    answer has figures, the signed figures of one contained in the other's (``5.20%`` agrees with
+    ``5.20%: (105.2 / 100 - 1) x 100``; ``-2.04%`` does not agree with ``2.04%``); else the same text
+    after normalisation."""
+    la, lb = ((r.get("metadata") or {}).get("answer_label") for r in (a, b))
+    if la is not None and lb is not None:
+        return str(la).casefold() == str(lb).casefold()
+    xa, xb = Counter(signed_numbers(a["answer"])), Counter(signed_numbers(b["answer"]))
+    if xa or xb:
+        return bool(xa and xb) and (not xa - xb or not xb - xa)
+    return normalise_text(a["answer"]) == normalise_text(b["answer"])
 
 
 # ----------------------------------------------------------------------------- pair search
@@ -203,101 +348,122 @@ def keeper_rank(row: dict[str, Any]) -> tuple:
 @dataclass
 class DedupResult:
     kept: list[dict[str, Any]]
-    drops: list[dict[str, Any]]
-    counts: dict[str, int]
-    pairs: int
+    drops: list[dict[str, Any]]  # drop records (datagen.io.drop_record), quarantines included
+    counts: dict[str, int]  # drop_counts(drops)
+    pairs: int  # candidate pairs examined
     method: str
+
+
+def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, within_group_threshold: float,
+           context_threshold: float, method: str, partition_min_rows: int, nlist: int | None,
+           nprobe: int) -> tuple[list[tuple[int, int, float]], list[tuple[int, int]], int, str]:
+    """(duplicate pairs with their context similarity, conflicting pairs, candidates examined, search
+    method). Candidates: question-embedding pairs >= the lower threshold, and exact-key pairs."""
+    keys = [exact_key(r) for r in rows]
+    pairs, used = similar_pairs(vecs, min(threshold, within_group_threshold), method, partition_min_rows,
+                                nlist, nprobe)
+    cand: dict[tuple[int, int], float] = dict(zip(zip(pairs.i.tolist(), pairs.j.tolist()), pairs.sim.tolist()))
+    by_key: dict[str, list[int]] = {}
+    for idx, k in enumerate(keys):
+        by_key.setdefault(k, []).append(idx)
+    for m in by_key.values():
+        for x in range(len(m)):
+            for y in m[x + 1:]:
+                cand.setdefault((m[x], y), float(vecs[m[x]] @ vecs[y]))
+    dup, conflict = [], []
+    for (a, b), sim in sorted(cand.items()):
+        ra, rb = rows[a], rows[b]
+        thr = within_group_threshold if ra["group_id"] == rb["group_id"] else threshold
+        if keys[a] == keys[b]:
+            csim = 1.0
+        elif not question_near_copy(ra["question"], rb["question"], sim, thr):
+            continue
+        else:
+            csim = context_similarity(ra, rb)
+            if csim < context_threshold:
+                continue
+        if answers_agree(ra, rb):
+            dup.append((a, b, csim))
+        else:
+            conflict.append((a, b))
+    return dup, conflict, len(cand), used
 
 
 def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, within_group_threshold: float,
                method: str = "auto", partition_min_rows: int = 50_000, nlist: int | None = None,
-               nprobe: int = 16, min_number_overlap: float = 0.0) -> DedupResult:
-    """Deduplicate ``rows`` (``vecs`` are their L2-normalised embeddings, same order).
+               nprobe: int = 16, context_threshold: float = 0.98) -> DedupResult:
+    """Deduplicate ``rows``; ``vecs`` are the L2-normalised embeddings of their *questions*
+    (:func:`question_text`), same order. The pair rule is in the module doc.
 
-    1. Across groups: union-find over exact-duplicate pairs and cross-group pairs with cosine >=
-       ``threshold`` whose figures overlap (:func:`number_overlap` >= ``min_number_overlap``: sentence
-       embeddings barely see numbers, so one question template over other data would otherwise look
-       like a duplicate). Each cluster keeps the best row by :func:`keeper_rank` and, with it, the other
-       members of the keeper's group; members of other groups are dropped. So a duplicated item's
-       distinct rephrasings survive with it, and no two surviving rows of different groups are
-       duplicates (similar and sharing their figures).
-    2. Within each group: union-find over the surviving rows' exact copies and pairs with cosine >=
-       ``within_group_threshold``; one keeper per cluster by the same policy.
+    0. Conflicts: both rows of every conflicting pair, and the rephrasings of a quarantined original
+       (``metadata.rephrase_of``), are quarantined (``conflicting_answers``).
+    1. Across groups, among the rest: union-find over duplicate pairs of different groups. Each
+       cluster keeps its best row by :func:`keeper_rank` and, with it, the other members of the
+       keeper's group; members of other groups are dropped (``exact_duplicate`` | ``near_duplicate``).
+    2. Within each group, among the survivors: union-find over duplicate pairs of one group; one keeper
+       per cluster by the same policy (``exact_duplicate`` | ``within_group_near_copy``).
     """
     n = len(rows)
     keys = [exact_key(r) for r in rows]
-    groups = np.array([r["group_id"] for r in rows], dtype=object)
-    low = min(threshold, within_group_threshold)
-    pairs, used = similar_pairs(vecs, low, method, partition_min_rows, nlist, nprobe)
-    if len(pairs):
-        same = groups[pairs.i] == groups[pairs.j]
-        cross = (~same) & (pairs.sim >= threshold)
-        within = same & (pairs.sim >= within_group_threshold)
-        if min_number_overlap > 0 and cross.any():
-            nums: dict[int, frozenset[str]] = {}
-            for k in np.flatnonzero(cross).tolist():
-                a, b = int(pairs.i[k]), int(pairs.j[k])
-                na = nums.setdefault(a, numbers(rows[a]))
-                nb = nums.setdefault(b, numbers(rows[b]))
-                if number_overlap(na, nb) < min_number_overlap:
-                    cross[k] = False
-    else:
-        cross = within = np.zeros(0, bool)
-    by_key: dict[str, list[int]] = {}
-    for idx, k in enumerate(keys):
-        by_key.setdefault(k, []).append(idx)
-    exact = [(m[0], o) for m in by_key.values() for o in m[1:]]
+    groups = [r["group_id"] for r in rows]
+    dup, conflict, n_cand, used = _edges(rows, vecs, threshold, within_group_threshold, context_threshold,
+                                         method, partition_min_rows, nlist, nprobe)
+    csim = {(a, b): c for a, b, c in dup}
+    alive = np.ones(n, bool)
+    drops: list[dict[str, Any]] = []
+
+    # 0. conflicts
+    others: dict[int, set[int]] = {}
+    for a, b in conflict:
+        others.setdefault(a, set()).add(b)
+        others.setdefault(b, set()).add(a)
+    by_id = {r["id"]: k for k, r in enumerate(rows)}
+    for k, r in enumerate(rows):
+        parent = by_id.get((r.get("metadata") or {}).get("rephrase_of"))
+        if k not in others and parent in others:
+            others[k] = {parent}
+    for k in sorted(others):
+        alive[k] = False
+        with_ = sorted(rows[o]["id"] for o in others[k])
+        answers = "; ".join(f"{rows[o]['id']}: {rows[o]['answer']!r}" for o in sorted(others[k], key=lambda o: rows[o]["id"]))
+        drops.append(drop_record(
+            "dedup", rows[k]["id"], "conflicting_answers",
+            f"answer {rows[k]['answer']!r} conflicts with {answers} (same question and context)",
+            group_id=groups[k], conflicts_with=with_))
 
     def drop(d: int, k: int, near_reason: str) -> dict[str, Any]:
-        return {"dropped_id": rows[d]["id"], "kept_id": rows[k]["id"],
-                "dropped_group": rows[d]["group_id"], "kept_group": rows[k]["group_id"],
-                "similarity": round(float(vecs[d] @ vecs[k]), 6),
-                "reason": "exact_duplicate" if keys[d] == keys[k] else near_reason}
+        reason = "exact_duplicate" if keys[d] == keys[k] else near_reason
+        c = csim.get((min(d, k), max(d, k)))
+        return drop_record("dedup", rows[d]["id"], reason, f"duplicate of {rows[k]['id']}", kept_id=rows[k]["id"],
+                           dropped_group=groups[d], kept_group=groups[k],
+                           similarity=round(float(vecs[d] @ vecs[k]), 6),
+                           context_similarity=None if c is None else round(c, 6))
 
-    # 1. across groups
-    uf = UnionFind(n)
-    for a, b in exact:
-        if groups[a] != groups[b]:
-            uf.union(a, b)
-    for a, b in zip(pairs.i[cross].tolist(), pairs.j[cross].tolist()):
-        uf.union(a, b)
-    clusters: dict[int, list[int]] = {}
-    for idx in range(n):
-        clusters.setdefault(uf.find(idx), []).append(idx)
-    alive = np.ones(n, bool)
-    drops = []
-    for members in clusters.values():
-        if len(members) < 2:
-            continue
-        keeper = min(members, key=lambda k: keeper_rank(rows[k]))
-        for d in members:
-            if groups[d] != groups[keeper]:
-                alive[d] = False
-                drops.append(drop(d, keeper, "near_duplicate"))
-    # 2. within groups, among the survivors
-    uf = UnionFind(n)
-    for a, b in exact:
-        if groups[a] == groups[b] and alive[a] and alive[b]:
-            uf.union(a, b)
-    for a, b in zip(pairs.i[within].tolist(), pairs.j[within].tolist()):
-        if alive[a] and alive[b]:
-            uf.union(a, b)
-    clusters = {}
-    for idx in np.flatnonzero(alive).tolist():
-        clusters.setdefault(uf.find(idx), []).append(idx)
-    for members in clusters.values():
-        if len(members) < 2:
-            continue
-        keeper = min(members, key=lambda k: keeper_rank(rows[k]))
-        for d in members:
-            if d != keeper:
-                alive[d] = False
-                drops.append(drop(d, keeper, "within_group_near_copy"))
+    def merge(edges: list[tuple[int, int]], within: bool) -> None:
+        uf = UnionFind(n)
+        for a, b in edges:
+            if alive[a] and alive[b] and (groups[a] == groups[b]) == within:
+                uf.union(a, b)
+        clusters: dict[int, list[int]] = {}
+        for idx in np.flatnonzero(alive).tolist():
+            clusters.setdefault(uf.find(idx), []).append(idx)
+        for members in clusters.values():
+            if len(members) < 2:
+                continue
+            keeper = min(members, key=lambda k: keeper_rank(rows[k]))
+            for d in members:
+                if d != keeper and (within or groups[d] != groups[keeper]):
+                    drops.append(drop(d, keeper, "within_group_near_copy" if within else "near_duplicate"))
+        for d in drops:
+            if d["reason"] != "conflicting_answers":
+                alive[by_id[d["row_id"]]] = False
+
+    edges = [(a, b) for a, b, _ in dup]
+    merge(edges, within=False)  # 1. across groups
+    merge(edges, within=True)  # 2. within groups, among the survivors
     kept = sorted((rows[k] for k in np.flatnonzero(alive).tolist()), key=lambda r: r["id"])
-    drops.sort(key=lambda d: d["dropped_id"])
-    counts = {r: 0 for r in REASONS}
-    counts.update(Counter(d["reason"] for d in drops))
-    return DedupResult(kept, drops, counts, int(cross.sum() + within.sum()) + len(exact), used)
+    drops.sort(key=lambda d: (d["row_id"], d["reason"]))
+    return DedupResult(kept, drops, drop_counts(drops), n_cand, used)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -305,32 +471,36 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     src = cfg.paths.stage_dir("augment")
     require_stage(src, "augment")
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
+    dc = cfg.dedup
     t0 = time.perf_counter()
-    embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
-    vecs = embed_samples(cfg, rows, embedder)
+    embedder = embedder or load_embedder(dc.embedder, cfg.paths.cache_dir / "embeddings")
+    vecs = embedder.encode([question_text(r) for r in rows])
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = dedup_rows(rows, vecs, cfg.dedup.threshold, cfg.dedup.within_group_threshold, cfg.dedup.method,
-                     cfg.dedup.partition_min_rows, cfg.dedup.nlist, cfg.dedup.nprobe,
-                     cfg.dedup.min_number_overlap)
+    res = dedup_rows(rows, vecs, dc.threshold, dc.within_group_threshold, dc.method, dc.partition_min_rows,
+                     dc.nlist, dc.nprobe, dc.context_threshold)
     t_pairs = time.perf_counter() - t0
     out = cfg.paths.stage_dir("dedup")
     write_jsonl(out / "samples.jsonl", res.kept)
     write_jsonl(out / "drops.jsonl", res.drops)
-    log.info("dedup: %d rows in, %d kept, drops %s (%s search, %d edges)", len(rows), len(res.kept),
+    quarantined = sum(d["reason"] == "conflicting_answers" for d in res.drops)
+    log.info("dedup: %d rows in, %d kept, %s (%s search, %d candidate pairs)", len(rows), len(res.kept),
              res.counts, res.method, res.pairs)
+    if quarantined:
+        log.warning("dedup: %d rows quarantined as conflicting_answers (same question and context, other "
+                    "answer); see %s", quarantined, out / "drops.jsonl")
     return write_manifest(out, {
         "stage": "dedup",
         "config_hash": cfg.section_hash("dedup"),
         "upstream": {"augment": manifest_hash(src)},
-        "embedder": {"name": embedder.name, **getattr(embedder, "stats", {})},
-        "threshold": cfg.dedup.threshold,
-        "within_group_threshold": cfg.dedup.within_group_threshold,
-        "min_number_overlap": cfg.dedup.min_number_overlap,
+        "embedder": {"name": embedder.name, "text": "question", **getattr(embedder, "stats", {})},
+        "threshold": dc.threshold,
+        "within_group_threshold": dc.within_group_threshold,
+        "context_threshold": dc.context_threshold,
         "method": res.method,
-        "counts": {"in": len(rows), "kept": len(res.kept), "dropped": len(res.drops),
-                   "edges": res.pairs,
-                   "dropped_by_reason": res.counts,
+        "counts": {"in": len(rows), "kept": len(res.kept), "dropped": len(res.drops) - quarantined,
+                   "quarantined": quarantined, "candidate_pairs": res.pairs, **res.counts,
+                   "dropped_by_reason": {r: res.counts.get(f"dropped_{r}", 0) for r in REASONS},
                    "kept_by_category": dict(sorted(Counter(r["category"] for r in res.kept).items())),
                    "kept_rephrasings": sum(bool(r.get("is_rephrase")) for r in res.kept)},
         "seconds": {"embed": round(t_embed, 3), "pairs": round(t_pairs, 3)},
