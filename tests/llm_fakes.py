@@ -112,7 +112,7 @@ def echo_completion(body: dict[str, Any], text: str) -> dict[str, Any]:
             "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
 
 
-FAULTS = ("429", "500", "hang", "truncate", "garbage")
+FAULTS = ("429", "500", "hang", "truncate", "garbage", "401", "echo400")
 
 
 class FaultProxy(_Base):
@@ -208,6 +208,13 @@ class FaultProxy(_Base):
             return
         if fault == "400":
             h.send_json(400, {"error": {"message": "bad request", "type": "invalid_request_error"}})
+            return
+        if fault in ("401", "echo400"):  # a careless server that echoes the credentials it got
+            auth = h.headers.get("authorization", "")
+            status = 401 if fault == "401" else 400
+            h.send_json(status, {"error": {"message": f"rejected request with Authorization: {auth}",
+                                           "type": "invalid_request_error", "headers": {"authorization": auth}}},
+                        {"x-echo-authorization": auth})
             return
         if fault == "hang":
             time.sleep(self.hang_s)

@@ -431,9 +431,6 @@ class AsyncProvider(BaseProvider):
     # ------------------------------------------------------------------ one item
     async def _aitem(self, i: int, req: ChatRequest, key: str, done) -> None:
         st = _ItemState()
-        if self.auth_error:  # refused once: make no more calls with that key
-            done(i, key, failure(f"skipped: {self.auth_error}"))
-            return
         try:
             conv: list[Message] = [dict(m) for m in req.messages]
             last_text, last_err = None, None
@@ -465,6 +462,8 @@ class AsyncProvider(BaseProvider):
             await self.limiter.acquire()
             assert self._sem is not None
             async with self._sem:
+                if self.auth_error:  # refused once: make no more calls with that key
+                    return None, f"skipped: credentials refused earlier ({self.auth_error})"
                 self.usage.add(calls=1)
                 st.attempts += 1
                 try:
