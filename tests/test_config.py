@@ -57,3 +57,30 @@ def test_public_dump_holds_no_secret(monkeypatch):
     cfg = load_config(profile="llama32-3b-gpu")
     assert "sk-test-secret-123" not in str(cfg.dump_public())
     assert cfg.llm.providers["teacher"].api_key_env == "OPENAI_API_KEY"
+
+
+# ----------------------------------------------------------------------------- values that make no sense (issue 11)
+@pytest.mark.parametrize("override, message", [
+    ("sources.market.risk_vol_thresholds=[0.4,0.2]", r"sources\.market: risk_vol_thresholds must be ordered low < high"),
+    ("augment.length_ratio=[2.0,0.5]", r"augment: length_ratio must be ordered low < high"),
+    ("augment.temperature=50", r"augment\.temperature: Input should be less than or equal to 2"),
+    ("evaluate.temperature=3", r"evaluate\.temperature: Input should be less than or equal to 2"),
+    ("train.max_steps=-5", r"train\.max_steps: Input should be greater than or equal to -1"),
+    ("train.max_steps=0", r"train\.max_steps: max_steps must be positive, or -1"),
+    ("llm.providers.local.backoff_base_s=60", r"llm\.providers\.local: backoff_base_s \(60\.0\) must not exceed"),
+    ("sources.market.simulator.start_date=2024-13-45", r"start_date: '2024-13-45' is not a date"),
+    ("sources.market.start=yesterday", r"sources\.market: start: 'yesterday' is not a date"),
+    ("split.k_range=[8,2]", r"split\.k_range: k_range must be ordered"),
+])
+def test_nonsense_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(profile="demo", overrides=[override])
+
+
+def test_unquoted_yaml_date_gets_a_hint(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("sources:\n  market:\n    start: 2024-01-02\n")
+    with pytest.raises(ConfigError, match=r"sources\.market\.start: .*quote it: start: '2024-01-02'"):
+        load_config(f)
+    f.write_text("sources:\n  market:\n    start: '2024-01-02'\n")
+    assert load_config(f).sources.market.start == "2024-01-02"

@@ -30,6 +30,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _ordered(pair: tuple[float, float], what: str, strict: bool = True) -> tuple[float, float]:
+    """An ordered pair (a band, two thresholds): a reversed one would silently relabel or reject all."""
+    lo, hi = pair
+    if lo > hi or (strict and lo == hi):
+        raise ValueError(f"{what} must be ordered low < high, got ({lo}, {hi})")
+    return pair
+
+
+def _date(value: str | None, what: str) -> str | None:
+    """A date string that parses (YYYY-MM-DD); an unparsable one is an error, not ignored."""
+    if value is None:
+        return value
+    import datetime as dt
+
+    try:
+        dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"{what}: {str(value)[:40]!r} is not a date (use YYYY-MM-DD)") from None
+    return value
+
+
+MAX_TEMPERATURE = 2.0  # the range OpenAI-compatible servers and Gemini accept
+
+
 # ----------------------------------------------------------------------------- paths
 class PathsConfig(_Strict):
     """Where stages read and write. Relative paths are resolved against ``root``."""
@@ -70,6 +94,11 @@ class SimulatorConfig(_Strict):
     start_date: str = "2024-01-02"
     seed: int = 7
 
+    @field_validator("start_date")
+    @classmethod
+    def _start(cls, v: str) -> str:
+        return _date(v, "start_date")
+
 
 class MarketConfig(_Strict):
     provider: Literal["simulator", "csv", "yfinance"] = "simulator"
@@ -84,6 +113,15 @@ class MarketConfig(_Strict):
     questions_per_type: int = Field(12, ge=0)
     risk_vol_thresholds: tuple[float, float] = (0.20, 0.40)  # annualised vol: low < a <= medium < b <= high
     seed: int = 11
+
+    @model_validator(mode="after")
+    def _check(self) -> MarketConfig:
+        _ordered(self.risk_vol_thresholds, "risk_vol_thresholds")
+        _date(self.start, "start")
+        _date(self.end, "end")
+        if self.start and self.end and self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be before end ({self.end})")
+        return self
 
 
 class SourceQAFile(_Strict):
@@ -129,6 +167,13 @@ class ProviderConfig(_Strict):
     extra_body: dict[str, Any] = {}
     json_mode: Literal["schema", "json_object", "none"] = "schema"
 
+    @model_validator(mode="after")
+    def _backoff(self) -> ProviderConfig:
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError(f"backoff_base_s ({self.backoff_base_s}) must not exceed backoff_max_s "
+                             f"({self.backoff_max_s})")
+        return self
+
 
 class LLMConfig(_Strict):
     providers: dict[str, ProviderConfig] = {"local": ProviderConfig(kind="local")}
@@ -147,7 +192,7 @@ class ScenarioSynthConfig(_Strict):
         "liquidity_squeeze", "sector_default_cluster", "real_estate_correction", "sovereign_stress"]
     per_cluster: int = Field(4, ge=0)
     max_attempts: int = Field(3, ge=1)
-    temperature: float = Field(0.8, ge=0)
+    temperature: float = Field(0.8, ge=0, le=MAX_TEMPERATURE)
     max_tokens: int = Field(320, ge=16)
     diversity_threshold: float = Field(0.92, gt=0, le=1)  # drop if cosine to a kept one >= this
     seed: int = 5
@@ -157,7 +202,7 @@ class AugmentConfig(_Strict):
     provider: str = "local"
     k: int = Field(3, ge=0)
     max_attempts: int = Field(3, ge=1)  # per missing rephrasing
-    temperature: float = Field(0.7, ge=0)
+    temperature: float = Field(0.7, ge=0, le=MAX_TEMPERATURE)
     max_tokens: int = Field(96, ge=8)
     sim_low: float = Field(0.71, ge=-1, le=1)  # calibrated: scripts/calibrate_rephrase.py, docs/augment.md
     sim_high: float = Field(0.98, ge=-1, le=1)
@@ -170,6 +215,9 @@ class AugmentConfig(_Strict):
     def _band(self) -> AugmentConfig:
         if self.sim_low >= self.sim_high:
             raise ValueError("sim_low must be < sim_high")
+        _ordered(self.length_ratio, "length_ratio")
+        if self.length_ratio[0] <= 0:
+            raise ValueError(f"length_ratio must be positive, got {self.length_ratio}")
         return self
 
 
@@ -205,6 +253,17 @@ class SplitConfig(_Strict):
     k_range: tuple[int, int] = (2, 8)
     seed: int = 13
     cluster_by: Literal["scenario", "kmeans"] = "scenario"  # scenario/category where given, or k-means for all
+    # market rows (source market:*): train / validation / test from ordered date ranges, one window apart
+    walk_forward: bool = True
+    # the stage fails when a group, a context or a price row (ticker, date) is in two splits, unless true
+    allow_leakage: bool = False
+
+    @field_validator("k_range")
+    @classmethod
+    def _k(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 1:
+            raise ValueError(f"k_range must start at 1 or more, got {v}")
+        return _ordered(v, "k_range", strict=False)
 
     @field_validator("ratios")
     @classmethod
@@ -217,6 +276,9 @@ class SplitConfig(_Strict):
 class FormatConfig(_Strict):
     system_prompt: str = "system_analyst"  # a template name under prompts/
     max_tokens: int = Field(1024, ge=16)
+    # a conversation over max_tokens: drop it, or cut the table rows / paragraphs farthest from the
+    # answer's and question's figures (rows whose answer's figures are not all in the context are dropped)
+    long_context: Literal["drop", "truncate"] = "drop"
 
 
 # ----------------------------------------------------------------------------- model / train / eval
@@ -246,7 +308,7 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1)  # -1: run the epochs; else a positive step count
     eval_steps: int = Field(50, ge=1)
     save_steps: int | None = None  # default: eval_steps
     early_stopping_patience: int = Field(3, ge=1)
@@ -263,12 +325,19 @@ class TrainConfig(_Strict):
     keep_checkpoints: bool = False  # keep <run>/checkpoints after a finished run (else removed)
     compact_lm_head: bool = True  # CPU: score only labelled positions in TRL's fused LM head
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("max_steps must be positive, or -1 to train for `epochs`")
+        return v
+
 
 class EvaluateConfig(_Strict):
     judge_provider: str = "local"
     max_items: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
     batch_size: int = Field(8, ge=1)
     rel_tolerance: float = Field(0.01, ge=0)
     bootstrap_samples: int = Field(2000, ge=100)
@@ -293,7 +362,7 @@ class PrefectConfig(_Strict):
 
 class CardConfig(_Strict):
     dataset_name: str = "finsynth-demo"
-    license: str = "apache-2.0"
+    license: str = "apache-2.0"  # of what the pipeline generates; each source's own license is read from it
     pretty_name: str = "finsynth synthetic finance QA"
 
 
@@ -347,8 +416,18 @@ def _format_error(err: ValidationError, origin: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"].startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        if _is_date(e.get("input")):
+            msg += f" (YAML read an unquoted date; quote it: {loc.rsplit('.', 1)[-1]}: '{e['input']}')"
         lines.append(f"{loc}: {msg}")
     return f"invalid configuration in {origin}: " + "; ".join(lines)
+
+
+def _is_date(value: Any) -> bool:
+    import datetime as dt
+
+    return isinstance(value, (dt.date, dt.datetime))
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -368,7 +447,10 @@ def _apply_override(data: dict, dotted: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError):  # e.g. 2024-13-45 looks like a date to YAML and is not one
+        node[parts[-1]] = raw
 
 
 def profile_path(profile: str) -> Path:
@@ -394,7 +476,7 @@ def load_config(path: str | Path | None = None, *, profile: str | None = None,
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date-shaped value that is no date
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
