@@ -232,3 +232,70 @@ def test_yfinance_unreachable_gives_clear_error(monkeypatch):
         fetch_yfinance(["SPY"], None, None)
     with pytest.raises(MarketDataError, match="needs sources.market.tickers"):
         fetch_yfinance([], None, None)
+
+
+# ----------------------------------------------------------------------------- ties and pandas exports
+def _tie_files(tmp_path: Path, closes_b: list[float]) -> list[Path]:
+    a, b = tmp_path / "AAA.csv", tmp_path / "BBB.csv"
+    _frame(CLOSE_A, 500_000).to_csv(a, index=False)
+    _frame(closes_b, 500_000).to_csv(b, index=False)
+    return [a, b]
+
+
+def test_comparison_of_identical_series_names_no_winner(tmp_path):
+    md = load_files(_tie_files(tmp_path, CLOSE_A))
+    mc = MarketConfig(provider="csv", window_days=8, questions_per_type=3)
+    cmp = [r for r in build_market_qa(md, mc) if r["metadata"]["question_type"] == "comparison"]
+    assert len(cmp) == 3
+    for r in cmp:
+        assert "by 0.00" not in r["answer"] and r["answer"].startswith("Neither")
+        assert r["metadata"]["answer_label"] == "tie"
+        vals = {v["name"]: v["value"] for v in r["metadata"]["answer_values"]}
+        assert vals["difference"] == 0 and vals["return_AAA"] == vals["return_BBB"]
+
+
+def test_comparison_of_nearly_identical_series_shows_the_gap(tmp_path):
+    closes = [*CLOSE_A[:-1], CLOSE_A[-1] + 0.001]  # returns differ by ~0.001 percentage points at the end
+    md = load_files(_tie_files(tmp_path, closes))
+    mc = MarketConfig(provider="csv", window_days=8, questions_per_type=6)
+    cmp = [r for r in build_market_qa(md, mc) if r["metadata"]["question_type"] == "comparison"]
+    assert cmp and all("by 0.00 " not in r["answer"] for r in cmp)
+
+
+def test_pandas_export_with_date_index_is_read(tmp_path):
+    df = _frame(CLOSE_A, 1000).set_index("Date")
+    df.index = pd.to_datetime(df.index)
+    df.index.name = None
+    p = tmp_path / "AAA.csv"
+    df.to_csv(p)  # header ",Open,High,Low,Close,Volume"
+    prices, repairs = load_price_file(p)
+    assert prices["close"].tolist() == CLOSE_A and repairs[0]["action"] == "date_from_unnamed_first_column"
+    q = tmp_path / "AAA.parquet"
+    df.to_parquet(q)  # the dates travel as the index
+    assert load_price_file(q)[0]["close"].tolist() == CLOSE_A
+
+
+def test_header_only_price_file_names_the_file(tmp_path):
+    p = tmp_path / "EMPTY.csv"
+    p.write_text("Date,Open,High,Low,Close,Volume\n")
+    mc = MarketConfig(provider="csv", paths=[p])
+    from datagen.market import load_market
+
+    with pytest.raises(MarketDataError, match="EMPTY.csv: no data rows"):
+        load_market(mc)
+    d = tmp_path / "none"
+    d.mkdir()
+    with pytest.raises(MarketDataError, match="none: folder has no .csv or .parquet price files"):
+        load_files([d])
+
+
+def test_price_row_counts_reconcile(tmp_path):
+    df = _frame(CLOSE_A, 1000)
+    long = pd.concat([df.assign(Ticker="AAA"), df.iloc[[0]].assign(Ticker="AAA"), df.assign(Ticker="BBB")])
+    p = tmp_path / "long.csv"
+    long.to_csv(p, index=False)
+    from datagen.market import load_market
+
+    md = load_market(MarketConfig(provider="csv", paths=[p], tickers=["AAA"], start="2024-01-10"))
+    assert md.row_counts() == {"rows_in": 25, "rows_out": 10, "rows_dropped_duplicate": 1, "rows_filtered": 14,
+                               "rows_unaccounted": 0}

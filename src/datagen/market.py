@@ -10,14 +10,18 @@ Every provider returns a :class:`MarketData` whose ``prices`` is a tidy frame wi
 
 Files are validated: unsorted dates are sorted and exact duplicate rows dropped (both recorded in
 ``repairs``); anything that cannot be repaired safely (a conflicting duplicate date, a NaN or
-non-positive price, High < Low, a missing column, an unparsable date) raises
-:class:`MarketDataError` naming the file, the 1-based data row as it appears in the file, and the
-field. Missing business days are left missing: nothing is fabricated.
+non-positive price, High < Low, a missing column, an unparsable date, a CSV row with a wrong cell
+count or an unclosed quote, an empty or header-only file) raises :class:`MarketDataError` on one line
+naming the file, the 1-based data row as it appears in the file, and the field. A pandas export whose
+dates are its unnamed first column (``,Open,...`` or ``Unnamed: 0``) is read with that column as Date.
+Missing business days are left missing: nothing is fabricated. :meth:`MarketData.row_counts`
+reconciles price rows read with rows kept, dropped as duplicates and filtered out.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,8 @@ import numpy as np
 import pandas as pd
 
 from datagen.config import MarketConfig, SimulatorConfig
+from datagen.io import clip
+from datagen.source_qa import BOM, SourceQAError, read_csv_table
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,24 @@ class MarketData:
     currency: str = ""  # "USD" for the simulator; unknown ("") for files
     repairs: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[Path] = field(default_factory=list)
+    # per input file: rows_in, rows_dropped_duplicate, rows_filtered (tickers), rows_out
+    file_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    rows_filtered_dates: int = 0  # price rows outside sources.market.start / end
+
+    def row_counts(self) -> dict[str, int]:
+        """Price rows read from files = kept + dropped as exact duplicates + filtered out (tickers, dates);
+        ``rows_unaccounted`` is 0 unless a reader lost rows. Provider data (simulator, yfinance) counts
+        as read."""
+        if self.file_counts:
+            rows_in = sum(c["rows_in"] for c in self.file_counts.values())
+            dup = sum(c["rows_dropped_duplicate"] for c in self.file_counts.values())
+            filt = sum(c["rows_filtered"] for c in self.file_counts.values())
+        else:
+            rows_in, dup, filt = len(self.prices) + self.rows_filtered_dates, 0, 0
+        out = {"rows_in": rows_in, "rows_out": len(self.prices), "rows_dropped_duplicate": dup,
+               "rows_filtered": filt + self.rows_filtered_dates}
+        out["rows_unaccounted"] = rows_in - out["rows_out"] - dup - out["rows_filtered"]
+        return out
 
     @property
     def tickers(self) -> list[str]:
@@ -104,46 +128,99 @@ def simulate(sim: SimulatorConfig) -> MarketData:
 _REQUIRED = ("date", "open", "high", "low", "close", "volume")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The file as a frame, and the 1-based data row of each frame row as it appears in the file.
+
+    CSV goes through :func:`datagen.source_qa.read_csv_table` (strict quoting, one broken record never
+    swallows the next, BOM stripped, cells up to 64 MiB): a broken row is an error naming file, data row
+    and field, on one line.
+    """
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise MarketDataError(f"{path}: is a directory; list it in sources.market.paths to read its files")
     if not path.exists():
         raise MarketDataError(f"{path}: file not found")
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a file-level error
-        raise MarketDataError(f"{path}: cannot read as {suffix[1:]} ({type(e).__name__}: {e})") from None
-    raise MarketDataError(f"{path}: unsupported price file type {suffix!r} (use .csv or .parquet)")
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise MarketDataError(f"{path}: unsupported price file type {clip(suffix, 40)!r} (use .csv or .parquet)")
+    if suffix == ".csv":
+        data = path.read_bytes()
+        if not data.replace(BOM.encode(), b"").strip():
+            raise MarketDataError(f"{path}: empty file (no header, no rows)")
+        try:
+            t = read_csv_table(path, data)
+        except SourceQAError as e:
+            raise MarketDataError(str(e)) from None
+        for rec in t.records:
+            if rec.error is not None:
+                raise _fail(path, rec.row, rec.error.field, f"{rec.error.reason}: {rec.error.detail}")
+        df = pd.DataFrame([list(r.obj.values()) for r in t.records], columns=t.header, dtype=object)
+        rows = np.array([r.row for r in t.records], dtype=np.int64)
+    else:
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - any reader failure is a file-level error
+            raise MarketDataError(f"{path}: cannot read as parquet ({type(e).__name__}: {clip(str(e), 200)})") from None
+        if isinstance(df.index, pd.DatetimeIndex):  # pandas wrote its date index into the file
+            df = df.reset_index(names=df.index.name or "")
+        rows = np.arange(1, len(df) + 1)
+    df.columns = [str(c).replace(BOM, "") for c in df.columns]
+    if len(df) == 0:
+        raise MarketDataError(f"{path}: no data rows (header: {clip(', '.join(map(str, df.columns)), 200)})")
+    return df, rows
 
 
 def _fail(path: Path, row: int | None, fld: str, msg: str) -> MarketDataError:
     where = f"row {row}" if row is not None else "header"
-    return MarketDataError(f"{path}: {where}: field {fld}: {msg}")
+    return MarketDataError(f"{path}: {where}: field {clip(fld, 80)}: {' '.join(msg.split())}")
+
+
+def _parses_as_dates(s: pd.Series) -> bool:
+    v = s.astype(str).str.strip()
+    v = v[v != ""]
+    if v.empty or not v.str.contains(r"\d{4}|\d{1,2}[/.-]\d{1,2}[/.-]\d{2}", regex=True).all():
+        return False
+    return bool(pd.to_datetime(v, errors="coerce", format="mixed").notna().all())
 
 
 def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """Read and validate one CSV/Parquet price file; returns (prices, repairs).
 
     Columns Date, Open, High, Low, Close, Volume (any case; an optional Ticker/Symbol column makes it a
-    long table, otherwise the file stem is the ticker). Row numbers in errors are 1-based data rows
-    (the header is not counted).
+    long table, otherwise the file stem is the ticker). A file written by pandas with its dates as the
+    index (an unnamed first column, ``Unnamed: 0`` or ``index``) is read with that column as Date
+    (recorded in ``repairs``). Row numbers in errors are 1-based data rows (the header is not counted).
     """
+    prices, repairs, _ = read_price_file(path, tickers)
+    return prices, repairs
+
+
+def read_price_file(path: str | Path, tickers: list[str] | None = None
+                    ) -> tuple[pd.DataFrame, list[dict], dict[str, int]]:
+    """:func:`load_price_file` plus the file's row counts: ``rows_in`` (data rows read),
+    ``rows_dropped_duplicate`` (exact copies), ``rows_filtered`` (other tickers), ``rows_out``."""
     path = Path(path)
-    raw = _read_table(path)
+    raw, file_rows = _read_table(path)
     colmap: dict[str, str] = {}
     for c in raw.columns:
         key = str(c).strip().lower().replace(" ", "_")
         if key == "symbol":
             key = "ticker"
         colmap.setdefault(key, c)
+    repairs: list[dict] = []
+    if "date" not in colmap and len(raw.columns):
+        first = str(raw.columns[0])
+        if (first.strip() == "" or re.fullmatch(r"Unnamed: 0|index|level_0", first.strip())) \
+                and _parses_as_dates(raw.iloc[:, 0]):
+            colmap["date"] = raw.columns[0]
+            repairs.append({"file": str(path), "action": "date_from_unnamed_first_column",
+                            "column": first, "count": len(raw)})
     for req in _REQUIRED:
         if req not in colmap:
             raise _fail(path, None, req.capitalize(),
-                        f"missing column (found: {', '.join(map(str, raw.columns)) or 'none'})")
+                        f"missing column (found: {clip(', '.join(map(str, raw.columns)), 200) or 'none'})")
     df = pd.DataFrame({k: raw[colmap[k]] for k in (*_REQUIRED, *(("ticker",) if "ticker" in colmap else ()))})
-    df["_row"] = np.arange(1, len(df) + 1)
+    df["_row"] = file_rows
+    rows_in = len(df)
     if "ticker" not in df:
         df["ticker"] = path.stem
     df["ticker"] = df["ticker"].astype(str).str.strip()
@@ -154,7 +231,7 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
     bad = dates.isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise _fail(path, int(df["_row"].iloc[i]), names["date"], f"unparsable date {df['date'].iloc[i]!r}")
+        raise _fail(path, int(df["_row"].iloc[i]), names["date"], f"unparsable date {clip(df['date'].iloc[i], 80)!r}")
     df["date"] = dates.dt.tz_localize(None) if dates.dt.tz is not None else dates
     df["date"] = df["date"].dt.normalize()
 
@@ -166,7 +243,8 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
         bad = num.isna() | ~np.isfinite(num.astype(float))
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise _fail(path, int(df["_row"].iloc[i]), names[col], f"missing or non-numeric value {s.iloc[i]!r}")
+            raise _fail(path, int(df["_row"].iloc[i]), names[col],
+                        f"missing or non-numeric value {clip(s.iloc[i], 80)!r}")
         lim = num <= 0 if col != "volume" else num < 0
         if lim.any():
             i = int(np.flatnonzero(lim.to_numpy())[0])
@@ -179,9 +257,9 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
         raise _fail(path, int(df["_row"].iloc[i]), names["high"],
                     f"High {df['high'].iloc[i]} is below Low {df['low'].iloc[i]}")
 
-    repairs: list[dict] = []
     if tickers:
         df = df[df["ticker"].isin(tickers)]
+    rows_filtered = rows_in - len(df)
     # duplicates: exact copies are dropped, conflicting dates rejected
     value_cols = ["ticker", "date", *PRICE_COLUMNS, "volume"]
     exact = df.duplicated(subset=value_cols, keep="first")
@@ -189,6 +267,7 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
         repairs.append({"file": str(path), "action": "dropped_exact_duplicates", "count": int(exact.sum()),
                         "rows": df.loc[exact, "_row"].astype(int).tolist()})
         df = df[~exact]
+    rows_dup = int(exact.sum())
     conflict = df.duplicated(subset=["ticker", "date"], keep="first")
     if conflict.any():
         i = int(np.flatnonzero(conflict.to_numpy())[0])
@@ -205,7 +284,9 @@ def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple
     volume_int = df["volume"].round()
     if (volume_int == df["volume"]).all():
         df["volume"] = volume_int.astype(np.int64)
-    return _canonical(df.drop(columns="_row")), repairs
+    counts = {"rows_in": rows_in, "rows_dropped_duplicate": rows_dup, "rows_filtered": rows_filtered,
+              "rows_out": len(df)}
+    return _canonical(df.drop(columns="_row")), repairs, counts
 
 
 def _canonical(df: pd.DataFrame) -> pd.DataFrame:
@@ -216,7 +297,10 @@ def _price_files(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in (".csv", ".parquet", ".pq"))
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in (".csv", ".parquet", ".pq"))
+            if not found:
+                raise MarketDataError(f"{p}: folder has no .csv or .parquet price files")
+            out += found
         else:
             out.append(p)
     return out
@@ -228,16 +312,19 @@ def load_files(paths: list[str | Path], tickers: list[str] | None = None) -> Mar
     if not files:
         raise MarketDataError("market provider 'csv' needs sources.market.paths (files or folders)")
     frames, repairs = [], []
+    file_counts: dict[str, dict[str, int]] = {}
     for f in files:
-        df, rep = load_price_file(f, tickers or None)
+        df, rep, counts = read_price_file(f, tickers or None)
         frames.append(df)
         repairs += rep
+        file_counts[str(f)] = counts
     prices = pd.concat(frames, ignore_index=True)
     dup = prices.duplicated(subset=["ticker", "date"])
     if dup.any():
         row = prices[dup].iloc[0]
         raise MarketDataError(f"ticker {row['ticker']} has prices for {row['date']:%Y-%m-%d} in more than one file")
-    return MarketData(prices=_canonical(prices), provider="csv", repairs=repairs, inputs=files)
+    return MarketData(prices=_canonical(prices), provider="csv", repairs=repairs, inputs=files,
+                      file_counts=file_counts)
 
 
 # ----------------------------------------------------------------------------- yfinance
@@ -284,8 +371,10 @@ def load_market(mc: MarketConfig, resolve=lambda p: Path(p)) -> MarketData:
         p = p[p["date"] >= pd.Timestamp(mc.start)]
     if mc.end:
         p = p[p["date"] <= pd.Timestamp(mc.end)]
+    md.rows_filtered_dates = len(md.prices) - len(p)
     md.prices = p.reset_index(drop=True)
     if md.prices.empty:
-        raise MarketDataError(f"market provider {mc.provider!r}: no prices left after filters "
-                              f"(tickers={mc.tickers}, start={mc.start}, end={mc.end})")
+        files = f" in {clip(', '.join(f.name for f in md.inputs), 200)}" if md.inputs else ""
+        raise MarketDataError(f"market provider {mc.provider!r}: no prices left{files} after filters "
+                              f"(tickers={clip(mc.tickers, 120)}, start={mc.start}, end={mc.end})")
     return md

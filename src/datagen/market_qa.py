@@ -321,12 +321,20 @@ def _q_cmp(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
     win, lose, rw, rl = (a, b, xa, xb) if xa >= xb else (b, a, xb, xa)
     diff = rw - rl
     k = int(rng.integers(len(_CMP_T)))
+    tie = round(diff, 4) == 0
+    if tie:  # no winner to name (equal to four decimals): say so, with the shared return
+        answer = (f"Neither: {a} and {b} both returned {xa:+.2f}% from the first to the last close, a "
+                  f"difference of 0 percentage points.")
+        diff = 0.0
+    else:  # a gap too small for two decimals is shown with four, never as "by 0.00"
+        dp = 2 if round(diff, 2) > 0 else 4
+        answer = (f"{win}, by {diff:.{dp}f} percentage points: {win} returned {rw:+.{dp}f}% and {lose} "
+                  f"{rl:+.{dp}f}% from the first to the last close.")
     return {"question": _CMP_T[k].format(a=a, b=b, n=len(ra), d0=_d(ra["date"].iloc[0]), d1=_d(ra["date"].iloc[-1])),
-            "answer": f"{win}, by {diff:.2f} percentage points: {win} returned {rw:+.2f}% and {lose} {rl:+.2f}% "
-                      f"from the first to the last close.",
+            "answer": answer,
             "answer_values": [_val(f"return_{a}", xa, "%"), _val(f"return_{b}", xb, "%"),
                               _val("difference", diff, "pp")],
-            "answer_label": win, "params": {}, "template": k}
+            "answer_label": "tie" if tie else win, "params": {}, "template": k}
 
 
 _RISK_T = (
