@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from datagen.cluster import assign_clusters, kmeans_clusters
 from datagen.embed import sample_text
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
-from datagen.split import SPLITS, allocate_groups, leakage_check, run_split, split_rows
+from datagen.split import (SPLITS, allocate_groups, leakage_check, leakage_failure, overlap_report, price_rows,
+                           run_split, split_rows)
 
 CATS = ["returns", "volatility", "credit", "liquidity"]
 
@@ -63,7 +65,7 @@ def test_groups_never_cross_and_test_is_originals_only(demo_cfg):
     # every row is either in a split or dropped with a reason; drops are exactly test rephrasings
     test_groups = groups["test"]
     expected = sorted(r["id"] for r in rows if r["is_rephrase"] and r["group_id"] in test_groups)
-    assert [d["id"] for d in res["drops"]] == expected
+    assert [d["row_id"] for d in res["drops"]] == expected
     assert {d["reason"] for d in res["drops"]} == {"test_rephrase"}
     assert sum(len(v) for v in res["splits"].values()) + len(res["drops"]) == len(rows)
     # every group of a split keeps all its rows (except test rephrasings)
@@ -138,7 +140,7 @@ def test_balance_train_caps_clusters_at_median(demo_cfg):
     assert all(per[c] == before[c] for c in before if before[c] <= cap)  # the others are untouched
     assert sum(d["reason"] == "balance_train" for d in res["drops"]) == before["returns"] - cap
     # originals are kept first
-    dropped = {d["id"] for d in res["drops"] if d["reason"] == "balance_train"}
+    dropped = {d["row_id"] for d in res["drops"] if d["reason"] == "balance_train"}
     assert all(r["is_rephrase"] for r in rows if r["id"] in dropped) or not any(
         r["is_rephrase"] for r in res["splits"]["train"] if r["metadata"]["cluster"] == "returns")
 
@@ -187,3 +189,114 @@ def test_other_ratios_within_tolerance(demo_cfg, ratios):
     for c in res["clusters"]["clusters"]:
         for s, r in zip(SPLITS, ratios):
             assert abs(c["groups"][s] / 40 - r) <= 0.05, (c, s)
+
+
+# ----------------------------------------------------------------------------- realistic data (issue 13)
+REALISTIC = Path(__file__).parent / "data" / "realistic"
+
+
+def _report_docs(n_docs: int = 30):
+    """``n_docs`` financial reports (the realistic report's table with scaled figures), each with its
+    ten questions; every row is its own group, as when the source has no group column."""
+    base = [r for r in read_jsonl(REALISTIC / "report_qa.jsonl") if r["metadata"]["doc_id"] == "doc-acme-2019"
+            and "copy" not in r["id"]]
+    rows = []
+    for d in range(n_docs):
+        table = {**base[0]["context"]["table"],
+                 "rows": [[r[0], *(f"{int(c.replace(',', '')) + 7 * d:,}" for c in r[1:])]
+                          for r in base[0]["context"]["table"]["rows"]]}
+        ctx = {"text": base[0]["context"]["text"], "table": table}
+        for r in base:
+            rid = f"doc{d:02d}-{r['id'][-3:]}"
+            rows.append({**r, "id": rid, "group_id": rid, "context": ctx, "metadata": {"doc_id": f"doc{d:02d}"}})
+    return rows
+
+
+def test_rows_sharing_a_context_share_a_split(demo_cfg):
+    """Issue 13.2: questions over one document go to one split although each row is its own group."""
+    rows = _report_docs()
+    res = split_rows(rows, _vecs(rows, demo_cfg), demo_cfg)
+    where = {}
+    for s in SPLITS:
+        for r in res["splits"][s]:
+            where.setdefault(r["metadata"]["doc_id"], set()).add(s)
+    assert all(len(v) == 1 for v in where.values()), where
+    assert sorted(Counter(next(iter(v)) for v in where.values()).values()) == [3, 3, 24]
+    leak = res["leakage"]
+    assert leak["groups_in_two_splits"] == leak["context_hashes_in_two_splits"] == 0
+    assert leak["price_rows_in_two_splits"] == 0
+
+
+def test_overlap_report_counts_groups_contexts_and_price_rows():
+    def r(id_, group, ctx, ticker=None, dates=()):
+        table = {"columns": ["Date", "Close"], "rows": [[d, "1.00"] for d in dates]} if dates else None
+        meta = {"window": {"tickers": [ticker], "start": dates[0], "end": dates[-1], "days": len(dates)}} if dates else {}
+        return {"id": id_, "group_id": group, "source": "market:csv" if dates else "t", "question": "q",
+                "context": {"text": ctx, "table": table}, "metadata": meta}
+    splits = {"train": [r("a", "g1", "doc A"), r("b", "g2", "doc B"), r("m1", "m1", "w", "KO", ["2023-01-03", "2023-01-04"])],
+              "validation": [r("c", "g1", "doc C"), r("m2", "m2", "w2", "KO", ["2023-01-04", "2023-01-05"])],
+              "test": [r("d", "g3", "doc B"), r("e", "g4", "doc B"), r("m3", "m3", "w3", "MSFT", ["2023-01-04"])]}
+    rep = overlap_report(splits)
+    assert rep["groups_in_two_splits"] == 1  # g1
+    assert rep["context_hashes_in_two_splits"] == 1  # doc B
+    assert rep["price_rows_in_two_splits"] == 1  # (KO, 2023-01-04); MSFT's row is another ticker's
+    assert rep["price_rows_by_split_pair"] == {"train|validation": 1, "test|train": 0, "test|validation": 0}
+    assert leakage_failure(rep) == ("leakage across splits: 1 groups, 1 context hashes, 1 price rows (ticker, date) "
+                                    "in more than one split; set split.allow_leakage: true to accept it")
+    assert leakage_failure({**rep, "groups_in_two_splits": 0, "context_hashes_in_two_splits": 0,
+                            "price_rows_in_two_splits": 0}) is None
+
+
+def _market_rows(window_days=20, per_type=12):
+    from datagen.config import MarketConfig
+    from datagen.market import load_files
+    from datagen.market_qa import build_market_qa
+
+    md = load_files([REALISTIC / "prices_daily.csv"])
+    return build_market_qa(md, MarketConfig(provider="csv", window_days=window_days, questions_per_type=per_type)), md
+
+
+def test_market_splits_walk_forward_with_a_gap(demo_cfg):
+    """Issue 13.3: per ticker, train / validation / test price rows come from ordered, disjoint date
+    ranges with at least one window of trading days between them; no test price row is in training."""
+    rows, md = _market_rows()
+    res = split_rows(rows, _vecs(rows, demo_cfg), demo_cfg)
+    cal = {t: sorted(g["date"].dt.strftime("%Y-%m-%d")) for t, g in md.prices.groupby("ticker")}
+    dates = {s: {} for s in SPLITS}
+    for s in SPLITS:
+        for r in res["splits"][s]:
+            for t, d in price_rows(r):
+                dates[s].setdefault(t, set()).add(d)
+    assert all(res["splits"][s] for s in SPLITS)
+    for t in cal:
+        pos = {d: k for k, d in enumerate(cal[t])}
+        spans = [(min(pos[d] for d in dates[s][t]), max(pos[d] for d in dates[s][t])) for s in SPLITS if t in dates[s]]
+        assert len(spans) == 3, t
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start - end - 1 >= 20, (t, spans)  # a gap of at least one 20-day window
+    assert res["leakage"]["price_rows_in_two_splits"] == 0
+    wf = res["walk_forward"]
+    assert wf["gap_days"] == 20 and wf["units"]["train"] > wf["units"]["validation"] > 0
+    assert wf["units"]["test"] > 0
+    # windows that fall into a gap are dropped with a reason, never silently
+    gap_drops = [d for d in res["drops"] if d["reason"] == "walk_forward_gap"]
+    assert sum(len(v) for v in res["splits"].values()) + len(res["drops"]) == len(rows)
+    assert all(d["stage"] == "split" for d in gap_drops)
+
+
+def test_run_split_fails_on_leakage_unless_allowed(demo_cfg):
+    """Without walk-forward, a random split of market windows shares price rows: the stage fails with
+    the counts, unless split.allow_leakage."""
+    rows, _ = _market_rows()
+    d = demo_cfg.paths.stage_dir("dedup")
+    write_jsonl(d / "samples.jsonl", rows)
+    write_manifest(d, {"stage": "dedup"})
+    cfg = demo_cfg.model_copy(update={"split": demo_cfg.split.model_copy(update={"walk_forward": False})})
+    with pytest.raises(ValueError, match=r"^split: leakage across splits: 0 groups, 0 context hashes, \d+ price rows"):
+        run_split(cfg, embedder=HashEmbedder())
+    assert not (cfg.paths.stage_dir("split") / "manifest.json").exists()
+    cfg = cfg.model_copy(update={"split": cfg.split.model_copy(update={"allow_leakage": True})})
+    m = run_split(cfg, embedder=HashEmbedder())
+    assert m["leakage"]["price_rows_in_two_splits"] > 0 and m["allow_leakage"] is True
+    m = run_split(demo_cfg, embedder=HashEmbedder())  # walk-forward: no leakage
+    assert m["leakage"]["price_rows_in_two_splits"] == 0 and m["walk_forward"]["gap_days"] == 20

@@ -1,21 +1,33 @@
 """Group-aware, cluster-stratified train / validation / test split with a leakage check.
 
-- Unit of allocation: a **group** (a source item with its rephrasings), so no item and none of its
-  rephrasings appear in two splits.
-- Stratification: groups are assigned one at a time, cluster by cluster, each to the split with the
-  largest deficit against ``split.ratios`` (deficit within its cluster plus deficit overall), so every
-  cluster is spread over the splits in about the configured ratios (counted in groups).
-- ``test_originals_only`` (default): rephrasings of test groups are dropped (reason
-  ``test_rephrase``); groups without an original never go to test.
+- Unit of allocation: a **unit**, the union (union-find) of rows that share a ``group_id`` (a source
+  item with its rephrasings, or a source's own group column) or a context (the same table and
+  paragraphs, by :func:`datagen.dedup.context_key`). So no item, none of its rephrasings and no
+  other question over the same document appear in two splits, whether or not the source has a
+  group column.
+- Stratification (rows other than market rows): units are assigned one at a time, cluster by
+  cluster, each to the split with the largest deficit against ``split.ratios`` (deficit within its
+  cluster plus deficit overall), so every cluster is spread over the splits in about the configured
+  ratios (counted in units). A unit's cluster is its rows' most common cluster.
+- Market rows (source ``market:*``, ``split.walk_forward``, default): by time, not by cluster
+  (:func:`walk_forward`). Train, validation and test units come from ordered date ranges on one
+  trading calendar shared by all tickers, with a gap of at least one window (the longest window's
+  trading days) between consecutive ranges; a window that reaches into a gap is dropped
+  (``walk_forward_gap``). So no test price row was seen in training, nor any day within a window of it.
+- ``test_originals_only`` (default): rephrasings of test units are dropped (reason
+  ``test_rephrase``); units without an original never go to test.
 - ``balance_train``: each cluster's training rows are capped at the median cluster size (originals
   kept first; reason ``balance_train``).
-- Leakage check: the largest cosine between rows of different splits, the number of cross-split
-  pairs with cosine >= ``dedup.threshold``, and how many of those are duplicates by dedup's rule
-  (figures shared too): 0 after dedup. Similar pairs with other figures (one question template over
-  other data) are legitimate and reported, not removed.
+- Leakage check (:func:`overlap_report`): groups, context hashes and price rows (ticker, date) found
+  in two splits; :func:`run_split` fails with the counts when any is non-zero, unless
+  ``split.allow_leakage``. Also reported: the largest cosine between rows of different splits, the
+  number of cross-split pairs with cosine >= ``dedup.threshold``, and how many of those share their
+  figures (one question template over other data is legitimate and reported, not removed).
 
-Outputs in ``stage_dir("split")``: ``train.jsonl``, ``validation.jsonl``, ``test.jsonl`` (each row
-carries ``metadata["cluster"]``), ``clusters.json``, ``drops.jsonl``, ``manifest.json``.
+Every drop is one :func:`datagen.io.drop_record` in ``drops.jsonl``, counted by
+:func:`datagen.io.drop_counts` in the manifest. Outputs in ``stage_dir("split")``: ``train.jsonl``,
+``validation.jsonl``, ``test.jsonl`` (each row carries ``metadata["cluster"]``), ``clusters.json``,
+``drops.jsonl``, ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -30,9 +42,10 @@ import numpy as np
 
 from datagen.cluster import assign_clusters
 from datagen.config import Config
-from datagen.dedup import number_overlap, numbers, similar_pairs
+from datagen.dedup import UnionFind, context_key, number_overlap, numbers, similar_pairs
 from datagen.embed import Embedder, embed_samples, load_embedder, sample_text
-from datagen.io import manifest_hash, read_jsonl, require_stage, write_json, write_jsonl, write_manifest
+from datagen.io import (drop_counts, drop_record, manifest_hash, read_jsonl, require_stage, write_json, write_jsonl,
+                        write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +134,183 @@ def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "
             "min_number_overlap": min_number_overlap, "cross_split_duplicates": dups}
 
 
+def split_units(rows: list[dict[str, Any]]) -> list[str]:
+    """One unit id per row: rows sharing a ``group_id`` or a non-empty context (content hash) share a
+    unit (union-find); the id is the smallest ``group_id`` in it."""
+    uf = UnionFind(len(rows))
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        for key in ("g:" + str(r["group_id"]), "c:" + context_key(r)):
+            if key == "c:":
+                continue
+            if key in first:
+                uf.union(first[key], i)
+            else:
+                first[key] = i
+    name: dict[int, str] = {}
+    for i, r in enumerate(rows):
+        root = uf.find(i)
+        name[root] = min(name.get(root, r["group_id"]), r["group_id"])
+    return [name[uf.find(i)] for i in range(len(rows))]
+
+
+def is_market(row: dict[str, Any]) -> bool:
+    return str(row.get("source", "")).startswith("market:") and bool((row.get("metadata") or {}).get("window"))
+
+
+def price_rows(row: dict[str, Any]) -> set[tuple[str, str]]:
+    """The (ticker, date) price rows a market row shows: its table's Date column, with the Ticker column
+    where there is one (comparisons), else the window's ticker. Empty for other rows."""
+    window = (row.get("metadata") or {}).get("window")
+    table = (row.get("context") or {}).get("table") or {}
+    cols = table.get("columns") or []
+    if not window or "Date" not in cols:
+        return set()
+    d = cols.index("Date")
+    t = cols.index("Ticker") if "Ticker" in cols else None
+    ticker = (window.get("tickers") or [""])[0]
+    return {(r[t] if t is not None else ticker, r[d]) for r in table.get("rows") or []}
+
+
+def _targets(n: int, ratios: tuple[float, float, float]) -> tuple[int, int]:
+    """(validation, test) unit counts: ratio x n, at least one where the ratio is positive and n >= 3."""
+    out = []
+    for r in ratios[1:]:
+        k = int(round(r * n))
+        out.append(max(k, 1) if r > 0 and n >= 3 else k)
+    return out[0], out[1]
+
+
+def _cut(starts: np.ndarray, ends: np.ndarray, target: int, days: int) -> int:
+    """The cut (a calendar position) that leaves about ``target`` units starting at or after it (within
+    a quarter of ``target``, at least one) and loses the fewest units to the gap before it (those that
+    start before the cut and end less than ``days`` trading days before it); ties: nearest to
+    ``target``, then the latest cut."""
+    tol = max(1, int(round(0.25 * target)))
+    best: tuple[int, int, int] | None = None
+    for c in np.unique(starts).tolist():
+        n_after = int((starts >= c).sum())
+        if abs(n_after - target) > tol:
+            continue
+        lost = int(((starts < c) & (ends > c - days - 1)).sum())
+        key = (lost, abs(n_after - target), -c)
+        if best is None or key < best:
+            best = key
+    if best is None:  # no cut within the tolerance: the start of the target-th latest unit
+        return int(np.sort(starts)[-min(target, len(starts))])
+    return -best[2]
+
+
+def walk_forward(units: dict[str, set[tuple[str, str]]], days: int, ratios: tuple[float, float, float],
+                 ) -> tuple[dict[str, str | None], dict[str, Any]]:
+    """Assign market units (unit -> its price rows) to splits by time.
+
+    The calendar is the sorted union of the units' dates (all tickers; trading days no window shows
+    only make true gaps longer). A unit spans its first to last date. Test takes the units that start
+    at or after the test cut (about the latest-starting ``ratios[2]`` share, :func:`_cut` picks the
+    cut that loses the fewest windows); validation those of the units ending at least ``days``
+    trading days before the test cut that start at or after the validation cut (chosen the same
+    way); train those that end at least ``days`` trading days before the validation cut. Others reach
+    into a gap: ``None``.
+    Returns (unit -> split or None, a report: cut dates, date range per split, gap, unit counts)."""
+    cal = sorted({d for rows in units.values() for _, d in rows})
+    pos = {d: k for k, d in enumerate(cal)}
+    span = {u: (min(pos[d] for _, d in rows), max(pos[d] for _, d in rows)) for u, rows in units.items() if rows}
+    order = sorted(span, key=lambda u: (span[u][0], span[u][1], u))
+    n_val, n_test = _targets(len(order), ratios)
+    end_cal = len(cal)
+    starts = np.array([span[u][0] for u in order], dtype=np.int64)
+    ends = np.array([span[u][1] for u in order], dtype=np.int64)
+    test_cut = _cut(starts, ends, n_test, days) if n_test else end_cal + days + 1
+    pool = ends <= test_cut - days - 1
+    val_cut = _cut(starts[pool], ends[pool], n_val, days) if n_val and pool.any() else test_cut
+    out: dict[str, str | None] = {}
+    for u in order:
+        s, e = span[u]
+        if s >= test_cut:
+            out[u] = "test"
+        elif n_val and s >= val_cut and e <= test_cut - days - 1:
+            out[u] = "validation"
+        elif e <= min(val_cut, test_cut) - days - 1:
+            out[u] = "train"
+        else:
+            out[u] = None
+    ranges = {}
+    for split in SPLITS:
+        members = [u for u in order if out[u] == split]
+        if members:
+            ranges[split] = [cal[min(span[u][0] for u in members)], cal[max(span[u][1] for u in members)]]
+    report = {"gap_days": days, "calendar": [cal[0], cal[-1]] if cal else None,
+              "cuts": {"validation": cal[val_cut] if val_cut < end_cal else None,
+                       "test": cal[test_cut] if test_cut < end_cal else None},
+              "ranges": ranges, "units": {s: sum(v == s for v in out.values()) for s in SPLITS},
+              "units_in_gaps": sum(v is None for v in out.values())}
+    return out, report
+
+
+def overlap_report(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Groups, context hashes and price rows (ticker, date) found in more than one split, with the
+    price rows per split pair. All three are 0 for a split that cannot leak documents or time."""
+    def count(key) -> tuple[int, dict[str, int]]:
+        seen = {s: set().union(*(key(r) for r in splits.get(s, []))) for s in SPLITS}
+        pairs = {f"{a}|{b}" if a < b else f"{b}|{a}": len(seen[a] & seen[b])
+                 for a, b in (("train", "validation"), ("train", "test"), ("validation", "test"))}
+        multi = Counter(x for s in SPLITS for x in seen[s])
+        return sum(v > 1 for v in multi.values()), pairs
+    groups, _ = count(lambda r: {r["group_id"]})
+    contexts, _ = count(lambda r: {context_key(r)} - {""})
+    prices, by_pair = count(price_rows)
+    return {"groups_in_two_splits": groups, "context_hashes_in_two_splits": contexts,
+            "price_rows_in_two_splits": prices, "price_rows_by_split_pair": by_pair}
+
+
+def leakage_failure(leak: dict[str, Any]) -> str | None:
+    """The one-line reason the split stage fails on ``leak`` (see :func:`overlap_report`), or None."""
+    g, c, p = (leak.get(k, 0) for k in ("groups_in_two_splits", "context_hashes_in_two_splits",
+                                        "price_rows_in_two_splits"))
+    if not (g or c or p):
+        return None
+    return (f"leakage across splits: {g} groups, {c} context hashes, {p} price rows (ticker, date) in more than "
+            f"one split; set split.allow_leakage: true to accept it")
+
+
 def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dict[str, Any]:
-    """The split in memory: ``{"splits": {name: rows}, "drops": [...], "clusters": {...}, ...}``."""
+    """The split in memory: ``{"splits": {name: rows}, "drops": [...], "clusters": {...}, "leakage": {...},
+    "where": {unit: split}, "walk_forward": {...} | None}``."""
     sc = cfg.split
     texts = [sample_text(r, cfg.dedup.context_chars) for r in rows]
     clus = assign_clusters(rows, vecs, texts, sc.cluster_by, sc.k_range, sc.seed)
     rows = [{**r, "metadata": {**(r.get("metadata") or {}), "cluster": lab}} for r, lab in zip(rows, clus.labels)]
-    group_cluster = {r["group_id"]: r["metadata"]["cluster"] for r in rows}
-    eligible = {r["group_id"] for r in rows if not r.get("is_rephrase")} if sc.test_originals_only else None
-    where = allocate_groups(group_cluster, sc.ratios, sc.seed, eligible)
+    unit = split_units(rows)
+    market = {u for u, r in zip(unit, rows) if sc.walk_forward and is_market(r)}
+    by_unit: dict[str, list[int]] = {}
+    for i, u in enumerate(unit):
+        by_unit.setdefault(u, []).append(i)
+    unit_cluster = {u: sorted(Counter(rows[i]["metadata"]["cluster"] for i in m).items(),
+                              key=lambda kv: (-kv[1], kv[0]))[0][0]
+                    for u, m in by_unit.items() if u not in market}
+    eligible = ({u for u, m in by_unit.items() if any(not rows[i].get("is_rephrase") for i in m)}
+                if sc.test_originals_only else None)
+    where: dict[str, str | None] = dict(allocate_groups(unit_cluster, sc.ratios, sc.seed, eligible))
+    wf = None
+    if market:
+        prices = {u: set().union(*(price_rows(rows[i]) for i in by_unit[u])) for u in market}
+        days = max(int(rows[i]["metadata"]["window"].get("days") or 0) for u in market for i in by_unit[u])
+        wf_where, wf = walk_forward(prices, days, sc.ratios)
+        where.update(wf_where)
     splits: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     index: dict[str, list[int]] = {s: [] for s in SPLITS}
     drops = []
     for i, r in enumerate(rows):
-        s = where[r["group_id"]]
+        s = where.get(unit[i])
+        if s is None:
+            drops.append(drop_record("split", r["id"], "walk_forward_gap",
+                                     "its price window reaches into the gap between two walk-forward date ranges",
+                                     group_id=r["group_id"], unit=unit[i]))
+            continue
         if s == "test" and sc.test_originals_only and r.get("is_rephrase"):
-            drops.append({"id": r["id"], "group_id": r["group_id"], "split": s, "reason": "test_rephrase"})
+            drops.append(drop_record("split", r["id"], "test_rephrase", "a rephrasing of a test item",
+                                     group_id=r["group_id"], split=s))
             continue
         splits[s].append(r)
         index[s].append(i)
@@ -145,16 +319,15 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
         keep_ids = {r["id"] for r in kept}
         index["train"] = [i for i, r in zip(index["train"], splits["train"]) if r["id"] in keep_ids]
         splits["train"] = [r for r in splits["train"] if r["id"] in keep_ids]
-        drops += [{"id": r["id"], "group_id": r["group_id"], "split": "train", "reason": "balance_train"}
-                  for r in dropped]
+        drops += [drop_record("split", r["id"], "balance_train", "its cluster is over the median size in train",
+                              group_id=r["group_id"], split="train") for r in dropped]
     for s in SPLITS:
         order = sorted(range(len(splits[s])), key=lambda k: splits[s][k]["id"])
         splits[s] = [splits[s][k] for k in order]
         index[s] = [index[s][k] for k in order]
     leak = leakage_check({s: vecs[index[s]] for s in SPLITS}, cfg.dedup.threshold, cfg.dedup.method,
                          cfg.dedup.partition_min_rows, splits, cfg.dedup.min_number_overlap)
-    groups_in = {s: {r["group_id"] for r in splits[s]} for s in SPLITS}
-    leak["groups_in_two_splits"] = sum(len(groups_in[a] & groups_in[b]) for a in SPLITS for b in SPLITS if a < b)
+    leak.update(overlap_report(splits))
     names = sorted({r["metadata"]["cluster"] for r in rows})
     clusters = {"cluster_by": sc.cluster_by, "kmeans": clus.kmeans, "clusters": []}
     for c in names:
@@ -166,8 +339,9 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
             entry["groups"][s] = len({r["group_id"] for r in splits[s] if r["metadata"]["cluster"] == c})
             entry["proportion"][s] = round(n / len(splits[s]), 4) if splits[s] else 0.0
         clusters["clusters"].append(entry)
-    drops.sort(key=lambda d: d["id"])
-    return {"splits": splits, "drops": drops, "clusters": clusters, "leakage": leak, "where": where}
+    drops.sort(key=lambda d: d["row_id"])
+    return {"splits": splits, "drops": drops, "clusters": clusters, "leakage": leak, "where": where,
+            "walk_forward": wf, "units": len(by_unit)}
 
 
 def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
@@ -177,28 +351,35 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
     vecs = embed_samples(cfg, rows, embedder)
     res = split_rows(rows, vecs, cfg)
+    failure = leakage_failure(res["leakage"])
+    if failure and not cfg.split.allow_leakage:
+        raise ValueError(f"split: {failure}")
     out = cfg.paths.stage_dir("split")
     for s in SPLITS:
         write_jsonl(out / f"{s}.jsonl", res["splits"][s])
     write_jsonl(out / "drops.jsonl", res["drops"])
     write_json(out / "clusters.json", res["clusters"])
     counts = {s: len(res["splits"][s]) for s in SPLITS}
-    reasons = Counter(d["reason"] for d in res["drops"])
-    log.info("split: %s; dropped %s; leakage %s", counts, dict(reasons), res["leakage"])
+    dropped = drop_counts(res["drops"])
+    log.info("split: %s; %s; leakage %s", counts, dropped, res["leakage"])
+    if failure:
+        log.warning("split: %s (allowed by split.allow_leakage)", failure)
     return write_manifest(out, {
         "stage": "split",
         "config_hash": cfg.section_hash("split", "dedup"),
         "upstream": {"dedup": manifest_hash(src)},
         "embedder": embedder.name,
-        "counts": {"in": len(rows), **counts,
+        "counts": {"in": len(rows), **counts, **dropped, "units": res["units"],
                    "groups": {s: len({r["group_id"] for r in res["splits"][s]}) for s in SPLITS},
-                   "dropped_by_reason": {"test_rephrase": reasons.get("test_rephrase", 0),
-                                         "balance_train": reasons.get("balance_train", 0)},
+                   "dropped_by_reason": {r: dropped.get(f"dropped_{r}", 0)
+                                         for r in ("test_rephrase", "balance_train", "walk_forward_gap")},
                    "by_category": {s: dict(sorted(Counter(r["category"] for r in res["splits"][s]).items()))
                                    for s in SPLITS}},
         "clusters": {c["name"]: c["rows"] for c in res["clusters"]["clusters"]},
         "kmeans": res["clusters"]["kmeans"],
         "leakage": res["leakage"],
+        "walk_forward": res["walk_forward"],
+        "allow_leakage": cfg.split.allow_leakage,
         "test_originals_only": cfg.split.test_originals_only,
         "balance_train": cfg.split.balance_train,
     })
