@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -27,8 +29,16 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    expires REAL NOT NULL
 )
 """
+CLAIM_TTL_S = 900.0  # a claim older than this is void even if its owner seems alive
 
 
 def cache_key(*, kind: str, model: str, base_url: str | None, params: dict[str, Any],
@@ -58,7 +68,7 @@ class ResponseCache:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=30000")
-            self._conn.execute(_SCHEMA)
+            self._conn.executescript(_SCHEMA)
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -91,6 +101,39 @@ class ResponseCache:
                 "completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key, provider, model, text, int(prompt_tokens), int(completion_tokens), time.time()))
 
+    # ------------------------------------------------------------------ claims
+    # Two processes (two runs on different roots sharing this file) that need the same answer: the
+    # first claims the key and calls the model; the other waits for the row instead of paying twice.
+    def claim_many(self, keys: list[str], owner: str) -> tuple[list[str], list[str]]:
+        """Claim keys for ``owner``: ``(mine, theirs)``. A claim whose owner process is gone (same host,
+        dead pid) or older than ``CLAIM_TTL_S`` is taken over."""
+        mine, theirs = [], []
+        host, pid, now = socket.gethostname(), os.getpid(), time.time()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for k in keys:
+                    row = self._conn.execute("SELECT owner, host, pid, expires FROM claims WHERE key = ?",
+                                             (k,)).fetchone()
+                    if row is None or row[0] == owner or row[3] < now or (row[1] == host and not _alive(row[2])):
+                        self._conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                                           (k, owner, host, pid, now + CLAIM_TTL_S))
+                        mine.append(k)
+                    else:
+                        theirs.append(k)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return mine, theirs
+
+    def release(self, keys: list[str], owner: str) -> None:
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                self._conn.execute(f"DELETE FROM claims WHERE owner = ? AND key IN ({','.join('?' * len(chunk))})",
+                                   [owner, *chunk])
+
     def delete(self, key: str) -> None:
         with self._lock:
             self._conn.execute("DELETE FROM responses WHERE key = ?", (key,))
@@ -102,6 +145,16 @@ class ResponseCache:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _CACHES: dict[Path, ResponseCache] = {}

@@ -195,6 +195,8 @@ class BaseProvider:
         self.model = cfg.model or self.default_model()
         self.usage = Usage()
         self.auth_error: str | None = None  # set at the first 401/403: every later call is refused
+        self._owner = f"{os.getpid()}:{id(self)}"  # whose claims these are, in the shared response cache
+        self._claims: list[str] = []
 
     # ------------------------------------------------------------------ identity
     def default_model(self) -> str:
@@ -290,6 +292,7 @@ class BaseProvider:
                 results[i] = res
                 bar.update(1)
 
+            todo = self._claimed(todo, results, hits_from=lambda i, req, hit: self._from_cache(req, hit), bar=bar)
             self.usage.add(requests=len(todo))
             if todo and self.auth_error:
                 raise LLMUnavailable(self._auth_message())
@@ -306,9 +309,39 @@ class BaseProvider:
                         done(i, key, failure("internal: no result produced"))
         finally:
             bar.close()
+            if self.cache is not None and self._claims:
+                self.cache.release(self._claims, self._owner)
+                self._claims = []
         if self.auth_error:  # the one exception to "never raise": a refused key fails everything after it
             raise LLMUnavailable(self._auth_message())
         return results  # type: ignore[return-value]
+
+    def _claimed(self, todo, results, *, hits_from, bar) -> list[tuple[int, ChatRequest, str]]:
+        """Claim the keys this batch must call for; wait for those another process is calling right now
+        (a second run sharing the cache file) and take their answers from the cache instead of paying twice.
+        Returns the items left for us to call."""
+        if self.cache is None or not todo or not hasattr(self.cache, "claim_many"):
+            return todo
+        mine, theirs = self.cache.claim_many([k for _, _, k in todo], self._owner)
+        self._claims = list(mine)
+        waiting = {k for k in theirs}
+        deadline = time.monotonic() + self.cfg.timeout_s * (self.cfg.max_retries + 1) + 60
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.5)
+            found = self.cache.get_many(list(waiting))
+            for i, req, key in todo:
+                if key in found and key in waiting and results[i] is None:
+                    res = hits_from(i, req, found[key])
+                    if res is not None:
+                        results[i] = res
+                        self.usage.add(cache_hits=1)
+                        bar.update(1)
+                        waiting.discard(key)
+            if waiting:  # an owner that gave up or died releases its claim: take it over
+                took, _ = self.cache.claim_many(list(waiting), self._owner)
+                self._claims += took
+                waiting -= set(took)
+        return [(i, req, key) for i, req, key in todo if results[i] is None]
 
     def _auth_message(self) -> str:
         return (f"provider {self.name!r}: the server refused our credentials ({self.auth_error}); "
