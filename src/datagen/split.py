@@ -183,22 +183,23 @@ def _targets(n: int, ratios: tuple[float, float, float]) -> tuple[int, int]:
 
 def _cut(starts: np.ndarray, ends: np.ndarray, target: int, days: int) -> int:
     """The cut (a calendar position) that leaves about ``target`` units starting at or after it (within
-    a quarter of ``target``, at least one) and loses the fewest units to the gap before it (those that
-    start before the cut and end less than ``days`` trading days before it); ties: nearest to
-    ``target``, then the latest cut."""
+    a quarter of ``target``, at least one) and some units before the gap where possible, and loses the
+    fewest units to the gap before it (those that start before the cut and end less than ``days``
+    trading days before it); ties: nearest to ``target``, then the latest cut."""
     tol = max(1, int(round(0.25 * target)))
-    best: tuple[int, int, int] | None = None
+    best: tuple[bool, int, int, int] | None = None
     for c in np.unique(starts).tolist():
         n_after = int((starts >= c).sum())
         if abs(n_after - target) > tol:
             continue
         lost = int(((starts < c) & (ends > c - days - 1)).sum())
-        key = (lost, abs(n_after - target), -c)
+        before = int((ends <= c - days - 1).sum())
+        key = (before == 0, lost, abs(n_after - target), -c)
         if best is None or key < best:
             best = key
     if best is None:  # no cut within the tolerance: the start of the target-th latest unit
         return int(np.sort(starts)[-min(target, len(starts))])
-    return -best[2]
+    return -best[3]
 
 
 def walk_forward(units: dict[str, set[tuple[str, str]]], days: int, ratios: tuple[float, float, float],
@@ -211,7 +212,8 @@ def walk_forward(units: dict[str, set[tuple[str, str]]], days: int, ratios: tupl
     cut that loses the fewest windows); validation those of the units ending at least ``days``
     trading days before the test cut that start at or after the validation cut (chosen the same
     way); train those that end at least ``days`` trading days before the validation cut. Others reach
-    into a gap: ``None``.
+    into a gap: ``None``. A history too short for three ranges and two gaps gets no validation range
+    (train and test first).
     Returns (unit -> split or None, a report: cut dates, date range per split, gap, unit counts)."""
     cal = sorted({d for rows in units.values() for _, d in rows})
     pos = {d: k for k, d in enumerate(cal)}
@@ -224,6 +226,8 @@ def walk_forward(units: dict[str, set[tuple[str, str]]], days: int, ratios: tupl
     test_cut = _cut(starts, ends, n_test, days) if n_test else end_cal + days + 1
     pool = ends <= test_cut - days - 1
     val_cut = _cut(starts[pool], ends[pool], n_val, days) if n_val and pool.any() else test_cut
+    if not (ends[pool] <= val_cut - days - 1).any():  # too short a history for three ranges: train first
+        val_cut = test_cut
     out: dict[str, str | None] = {}
     for u in order:
         s, e = span[u]
