@@ -1,10 +1,16 @@
 """The fetch stage: market QA + every configured source-QA file -> ``data/processed/fetch/``.
 
 Outputs (sorted by ``(source, id)``; no timestamps, so the same inputs and config give byte-identical
-files): ``samples.jsonl`` (canonical rows) and ``quarantine.jsonl`` (rejected source rows, sorted by
-file and row). ``manifest.json`` is written last with counts per category / source / task type /
-scenario, quarantine counts by reason and file, market-data repairs, input file hashes and the
-``sources`` config hash; its only non-deterministic entry is ``timing``.
+files): ``samples.jsonl`` (canonical rows) and ``quarantine.jsonl`` (rejected source rows, one
+:func:`datagen.io.drop_record` each, sorted by file and row). ``manifest.json`` is written last with
+counts per category / source / task type / scenario and ``dropped_<reason>``, quarantine counts by
+reason and file, market-data repairs, input file hashes and the ``sources`` config hash; its only
+non-deterministic entry is ``timing``.
+
+Row accounting: for every source file, ``source_files[file]`` holds ``rows_in`` (rows read),
+``rows_out`` (in ``samples.jsonl``), ``rows_quarantined`` and ``rows_unaccounted`` (plus physical line
+counts for CSV and JSONL); ``rows`` sums them, and ``market.rows`` reconciles price rows. A non-zero
+``rows_unaccounted`` raises :class:`~datagen.source_qa.RowCountError` before anything is written.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from datagen.config import Config
-from datagen.io import sha256_file, write_jsonl, write_manifest
+from datagen.io import clip, drop_counts, drop_record, sha256_file, write_jsonl, write_manifest
 from datagen.market import load_market
 from datagen.market_qa import build_market_qa
-from datagen.source_qa import load_source_qa
+from datagen.source_qa import RowCountError, load_source_qa
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,30 @@ def _counts(rows: list[dict[str, Any]], key: str) -> dict[str, int]:
     return dict(sorted(Counter("(none)" if r.get(key) is None else str(r[key]) for r in rows).items()))
 
 
+def _reconcile(per_file: dict[str, dict[str, int]], samples: list[dict[str, Any]],
+               quarantine: list[dict[str, Any]]) -> dict[str, int]:
+    """Complete each source file's counts from the final outputs (after the cross-source id check):
+    ``rows_out`` (its rows in ``samples``), ``rows_quarantined``, ``rows_unaccounted`` = in - out -
+    quarantined. Raises :class:`RowCountError` naming the file when that is not 0; returns the totals."""
+    kept = Counter(s["metadata"].get("origin", {}).get("file") for s in samples
+                   if not s["source"].startswith("market:"))
+    quarantined = Counter(q["file"] for q in quarantine)
+    totals = dict.fromkeys(("rows_in", "rows_out", "rows_quarantined", "rows_unaccounted"), 0)
+    for file, c in per_file.items():
+        rows = {"rows_in": c["rows_in"], "rows_out": kept[file], "rows_quarantined": quarantined[file]}
+        rows["rows_unaccounted"] = rows["rows_in"] - rows["rows_out"] - rows["rows_quarantined"]
+        if rows["rows_unaccounted"]:
+            raise RowCountError(f"{file}: {rows['rows_in']} rows read, {rows['rows_out']} kept + "
+                                f"{rows['rows_quarantined']} quarantined: {rows['rows_unaccounted']} unaccounted for")
+        per_file[file] = {**rows, **{k: v for k, v in c.items() if k != "rows_in"}}
+        for k in totals:
+            totals[k] += rows[k]
+    stray = set(kept) - set(per_file) | set(quarantined) - set(per_file)
+    if stray:
+        raise RowCountError(f"rows from files that were not read: {clip(sorted(map(str, stray)), 200)}")
+    return totals
+
+
 def run_fetch(cfg: Config) -> dict[str, Any]:
     """Run the fetch stage; returns its manifest."""
     t0 = time.perf_counter()
@@ -53,6 +83,9 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
     mc = cfg.sources.market
     if mc is not None and mc.questions_per_type > 0:
         md = load_market(mc, cfg.paths.resolve)
+        price_rows = md.row_counts()
+        if price_rows["rows_unaccounted"]:
+            raise RowCountError(f"market prices: {price_rows}: rows unaccounted for")
         rows = build_market_qa(md, mc)
         samples += rows
         for f in md.inputs:
@@ -61,7 +94,7 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
             "provider": md.provider, "tickers": md.tickers, "price_rows": len(md.prices),
             "first_date": md.prices["date"].min().strftime("%Y-%m-%d"),
             "last_date": md.prices["date"].max().strftime("%Y-%m-%d"),
-            "questions": len(rows),
+            "questions": len(rows), "rows": price_rows,
             "repairs": [{**r, "file": _rel(Path(r["file"]), root)} for r in md.repairs]}
         log.info("market: %d QA rows from %s (%d tickers)", len(rows), md.provider, len(md.tickers))
 
@@ -72,7 +105,7 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
         inputs[_rel(path, root)] = sha256_file(path)
         samples += res.samples
         quarantine += res.quarantine
-        per_file[res.file] = {"rows": res.rows_read, "kept": len(res.samples), "quarantined": len(res.quarantine)}
+        per_file[res.file] = {"rows_in": res.rows_in, **res.lines}
         log.info("%s: %d rows kept, %d quarantined", res.file, len(res.samples), len(res.quarantine))
 
     # ids must be unique across sources too: later occurrences go to quarantine
@@ -81,14 +114,15 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
     for s in samples:
         if s["id"] in seen:
             origin = s["metadata"].get("origin", {})
-            quarantine.append({"file": origin.get("file", s["source"]), "row": origin.get("row"), "field": "id",
-                               "reason": "duplicate_id",
-                               "detail": f"{s['id']!r} already used by source {seen[s['id']]!r}", "raw": s})
+            quarantine.append(drop_record(
+                "fetch", s["id"], "duplicate_id", f"{clip(s['id'], 80)!r} already used by source {seen[s['id']]!r}",
+                file=origin.get("file", s["source"]), row=origin.get("row"), field="id", raw=s))
             continue
         seen[s["id"]] = s["source"]
         unique.append(s)
     samples = sorted(unique, key=lambda r: (r["source"], r["id"]))
     quarantine.sort(key=lambda q: (q["file"], q["row"] or 0, q["field"], q["reason"]))
+    totals = _reconcile(per_file, samples, quarantine)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / SAMPLES, samples)
@@ -102,7 +136,9 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
             "per_source": _counts(samples, "source"),
             "per_task_type": _counts(samples, "task_type"),
             "per_scenario": _counts(samples, "scenario"),
+            **drop_counts(quarantine),
         },
+        "rows": totals,
         "quarantine": {
             "total": len(quarantine),
             "by_reason": _counts(quarantine, "reason"),
