@@ -65,12 +65,16 @@ def main() -> None:
     case("csv_cr_only.csv", (H + good(1) + good(2)).replace("\n", "\r"), **rows(2, 2))
     case("csv_no_final_newline.csv", H + good(1) + good(2).rstrip("\n"), **rows(2, 2))
     case("csv_blank_lines.csv", H + "\n" + good(1) + ",,,\n\n" + good(2), **rows(2, 2))
-    case("csv_nul_byte.csv", H + good(1) + "b2,What was the\x00 margin?,14.2%,earnings\n", **rows(2, 1, [[2, "question", "nul_byte"]]))
-    case("csv_nan_answer.csv", H + good(1) + "b2,What was the margin?,NaN,earnings\n" + "b3,What was the yield?,nan,earnings\n",
+    case("csv_nul_byte.csv", H + good(1) + "b2,What was the\x00 margin?,14.2%,earnings\n",
+         **rows(2, 1, [[2, "question", "nul_byte"]]))
+    case("csv_nan_answer.csv",
+         H + good(1) + "b2,What was the margin?,NaN,earnings\n" + "b3,What was the yield?,nan,earnings\n",
          **rows(3, 1, [[2, "answer", "non_finite"], [3, "answer", "non_finite"]]))
     case("csv_infinity_answer.csv", H + good(1) + "b2,What was the ratio?,Infinity,earnings\n"
-         + "b3,What was the change?,-inf,earnings\n", **rows(3, 1, [[2, "answer", "non_finite"], [3, "answer", "non_finite"]]))
-    case("csv_latin1.csv", H.encode() + good(1).encode() + "b2,Was hat die Bank verdient?,5,Ertr\u00e4ge\n".encode("latin-1"),
+         + "b3,What was the change?,-inf,earnings\n",
+         **rows(3, 1, [[2, "answer", "non_finite"], [3, "answer", "non_finite"]]))
+    case("csv_latin1.csv",
+         H.encode() + good(1).encode() + "b2,Was hat die Bank verdient?,5,Ertr\u00e4ge\n".encode("latin-1"),
          **rows(2, 1, [[2, "category", "undecodable_text"]]))
     case("csv_list_answer.csv", "id,question,answer,category,task_type\n"
          'g1,Which years had a loss?,"[""2019"", ""2021""]",earnings,open_qa\n'
@@ -98,9 +102,11 @@ def main() -> None:
     case("jsonl_crlf.jsonl", jl(q(1), q(2)).replace("\n", "\r\n"), **rows(2, 2))
     case("jsonl_empty.jsonl", "", kind="source_error", match="empty file")
     case("jsonl_blank_lines_only.jsonl", "\n\n  \n", kind="source_error", match="empty file")
-    case("jsonl_nan_answer.jsonl", jl(q(1), '{"id": "b2", "question": "Margin?", "answer": NaN, "category": "earnings"}'),
+    case("jsonl_nan_answer.jsonl",
+         jl(q(1), '{"id": "b2", "question": "Margin?", "answer": NaN, "category": "earnings"}'),
          **rows(2, 1, [[2, "answer", "non_finite"]]))
-    case("jsonl_infinity_answer.jsonl", jl(q(1), '{"id": "b2", "question": "Ratio?", "answer": -Infinity, "category": "x"}'),
+    case("jsonl_infinity_answer.jsonl",
+         jl(q(1), '{"id": "b2", "question": "Ratio?", "answer": -Infinity, "category": "x"}'),
          **rows(2, 1, [[2, "answer", "non_finite"]]))
     case("jsonl_nan_string_answer.jsonl", jl(q(1), q(2, answer="NaN"), q(3, answer=" inf ")),
          **rows(3, 1, [[2, "answer", "non_finite"], [3, "answer", "non_finite"]]))
@@ -109,7 +115,8 @@ def main() -> None:
          **rows(2, 1, [[2, "metadata", "non_finite"]]))
     case("jsonl_nul_escaped.jsonl", jl(q(1), q(2, question="What was\u0000 the margin?")),
          **rows(2, 1, [[2, "question", "nul_byte"]]))
-    case("jsonl_nul_raw.jsonl", jl(q(1)).encode() + b'{"id": "b2", "question": "What\x00?", "answer": "1", "category": "x"}\n',
+    case("jsonl_nul_raw.jsonl",
+         jl(q(1)).encode() + b'{"id": "b2", "question": "What\x00?", "answer": "1", "category": "x"}\n',
          **rows(2, 1, [[2, "<row>", "nul_byte"]]))
     case("jsonl_not_an_object.jsonl", jl(q(1), [1, 2], "null"),
          **rows(3, 1, [[2, "<row>", "wrong_type"], [3, "<row>", "wrong_type"]]))
@@ -118,7 +125,8 @@ def main() -> None:
     case("jsonl_list_answer.jsonl", jl(q(1, answer=["2019", "2021"], question="Which years had a loss?"),
                                        q(2, answer=["14.2%", "15.1%"], task_type="numeric_qa")), **rows(2, 2))
     case("jsonl_empty_list_answer.jsonl", jl(q(1), q(2, answer=[])), **rows(2, 1, [[2, "answer", "empty"]]))
-    case("jsonl_list_of_objects_answer.jsonl", jl(q(1), q(2, answer=[{"a": 1}])), **rows(2, 1, [[2, "answer", "wrong_type"]]))
+    case("jsonl_list_of_objects_answer.jsonl", jl(q(1), q(2, answer=[{"a": 1}])),
+         **rows(2, 1, [[2, "answer", "wrong_type"]]))
     case("jsonl_list_answer_classification.jsonl",
          jl(q(1, answer="up", task_type="classification", labels=["up", "down"]),
             q(2, answer=["up", "down"], task_type="classification", labels=["up", "down"])),
@@ -174,7 +182,8 @@ def main() -> None:
 
     def price(i: int, sep: str = ",") -> str:
         c = 100 + i
-        return sep.join([f"2024-03-{i + 1:02d}", f"{c:.2f}", f"{c + 1:.2f}", f"{c - 1:.2f}", f"{c + 0.5:.2f}", str(1000 + i)]) + "\n"
+        cells = [f"2024-03-{i + 1:02d}", f"{c:.2f}", f"{c + 1:.2f}", f"{c - 1:.2f}", f"{c + 0.5:.2f}", str(1000 + i)]
+        return sep.join(cells) + "\n"
 
 
     idx = pd.date_range("2024-03-01", periods=12, freq="B")
