@@ -151,30 +151,41 @@ def deploy_and_run(*, deployment: str, parameters: dict, home: Path, port: int =
 
 
 def run_deployment_in(env: dict[str, str], name: str, parameters: dict, timeout_s: float) -> dict:
-    """Run in a child process so this process's Prefect settings stay untouched."""
-    code = (
-        "import json,sys\n"
-        "from prefect.deployments import run_deployment\n"
-        "fr = run_deployment(sys.argv[1], parameters=json.loads(sys.argv[2]), timeout=float(sys.argv[3]))\n"
-        "res = None\n"
-        "if fr.state and fr.state.is_completed():\n"
-        "    try:\n"
-        "        res = fr.state.result(raise_on_failure=False)\n"
-        "    except Exception as e:\n"
-        "        res = {'unavailable': str(e)}\n"
-        "print('@@RESULT@@' + json.dumps({'flow_run_id': str(fr.id), 'flow_run_name': fr.name,\n"
-        "      'state': fr.state.type.value if fr.state else None, 'state_name': fr.state.name if fr.state else None,\n"
-        "      'message': fr.state.message if fr.state else None, 'result': res}, default=str))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code, name, json.dumps(parameters), str(timeout_s)], env=env,
-                       cwd=PROJECT_ROOT, capture_output=True, text=True)
+    """Run in a child process (``python -m flows.deploy --child``) so this process's Prefect settings
+    stay untouched; the child prints one ``@@RESULT@@`` JSON line."""
+    r = subprocess.run([sys.executable, "-m", "flows.deploy", "--child", name, json.dumps(parameters), str(timeout_s)],
+                       env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
     for line in r.stdout.splitlines():
-        if line.startswith("@@RESULT@@"):
-            return json.loads(line[len("@@RESULT@@"):])
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
     raise RuntimeError(f"run_deployment failed ({r.returncode}): {r.stderr[-3000:]}")
 
 
+RESULT_MARK = "@@RESULT@@"
+
+
+def _child_run(name: str, parameters: str, timeout_s: str) -> int:
+    """The child side of :func:`run_deployment_in`: run the deployment, wait, print its summary."""
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(name, parameters=json.loads(parameters), timeout=float(timeout_s))
+    res = None
+    if fr.state and fr.state.is_completed():
+        try:
+            res = fr.state.result(raise_on_failure=False)
+        except Exception as e:
+            res = {"unavailable": str(e)}
+    st = fr.state
+    print(RESULT_MARK + json.dumps({"flow_run_id": str(fr.id), "flow_run_name": fr.name,
+                                    "state": st.type.value if st else None, "state_name": st.name if st else None,
+                                    "message": st.message if st else None, "result": res}, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return _child_run(*argv[1:4])
     p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
     p.add_argument("--deployment", default="pipeline", choices=["pipeline", "augment-only", "evaluate-only"])
     p.add_argument("--profile", default="demo")

@@ -18,8 +18,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "configs"
+_HERE = Path(__file__).resolve().parent
+_SOURCE_ROOT = _HERE.parents[1]
+_CHECKOUT = (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "configs").is_dir()
+# a source checkout is its own project root; an installed finsynth works in the current directory
+PROJECT_ROOT = _SOURCE_ROOT if _CHECKOUT else Path.cwd()
+
+
+def asset_dir(name: str) -> Path:
+    """``configs`` or ``prompts``: the checkout's folder, or the copy a wheel installs inside datagen."""
+    return _SOURCE_ROOT / name if _CHECKOUT else _HERE / f"_{name}"
+
+
+CONFIG_DIR = asset_dir("configs")
 
 
 class ConfigError(ValueError):
@@ -368,7 +379,6 @@ class CardConfig(_Strict):
 
 class Config(_Strict):
     profile: str = "custom"
-    seed: int = 0
     paths: PathsConfig = PathsConfig()
     sources: SourcesConfig = SourcesConfig()
     llm: LLMConfig = LLMConfig()

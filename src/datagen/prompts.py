@@ -14,9 +14,9 @@ from typing import Any
 
 import jinja2
 
-from datagen.config import PROJECT_ROOT
+from datagen.config import asset_dir
 
-PROMPTS_DIR = PROJECT_ROOT / "prompts"
+PROMPTS_DIR = asset_dir("prompts")
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
                           trim_blocks=True, lstrip_blocks=True, autoescape=False)
 

@@ -24,13 +24,6 @@ from difflib import SequenceMatcher
 from typing import Any
 
 # ----------------------------------------------------------------------------- verdicts
-REASONS = (
-    "ok", "empty", "length_ratio", "not_a_question", "leaks_answer",
-    "missing_amount", "missing_percent", "missing_date", "missing_number", "missing_ticker",
-    "missing_entity", "added_amount", "added_percent", "added_date", "added_number", "added_ticker",
-    "flipped_term", "missing_term", "near_copy", "duplicate_rephrase", "off_topic", "too_similar",
-)
-
 
 @dataclass(frozen=True)
 class Verdict:
