@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from datagen.chat_format import build_messages, format_rows, render_conversation, run_format
+from datagen.chat_format import (DISK_DIR, META_DIR, build_messages, format_rows, render_conversation, run_format,
+                                 truncate_context)
 from datagen.io import read_jsonl, write_jsonl, write_manifest
 from datagen.prompts import Prompt, load_prompt
 
@@ -77,7 +78,9 @@ def test_format_rows_drops_too_long_with_reason(tokenizer):
     kept, drops = format_rows(rows, tokenizer, SYS, load_prompt("sft_user"), max_tokens=100)
     assert [r["id"] for r in kept] == ["short"]
     assert kept[0]["n_tokens"] == 66 and kept[0]["n_assistant_tokens"] == 3
-    assert drops[0]["id"] == "long" and drops[0]["reason"] == "too_long" and drops[0]["n_tokens"] > 100
+    d = drops[0]
+    assert (d["stage"], d["row_id"], d["reason"], d["source"]) == ("format", "long", "too_long", "t")
+    assert d["n_tokens"] > 100 and d["max_tokens"] == 100 and d["detail"] == f"{d['n_tokens']} tokens > 100"
 
 
 def _write_split(cfg, rows_by_split):
@@ -100,10 +103,13 @@ def test_run_format_parquet_roundtrip(demo_cfg, tokenizer):
     m = run_format(demo_cfg, tokenizer=tokenizer)
     out = demo_cfg.paths.stage_dir("dataset")
     assert m["counts"]["train"] == 2 and m["counts"]["validation"] == 1 and m["counts"]["test"] == 0
-    assert m["counts"]["dropped_by_reason"] == {"too_long": 1}
-    assert read_jsonl(out / "drops.jsonl")[0]["id"] == "c"
-    assert {"README.md", "token_lengths.png", "train.parquet", "validation.parquet",
-            "drops.jsonl"} == set(m["outputs"]) and m["splits"] == ["train", "validation"]
+    assert m["counts"]["dropped_too_long"] == 1 and m["counts"]["truncated"] == 0
+    assert m["empty_splits"] == ["test"]
+    assert read_jsonl(out / META_DIR / "drops.jsonl")[0]["row_id"] == "c"
+    top = {k for k in m["outputs"] if "/" not in k}
+    assert top == {"README.md", "train.parquet", "validation.parquet"} and m["splits"] == ["train", "validation"]
+    assert {f"{META_DIR}/token_lengths.png", f"{META_DIR}/drops.jsonl", f"{DISK_DIR}/dataset_dict.json"} <= set(
+        m["outputs"])
     ds = load_dataset("parquet", data_dir=str(out))
     assert set(ds) == {"train", "validation"}
     assert ds["train"].features == ds["validation"].features
@@ -114,7 +120,115 @@ def test_run_format_parquet_roundtrip(demo_cfg, tokenizer):
     assert json.loads(r["metadata"])["answer_values"][0]["value"] == 45.0
     assert json.loads(r["context"])["table"]["rows"] == [["ACME", "101.5"]]
     assert ds["train"][1]["labels"] is None
-    assert (out / "token_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / META_DIR / "token_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_run_format_fails_when_format_empties_a_split(demo_cfg, tokenizer):
+    """Every test row too long: a one-line error naming the split, the count and the reason; nothing written."""
+    long_q = "Why? " * 400
+    _write_split(demo_cfg, {"train": [_row("a")], "validation": [],
+                            "test": [_row(f"t{i}", group=f"t{i}", question=long_q) for i in range(3)]})
+    with pytest.raises(ValueError) as e:
+        run_format(demo_cfg, tokenizer=tokenizer)
+    assert str(e.value) == ("format: test has 0 rows: 3 of 3 dropped as too_long (max_tokens 768); raise "
+                            "format.max_tokens, set format.long_context: truncate, or shorten the context")
+    assert not (demo_cfg.paths.stage_dir("dataset") / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- long contexts
+def _fits_chars(limit):
+    from datagen.schema import render_context
+
+    return lambda ctx: len(render_context(ctx)) <= limit
+
+
+def _price_table(n):
+    return {"columns": ["Date", "Close"], "rows": [[f"2024-01-{d:02d}", f"{100 + d}.25"] for d in range(1, n + 1)]}
+
+
+def test_truncate_keeps_the_rows_nearest_the_answer_cells():
+    ctx = {"text": "Daily closes of ACME.", "table": _price_table(20)}
+    row = {"question": "What was ACME's close on 2024-01-12?", "answer": "112.25",
+           "context": ctx, "metadata": {"answer_values": [{"name": "close", "value": 112.25, "unit": "USD"}]}}
+    new, why = truncate_context(row, _fits_chars(200))
+    assert why == ""
+    kept = [r[0] for r in new["table"]["rows"]]
+    assert "2024-01-12" in kept and kept == sorted(kept)  # original order
+    days = [int(d[-2:]) for d in kept]
+    assert max(abs(d - 12) for d in days) <= 3 and len(kept) < 20  # the far rows went first
+    assert new["text"] == "Daily closes of ACME." and new["table"]["columns"] == ["Date", "Close"]
+    assert _fits_chars(200)(new)
+
+
+def test_truncate_refuses_answers_computed_from_the_whole_table():
+    """A volatility is not in any cell: which rows it used is unknown, so the row is not truncatable."""
+    row = {"question": "What is ACME's annualised volatility?", "answer": "23.41%: std of log returns x sqrt(252)",
+           "context": {"text": "", "table": _price_table(20)},
+           "metadata": {"answer_values": [{"name": "vol", "value": 23.41, "unit": "%"}]}}
+    new, why = truncate_context(row, _fits_chars(200))
+    assert new is None and why == "the answer's figures are not all in the context (23.41, 252)"
+    label = {**row, "answer": "high", "metadata": {}}  # a label computed from every row
+    assert truncate_context(label, _fits_chars(200)) == (None, "the answer has no figures to anchor on")
+
+
+def test_truncate_trims_paragraphs_but_keeps_the_questions_figures():
+    paras = [f"Paragraph {i} says revenue grew in region {i}." for i in range(10)]
+    paras[2] = "Net sales were 5,829 in 2019."
+    paras[7] = "Net sales were 5,735 in 2018."
+    row = {"question": "What was the change in net sales from 5,735 in 2018?", "answer": "5,829 vs 5,735",
+           "context": {"text": "\n\n".join(paras), "table": None}, "metadata": {}}
+    new, why = truncate_context(row, _fits_chars(150))
+    assert why == "" and new["table"] is None
+    kept = new["text"].split("\n\n")
+    assert paras[2] in kept and paras[7] in kept and len(kept) < 10
+    assert truncate_context(row, _fits_chars(40)) == (None, "the context holding the question's and answer's "
+                                                            "figures alone exceeds max_tokens")
+
+
+@pytest.mark.slow
+def test_run_format_truncate_strategy(demo_cfg, tokenizer):
+    """long_context: truncate keeps a lookup over a long table (its answer cell kept) and drops a row whose
+    answer is computed from the whole table; both counted in the manifest."""
+    demo_cfg.format.long_context = "truncate"
+    demo_cfg.format.max_tokens = 400
+    lookup = _row("look", task_type="numeric_qa", labels=None, question="What was the close on 2024-01-12?",
+                  answer="112.25", context={"text": "Daily closes.", "table": _price_table(31)})
+    lookup["metadata"]["answer_values"] = [{"name": "close", "value": 112.25, "unit": "USD"}]
+    vol = _row("vol", group="g2", task_type="numeric_qa", labels=None, question="What is the volatility?",
+               answer="23.41%", context={"text": "Daily closes.", "table": _price_table(31)})
+    vol["metadata"]["answer_values"] = [{"name": "vol", "value": 23.41, "unit": "%"}]
+    _write_split(demo_cfg, {"train": [lookup, vol, _row("a", group="g3")], "validation": [], "test": []})
+    m = run_format(demo_cfg, tokenizer=tokenizer)
+    assert m["long_context"] == "truncate"
+    assert m["counts"]["train"] == 2 and m["counts"]["truncated"] == 1 and m["counts"]["dropped_too_long"] == 1
+    out = demo_cfg.paths.stage_dir("dataset")
+    drop = read_jsonl(out / META_DIR / "drops.jsonl")[0]
+    assert drop["row_id"] == "vol" and "not all in the context" in drop["detail"]
+    import pandas as pd
+
+    df = pd.read_parquet(out / "train.parquet").set_index("id")
+    ctx = json.loads(df.loc["look", "context"])
+    assert ["2024-01-12", "112.25"] in ctx["table"]["rows"] and len(ctx["table"]["rows"]) < 31
+    assert "| 2024-01-12 | 112.25 |" in df.loc["look", "messages"][1]["content"]
+    assert json.loads(df.loc["look", "metadata"])["truncated"] == {"table_rows": [len(ctx["table"]["rows"]), 31],
+                                                                  "paragraphs": [1, 1]}
+    assert df.loc["look", "n_tokens"] <= 400
+
+
+@pytest.mark.slow
+def test_demo_profile_keeps_market_rows(demo_cfg, tokenizer):
+    """The demo's market windows fit its max_tokens (single-ticker questions; comparisons hold two tables)."""
+    from datagen.market import load_market
+    from datagen.market_qa import build_market_qa
+
+    mc = demo_cfg.sources.market
+    rows = build_market_qa(load_market(mc), mc)
+    kept, drops = format_rows(rows, tokenizer, load_prompt(demo_cfg.format.system_prompt), load_prompt("sft_user"),
+                              demo_cfg.format.max_tokens)
+    kinds = {r["metadata"]["question_type"] for r in rows}
+    kept_kinds = {json.loads(r["metadata"])["question_type"] for r in kept}
+    assert kinds - kept_kinds <= {"comparison"}, sorted(kinds - kept_kinds)
 
 
 @pytest.mark.slow

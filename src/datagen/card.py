@@ -1,11 +1,20 @@
 """The dataset card: ``README.md`` in the dataset folder, a Hugging Face card built from the manifests.
 
-The YAML header is valid Hub metadata (``configs`` with ``data_files`` per split, ``size_categories``,
-``task_categories``, ``license``, ``source_datasets``, machine-generated ``annotations_creators``,
-``language``, ``pretty_name``). The body states where the rows came from and what every stage did
-to them, read from the upstream manifests (fetch, augment, dedup, split) and the format stage's
-summary. Each upstream fact is optional: a missing manifest or key is reported as "not recorded",
-never an error, so the card can be built while other stages evolve.
+The YAML header is valid Hub metadata: ``configs`` (one config named after this run's content, whose
+``data_files`` are the Parquet splits only), ``size_categories``, ``task_categories``, ``license``,
+``annotations_creators``, ``language_creators``, ``source_datasets``, ``language``, ``pretty_name``.
+
+What the card states is true of the data it describes:
+
+- every count of rows, sources, clusters, groups, task types and rephrasings comes from the final
+  data (the format stage's ``data`` summary, after the length filter); upstream manifests supply only
+  the history (rows fetched, dedup removals, rephrase slots) and say so;
+- license and creators come from the sources present in the data: a source QA file may declare
+  ``license``, ``annotations_creators``, ``language_creators`` and ``source_datasets`` (read with
+  defaults: ``unknown`` license, ``found`` annotations); ``machine-generated`` is stated only for what
+  the pipeline generated (market QA computed by code, scenario tasks, rephrasings), under
+  ``card.license``;
+- a figure that was not recorded is left out or reported as "not recorded", never guessed.
 """
 
 from __future__ import annotations
@@ -51,78 +60,168 @@ def _pct(x: Any) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else NA
 
 
-def metadata(cfg: Config, summary: dict[str, Any], fetch: dict | None) -> dict[str, Any]:
-    total = sum(_get(summary, "counts", s, default=0) for s in SPLITS)
-    sources = sorted(_get(fetch, "counts", "per_source", default={}) or {})
-    task_types = set()
+def _reasons(counts: Any) -> dict[str, int]:
+    """Drops by reason from a manifest's counts: ``dropped_<reason>`` keys, or a ``dropped_by_reason`` dict."""
+    if not isinstance(counts, dict):
+        return {}
+    out = dict(counts.get("dropped_by_reason") or {})
+    out.update({k[len("dropped_"):]: v for k, v in counts.items()
+                if k.startswith("dropped_") and k != "dropped_by_reason" and isinstance(v, int)})
+    return dict(sorted(out.items()))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./-]+", "-", name)
+
+
+def source_info(spec: Any, generated: bool, own_license: str, name: str | None = None) -> dict[str, Any]:
+    """License, creators and origin of one source, from what its config declares.
+
+    ``generated``: the pipeline wrote its questions and answers (market QA, scenario tasks), so it is
+    machine-generated original data under ``own_license`` unless the source sets a license.
+    Otherwise the source's own declarations, defaulting to an ``unknown`` license and ``found``
+    annotations (never machine-generated: the pipeline did not write them)."""
+    lic = getattr(spec, "license", None)
+    if generated:
+        return {"license": lic or own_license, "annotations_creators": ["machine-generated"],
+                "language_creators": ["machine-generated"], "source_datasets": ["original"]}
+    name = name or getattr(spec, "name", None) or Path(str(getattr(spec, "path", "") or "unknown")).stem
+    return {"license": lic or "unknown",
+            "annotations_creators": list(getattr(spec, "annotations_creators", None) or ["found"]),
+            "language_creators": list(getattr(spec, "language_creators", None) or ["found"]),
+            "source_datasets": list(getattr(spec, "source_datasets", None) or [f"extended|{_slug(name)}"])}
+
+
+def sources_info(cfg: Config, names: list[str]) -> dict[str, dict[str, Any]]:
+    """:func:`source_info` of every source name found in the data."""
+    from datagen.scenarios import SOURCE as SCENARIO_SOURCE
+
+    files = {f.name or Path(f.path).stem: f for f in cfg.sources.source_qa}
+    mc = cfg.sources.market
+    out = {}
+    for n in names:
+        if n.startswith("market:"):
+            own = cfg.card.license if n == "market:simulator" else "unknown"  # real prices: their vendor's terms
+            out[n] = source_info(mc, True, own)
+        elif n == SCENARIO_SOURCE:
+            out[n] = source_info(None, True, cfg.card.license)
+        else:
+            out[n] = source_info(files.get(n), False, cfg.card.license, name=n)
+    return out
+
+
+def _sum(per_split: Any) -> dict[str, int]:
+    """Per-split ``{split: {key: n}}`` summed over splits."""
+    out: dict[str, int] = {}
     for s in SPLITS:
-        task_types |= set(_get(summary, "counts", "by_task_type", s, default={}) or {})
+        for k, v in ((per_split or {}).get(s) or {}).items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
+def metadata(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
+    total = sum(_get(summary, "counts", s, default=0) for s in SPLITS)
+    data = summary.get("data") or {}
+    infos = sources_info(cfg, list(_sum(data.get("by_source"))))
+    task_types = set(_sum(data.get("by_task_type")))
     cats = ["question-answering", "text-generation"]
     if "classification" in task_types:
         cats.append("text-classification")
+    licenses = sorted({i["license"] for i in infos.values()}) or ["unknown"]
+    union = lambda key: sorted({x for i in infos.values() for x in i[key]})  # noqa: E731
+    language = set(union("language_creators"))
+    if sum((data.get("rephrasings") or {}).values()):
+        language.add("machine-generated")
+    generated = any("machine-generated" in i["annotations_creators"] for i in infos.values())
+    fp = summary.get("fingerprint")
     return {
         "pretty_name": cfg.card.pretty_name,
-        "license": cfg.card.license,
+        "license": licenses[0] if len(licenses) == 1 else licenses,
         "language": ["en"],
-        "language_creators": ["machine-generated"],
-        "annotations_creators": ["machine-generated"],
+        "language_creators": sorted(language),
+        "annotations_creators": union("annotations_creators"),
         "multilinguality": ["monolingual"],
         "size_categories": [size_category(total)],
-        "source_datasets": ["original"] + [f"extended|{re.sub(r'[^A-Za-z0-9_.-]+', '-', s)}" for s in sources if s],
+        "source_datasets": union("source_datasets"),
         "task_categories": cats,
-        "tags": ["finance", "synthetic", "sft", "chat"],
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"{s}.parquet"}
-                                    for s in summary.get("splits", SPLITS)]}],
+        "tags": ["finance", *(["synthetic"] if generated else []), "sft", "chat"],
+        # a config named after the content: the datasets cache never serves another run's rows
+        "configs": [{"config_name": f"{cfg.card.dataset_name}-{fp}" if fp else cfg.card.dataset_name,
+                     "default": True,
+                     "data_files": [{"split": s, "path": f"{s}.parquet"} for s in summary.get("splits", SPLITS)]}],
     }
 
 
 def build_card(cfg: Config, summary: dict[str, Any]) -> str:
-    """The card's Markdown text (YAML header + body) from the manifests and the format summary."""
+    """The card's Markdown text (YAML header + body) from the format summary and the upstream manifests."""
+    from datagen.chat_format import DISK_DIR, META_DIR
+
     fetch = read_manifest(cfg.paths.stage_dir("fetch"))
     aug = read_manifest(cfg.paths.stage_dir("augment"))
     dedup = read_manifest(cfg.paths.stage_dir("dedup"))
     split = read_manifest(cfg.paths.stage_dir("split"))
     clusters_path = cfg.paths.stage_dir("split") / "clusters.json"
     clusters = read_json(clusters_path) if clusters_path.exists() else None
-    meta = metadata(cfg, summary, fetch)
+    data = summary.get("data") or {}
+    meta = metadata(cfg, summary)
     counts = {s: _get(summary, "counts", s, default=0) for s in SPLITS}
     lines: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
                         f"# {cfg.card.pretty_name}", ""]
-    lines += [f"Synthetic finance question answering for supervised fine-tuning (`{cfg.card.dataset_name}`), "
-              f"built by the finsynth pipeline (profile `{cfg.profile}`): grounded QA from market data and "
-              "source QA files, validated LLM rephrasings, embedding dedup, a group-aware split stratified by "
-              "scenario cluster, and chat formatting with loss on the assistant turn only.", "",
+    lines += [f"Finance question answering for supervised fine-tuning (`{cfg.card.dataset_name}`), built by "
+              f"the finsynth pipeline (profile `{cfg.profile}`) from the sources below: grounded QA computed by "
+              "code from market data, source QA files, validated LLM rephrasings, embedding dedup, a group-aware "
+              "split stratified by scenario cluster, and chat formatting with loss on the assistant turn only. "
+              "Every figure below is counted on the rows in this folder unless it says otherwise.", "",
               _table(["split", "rows"], [[s, counts[s]] for s in SPLITS] + [["total", sum(counts.values())]]), ""]
+    for s in summary.get("empty_splits") or []:
+        lines += [f"The split stage left `{s}` empty: it has no file.", ""]
 
     # sources
     lines += ["## Sources", ""]
-    per_source = _get(fetch, "counts", "per_source", default={}) or {}
-    lines += [_table(["source", "rows fetched"], [[k, v] for k, v in sorted(per_source.items())]), ""]
-    per_cat = _get(fetch, "counts", "per_category", default={}) or {}
+    in_data = _sum(data.get("by_source"))
+    fetched = _get(fetch, "counts", "per_source", default={}) or {}
+    infos = sources_info(cfg, sorted(set(in_data) | set(fetched)))
+    lines += [_table(["source", "rows in dataset", "rows fetched", "license", "annotations"],
+                     [[k, in_data.get(k, 0), fetched.get(k, NA), infos[k]["license"],
+                       ", ".join(infos[k]["annotations_creators"])] for k in sorted(infos)]), ""]
+    per_cat = _sum(data.get("by_category"))
     if per_cat:
-        lines += ["Categories fetched: " + ", ".join(f"{k} ({v})" for k, v in sorted(per_cat.items())) + ".", ""]
+        lines += ["Categories: " + ", ".join(f"{k} ({v})" for k, v in per_cat.items()) + ".", ""]
     q = _get(fetch, "quarantine", "total")
-    lines += [f"Rows quarantined at fetch (invalid): {q if q is not None else NA}"
-              + (f", by reason: {_get(fetch, 'quarantine', 'by_reason')}" if q else "") + ".", ""]
+    if q is not None:
+        lines += [f"Rows quarantined at fetch (invalid): {q}"
+                  + (f", by reason: {_get(fetch, 'quarantine', 'by_reason')}" if q else "") + ".", ""]
 
     # rephrasing
     lines += ["## Rephrasing", ""]
     reph = _get(aug, "rephrase", default={}) or {}
-    if reph:
-        lines += [f"- Rephrasings requested per item (k): {reph.get('k', NA)}; items rephrased: "
-                  f"{_get(aug, 'counts', 'rephrased_items', default=NA)}; slots {reph.get('slots', NA)}, "
-                  f"kept {reph.get('kept', NA)}, missing {reph.get('missing', NA)}.",
-                  f"- Acceptance: {_pct(reph.get('acceptance'))} of slots filled "
-                  f"(first attempt {_pct(reph.get('first_attempt_acceptance'))}; "
-                  f"{_pct(reph.get('candidate_acceptance'))} of candidates accepted).",
-                  f"- Rejected candidates by reason: {reph.get('rejected_by_reason') or NA}."]
+    k = reph.get("k")
+    if aug is None:
+        lines.append(f"- Rephrasing: {NA} (no augment manifest).")
+    elif not k or not reph.get("slots"):
+        lines.append(f"- Rephrasing off (`augment.k: {k if k is not None else NA}`): items rephrased: 0.")
     else:
-        lines.append(f"- Rephrase acceptance: {NA} (no `rephrase` section in the augment manifest).")
+        lines.append(f"- Rephrasings requested per item (k): {k}, for "
+                     f"{_get(aug, 'counts', 'rephrased_items', default=NA)} items; slots {reph['slots']}, "
+                     f"kept {reph.get('kept', NA)}, missing {reph.get('missing', NA)}.")
+        if reph.get("acceptance") is not None:
+            extra = [f"first attempt {_pct(reph['first_attempt_acceptance'])}"
+                     if reph.get("first_attempt_acceptance") is not None else "",
+                     f"{_pct(reph['candidate_acceptance'])} of candidates accepted"
+                     if reph.get("candidate_acceptance") is not None else ""]
+            extra = [e for e in extra if e]
+            lines.append(f"- Acceptance: {_pct(reph['acceptance'])} of slots filled"
+                         + (f" ({'; '.join(extra)})" if extra else "") + ".")
+        if reph.get("rejected_by_reason"):
+            lines.append(f"- Rejected candidates by reason: {reph['rejected_by_reason']}.")
+    if data:
+        lines.append(f"- In this dataset: {sum((data.get('rephrasings') or {}).values())} rephrasings of "
+                     f"{sum((data.get('rephrased_groups') or {}).values())} items.")
     scen = _get(aug, "scenarios")
     if scen:
-        lines.append(f"- Scenario tasks synthesized: {scen.get('kept', NA)} of {scen.get('planned', NA)} planned "
-                     f"(acceptance {_pct(scen.get('acceptance'))}).")
+        acc = f" (acceptance {_pct(scen['acceptance'])})" if scen.get("acceptance") is not None else ""
+        lines.append(f"- Scenario tasks synthesized: {scen.get('kept', NA)} of {scen.get('planned', NA)} "
+                     f"planned{acc}.")
     lines.append("")
 
     # dedup
@@ -132,10 +231,9 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
               f"{_get(dedup, 'within_group_threshold', default=NA)}, exact duplicates on normalised text; "
               f"pair search: {_get(dedup, 'method', default=NA)}. Clusters merged by union-find; keeper policy: "
               "originals over rephrasings, then richer context, then lowest id.", ""]
-    by_reason = _get(dedup, "counts", "dropped_by_reason", default={}) or {}
-    lines += [f"Rows in: {_get(dedup, 'counts', 'in', default=NA)}, kept: "
+    lines += [f"At dedup: rows in {_get(dedup, 'counts', 'in', default=NA)}, kept "
               f"{_get(dedup, 'counts', 'kept', default=NA)}.", "",
-              _table(["reason", "rows removed"], [[k, v] for k, v in sorted(by_reason.items())]), ""]
+              _table(["reason", "rows removed"], [[r, n] for r, n in _reasons(_get(dedup, "counts")).items()]), ""]
 
     # split
     lines += ["## Splits, clusters and leakage", ""]
@@ -144,51 +242,72 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
               f"scenario cluster (`cluster_by: {cb}`), ratios {list(cfg.split.ratios)}."
               + (" The test split holds originals only." if cfg.split.test_originals_only else "")
               + (" Training rows are balanced per cluster." if cfg.split.balance_train else ""), ""]
-    sd = _get(split, "counts", "dropped_by_reason", default={}) or {}
+    sd = _reasons(_get(split, "counts"))
     if sd:
-        lines += [f"Removed at split: {', '.join(f'{k} {v}' for k, v in sorted(sd.items()))}.", ""]
-    groups = _get(split, "counts", "groups", default={}) or {}
+        lines += [f"Removed at split: {', '.join(f'{r} {n}' for r, n in sd.items())}.", ""]
+    groups = data.get("groups") or {}
     if groups:
         lines += [f"Groups per split: {', '.join(f'{s} {groups.get(s, 0)}' for s in SPLITS)}.", ""]
+    origin = {c.get("name"): c.get("source", "") for c in _get(clusters, "clusters", default=[]) or []}
+    by_cluster = data.get("by_cluster") or {}
     crow = []
-    for c in _get(clusters, "clusters", default=[]) or []:
-        crow.append([c.get("name"), c.get("source", "")] + [
-            f"{_get(c, 'rows', s, default=0)} ({_pct(_get(c, 'proportion', s))})" for s in SPLITS])
+    for c in _sum(by_cluster):
+        cells = []
+        for s in SPLITS:
+            n = (by_cluster.get(s) or {}).get(c, 0)
+            cells.append(f"{n} ({_pct(n / counts[s]) if counts[s] else '-'})")
+        crow.append([c, origin.get(c, "kmeans" if c.startswith("kmeans:") else NA), *cells])
     lines += [_table(["cluster", "from", *[f"{s} rows (share)" for s in SPLITS]], crow), ""]
     km = _get(clusters, "kmeans", default={}) or {}
     if km.get("silhouette"):
         lines += [f"k-means: k = {km.get('k')} chosen by silhouette {km.get('silhouette')}.", ""]
     leak = _get(split, "leakage", default={}) or {}
-    lines += [f"Leakage check: largest cross-split cosine {leak.get('max_cross_split_cosine', NA)}; "
-              f"cross-split pairs with cosine >= {leak.get('threshold', NA)}: "
-              f"{leak.get('cross_split_pairs_above_threshold', NA)}, of which duplicates (same figures, "
-              f"overlap >= {leak.get('min_number_overlap', NA)}): {leak.get('cross_split_duplicates', NA)}; "
-              f"groups in two splits: {leak.get('groups_in_two_splits', NA)}.", ""]
+    if leak:
+        known = ("max_cross_split_cosine", "threshold", "cross_split_pairs_above_threshold",
+                 "cross_split_duplicates", "min_number_overlap", "groups_in_two_splits")
+        line = (f"Leakage check (at split; the length filter only removes rows): largest cross-split cosine "
+                f"{leak.get('max_cross_split_cosine', NA)}; cross-split pairs with cosine >= "
+                f"{leak.get('threshold', NA)}: {leak.get('cross_split_pairs_above_threshold', NA)}, of which "
+                f"duplicates (same figures, overlap >= {leak.get('min_number_overlap', NA)}): "
+                f"{leak.get('cross_split_duplicates', NA)}; groups in two splits: "
+                f"{leak.get('groups_in_two_splits', NA)}.")
+        more = [f"{k_} {v}" for k_, v in sorted(leak.items())
+                if k_ not in known and isinstance(v, (int, float, str, bool))]
+        lines += [line + (f" Also: {', '.join(more)}." if more else ""), ""]
+    else:
+        lines += [f"Leakage check: {NA}.", ""]
 
     # tokens
     lines += ["## Token lengths", ""]
     tl = _get(summary, "token_lengths", default={}) or {}
+    fmt_drops = _reasons(summary.get("counts"))
+    policy = ("truncated where the answer's figures stay in the kept table rows and paragraphs, else dropped"
+              if summary.get("long_context") == "truncate" else "dropped")
     lines += [f"Rendered with the chat template of `{summary.get('model', NA)}`; conversations over "
-              f"{summary.get('max_tokens', NA)} tokens are dropped "
-              f"({_get(summary, 'counts', 'dropped_by_reason', default={}) or 'none dropped'}).", "",
-              _table(["split", "n", "min", "mean", "p50", "p95", "max"],
-                     [[s, *(tl.get(s, {}).get(k, "") for k in ("n", "min", "mean", "p50", "p95", "max"))]
-                      for s in SPLITS if s in tl]), "",
-              "![token lengths](token_lengths.png)", ""]
+              f"{summary.get('max_tokens', NA)} tokens are {policy}. Dropped at format: "
+              + (", ".join(f"{r} {n}" for r, n in fmt_drops.items()) or "none")
+              + f"; truncated: {_get(summary, 'counts', 'truncated', default=0)}.", ""]
+    lost = summary.get("sources_emptied") or []
+    if lost:
+        lines += [f"Every row of {', '.join(f'`{x}`' for x in lost)} was dropped at format.", ""]
+    lines += [_table(["split", "n", "min", "mean", "p50", "p95", "max"],
+                     [[s, *(tl.get(s, {}).get(k_, "") for k_ in ("n", "min", "mean", "p50", "p95", "max"))]
+                      for s in SPLITS if tl.get(s, {}).get("n")]), "",
+              f"![token lengths]({META_DIR}/token_lengths.png)", ""]
 
     # prompts and models
     lines += ["## Prompts", ""]
     prompts: dict[str, str] = {}
     ap = _get(aug, "prompts", default={})
     items = ap.items() if isinstance(ap, dict) else ((None, v) for v in (ap if isinstance(ap, list) else []))
-    for k, v in items:
+    for k_, v in items:
         if isinstance(v, dict):
-            prompts[str(v.get("name", k))] = str(v.get("hash", ""))
-        elif k is not None:
-            prompts[str(k)] = str(v)
+            prompts[str(v.get("name", k_))] = str(v.get("hash", ""))
+        elif k_ is not None:
+            prompts[str(k_)] = str(v)
     for p in summary.get("prompts", []):
         prompts[p["name"]] = p["hash"]
-    lines += [_table(["prompt", "sha256[:12]"], [[f"`{k}`", f"`{v}`"] for k, v in sorted(prompts.items())]), ""]
+    lines += [_table(["prompt", "sha256[:12]"], [[f"`{k_}`", f"`{v}`"] for k_, v in sorted(prompts.items())]), ""]
     lines += ["## Models", ""]
     usage = _get(aug, "llm_usage", default={}) or {}
     models = [f"- Embedder: `{_get(dedup, 'embedder', 'name', default=cfg.dedup.embedder.model)}`",
@@ -201,9 +320,15 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     lines += models + [""]
 
     # usage
-    lines += ["## Usage", "", "```python", "from datasets import load_dataset", "",
-              'ds = load_dataset("parquet", data_dir="path/to/this/folder")',
+    config_name = meta["configs"][0]["config_name"]
+    lines += ["## Usage", "", "```python", "from datasets import load_dataset, load_from_disk", "",
+              'ds = load_dataset("path/to/this/folder")  # reads the configs above: the Parquet splits only',
+              f'ds = load_from_disk("path/to/this/folder/{DISK_DIR}")  # the same DatasetDict, saved to disk',
               'ds["train"][0]["messages"]  # system, user, assistant: ready for TRL SFTTrainer', "```", "",
+              f"The config is named `{config_name}` after the content of the Parquet files, so the `datasets` "
+              f"cache never serves another run's rows. `{META_DIR}/` holds `drops.jsonl` (every row dropped at "
+              "format, with its reason) and the token-length plot; `datasets` skips folders starting with `__`.",
+              "",
               "Columns: canonical fields (`id`, `group_id`, `source`, `task_type`, `category`, `scenario`, "
               "`question`, `answer`, `labels`, `is_rephrase`, `rephrase_index`), `cluster`, `context` and "
               "`metadata` as JSON strings, `messages`, `n_tokens`, `n_assistant_tokens`.", "",

@@ -8,32 +8,55 @@ the assistant mask (1 where loss falls) from the tokenizer's chat template; the 
 ``prompts/gemma_chat.jinja`` whose ``{% generation %}`` markers put the mask on the answer and its
 ``<end_of_turn>`` only.
 
-Rows longer than ``format.max_tokens`` (reason ``too_long``) or without assistant tokens (reason
-``no_assistant_tokens``, e.g. a template without generation markers) are dropped and listed in
-``drops.jsonl``. Output (``stage_dir("dataset")``): ``train|validation|test.parquet`` with the
-canonical fields (``context`` and ``metadata`` as JSON strings, so Arrow schemas stay stable),
-``cluster``, ``messages`` and ``n_tokens`` (an empty split gets no file); ``README.md`` (the card),
-``token_lengths.png``.
-Load with ``datasets.load_dataset("parquet", data_dir=...)``; TRL's SFTTrainer takes it as is.
+Rows longer than ``format.max_tokens`` are handled by ``format.long_context``: ``drop`` (reason
+``too_long``), or ``truncate`` (:func:`truncate_context`: drop the table rows and paragraphs farthest
+from those holding the answer's and the question's figures until it fits; a row whose answer's
+figures are not all in its context, e.g. a volatility computed from every close, is dropped as
+``too_long``). Rows without assistant tokens are dropped as ``no_assistant_tokens``. A split that had
+rows and lost all of them fails the stage with a one-line reason (:class:`EmptySplitError`).
+
+Output (``stage_dir("dataset")``), laid out so that ``datasets`` reads only the data:
+
+- ``train|validation|test.parquet``: canonical fields (``context`` and ``metadata`` as JSON strings, so
+  Arrow schemas stay stable), ``cluster``, ``messages``, ``n_tokens``, ``n_assistant_tokens`` (a split
+  that the split stage left empty gets no file);
+- ``README.md``: the card, whose ``configs`` name the Parquet files under a config named after this
+  run's content (``<card.dataset_name>-<fingerprint>``), so ``load_dataset(<dir>)`` never serves another
+  run's rows from the ``datasets`` cache;
+- ``__arrow__/``: the same ``DatasetDict`` saved with ``save_to_disk``, for ``load_from_disk``;
+- ``__meta__/``: ``drops.jsonl`` (one :func:`~datagen.io.drop_record` per dropped row) and
+  ``token_lengths.png``. ``datasets`` ignores folders whose names start with ``__``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+import os
+import re
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datagen.config import Config
-from datagen.io import atomic_path, manifest_hash, read_jsonl, require_stage, write_jsonl, write_manifest
+from datagen.io import (atomic_path, drop_counts, drop_record, manifest_hash, read_jsonl, require_stage,
+                        sha256_file, sha256_text, write_jsonl, write_manifest)
 from datagen.prompts import Prompt, load_prompt
 from datagen.schema import render_context
 
 log = logging.getLogger(__name__)
 
+STAGE = "format"
 SPLITS = ("train", "validation", "test")
 USER_PROMPT = "sft_user"
+META_DIR = "__meta__"  # drops.jsonl, token_lengths.png: not data (datasets skips "__" folders)
+DISK_DIR = "__arrow__"  # DatasetDict.save_to_disk copy, for datasets.load_from_disk
+
+
+class EmptySplitError(ValueError):
+    """A split that had rows lost all of them at format (the message is the one-line reason)."""
 
 
 def build_messages(row: dict[str, Any], system: Prompt, user: Prompt) -> list[dict[str, str]]:
@@ -85,23 +108,154 @@ def to_record(row: dict[str, Any], messages: list[dict[str, str]], n_tokens: int
     }
 
 
-def format_rows(rows: list[dict[str, Any]], tokenizer, system: Prompt, user: Prompt,
-                max_tokens: int) -> tuple[list[dict], list[dict]]:
-    """Records that fit, and drops with reasons."""
+# ----------------------------------------------------------------------------- long contexts
+def figures(text: str) -> set[str]:
+    """The figures of a text, normalised and unsigned: numbers, percentages and amounts by value
+    (``5,829`` = ``5829``, ``12.50%`` -> ``12.5``), dates as ISO strings."""
+    from datagen.validators import extract_facts
+
+    f = extract_facts(text)
+    out = set(f.dates) | set(f.numbers)
+    out |= {p[:-1] for p in f.percents} | {a.rsplit(" ", 1)[-1] for a in f.amounts}
+    return {x.lstrip("-") for x in out}
+
+
+def answer_figures(row: dict[str, Any]) -> set[str]:
+    """The answer's figures: those in its text and its graded ``answer_values``."""
+    out = figures(row.get("answer") or "")
+    for v in (row.get("metadata") or {}).get("answer_values") or []:
+        x = v.get("value") if isinstance(v, dict) else None
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            out.add(format(abs(round(float(x), 6)), ".10g"))
+    return out
+
+
+def _paragraphs(text: str) -> tuple[list[str], str]:
+    """Paragraphs (else lines, else sentences) of a text, and the separator that joins them back."""
+    text = text.strip()
+    for sep, pat in (("\n\n", r"\n\s*\n"), ("\n", r"\n"), (" ", r"(?<=[.!?])\s+")):
+        parts = [p.strip() for p in re.split(pat, text) if p.strip()]
+        if len(parts) > 1:
+            return parts, sep
+    return ([text] if text else []), "\n\n"
+
+
+def truncate_context(row: dict[str, Any], fits: Callable[[dict[str, Any]], bool]) -> tuple[dict | None, str]:
+    """A shorter context for which ``fits(context)`` holds, or ``(None, why)``.
+
+    The table rows and paragraphs that hold the answer's figures (:func:`answer_figures`) or the
+    question's are always kept; the others are dropped farthest first (by distance to the nearest such
+    row, or paragraph), the table header is kept and kept parts stay in order. A row is not truncatable
+    when its answer has no figures (a label) or some are not in the context (computed from cells that
+    cannot be told apart, e.g. a volatility over every close): which cells it used is unknown.
+    """
+    ctx = row.get("context") or {}
+    table = ctx.get("table")
+    rows = list(table["rows"]) if table else []
+    paras, sep = _paragraphs(ctx.get("text") or "")
+    units = [("row", i, figures(" | ".join(r))) for i, r in enumerate(rows)]
+    units += [("para", j, figures(p)) for j, p in enumerate(paras)]
+    need = answer_figures(row)
+    if not need:
+        return None, "the answer has no figures to anchor on"
+    have = set().union(*(u[2] for u in units))
+    missing = sorted(need - have)
+    if missing:
+        return None, f"the answer's figures are not all in the context ({', '.join(missing)})"
+    anchor_figs = need | (figures(row.get("question") or "") & have)
+    anchors = [u for u in units if u[2] & anchor_figs]
+    at = {kind: [u[1] for u in anchors if u[0] == kind] for kind in ("row", "para")}
+
+    def dist(u: tuple) -> int:
+        idx = at[u[0]]
+        return min(abs(u[1] - a) for a in idx) if idx else u[1]
+
+    others = sorted((u for u in units if not (u[2] & anchor_figs)), key=lambda u: (dist(u), u[0] != "row", u[1]))
+
+    def build(m: int) -> dict[str, Any]:
+        keep = {(u[0], u[1]) for u in anchors + others[:m]}
+        out_rows = [r for i, r in enumerate(rows) if ("row", i) in keep]
+        text = sep.join(p for j, p in enumerate(paras) if ("para", j) in keep)
+        return {"text": text, "table": {"columns": list(table["columns"]), "rows": out_rows} if table else None}
+
+    if not fits(build(0)):
+        return None, "the context holding the question's and answer's figures alone exceeds max_tokens"
+    lo, hi = 0, len(others)  # the most parts that fit (adding parts only adds tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(build(mid)) else (lo, mid - 1)
+    return build(lo), ""
+
+
+def format_rows(rows: list[dict[str, Any]], tokenizer, system: Prompt, user: Prompt, max_tokens: int,
+                long_context: str = "drop", split: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Records that fit (truncated where ``long_context == "truncate"`` allows), and drop records."""
     from tqdm.auto import tqdm
 
+    where = {"split": split} if split else {}
     kept, drops = [], []
     for row in tqdm(rows, desc="format", unit="row", disable=len(rows) < 500):
         msgs = build_messages(row, system, user)
         ids, mask = render_conversation(tokenizer, msgs)
+        why = None
+        if len(ids) > max_tokens and long_context == "truncate":
+            def fits(ctx: dict[str, Any], row=row) -> bool:
+                msgs = build_messages({**row, "context": ctx}, system, user)
+                return len(render_conversation(tokenizer, msgs)[0]) <= max_tokens
+
+            ctx, why = truncate_context(row, fits)
+            if ctx is not None:
+                old = row.get("context") or {}
+                n_rows = len((old.get("table") or {}).get("rows") or [])
+                n_paras = len(_paragraphs(old.get("text") or "")[0])
+                cut = {"table_rows": [len((ctx["table"] or {}).get("rows") or []), n_rows],
+                       "paragraphs": [len(_paragraphs(ctx["text"])[0]), n_paras]}
+                row = {**row, "context": ctx, "metadata": {**(row.get("metadata") or {}), "truncated": cut}}
+                msgs = build_messages(row, system, user)
+                ids, mask = render_conversation(tokenizer, msgs)
         n_asst = sum(mask)
         if len(ids) > max_tokens:
-            drops.append({"id": row["id"], "reason": "too_long", "n_tokens": len(ids), "max_tokens": max_tokens})
+            detail = f"{len(ids)} tokens > {max_tokens}" + (f"; not truncatable: {why}" if why else "")
+            drops.append(drop_record(STAGE, row["id"], "too_long", detail, source=row["source"],
+                                     n_tokens=len(ids), max_tokens=max_tokens, **where))
         elif n_asst == 0:
-            drops.append({"id": row["id"], "reason": "no_assistant_tokens", "n_tokens": len(ids)})
+            drops.append(drop_record(STAGE, row["id"], "no_assistant_tokens",
+                                     "the chat template marks no assistant tokens", source=row["source"],
+                                     n_tokens=len(ids), **where))
         else:
             kept.append(to_record(row, msgs, len(ids), n_asst))
     return kept, drops
+
+
+def empty_split_message(split: str, n_in: int, drops: list[dict], max_tokens: int, long_context: str) -> str:
+    """``format: test has 0 rows: 99 of 99 dropped as too_long (max_tokens 768); raise ...``."""
+    by = Counter(d["reason"] for d in drops)
+    limit = f"max_tokens {max_tokens}" if "too_long" in by else ""
+    if len(by) == 1:
+        how = f"dropped as {next(iter(by))}" + (f" ({limit})" if limit else "")
+    else:
+        how = "dropped (" + ", ".join(f"{r} {n}" for r, n in sorted(by.items())) + (f"; {limit}" if limit else "") + ")"
+    hints = []
+    if "too_long" in by:
+        hints.append("raise format.max_tokens, set format.long_context: truncate, or shorten the context"
+                     if long_context == "drop" else "raise format.max_tokens or shorten the context")
+    if "no_assistant_tokens" in by:
+        hints.append("use a chat template with {% generation %} markers (model.chat_template)")
+    return f"format: {split} has 0 rows: {n_in} of {n_in} {how}; " + "; ".join(hints)
+
+
+def dataset_stats(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Counts of the final data, per split: what the card states (nothing from before the length filter)."""
+    def count(key: str) -> dict[str, dict[str, int]]:
+        return {s: dict(sorted(Counter(str(r[key]) for r in records[s]).items())) for s in SPLITS}
+
+    reph = {s: [r for r in records[s] if r["is_rephrase"]] for s in SPLITS}
+    return {"by_task_type": count("task_type"), "by_source": count("source"), "by_cluster": count("cluster"),
+            "by_category": count("category"),
+            "groups": {s: len({r["group_id"] for r in records[s]}) for s in SPLITS},
+            "rephrasings": {s: len(reph[s]) for s in SPLITS},
+            "rephrased_groups": {s: len({r["group_id"] for r in reph[s]}) for s in SPLITS},
+            "truncated": {s: sum("truncated" in json.loads(r["metadata"]) for r in records[s]) for s in SPLITS}}
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:
@@ -137,62 +291,100 @@ def plot_lengths(by_split: dict[str, list[int]], max_tokens: int, path: Path) ->
     plt.close(fig)
 
 
-def save_dataset(records: dict[str, list[dict]], out: Path) -> list[str]:
-    """One Parquet file per non-empty split, all with the same explicit schema. An empty split gets no
-    file (``load_dataset`` rejects a split without rows); returns the splits written."""
-    from datasets import Dataset
+def save_dataset(records: dict[str, list[dict]], out: Path) -> tuple[list[str], str]:
+    """One Parquet file per non-empty split, all with the same explicit schema, and the same
+    ``DatasetDict`` under ``__arrow__/`` (``save_to_disk``). A split without rows gets no file
+    (``load_dataset`` rejects an empty split). Returns the splits written and the content fingerprint."""
+    from datasets import Dataset, DatasetDict
 
     feats = features()
-    written = []
+    dsets = {}
     for s in SPLITS:
         path = out / f"{s}.parquet"
         if not records[s]:
             path.unlink(missing_ok=True)
             continue
-        ds = Dataset.from_list(records[s], features=feats)
+        dsets[s] = Dataset.from_list(records[s], features=feats)
         with atomic_path(path) as tmp:
-            ds.to_parquet(str(tmp))
-        written.append(s)
-    return written
+            dsets[s].to_parquet(str(tmp))
+    tmp = out / f".{DISK_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    DatasetDict(dsets).save_to_disk(str(tmp))
+    shutil.rmtree(out / DISK_DIR, ignore_errors=True)
+    os.replace(tmp, out / DISK_DIR)
+    fingerprint = sha256_text("\n".join(f"{s}:{sha256_file(out / f'{s}.parquet')}" for s in dsets))[:12]
+    return list(dsets), fingerprint
 
 
 def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
     from datagen.card import write_card
     from datagen.tokenizer import load_tokenizer
 
+    fc = cfg.format
     src = cfg.paths.stage_dir("split")
     require_stage(src, "split")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
-    system, user = load_prompt(cfg.format.system_prompt), load_prompt(USER_PROMPT)
+    system, user = load_prompt(fc.system_prompt), load_prompt(USER_PROMPT)
     out = cfg.paths.stage_dir("dataset")
-    records, drops = {}, []
+    inputs: dict[str, list[dict]] = {}
+    records: dict[str, list[dict]] = {}
+    drops: list[dict] = []
     for s in SPLITS:
-        rows = sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"])
-        records[s], d = format_rows(rows, tokenizer, system, user, cfg.format.max_tokens)
-        drops += [{**x, "split": s} for x in d]
-    written = save_dataset(records, out)
-    write_jsonl(out / "drops.jsonl", sorted(drops, key=lambda d: (d["split"], d["id"])))
+        inputs[s] = sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"])
+        records[s], d = format_rows(inputs[s], tokenizer, system, user, fc.max_tokens, fc.long_context, split=s)
+        drops += d
+        if inputs[s] and not records[s]:
+            raise EmptySplitError(empty_split_message(s, len(inputs[s]), d, fc.max_tokens, fc.long_context))
+    if not any(inputs.values()):
+        raise EmptySplitError(f"format: the split stage wrote 0 rows in {src}; nothing to format")
+    empty = [s for s in SPLITS if not inputs[s]]
+    if empty:
+        log.warning("format: the split stage left %s empty; no file for %s", ", ".join(empty), "/".join(empty))
+    if fc.max_tokens > cfg.train.max_length:
+        log.warning("format: max_tokens %d > train.max_length %d: training truncates longer conversations, "
+                    "and with them their answers", fc.max_tokens, cfg.train.max_length)
+
+    # sources that lost every row (not an empty split, but never silent either)
+    n_in = Counter(r["source"] for s in SPLITS for r in inputs[s])
+    n_out = Counter(r["source"] for s in SPLITS for r in records[s])
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for d in drops:
+        by_source[d["source"]].append(d)
+    dropped_by_source = {k: drop_counts(v) for k, v in sorted(by_source.items())}
+    lost = sorted(k for k in n_in if not n_out[k])
+    for k in lost:
+        log.warning("format: every row of source %s was dropped (%d: %s)", k, n_in[k], dropped_by_source[k])
+
+    for legacy in ("drops.jsonl", "token_lengths.png"):  # written next to the data before __meta__
+        (out / legacy).unlink(missing_ok=True)
+    written, fingerprint = save_dataset(records, out)
+    drops.sort(key=lambda d: (d["split"], d["row_id"]))
+    write_jsonl(out / META_DIR / "drops.jsonl", drops)
     lengths = {s: [r["n_tokens"] for r in records[s]] for s in SPLITS}
-    plot_lengths(lengths, cfg.format.max_tokens, out / "token_lengths.png")
+    plot_lengths(lengths, fc.max_tokens, out / META_DIR / "token_lengths.png")
     prompts = [system.ref, user.ref]
     if cfg.model.chat_template:
         prompts.append(load_prompt(cfg.model.chat_template).ref)
+    data = dataset_stats(records)
     summary = {
-        "stage": "format",
+        "stage": STAGE,
         "config_hash": cfg.section_hash("format", "model", "card"),
         "upstream": {"split": manifest_hash(src)},
         "prompts": prompts,
         "model": cfg.model.name_or_path,
-        "max_tokens": cfg.format.max_tokens,
+        "max_tokens": fc.max_tokens,
+        "long_context": fc.long_context,
+        "fingerprint": fingerprint,
         "splits": written,
-        "counts": {**{s: len(records[s]) for s in SPLITS},
-                   "dropped_by_reason": dict(sorted(Counter(d["reason"] for d in drops).items())),
-                   "by_task_type": {s: dict(sorted(Counter(r["task_type"] for r in records[s]).items()))
-                                    for s in SPLITS}},
+        "empty_splits": empty,
+        "counts": {**{s: len(records[s]) for s in SPLITS}, "in": {s: len(inputs[s]) for s in SPLITS},
+                   **drop_counts(drops), "truncated": sum(data["truncated"].values())},
+        "dropped_by_source": dropped_by_source,
+        "sources_emptied": lost,
+        "data": data,
         "token_lengths": {s: length_stats(v) for s, v in lengths.items()},
     }
     write_card(cfg, summary)
-    log.info("format: %s rows; dropped %s", {s: len(records[s]) for s in SPLITS},
-             summary["counts"]["dropped_by_reason"])
+    log.info("format: %s rows; %s", {s: len(records[s]) for s in SPLITS}, drop_counts(drops) or "none dropped")
     return write_manifest(out, summary)
