@@ -275,3 +275,24 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
         assert "UNRELIABLE" in md and "test/scenario" in md
     assert Path(m["scores_png"]).stat().st_size > 1000
     print(md)
+
+
+def test_missing_judge_key_fails_before_any_generation(eval_cfg, monkeypatch):
+    """Issue 11: the judge's key was resolved only after both models had generated."""
+    from datagen.config import ProviderConfig
+    from datagen.llm.keys import MissingKeyError
+
+    monkeypatch.delenv("FINSYNTH_NO_SUCH_KEY", raising=False)
+    cfg = eval_cfg.model_copy(deep=True)
+    cfg.llm.providers["judge"] = ProviderConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1",
+                                                api_key_env="FINSYNTH_NO_SUCH_KEY")
+    cfg.evaluate.judge_provider = "judge"
+    generated = []
+
+    def gen(*a, **kw):
+        generated.append(1)
+        return fake_generator(*a, **kw)
+
+    with pytest.raises(MissingKeyError, match="FINSYNTH_NO_SUCH_KEY is not set"):
+        run_evaluate(cfg, generator=gen)
+    assert generated == []
