@@ -299,3 +299,27 @@ def test_price_row_counts_reconcile(tmp_path):
     md = load_market(MarketConfig(provider="csv", paths=[p], tickers=["AAA"], start="2024-01-10"))
     assert md.row_counts() == {"rows_in": 25, "rows_out": 10, "rows_dropped_duplicate": 1, "rows_filtered": 14,
                                "rows_unaccounted": 0}
+
+
+def test_yfinance_export_with_three_header_rows(tmp_path):
+    p = tmp_path / "prices.csv"
+    lines = ["Price,Adj Close,Close,High,Low,Open,Volume", "Ticker,SPY,SPY,SPY,SPY,SPY,SPY", "Date,,,,,,"]
+    for d, c in zip(DATES, CLOSE_A, strict=True):
+        lines.append(f"{d},{c},{c},{c + 1},{c - 1},{c},1000")
+    p.write_text("\n".join(lines) + "\n")
+    prices, repairs = load_price_file(p)
+    assert set(prices["ticker"]) == {"SPY"} and prices["close"].tolist() == CLOSE_A
+    assert repairs[0]["action"] == "read_yfinance_export"
+    lines[1] = "Ticker,SPY,QQQ,SPY,SPY,SPY,SPY"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MarketDataError, match="several tickers"):
+        load_price_file(p)
+
+
+def test_long_bad_value_is_clipped_in_price_errors(tmp_path):
+    p = tmp_path / "AAA.csv"
+    p.write_text("Date,Open,High,Low,Close,Volume\n2024-01-02,1,2,0.5,1.5,10\n" + "9" * 1000 + "x,1,2,0.5,1.5,10\n")
+    with pytest.raises(MarketDataError) as e:
+        load_price_file(p)
+    msg = str(e.value)
+    assert "row 2: field Date: unparsable date" in msg and "9" * 1000 not in msg and len(msg) < 400

@@ -182,6 +182,26 @@ def _parses_as_dates(s: pd.Series) -> bool:
     return bool(pd.to_datetime(v, errors="coerce", format="mixed").notna().all())
 
 
+def _yfinance_export(path: Path, raw: pd.DataFrame, rows: np.ndarray, repairs: list[dict]
+                     ) -> tuple[pd.DataFrame, np.ndarray]:
+    """A yfinance frame saved with ``to_csv`` has three header rows (``Price,Close,...`` /
+    ``Ticker,SPY,...`` / ``Date,,,``): fold them into one header and a Ticker column."""
+    if len(raw) < 2 or len(raw.columns) < 2 or str(raw.columns[0]).strip().lower() != "price":
+        return raw, rows
+    first = raw.iloc[:, 0].astype(str).str.strip().str.lower()
+    if first.iloc[0] != "ticker" or first.iloc[1] != "date":
+        return raw, rows
+    names = sorted({str(t).strip() for t in raw.iloc[0, 1:]})
+    if len(names) != 1:
+        raise MarketDataError(f"{path}: a yfinance export of several tickers ({clip(', '.join(names), 120)}); "
+                              f"save one ticker per file")
+    out = raw.iloc[2:].reset_index(drop=True)
+    out.columns = ["Date", *map(str, raw.columns[1:])]
+    out["Ticker"] = names[0]
+    repairs.append({"file": str(path), "action": "read_yfinance_export", "ticker": names[0], "count": len(out)})
+    return out, rows[2:]
+
+
 def load_price_file(path: str | Path, tickers: list[str] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """Read and validate one CSV/Parquet price file; returns (prices, repairs).
 
@@ -200,13 +220,14 @@ def read_price_file(path: str | Path, tickers: list[str] | None = None
     ``rows_dropped_duplicate`` (exact copies), ``rows_filtered`` (other tickers), ``rows_out``."""
     path = Path(path)
     raw, file_rows = _read_table(path)
+    repairs: list[dict] = []
+    raw, file_rows = _yfinance_export(path, raw, file_rows, repairs)
     colmap: dict[str, str] = {}
     for c in raw.columns:
         key = str(c).strip().lower().replace(" ", "_")
         if key == "symbol":
             key = "ticker"
         colmap.setdefault(key, c)
-    repairs: list[dict] = []
     if "date" not in colmap and len(raw.columns):
         first = str(raw.columns[0])
         if (first.strip() == "" or re.fullmatch(r"Unnamed: 0|index|level_0", first.strip())) \
