@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-import json
 from types import SimpleNamespace
 
 from datagen.card import build_card, parse_card, size_category, source_info, write_card
@@ -200,9 +199,11 @@ def test_card_counts_match_the_parquet_files(demo_cfg, tokenizer):
 
     _manifests(demo_cfg)  # upstream history (its cluster counts predate the length filter)
     long_q = "Why? " * 400
-    rows = {"train": [_qa("m1", "market:simulator", "crash"), _qa("m2", "market:simulator", "crash", question=long_q),
+    rows = {"train": [_qa("m1", "market:simulator", "crash"),
+                      _qa("m2", "market:simulator", "crash", question=long_q),
                       _qa("m2r", "market:simulator", "crash", group="m1", rephrase=True, question="Close of ACME?"),
-                      _qa("q1", "finsynth-sample-qa", "calm"), _qa("q2", "finsynth-sample-qa", "calm", question=long_q)],
+                      _qa("q1", "finsynth-sample-qa", "calm"),
+                      _qa("q2", "finsynth-sample-qa", "calm", question=long_q)],
             "validation": [_qa("q3", "finsynth-sample-qa", "calm"), _qa("s1", "scenario_synth", "fx_crisis")],
             "test": [_qa("m3", "market:simulator", "crash")]}
     d = demo_cfg.paths.stage_dir("split")
