@@ -167,11 +167,19 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     counts = {s: _get(summary, "counts", s, default=0) for s in SPLITS}
     lines: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
                         f"# {cfg.card.pretty_name}", ""]
+    from datagen.scenarios import SOURCE as SCENARIO_SOURCE
+
+    present = _sum(data.get("by_source"))
+    made = [what for what, there in (
+        ("grounded QA computed by code from market data", any(k.startswith("market:") for k in present)),
+        ("source QA files", any(not k.startswith("market:") and k != SCENARIO_SOURCE for k in present)),
+        ("LLM-written scenario tasks", SCENARIO_SOURCE in present),
+        ("validated LLM rephrasings", sum((data.get("rephrasings") or {}).values()) > 0)) if there]
     lines += [f"Finance question answering for supervised fine-tuning (`{cfg.card.dataset_name}`), built by "
-              f"the finsynth pipeline (profile `{cfg.profile}`) from the sources below: grounded QA computed by "
-              "code from market data, source QA files, validated LLM rephrasings, embedding dedup, a group-aware "
-              "split stratified by scenario cluster, and chat formatting with loss on the assistant turn only. "
-              "Every figure below is counted on the rows in this folder unless it says otherwise.", "",
+              f"the finsynth pipeline (profile `{cfg.profile}`)" + (f" from {', '.join(made)}" if made else "")
+              + ", with embedding dedup, a group-aware split stratified by scenario cluster, and chat "
+              "formatting with loss on the assistant turn only. Every figure below is counted on the rows in "
+              "this folder unless it says otherwise.", "",
               _table(["split", "rows"], [[s, counts[s]] for s in SPLITS] + [["total", sum(counts.values())]]), ""]
     for s in summary.get("empty_splits") or []:
         lines += [f"The split stage left `{s}` empty: it has no file.", ""]
