@@ -8,7 +8,8 @@ is dominated by the context, and so are its figures.
   ``within_group_threshold`` (inside one group), the same figures in both questions (signed: ``2018``
   is not ``2019``), and the same content words (:func:`term_difference`: "net income" vs "net sales",
   or "revenue" vs "revenue growth", is another question however close the embeddings are; typos,
-  plurals, stop words and word order are not). Questions equal after :func:`normalise_text` always match.
+  plurals, stop words and word order are not, except terms swapped around "as a percentage of" and
+  the like). Questions equal after :func:`normalise_text` always match.
 - **context**: identical (content hash of the normalised rendered context) or *nearly shared*
   (:func:`context_similarity` >= ``context_threshold``): tables with the same columns whose rows are
   one a sub-multiset of the other (one different cell is another record: a credit applicant who
@@ -162,12 +163,31 @@ def term_difference(qa: str, qb: str) -> tuple[list[str], list[str]]:
     return only_a, left
 
 
+# a word that relates two terms: "A as a percentage of B" is not "B as a percentage of A"
+PIVOTS = ("percentage", "percent", "ratio", "share", "proportion", "fraction", "multiple", "relative")
+
+
+def _sides(text: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    words = content_words(text)
+    k = next((k for k, w in enumerate(words) if any(_close(w, p) for p in PIVOTS)), None)
+    return None if k is None else (frozenset(words[:k]), frozenset(words[k + 1:]))
+
+
+def swapped_terms(qa: str, qb: str) -> bool:
+    """The same words around a relating word (:data:`PIVOTS`) on other sides: ``cost of sales as a
+    percentage of net sales`` vs ``net sales as a percentage of cost of sales``."""
+    sa, sb = _sides(qa), _sides(qb)
+    return sa is not None and sb is not None and all(sa) and sa != sb and sa == (sb[1], sb[0])
+
+
 def question_near_copy(qa: str, qb: str, sim: float, threshold: float) -> bool:
     """The question signal: equal after normalisation, or cosine >= ``threshold`` with the same signed
-    figures and the same content words (:func:`term_difference`)."""
+    figures, the same content words (:func:`term_difference`) and no terms swapped around a relating
+    word (:func:`swapped_terms`)."""
     if normalise_text(qa) == normalise_text(qb):
         return True
-    return sim >= threshold and signed_numbers(qa) == signed_numbers(qb) and term_difference(qa, qb) == ([], [])
+    return (sim >= threshold and signed_numbers(qa) == signed_numbers(qb) and term_difference(qa, qb) == ([], [])
+            and not swapped_terms(qa, qb))
 
 
 def _table_rows(table: dict[str, Any] | None) -> tuple[tuple[str, ...], Counter] | None:
