@@ -369,7 +369,7 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
     data = dataset_stats(records)
     summary = {
         "stage": STAGE,
-        "config_hash": cfg.section_hash("format", "model", "card"),
+        "config_hash": cfg.section_hash("format", "model", "card", "split", "sources"),  # the card reads all
         "upstream": {"split": manifest_hash(src)},
         "prompts": prompts,
         "model": cfg.model.name_or_path,
