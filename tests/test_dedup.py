@@ -11,7 +11,7 @@ import pytest
 
 from datagen.dedup import (Pairs, answers_agree, context_similarity, dedup_rows, exact_key, normalise_text,
                            number_overlap, numbers, pairs_exact, pairs_partitioned, question_near_copy, question_text,
-                           run_dedup, signed_numbers, term_difference)
+                           run_dedup, signed_numbers, swapped_terms, term_difference)
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
 from datagen.schema import Sample
 
@@ -296,3 +296,19 @@ def test_same_question_other_answer_in_a_near_shared_context_is_a_conflict():
               "context": {**base["context"], "text": base["context"]["text"].replace("15.9%", "16.9%")}}
     res = dedup_rows([base, edited], _fooled_vecs([base, edited]), 0.92, 0.985, method="exact")
     assert res.drops == []
+
+
+def test_conflict_quarantines_the_rephrasings_of_its_original_and_swapped_terms_differ():
+    a = _row("a", "g1", "What was net income in 2019?", "Net income 55,256 in 2019.")
+    a["answer"] = "55,256"
+    r = {**_row("a-r1", "g1", "In 2019, how much was the net income?", "Net income 55,256 in 2019.", True),
+         "answer": "55,256", "metadata": {"rephrase_of": "a"}}
+    b = {**a, "id": "b", "group_id": "g2", "answer": "59,531"}
+    res = dedup_rows([a, r, b], np.stack([_e(0), _mix(0.9, 0, 1), _e(0)]), 0.92, 0.985, method="exact")
+    assert [(d["row_id"], d["reason"], d["conflicts_with"]) for d in res.drops] == [
+        ("a", "conflicting_answers", ["b"]), ("a-r1", "conflicting_answers", ["a"]),
+        ("b", "conflicting_answers", ["a"])]
+    assert res.kept == []
+    assert swapped_terms("What was the cost of sales as a percentage of net sales?",
+                         "What was the net sales as a percentage of cost of sales?")
+    assert not swapped_terms("What was the percentage change in net income?", "How much did net income change in percent?")
