@@ -111,26 +111,6 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
             create_markdown_artifact(markdown=md, key="evaluation-report", description="evaluation report")
 
 
-DATA_STAGES = ("fetch", "augment", "dedup", "split", "format")
-
-
-def task_runner(cfg: Config):
-    """The task runner for data stages: a thread pool, or Dask (``pip install -e .[dask]``), either a
-    local cluster or the existing one at ``prefect.dask_address``."""
-    if cfg.prefect.task_runner == "thread":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner()
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise RuntimeError("prefect.task_runner is 'dask' but prefect-dask is not installed: "
-                           "pip install -e '.[dask]'") from None
-    if cfg.prefect.dask_address:
-        return DaskTaskRunner(address=cfg.prefect.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "processes": True})
-
-
 def _stage_flow(name: str):
     @flow(name=f"{name}", log_prints=True)
     def stage_flow(profile: str | None = "demo", config_path: str | None = None,
@@ -183,8 +163,6 @@ def _pipeline(cfg: Config, profile, config_path, overrides, root, only, start, r
     for i, stage in enumerate(stages, start=1):
         logger.info("stage %s (%d/%d)", stage.name, i, len(stages))
         stage_flow = STAGE_FLOWS[stage.name]
-        if stage.name in DATA_STAGES and cfg.prefect.task_runner == "dask":
-            stage_flow = stage_flow.with_options(task_runner=task_runner(cfg))
         results.append(stage_flow(profile, config_path, overrides, root, refresh, allow_stale))
         update_progress_artifact(progress, progress=100.0 * i / len(stages))
     summary = {

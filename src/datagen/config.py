@@ -366,8 +366,6 @@ class EvaluateConfig(_Strict):
 
 
 class PrefectConfig(_Strict):
-    task_runner: Literal["thread", "dask"] = "thread"
-    dask_address: str | None = None
     result_storage: Path = Path("data/cache/prefect-results")
 
 
