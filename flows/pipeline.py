@@ -93,7 +93,7 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
     if name == "format" and (out / "README.md").exists():
         create_markdown_artifact(markdown=(out / "README.md").read_text(encoding="utf-8"),
                                  key="dataset-card", description="Hugging Face dataset card")
-        create_markdown_artifact(markdown=_png_markdown("Token lengths", out / "token_lengths.png"),
+        create_markdown_artifact(markdown=_png_markdown("Token lengths", out / "__meta__" / "token_lengths.png"),
                                  key="token-lengths", description="token-length histogram")
     elif name == "train":
         pngs = sorted(out.glob("*.png"))

@@ -89,7 +89,7 @@ STAGES: tuple[Stage, ...] = (
           ("rephrase", "scenario_synthesis"), ("fetch",), _augment_providers),
     Stage("dedup", _dedup, lambda c: c.paths.stage_dir("dedup"), ("dedup",), (), ("augment",)),
     Stage("split", _split, lambda c: c.paths.stage_dir("split"), ("split", "dedup"), (), ("dedup",)),
-    Stage("format", _format, lambda c: c.paths.stage_dir("dataset"), ("format", "model", "card"),
+    Stage("format", _format, lambda c: c.paths.stage_dir("dataset"), ("format", "model", "card", "split", "sources"),
           ("system_analyst", "gemma_chat"), ("split",)),
     Stage("train", _train, lambda c: c.paths.models_dir / c.train.run_name, ("train", "model"), (),
           ("format",)),
