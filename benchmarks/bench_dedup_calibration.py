@@ -138,8 +138,9 @@ def build_pairs() -> list[tuple[str, str, dict, dict]]:
                   _mk(r, nid()), _mk(r, nid(), question="What was the profit in 2019?")))
     r = by_q["What was the cost of sales as a percentage of net sales in 2019?"]
     pairs.append(("distinct", "same words, other order (net sales as a percentage of cost of sales)",
-                  _mk(r, nid()), _mk(r, nid(), question="What was the net sales as a percentage of cost of sales in 2019?",
-                                     answer="160.82%")))
+                  _mk(r, nid()),
+                  _mk(r, nid(), question="What was the net sales as a percentage of cost of sales in 2019?",
+                      answer="160.82%")))
 
     credit = read_jsonl(DATA / "credit_table.jsonl")
     # an applicant's record as context text, one categorical field apart

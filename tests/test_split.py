@@ -230,10 +230,12 @@ def test_rows_sharing_a_context_share_a_split(demo_cfg):
 def test_overlap_report_counts_groups_contexts_and_price_rows():
     def r(id_, group, ctx, ticker=None, dates=()):
         table = {"columns": ["Date", "Close"], "rows": [[d, "1.00"] for d in dates]} if dates else None
-        meta = {"window": {"tickers": [ticker], "start": dates[0], "end": dates[-1], "days": len(dates)}} if dates else {}
+        meta = ({"window": {"tickers": [ticker], "start": dates[0], "end": dates[-1], "days": len(dates)}}
+                if dates else {})
         return {"id": id_, "group_id": group, "source": "market:csv" if dates else "t", "question": "q",
                 "context": {"text": ctx, "table": table}, "metadata": meta}
-    splits = {"train": [r("a", "g1", "doc A"), r("b", "g2", "doc B"), r("m1", "m1", "w", "KO", ["2023-01-03", "2023-01-04"])],
+    splits = {"train": [r("a", "g1", "doc A"), r("b", "g2", "doc B"),
+                        r("m1", "m1", "w", "KO", ["2023-01-03", "2023-01-04"])],
               "validation": [r("c", "g1", "doc C"), r("m2", "m2", "w2", "KO", ["2023-01-04", "2023-01-05"])],
               "test": [r("d", "g3", "doc B"), r("e", "g4", "doc B"), r("m3", "m3", "w3", "MSFT", ["2023-01-04"])]}
     rep = overlap_report(splits)

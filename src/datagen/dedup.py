@@ -444,8 +444,9 @@ def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, w
             others[k] = {parent}
     for k in sorted(others):
         alive[k] = False
-        with_ = sorted(rows[o]["id"] for o in others[k])
-        answers = "; ".join(f"{rows[o]['id']}: {rows[o]['answer']!r}" for o in sorted(others[k], key=lambda o: rows[o]["id"]))
+        ordered = sorted(others[k], key=lambda o: rows[o]["id"])
+        with_ = [rows[o]["id"] for o in ordered]
+        answers = "; ".join(f"{rows[o]['id']}: {rows[o]['answer']!r}" for o in ordered)
         drops.append(drop_record(
             "dedup", rows[k]["id"], "conflicting_answers",
             f"answer {rows[k]['answer']!r} conflicts with {answers} (same question and context)",
