@@ -387,7 +387,8 @@ def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, withi
     for idx, k in enumerate(keys):
         by_key.setdefault(k, []).append(idx)
     for m in by_key.values():
-        for x in range(len(m)):
+        # every pair of a small bucket; a large one (thousands of copies) against its first row only
+        for x in range(len(m) if len(m) <= 64 else 1):
             for y in m[x + 1:]:
                 cand.setdefault((m[x], y), float(vecs[m[x]] @ vecs[y]))
     dup, conflict = [], []
