@@ -178,4 +178,4 @@ def test_failed_llm_calls_are_rejections_not_exceptions():
     res = rephrase_rows(rows, FunctionProvider(boom), None, k=1, max_attempts=2, temperature=0.7, max_tokens=64)
     assert res.kept == [] and res.missing_reasons == {"llm_error": 1}
     assert [(r["reason"], r["detail"]) for r in res.rejections] == [
-        ("llm_error", "RuntimeError: server down"), ("llm_error", "RuntimeError: server down")]
+        ("llm_error", "internal: RuntimeError: server down"), ("llm_error", "internal: RuntimeError: server down")]

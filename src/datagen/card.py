@@ -27,6 +27,11 @@ import yaml
 
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
+from datagen.schema import SCENARIO_SOURCE
+
+# the dataset folder's layout, besides the split files (datasets skips folders that start with "__")
+META_DIR = "__meta__"  # drops.jsonl, token_lengths.png: not data
+DISK_DIR = "__arrow__"  # DatasetDict.save_to_disk copy, for datasets.load_from_disk
 
 SPLITS = ("train", "validation", "test")
 NA = "not recorded"
@@ -94,7 +99,6 @@ def source_info(spec: Any, generated: bool, own_license: str, name: str | None =
 
 def sources_info(cfg: Config, names: list[str]) -> dict[str, dict[str, Any]]:
     """:func:`source_info` of every source name found in the data."""
-    from datagen.scenarios import SOURCE as SCENARIO_SOURCE
 
     files = {f.name or Path(f.path).stem: f for f in cfg.sources.source_qa}
     mc = cfg.sources.market
@@ -154,8 +158,6 @@ def metadata(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
 
 def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     """The card's Markdown text (YAML header + body) from the format summary and the upstream manifests."""
-    from datagen.chat_format import DISK_DIR, META_DIR
-
     fetch = read_manifest(cfg.paths.stage_dir("fetch"))
     aug = read_manifest(cfg.paths.stage_dir("augment"))
     dedup = read_manifest(cfg.paths.stage_dir("dedup"))
@@ -167,7 +169,6 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     counts = {s: _get(summary, "counts", s, default=0) for s in SPLITS}
     lines: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
                         f"# {cfg.card.pretty_name}", ""]
-    from datagen.scenarios import SOURCE as SCENARIO_SOURCE
 
     present = _sum(data.get("by_source"))
     made = [what for what, there in (

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from datagen.card import DISK_DIR, META_DIR, write_card
 from datagen.config import Config
 from datagen.io import (atomic_path, drop_counts, drop_record, manifest_hash, read_jsonl, require_stage,
                         sha256_file, sha256_text, write_jsonl, write_manifest)
@@ -51,8 +52,6 @@ log = logging.getLogger(__name__)
 STAGE = "format"
 SPLITS = ("train", "validation", "test")
 USER_PROMPT = "sft_user"
-META_DIR = "__meta__"  # drops.jsonl, token_lengths.png: not data (datasets skips "__" folders)
-DISK_DIR = "__arrow__"  # DatasetDict.save_to_disk copy, for datasets.load_from_disk
 
 
 class EmptySplitError(ValueError):
@@ -317,7 +316,6 @@ def save_dataset(records: dict[str, list[dict]], out: Path) -> tuple[list[str], 
 
 
 def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
-    from datagen.card import write_card
     from datagen.tokenizer import load_tokenizer
 
     fc = cfg.format

@@ -7,6 +7,7 @@ Every output that a prompt produced records the prompt's name and content hash
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -50,3 +51,15 @@ def load_prompt(name: str, prompts_dir: Path | None = None) -> Prompt:
         known = sorted(p.stem for p in (prompts_dir or PROMPTS_DIR).glob("*.jinja"))
         raise FileNotFoundError(f"prompt {name!r} not found at {path}; known: {', '.join(known)}")
     return Prompt(name=name, text=_load(path, path.stat().st_mtime))
+
+
+_TURN = re.compile(r"^<<(user|assistant|system)>>\s*$", re.M)
+
+
+def split_turns(rendered: str) -> list[dict[str, str]]:
+    """A rendered template with ``<<user>>`` / ``<<assistant>>`` marker lines -> chat messages."""
+    parts = _TURN.split(rendered)
+    msgs = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []  # text before a marker
+    for role, content in zip(parts[1::2], parts[2::2]):
+        msgs.append({"role": role, "content": content.strip()})
+    return msgs

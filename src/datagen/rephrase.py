@@ -29,7 +29,7 @@ import numpy as np
 
 from datagen.embed import Embedder
 from datagen.llm.base import ChatRequest, LLMProvider, Message
-from datagen.prompts import Prompt, load_prompt
+from datagen.prompts import Prompt, load_prompt, split_turns
 from datagen.schema import stable_id
 from datagen.validators import RephraseChecks, Verdict, validate_rephrasing
 
@@ -38,22 +38,9 @@ log = logging.getLogger(__name__)
 PROMPT_FIRST = "rephrase"
 PROMPT_RETRY = "rephrase_retry"
 STOP = ("\n", "<end_of_turn>")
-_TURN = re.compile(r"^<<(user|assistant|system)>>\s*$", re.M)
 
 
 # ----------------------------------------------------------------------------- pure parts
-def split_turns(rendered: str) -> list[Message]:
-    """A rendered template with ``<<user>>`` / ``<<assistant>>`` marker lines -> chat messages."""
-    parts = _TURN.split(rendered)
-    if parts[0].strip():  # text before the first marker is one user turn
-        msgs = [{"role": "user", "content": parts[0].strip()}]
-    else:
-        msgs = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        msgs.append({"role": role, "content": content.strip()})
-    return msgs
-
-
 def prompt_for(attempt: int) -> Prompt:
     return load_prompt(PROMPT_FIRST if attempt == 0 else PROMPT_RETRY)
 

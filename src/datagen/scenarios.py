@@ -29,13 +29,11 @@ import numpy as np
 from datagen.config import ScenarioSynthConfig
 from datagen.embed import Embedder
 from datagen.llm.base import ChatRequest, LLMProvider, Message
-from datagen.prompts import load_prompt
-from datagen.rephrase import split_turns
-from datagen.schema import stable_id
+from datagen.prompts import load_prompt, split_turns
+from datagen.schema import SCENARIO_SOURCE as SOURCE, stable_id
 from datagen.validators import char_ratio, is_question
 
 PROMPT = "scenario_synthesis"
-SOURCE = "scenario_synth"
 CATEGORY = "credit_scenario"
 
 SECTORS = ("airlines", "autos", "chemicals", "commercial real estate", "consumer retail", "homebuilders",
