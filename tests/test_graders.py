@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from training.graders import (NONE_LABEL, classification_metrics, expected_values, extract_figures,
-                              grade_classification, grade_numeric, normalise_label)
+from training.graders import (NONE_LABEL, SPAN_MAX_TOKENS, classification_metrics, expected_values,
+                              extract_figures, grade_classification, grade_extractive, grade_numeric,
+                              normalise_answer, normalise_label, span_answers, token_f1)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -132,3 +133,72 @@ def test_classification_metrics_exact():
     sk = pytest.importorskip("sklearn.metrics")
     assert m["macro_f1"] == pytest.approx(sk.f1_score(gold, [p or "<none>" for p in pred],
                                                       labels=["neg", "neu", "pos"], average="macro"))
+
+
+# ----------------------------------------------------------------------------- extractive (SQuAD / TAT-QA)
+@pytest.mark.parametrize("text, expected", [
+    ("The Federal Reserve.", "federal reserve"),
+    ("  an   Apple, Inc. ", "apple inc"),
+    ("A-shares", "ashares"),
+    ("THE end", "end"),
+    ("", ""),
+])
+def test_normalise_answer_squad_style(text, expected):
+    assert normalise_answer(text) == expected
+
+
+def test_token_f1_exact_values():
+    assert token_f1("the Federal Reserve", "Federal Reserve") == 1.0
+    # pred tokens {federal, reserve, bank}, gold {federal, reserve}: p = 2/3, r = 1 -> f1 = 0.8
+    assert token_f1("Federal Reserve Bank", "federal reserve") == pytest.approx(0.8)
+    assert token_f1("European Central Bank", "federal reserve") == 0.0
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+    # repeated tokens count once each (multiset overlap, as SQuAD)
+    assert token_f1("bank bank", "bank") == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_grade_extractive_single_span():
+    g = grade_extractive("The Federal Reserve.", ["Federal Reserve"])
+    assert (g.score, g.passed, g.grader) == (1.0, True, "extractive")
+    assert g.detail["em"] is True and g.detail["f1"] == 1.0
+    g = grade_extractive("It was the Federal Reserve Bank", ["Federal Reserve"])
+    assert g.passed is False and g.detail["em"] is False
+    # pred {it, was, federal, reserve, bank}: p = 2/5, r = 1 -> f1 = 4/7
+    assert g.score == pytest.approx(4 / 7)
+    assert grade_extractive("", ["Federal Reserve"]).score == 0.0
+
+
+def test_grade_extractive_list_answer_aligns_spans():
+    gold = ["credit risk", "market risk"]
+    g = grade_extractive("Market risk; credit risk", gold)
+    assert (g.score, g.passed) == (1.0, True)
+    g = grade_extractive("credit risk and market risk", gold)
+    assert (g.score, g.passed) == (1.0, True)
+    # one of two spans right, nothing else: mean over max(2 gold, 1 pred) aligned spans = 1/2
+    g = grade_extractive("credit risk", gold)
+    assert (g.score, g.passed) == (0.5, False)
+    # a wrong extra span costs: 2 right of 3 predicted -> 2/3
+    g = grade_extractive("credit risk, market risk, liquidity", gold)
+    assert g.score == pytest.approx(2 / 3) and g.passed is False
+    # partial spans: "credit" vs "credit risk" f1 = 2/3, "market risk" exact -> (2/3 + 1) / 2
+    g = grade_extractive("credit; market risk", gold)
+    assert g.score == pytest.approx((2 / 3 + 1) / 2)
+    assert g.detail["pred_spans"] == ["credit", "market risk"]
+
+
+def test_span_answers_decides_when_the_extractive_grader_applies():
+    def row(answer, task_type="open_qa", **meta):
+        return {"task_type": task_type, "answer": answer, "metadata": meta}
+
+    assert span_answers(row("Federal Reserve")) == ["Federal Reserve"]
+    assert span_answers(row("2019; 2021", answer_spans=["2019", "2021"])) == ["2019", "2021"]
+    assert span_answers(row("x", answer_spans=["credit risk", "market risk"])) == ["credit risk", "market risk"]
+    long = "Net interest margins widen at first as asset yields reprice faster than deposits."
+    assert span_answers(row(long)) is None  # a long open answer stays with the judge
+    assert span_answers(row(" ".join(["w"] * SPAN_MAX_TOKENS))) is not None
+    assert span_answers(row(" ".join(["w"] * (SPAN_MAX_TOKENS + 1)))) is None
+    assert span_answers(row("-3.2%")) is None  # a figure: extractive normalisation would drop its sign
+    assert span_answers(row("$1.5bn")) is None and span_answers(row("x", answer_spans=["1", "-2%"])) is None
+    assert span_answers(row("2019")) == ["2019"]  # bare digits survive normalisation as they are
+    assert span_answers(row("high", task_type="classification")) is None
+    assert span_answers(row("")) is None

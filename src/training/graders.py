@@ -1,4 +1,5 @@
-"""Programmatic graders: exact figures for ``numeric_qa``, normalised labels for ``classification``.
+"""Programmatic graders: exact figures for ``numeric_qa``, normalised labels for ``classification``,
+exact match and token F1 for short span answers (extractive).
 
 Every grader returns a :class:`Grade` with a score in [0, 1] and a pass flag; nothing here raises on
 odd model output. Judge-graded items (``open_qa``) live in :mod:`training.judge`.
@@ -7,12 +8,22 @@ Numeric grading reads ``metadata["answer_values"]`` (``[{"name", "value", "unit"
 in percent units) and looks for each expected figure among the numbers written in the answer, within a
 relative tolerance. Units are reconciled: ``12.5%`` = ``12.5 percent`` = ``1250 bp`` = ``0.125``;
 ``$1.5bn`` = ``1,500,000,000``; ``-3.2%`` = ``down 3.2%`` = ``(3.2%)``.
+
+Extractive grading (SQuAD / TAT-QA style) applies to rows whose gold answer is a short span or a list
+of spans (:func:`span_answers`): both sides are normalised (:func:`normalise_answer`: lowercase, no
+punctuation, no articles, single spaces); the score is token F1, the pass flag exact match. A list
+answer is graded as a bag: the predicted answer is split into spans, each gold span is aligned with at
+most one predicted span so that the summed F1 is largest, and the score is that sum over
+``max(#gold, #predicted)`` (DROP / TAT-QA); exact match means the same set of normalised spans.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import string
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +35,7 @@ NONE_LABEL = "<none>"
 class Grade:
     score: float  # in [0, 1]
     passed: bool
-    grader: str  # "numeric" | "classification" | "judge"
+    grader: str  # "numeric" | "classification" | "extractive" | "judge"
     detail: dict[str, Any] = field(default_factory=dict)
     unparsable: bool = False
 
@@ -148,6 +159,91 @@ def expected_values(row: dict[str, Any]) -> list[dict[str, Any]]:
         return [v for v in vals if isinstance(v, dict) and "value" in v]
     return [{"name": f"ref{i}", "value": f.value, "unit": f.unit}
             for i, f in enumerate(extract_figures(row.get("answer", "")))]
+
+
+# ----------------------------------------------------------------------------- spans
+SPAN_MAX_TOKENS = 8  # a gold span longer than this (normalised tokens) is an open answer: the judge's
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+_SPAN_SEP = re.compile(r"\s*(?:[;,\n]|\band\b|&)\s*", re.IGNORECASE)
+
+
+def normalise_answer(text: str) -> str:
+    """SQuAD's normalisation: lowercase, punctuation removed, articles removed, whitespace collapsed."""
+    s = "".join(ch for ch in (text or "").lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """Token-overlap F1 of the normalised strings (SQuAD); two empty strings score 1, one empty 0."""
+    p, g = normalise_answer(pred).split(), normalise_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _is_figure(span: str) -> bool:
+    from datagen.numbers import parse_number
+
+    return parse_number(span) is not None and not span.strip().isdigit()
+
+
+def span_answers(row: dict[str, Any]) -> list[str] | None:
+    """The gold spans when the extractive grader applies to ``row``, else None.
+
+    Spans are ``metadata["answer_spans"]`` (a list answer) or the answer itself. The grader applies to
+    rows that are not ``classification`` when every span has 1 to :data:`SPAN_MAX_TOKENS` normalised
+    tokens and none is a figure with a sign, unit or separators (``-3.2%``, ``$1.5bn``: normalisation
+    would drop the sign; those belong to the numeric grader or the judge). Bare digits (a year) are spans.
+    """
+    if row.get("task_type") == "classification":
+        return None
+    spans = (row.get("metadata") or {}).get("answer_spans")
+    if not (isinstance(spans, list) and spans and all(isinstance(x, str) for x in spans)):
+        spans = [str(row.get("answer") or "")]
+    for sp in spans:
+        n = len(normalise_answer(sp).split())
+        if not 1 <= n <= SPAN_MAX_TOKENS or _is_figure(sp):
+            return None
+    return list(spans)
+
+
+def _align(gold: list[str], pred: list[str]) -> float:
+    """Largest summed F1 over one-to-one alignments of gold and predicted spans (exhaustive up to 7
+    spans a side, greedy by best pair beyond)."""
+    small, big = sorted((gold, pred), key=len)
+    if not small:
+        return 0.0
+    f1 = [[token_f1(a, b) for b in big] for a in small]  # F1 is symmetric
+    if len(big) <= 7:
+        return max(sum(f1[i][j] for i, j in enumerate(perm))
+                   for perm in itertools.permutations(range(len(big)), len(small)))
+    total, rows, cols = 0.0, set(), set()
+    for v, i, j in sorted(((f1[i][j], i, j) for i in range(len(small)) for j in range(len(big))), reverse=True):
+        if i not in rows and j not in cols:
+            rows.add(i)
+            cols.add(j)
+            total += v
+    return total
+
+
+def grade_extractive(answer: str, spans: Sequence[str]) -> Grade:
+    """Token F1 (score) and exact match (pass) of ``answer`` against the gold ``spans``."""
+    gold = [s for s in spans if normalise_answer(s)]
+    if len(gold) <= 1:
+        ref = gold[0] if gold else ""
+        em = normalise_answer(answer) == normalise_answer(ref)
+        f1 = token_f1(answer, ref)
+        return Grade(score=f1, passed=em, grader="extractive", detail={"em": em, "f1": f1, "spans": gold})
+    pred = [p for p in _SPAN_SEP.split(answer or "") if normalise_answer(p)]
+    f1 = _align(gold, pred) / max(len(gold), len(pred))
+    em = sorted({normalise_answer(p) for p in pred}) == sorted({normalise_answer(g) for g in gold})
+    return Grade(score=f1, passed=em, grader="extractive",
+                 detail={"em": em, "f1": f1, "spans": gold, "pred_spans": pred})
 
 
 # ----------------------------------------------------------------------------- labels
