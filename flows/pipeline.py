@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,15 @@ def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     # inputs made (not deleted, edited, or overwritten by a run with other inputs)
     refresh = refresh or not output_matches(cfg, stage, key)
     t = run_stage.with_options(result_storage=_result_storage(cfg), refresh_cache=refresh or None)
+    t0 = time.monotonic()
     state = t(cfg, key, return_state=True)
     manifest = state.result()
     cached = state.name == "Cached"
     if cached:  # made from the current upstream content: not stale, whatever ran in between
         (stage.output(cfg) / STALE).unlink(missing_ok=True)
     _publish(cfg, name, manifest)
-    return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg))}
+    return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg)),
+            "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _png_markdown(title: str, png: Path, max_bytes: int = 1_500_000) -> str:
