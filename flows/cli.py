@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     scores = sub.add_parser("scores", parents=[common], help="print per-category evaluation scores")
     scores.add_argument("run", nargs="?", default=None, help="an evaluation run folder or name")
     sub.add_parser("config", parents=[common], help="print the validated configuration")
+    sweep = sub.add_parser("sweep", parents=[common], help="run the pipeline once per grid point and compare them")
+    sweep.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
+                       help="a config key and its values, e.g. augment.k=0,3 (repeatable: the product is run)")
+    sweep.add_argument("--name", default="sweep", help="the comparison goes to data/reports/sweep-NAME/")
+    sweep.add_argument("--refresh", action="store_true", help="ignore Prefect's cache and rerun the stages")
     return p
 
 
@@ -65,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                               overrides=args.overrides, root=str(args.root) if args.root else None,
                               only=args.only, start=args.start, refresh=args.refresh,
                               allow_stale=args.allow_stale)
+            print(json.dumps(result, indent=2, default=str))
+        elif args.command == "sweep":
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+            from flows.sweep import sweep
+
+            result = sweep(profile=args.profile, config_path=str(args.config) if args.config else None,
+                           overrides=args.overrides, root=str(args.root) if args.root else None, grid=args.grid,
+                           name=args.name, refresh=args.refresh)
             print(json.dumps(result, indent=2, default=str))
         elif args.command == "card":
             path = (args.path or cfg.paths.stage_dir("dataset")) / "README.md"
