@@ -50,7 +50,7 @@ def grid_points(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
 
 def point_name(point: dict[str, str]) -> str:
     """A folder-safe name: ``{"augment.k": "3"}`` -> ``k3``; several keys joined with ``_``."""
-    parts = [re.sub(r"[^A-Za-z0-9.]+", "", k.rsplit(".", 1)[-1]) + re.sub(r"[^A-Za-z0-9.+-]+", "", v)
+    parts = [re.sub(r"[^A-Za-z0-9._]+", "", k.rsplit(".", 1)[-1]) + re.sub(r"[^A-Za-z0-9.+-]+", "", v)
              for k, v in point.items()]
     return "_".join(parts) or "base"
 

@@ -75,3 +75,27 @@ def test_unchanged_rerun_executes_nothing_and_only_augment_reruns_augment(first_
     for downstream in ("dedup", "split", "dataset"):
         assert (project / "data" / "processed" / downstream / STALE).exists(), downstream
     assert not (project / "data" / "processed" / "fetch" / STALE).exists()
+
+
+def test_sweep_two_points_reuses_unchanged_stages(first_run, prefect_env, project):
+    """``finsynth sweep`` on the tiny profile with two learning rates: both points in the comparison; for
+    each, the data stages (same inputs as the first run) are served from cache and only train and evaluate
+    execute, each point with its own adapter and report."""
+    assert first_run["state"] == "COMPLETED"
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--profile", "tiny", "--root", str(project),
+                        "--grid", "train.learning_rate=1e-4,3e-4", "--name", "lr"],
+                       env=prefect_env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout[r.stdout.index("{"): r.stdout.rindex("}") + 1])
+    assert result["points"] == ["learning_rate1e-4", "learning_rate3e-4"]
+    data_stages = ["fetch", "augment", "dedup", "split", "format"]
+    for point in result["points"]:
+        assert result["cached"][point] == data_stages and result["executed"][point] == ["train", "evaluate"]
+        assert (project / "data" / "models" / f"adapter-{point}" / "adapter_model.safetensors").exists()
+    table = read_json(project / "data" / "reports" / "sweep-lr" / "comparison.json")
+    assert {row["point"] for row in table["rows"]} == set(result["points"])
+    overall = [row for row in table["rows"] if row["category"] == "overall"]
+    assert len(overall) == 2 and all(row["n"] and row["tuned"]["mean"] is not None for row in overall)
+    assert (project / "data" / "reports" / "sweep-lr" / "comparison.png").stat().st_size > 1000
+    md = (project / "data" / "reports" / "sweep-lr" / "comparison.md").read_text()
+    assert "| learning_rate3e-4 | overall |" in md
