@@ -1,14 +1,115 @@
-"""The ``local`` provider: real batched generation with the packaged Gemma-3-270M."""
+"""The ``local`` provider: the decode loop on a tiny random Gemma-3 (exact against ``model.generate``),
+and real batched generation with the packaged Gemma-3-270M (slow)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from pydantic import BaseModel
 
-from datagen.config import ProviderConfig
+from datagen.config import ModelConfig, ProviderConfig
 from datagen.llm import ChatRequest, make_provider, open_cache
+from datagen.llm.local import cut_at_stop, decode, load_local_model, render_prompt
 
-pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Gemma-3 (sliding window 16, shorter than the prompts) with the packaged tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from datagen.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-gemma-gen")
+    tok = load_tokenizer(ModelConfig(name_or_path="packaged:gemma3-270m", chat_template="gemma_chat"))
+    torch.manual_seed(0)
+    mc = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)
+    Gemma3ForCausalLM(mc).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_local_model(str(tiny_dir), "cpu")
+
+
+PROMPTS = ["What is a bond? Explain it briefly to a new analyst on the desk.", "Define inflation.",
+           "What does EBITDA stand for, and why do credit analysts adjust it for leases?"]
+
+
+def _hf_greedy(model, tok, texts, max_new):
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         eos_token_id=[-1], pad_token_id=tok.pad_token_id)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_greedy_decode_equals_generate_and_finished_rows_leave_exactly(tiny):
+    model, tok, _ = tiny
+    texts = [tok.bos_token + p for p in PROMPTS]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert max(map(len, ids)) > 16 > min(map(len, ids))  # left padding and the sliding window both matter
+    ref = _hf_greedy(model, tok, texts, 10)
+    assert decode(model, ids, max_new_tokens=10, pad_id=tok.pad_token_id) == [[r] for r in ref]
+    # row 0 stops after 2 tokens and leaves the batch: the others are unchanged
+    calls = []
+    got = decode(model, ids, max_new_tokens=10, pad_id=tok.pad_token_id,
+                 stopped=lambda b, so_far: calls.append(b) or (b == 0 and len(so_far) == 2))
+    assert got == [[ref[0][:2]], [ref[1]], [ref[2]]]
+    assert calls.count(0) == 2 and calls.count(1) == 9  # 0 is never asked again; the 10th token is the cap
+    # a stop token ends a row too (and is returned, to be counted)
+    stop = ref[1][3]
+    got = decode(model, ids, max_new_tokens=10, pad_id=tok.pad_token_id, stop_ids=[stop])
+    assert got[1][0] == ref[1][:ref[1].index(stop) + 1]
+
+
+def test_n_candidates_share_one_prefill(tiny):
+    model, tok, _ = tiny
+    ids = [tok(tok.bos_token + p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    one = decode(model, ids, max_new_tokens=6, pad_id=tok.pad_token_id)
+    three = decode(model, ids, max_new_tokens=6, pad_id=tok.pad_token_id, n=3)
+    assert three == [c * 3 for c in one]  # greedy: the expanded cache continues exactly like one row
+    a = decode(model, ids, max_new_tokens=6, temperature=1.0, n=4, pad_id=tok.pad_token_id, seed=7)
+    b = decode(model, ids, max_new_tokens=6, temperature=1.0, n=4, pad_id=tok.pad_token_id, seed=7)
+    assert a == b and [len(x) for x in a] == [4, 4] and len({tuple(c) for c in a[0]}) > 1
+
+
+def test_provider_stops_during_generation_and_returns_n_candidates(tiny_dir, tiny, tmp_path):
+    model, tok, _ = tiny
+    cfg = ProviderConfig(kind="local", model_path=str(tiny_dir), device="cpu", batch_size=4, schema_retries=0)
+    p = make_provider("local", cfg, open_cache(tmp_path / "c.sqlite"))
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    full = p.generate_batch([ChatRequest(messages=msgs, max_tokens=24)])[0]
+    assert full.ok and full.usage["completion_tokens"] == 24 and full.candidates() == [full.text]
+    # a stop string found in the greedy output ends the row where it appears, not at max_tokens
+    ref = _hf_greedy(model, tok, [render_prompt(tok, msgs)], 24)[0]
+    pieces = [tok.decode(ref[:j], skip_special_tokens=True) for j in range(1, 25)]
+    stop = next(pieces[j][-3:] for j in range(8, 23) if pieces[j][-3:].strip())
+    j = next(j for j, piece in enumerate(pieces) if stop in piece)  # the token where it first appears
+    early = p.generate_batch([ChatRequest(messages=msgs, max_tokens=24, stop=(stop,))])[0]
+    assert early.usage["completion_tokens"] == j + 1 and early.text == cut_at_stop(pieces[j], [stop]).strip()
+    # n candidates in one request: one prompt's tokens, n continuations, cached under their own key
+    req = ChatRequest(messages=msgs, max_tokens=8, temperature=1.0, seed=3, n=5)
+    out = p.generate_batch([req])[0]
+    assert out.ok and len(out.texts) == 5 and out.text == out.texts[0] and out.candidates() == out.texts
+    assert out.usage["prompt_tokens"] == len(tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"])
+    assert out.usage["completion_tokens"] == 40
+    again = p.generate_batch([req])[0]
+    assert again.cached and again.texts == out.texts and again.text == out.texts[0]
+    assert p.request_key(req) != p.request_key(ChatRequest(messages=msgs, max_tokens=8, temperature=1.0, seed=3))
+
+
+def test_raw_text_turns_skip_the_chat_template(tiny):
+    _, tok, _ = tiny
+    assert render_prompt(tok, [{"role": "text", "content": "Q: a?\nP:"}]) == "<bos>Q: a?\nP:"
+    assert render_prompt(tok, [{"role": "user", "content": "a?"}]) == (
+        "<bos><start_of_turn>user\na?<end_of_turn>\n<start_of_turn>model\n")
 
 
 class Answer(BaseModel):
@@ -22,6 +123,7 @@ def gemma():
     return load_local_model("packaged:gemma3-270m", "cpu")
 
 
+@pytest.mark.slow
 def test_local_batched_generation_matches_single(gemma, tmp_path):
     model, tok, _ = gemma
     p = make_provider("local", ProviderConfig(kind="local", batch_size=8, device="cpu", schema_retries=0),

@@ -31,6 +31,9 @@ class ChatRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     key: str | None = None  # the caller's id for the item (logs, accounting); not part of the cache key
+    # candidates wanted for this one prompt (``num_return_sequences`` locally, ``n`` on OpenAI-compatible
+    # servers): they share the prompt's prefill; ``LLMResult.texts`` holds them all. 1 = one answer.
+    n: int = 1
 
 
 @dataclass
@@ -42,6 +45,34 @@ class LLMResult:
     cached: bool = False
     attempts: int = 0
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
+    texts: list[str] = field(default_factory=list)  # every candidate of an ``n > 1`` request; text is the first
+
+    def candidates(self) -> list[str]:
+        """All answers: ``texts`` for an ``n > 1`` request, else ``[text]`` (none when it failed)."""
+        if self.texts:
+            return list(self.texts)
+        return [self.text] if self.ok and self.text is not None else []
+
+
+# An ``n > 1`` answer travels through the provider machinery (response cache included) as one string;
+# ``unpack_candidates`` turns it back into ``text`` (the first) + ``texts`` (all).
+_PACKED = "\x01finsynth-candidates\x01"
+
+
+def pack_candidates(texts: Sequence[str]) -> str:
+    return _PACKED + json.dumps(list(texts), ensure_ascii=False)
+
+
+def unpack_candidates(results: list[LLMResult]) -> list[LLMResult]:
+    """Results whose text is a packed candidate list get ``texts`` = the list and ``text`` = its first."""
+    for r in results:
+        if r.text is not None and r.text.startswith(_PACKED):
+            try:
+                r.texts = [str(t) for t in json.loads(r.text[len(_PACKED):])]
+            except (json.JSONDecodeError, TypeError):
+                r.texts = []
+            r.text = r.texts[0] if r.texts else ""
+    return results
 
 
 class LLMUnavailable(RuntimeError):
@@ -175,14 +206,15 @@ class FunctionProvider:
         for req in requests:
             self.usage.add(calls=1, requests=1)
             try:
-                text = self.fn(list(req.messages))
+                texts = [self.fn(list(req.messages)) for _ in range(max(1, req.n))]
+                text = texts[0]
             except Exception as e:  # a broken fake is a failed item, like any provider
                 error = f"internal: {type(e).__name__}: {e}"
                 self.usage.failed(error)
                 out.append(LLMResult(ok=False, text=None, error=error, attempts=1))
                 continue
             if req.schema is None:
-                out.append(LLMResult(ok=True, text=text, attempts=1))
+                out.append(LLMResult(ok=True, text=text, attempts=1, texts=texts if req.n > 1 else []))
                 continue
             parsed, err = parse_structured(text, req.schema)
             if err:
