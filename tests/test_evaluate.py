@@ -11,19 +11,20 @@ import pytest
 from datagen.io import read_json, read_jsonl, write_manifest
 from datagen.llm.base import FunctionProvider
 from datagen.prompts import load_prompt
-from training.evaluate import decode_row, run_evaluate, select_items
+from training.evaluate import decode_row, fewshot_exemplars, run_evaluate, select_items
 from training.report import scores_table
 
 SYSTEM = "You are a portfolio credit analyst."
 
 
-def _row(id_, category, task_type, question, answer, *, values=None, labels=None, context=""):
+def _row(id_, category, task_type, question, answer, *, values=None, labels=None, context="", group=None,
+         rephrase=False):
     meta = {"answer_values": values} if values else {}
     return {
-        "id": id_, "group_id": f"g-{id_}", "source": "test", "task_type": task_type, "category": category,
+        "id": id_, "group_id": group or f"g-{id_}", "source": "test", "task_type": task_type, "category": category,
         "scenario": None, "question": question, "context": json.dumps({"text": context, "table": None}),
-        "answer": answer, "labels": labels, "metadata": json.dumps(meta), "is_rephrase": False,
-        "rephrase_index": None,
+        "answer": answer, "labels": labels, "metadata": json.dumps(meta), "is_rephrase": rephrase,
+        "rephrase_index": 0 if rephrase else None,
         "messages": [{"role": "system", "content": SYSTEM},
                      {"role": "user", "content": f"{context}\n\n{question}".strip()},
                      {"role": "assistant", "content": answer}],
@@ -34,30 +35,55 @@ ROWS = [
     _row("n1", "returns", "numeric_qa", "ACME 10-day return?", "ACME returned -3.2%.",
          values=[{"name": "ret", "value": -3.2, "unit": "%"}], context="ACME closed 101.2 then 98.0."),
     _row("n2", "returns", "numeric_qa", "BOLT 10-day return?", "BOLT returned 4.1%.",
-         values=[{"name": "ret", "value": 4.1, "unit": "%"}]),
+         values=[{"name": "ret", "value": 4.1, "unit": "%"}], group="g-bolt-crux"),
     _row("n3", "returns", "numeric_qa", "CRUX 10-day return?", "CRUX returned 0.5%.",
-         values=[{"name": "ret", "value": 0.5, "unit": "%"}]),
+         values=[{"name": "ret", "value": 0.5, "unit": "%"}], group="g-bolt-crux"),
     _row("c1", "risk", "classification", "ACME risk level?", "high", labels=["low", "medium", "high"]),
     _row("c2", "risk", "classification", "BOLT risk level?", "low", labels=["low", "medium", "high"]),
     _row("o1", "scenario", "open_qa", "What does a rate shock do to bank NIM?",
          "Net interest margins widen at first as asset yields reprice faster than deposits."),
     _row("o2", "scenario", "open_qa", "What does a downgrade wave do to spreads?",
          "High-yield spreads widen as forced sellers exit fallen angels."),
+    _row("s1", "facts", "open_qa", "Which body sets US policy rates?", "The Federal Reserve"),
+]
+
+# the train split: exemplars for few-shot prompts (never test rows)
+TRAIN = [
+    _row("t-ret-1", "returns", "numeric_qa", "DYNA 10-day return?", "DYNA returned 1.1%.",
+         values=[{"name": "ret", "value": 1.1, "unit": "%"}]),
+    _row("t-ret-1r", "returns", "numeric_qa", "Over ten days, what did DYNA return?", "DYNA returned 1.1%.",
+         values=[{"name": "ret", "value": 1.1, "unit": "%"}], group="g-t-ret-1", rephrase=True),
+    _row("t-ret-2", "returns", "numeric_qa", "EPIC 10-day return?", "EPIC returned -0.7%.",
+         values=[{"name": "ret", "value": -0.7, "unit": "%"}]),
+    _row("t-ret-3", "returns", "numeric_qa", "FLUX 10-day return?", "FLUX returned 2.0%.",
+         values=[{"name": "ret", "value": 2.0, "unit": "%"}]),
+    _row("t-ret-4", "returns", "numeric_qa", "GRIT 10-day return?", "GRIT returned 0.0%.",
+         values=[{"name": "ret", "value": 0.0, "unit": "%"}]),
+    _row("t-risk-1", "risk", "classification", "DYNA risk level?", "medium", labels=["low", "medium", "high"]),
+    _row("t-risk-2", "risk", "classification", "EPIC risk level?", "low", labels=["low", "medium", "high"]),
+    _row("t-scen-1", "scenario", "open_qa", "What does a flat curve do to bank NIM?", "It compresses margins."),
+    _row("t-other", "other", "open_qa", "Unrelated?", "Yes."),
 ]
 
 BASE = {"n1": "It went up 3.2%", "n2": "4.1%", "n3": "no idea", "c1": "Medium", "c2": "low risk",
-        "o1": "It changes.", "o2": "Spreads widen as forced sellers exit fallen angels."}
+        "o1": "It changes.", "o2": "Spreads widen as forced sellers exit fallen angels.", "s1": "The ECB"}
+FEWSHOT = {"n1": "ACME returned -3.2%.", "n2": "BOLT returned 4.1%.", "n3": "no idea", "c1": "medium",
+           "c2": "low", "o1": "It changes.", "o2": "It changes.", "s1": "the Federal Reserve Bank"}
 TUNED = {"n1": "ACME fell 3.2%.", "n2": "BOLT returned 4.1%.", "n3": "0.5%", "c1": "High.", "c2": "Low",
          "o1": "Net interest margins widen at first as asset yields reprice faster than deposits.",
-         "o2": "Spreads widen as forced sellers exit fallen angels."}
+         "o2": "Spreads widen as forced sellers exit fallen angels.", "s1": "Federal Reserve."}
+TABLES = {"base": BASE, "fewshot": FEWSHOT, "tuned": TUNED}
 
 
-def _write_dataset(cfg, rows):
+def _write_dataset(cfg, rows, train=TRAIN):
+    """The format stage's layout: one Parquet file per non-empty split in the dataset folder."""
     import pandas as pd
 
     ds = cfg.paths.stage_dir("dataset")
     ds.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(ds / "test.parquet", index=False)
+    if train:
+        pd.DataFrame(train).to_parquet(ds / "train.parquet", index=False)
     write_manifest(ds, {"stage": "format"})
 
 
@@ -77,9 +103,11 @@ def _answer_of(conversation, table):
 
 
 def fake_generator(model_cfg, adapter_dir, conversations, **kw):
-    assert all(c[-1]["role"] == "user" for c in conversations)  # assistant turn removed
-    return {"base": [_answer_of(c, BASE) for c in conversations],
-            "tuned": [_answer_of(c, TUNED) for c in conversations]}
+    """``conversations``: one list per arm; answers scripted per arm and test item."""
+    assert set(conversations) <= set(TABLES)
+    for convs in conversations.values():
+        assert all(c[-1]["role"] == "user" for c in convs)  # assistant turn removed
+    return {arm: [_answer_of(c, TABLES[arm]) for c in convs] for arm, convs in conversations.items()}
 
 
 def reference_judge(messages):
@@ -109,8 +137,8 @@ def test_decode_row_and_select_items():
     r = decode_row({**ROWS[0], "labels": None})
     assert r["metadata"]["answer_values"][0]["value"] == -3.2
     assert r["context"]["text"] == "ACME closed 101.2 then 98.0."
-    picked = select_items([decode_row(x) for x in ROWS], 3)
-    assert [p["id"] for p in picked] == ["c1", "n1", "o1"]  # one per category, round-robin
+    picked = select_items([decode_row(x) for x in ROWS], 4)
+    assert [p["id"] for p in picked] == ["c1", "n1", "o1", "s1"]  # one per category, round-robin
 
 
 def test_run_evaluate_with_scripted_judge(eval_cfg):
@@ -122,28 +150,52 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     assert (out / "manifest.json").exists()
 
     items = read_jsonl(out / "items.jsonl")
-    assert len(items) == 14
+    assert len(items) == 24  # 8 test items x 3 arms: base zero-shot, base few-shot, tuned
     by = {(i["id"], i["model"]): i for i in items}
     # numeric: "went up 3.2%" has the wrong sign; "fell 3.2%" is right
-    assert (by["n1", "base"]["score"], by["n1", "tuned"]["score"]) == (0.0, 1.0)
+    assert (by["n1", "base"]["score"], by["n1", "fewshot"]["score"], by["n1", "tuned"]["score"]) == (0.0, 1.0, 1.0)
     assert by["n1", "base"]["grader"] == "numeric"
+    assert by["n2", "base"]["group_id"] == "g-bolt-crux" and by["n1", "tuned"]["group_id"] == "g-n1"
     assert by["c1", "base"]["detail"] == {"gold": "high", "pred": "medium"}
     assert by["o1", "tuned"]["grader"] == "judge" and by["o1", "tuned"]["passed"] is True
     assert by["o1", "base"]["passed"] is False
     assert by["o1", "tuned"]["judge"]["judge_model"] == "scripted:ref-words"
     assert by["o1", "tuned"]["judge"]["judge_prompt"] == load_prompt("judge_rubric").ref
     assert {i["seed"] for i in items} == {eval_cfg.evaluate.seed}
+    # a short span answer is graded extractively: token F1 is the score, exact match the pass
+    assert {by["s1", a]["grader"] for a in TABLES} == {"extractive"}
+    assert (by["s1", "tuned"]["score"], by["s1", "tuned"]["passed"]) == (1.0, True)
+    assert by["s1", "fewshot"]["score"] == pytest.approx(0.8) and by["s1", "fewshot"]["passed"] is False
+    assert by["s1", "base"]["score"] == 0.0
+    # the few-shot arm records its exemplars: training rows of the item's category
+    assert by["n1", "fewshot"]["fewshot_ids"] and set(by["n1", "fewshot"]["fewshot_ids"]) <= {r["id"] for r in TRAIN}
+    assert "fewshot_ids" not in by["n1", "base"]
+    assert len({by["n1", a]["prompt_hash"] for a in TABLES}) == 2  # zero-shot prompt shared by base and tuned
 
     report = read_json(out / "report.json")
-    cats = report["summary"]["test"]["categories"]
-    assert cats["returns"]["base"]["mean"] == pytest.approx(1 / 3)
-    assert cats["returns"]["tuned"]["mean"] == 1.0
-    assert cats["returns"]["diff"]["mean"] == pytest.approx(2 / 3)
+    test = report["summary"]["test"]
+    cats = test["categories"]
+    r = cats["returns"]
+    assert (r["n"], r["n_groups"]) == (3, 2)
+    assert r["base"]["mean"] == pytest.approx(1 / 3)
+    assert r["fewshot"]["mean"] == pytest.approx(2 / 3)
+    assert r["tuned"]["mean"] == 1.0
+    assert r["tuned_minus_base"]["mean"] == pytest.approx(2 / 3)
+    assert r["tuned_minus_fewshot"]["mean"] == pytest.approx(1 / 3)
+    for key in ("base", "fewshot", "tuned", "tuned_minus_base", "tuned_minus_fewshot"):
+        lo, hi = r[key]["ci"]
+        assert lo <= r[key]["mean"] <= hi
+        assert len(test["overall"][key]["ci"]) == 2
     assert cats["risk"]["base"]["pass_rate"] == 0.5 and cats["risk"]["tuned"]["pass_rate"] == 1.0
     assert cats["scenario"]["base"]["pass_rate"] == 0.5 and cats["scenario"]["tuned"]["pass_rate"] == 1.0
-    assert report["summary"]["test"]["micro"]["tuned"]["mean"] == 1.0
+    assert cats["scenario"]["fewshot"]["pass_rate"] == 0.0
+    assert cats["facts"]["fewshot"]["mean"] == pytest.approx(0.8) and cats["facts"]["fewshot"]["pass_rate"] == 0.0
+    assert test["overall"]["n"] == 8 and test["overall"]["tuned"]["mean"] == 1.0
+    assert report["fewshot"] == {"k": 3, "split": "train"}
     assert report["classification"]["test/risk"]["base"]["accuracy"] == 0.5
+    assert report["classification"]["test/risk"]["fewshot"]["accuracy"] == 0.5
     assert report["classification"]["test/risk"]["tuned"]["macro_f1"] == 1.0
+    assert report["graders"]["test/facts"] == "extractive"
     assert report["rests_on_judge"] == ["test/scenario"]
     # self-check on 4 sampled items (8 cases); kappa vs the numeric grader on 4 sampled numeric answers
     j = report["judge"]
@@ -153,15 +205,97 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
 
     rows = m["table_rows"]
     assert [(r["split"], r["category"]) for r in rows] == [
-        ("test", "returns"), ("test", "risk"), ("test", "scenario"),
+        ("test", "facts"), ("test", "returns"), ("test", "risk"), ("test", "scenario"),
         ("test", "overall (micro)"), ("test", "overall (macro)")]
-    assert rows[2]["rests_on_judge"] is True and rows[2]["judge_unreliable"] is False
+    ret = rows[1]
+    assert (ret["n"], ret["n_groups"], ret["grader"]) == (3, 2, "numeric")
+    assert ret["fewshot_mean"] == pytest.approx(0.667) and ret["tuned_minus_fewshot_mean"] == pytest.approx(0.333)
+    assert ret["tuned_minus_base_lo"] <= ret["tuned_minus_base_mean"] <= ret["tuned_minus_base_hi"]
+    assert rows[3]["rests_on_judge"] is True and rows[3]["judge_unreliable"] is False
     assert m["judge"]["reliable"] is True
-    assert Path(m["report_md"]).read_text().startswith("# Evaluation report")
+    md = Path(m["report_md"]).read_text()
+    assert md.startswith("# Evaluation report")
+    assert "base few-shot" in md and "tuned - few-shot" in md
 
     text = scores_table(eval_cfg)
-    assert "| test | returns | numeric | 3 |" in text
+    assert "| test | returns | numeric | 3 (2) |" in text
+    assert "base few-shot" in text
     assert "passed its self-check" in text
+
+
+def test_fewshot_prompts_are_training_exemplars_of_the_same_category(eval_cfg):
+    seen = {}
+
+    def gen(model_cfg, adapter_dir, conversations, **kw):
+        seen.update(conversations)
+        return fake_generator(model_cfg, adapter_dir, conversations, **kw)
+
+    run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
+    assert set(seen) == {"base", "fewshot", "tuned"}
+    assert seen["base"] == seen["tuned"]
+    ids = [r["id"] for r in sorted(ROWS, key=lambda r: r["id"])]
+    n1 = seen["fewshot"][ids.index("n1")]
+    # [system, (user, assistant) x 3, user]: the exemplars' own chat turns, then the test item's
+    assert [t["role"] for t in n1] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert n1[0] == {"role": "system", "content": SYSTEM}
+    assert n1[-1] == seen["base"][ids.index("n1")][-1]
+    train = {r["id"]: r for r in TRAIN}
+    shots = [(n1[k]["content"], n1[k + 1]["content"]) for k in range(1, 7, 2)]
+    by_user = {r["messages"][1]["content"]: r for r in TRAIN}
+    picked = [by_user[u] for u, _ in shots]
+    assert all(p["category"] == "returns" for p in picked)
+    assert [a for _, a in shots] == [p["answer"] for p in picked]
+    # originals, one per group: the rephrasing of t-ret-1 is never picked next to (or instead of) it
+    assert "t-ret-1r" not in {p["id"] for p in picked} and len({p["group_id"] for p in picked}) == 3
+    assert {p["id"] for p in picked} <= set(train)
+    # a category with one training row gets one shot; a category with none gets a zero-shot prompt
+    s = seen["fewshot"][ids.index("o1")]
+    assert [t["role"] for t in s] == ["system", "user", "assistant", "user"]
+    assert s[2]["content"] == "It compresses margins."
+    assert seen["fewshot"][ids.index("s1")] == seen["base"][ids.index("s1")]
+
+
+def test_fewshot_exemplars_are_deterministic_and_never_from_the_item_group():
+    train = [decode_row(r) for r in TRAIN]
+    item = decode_row(ROWS[0])
+    a = fewshot_exemplars(item, train, k=3, seed=17)
+    assert [r["id"] for r in a] == [r["id"] for r in fewshot_exemplars(item, list(reversed(train)), k=3, seed=17)]
+    assert len(a) == 3 and all(r["category"] == "returns" and not r["is_rephrase"] for r in a)
+    picks = {tuple(r["id"] for r in fewshot_exemplars(item, train, k=2, seed=s)) for s in range(20)}
+    assert len(picks) > 1  # the seed, not list order, chooses
+    same_group = {**item, "group_id": "g-t-ret-2"}
+    assert "t-ret-2" not in [r["id"] for r in fewshot_exemplars(same_group, train, k=4, seed=17)]
+    # one exemplar per group: a rephrasing never joins (or replaces) its original
+    got = fewshot_exemplars(item, train, k=10, seed=17)
+    assert sorted(r["id"] for r in got) == ["t-ret-1", "t-ret-2", "t-ret-3", "t-ret-4"]
+    assert fewshot_exemplars(item, train, k=0, seed=17) == []
+
+
+def test_fewshot_k_zero_disables_the_arm(eval_cfg):
+    eval_cfg.evaluate.fewshot_k = 0
+    seen = {}
+
+    def gen(model_cfg, adapter_dir, conversations, **kw):
+        seen.update(conversations)
+        return fake_generator(model_cfg, adapter_dir, conversations, **kw)
+
+    m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
+    assert set(seen) == {"base", "tuned"}
+    report = read_json(Path(m["report_json"]))
+    r = report["summary"]["test"]["categories"]["returns"]
+    assert r["fewshot"]["n"] == 0 and r["tuned_minus_fewshot"]["ci"] is None
+    assert r["tuned_minus_base"]["mean"] == pytest.approx(2 / 3)
+    assert {i["model"] for i in read_jsonl(Path(m["items_jsonl"]))} == {"base", "tuned"}
+    assert m["table_rows"][1]["fewshot_mean"] is None
+    assert "base few-shot" not in Path(m["report_md"]).read_text()
+
+
+def test_evaluate_reads_no_train_file_as_no_exemplars(eval_cfg):
+    _write_dataset(eval_cfg, ROWS, train=[])
+    m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=fake_generator)
+    report = read_json(Path(m["report_json"]))
+    # every few-shot prompt had 0 exemplars: the arm is still reported, and equals zero-shot prompts
+    assert report["summary"]["test"]["categories"]["returns"]["fewshot"]["n"] == 3
 
 
 def test_run_evaluate_flags_an_unreliable_judge_and_pairwise(eval_cfg):
@@ -192,7 +326,7 @@ def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
     seen = []
 
     def gen(model_cfg, adapter_dir, conversations, **kw):
-        seen.extend(conversations)
+        seen.extend(conversations["base"])
         return fake_generator(model_cfg, adapter_dir, conversations, **kw)
 
     m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
@@ -245,6 +379,7 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
     ev = cfg.evaluate
     ev.max_items, ev.max_new_tokens, ev.batch_size = 4, 16, 4
     ev.selfcheck_samples, ev.bootstrap_samples, ev.judge_max_tokens = 1, 200, 40
+    ev.fewshot_k = 1  # the few-shot arm on the real model, kept short
     ev.judge_provider = "local"  # the profile may name another judge; this test pins the default
     cfg.llm.providers["local"].schema_retries = 0  # keep the run short (retries are the provider's tests)
     rows = [ROWS[0], ROWS[1], ROWS[3], ROWS[5]]
@@ -256,8 +391,8 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
 
     report = read_json(Path(m["report_json"]))
     items = read_jsonl(Path(m["items_jsonl"]))
-    assert len(items) == 8
-    assert {i["model"] for i in items} == {"base", "tuned"}
+    assert len(items) == 12
+    assert {i["model"] for i in items} == {"base", "fewshot", "tuned"}
     assert all(isinstance(i["answer"], str) for i in items)
     assert {i["grader"] for i in items} == {"numeric", "classification", "judge"}
     assert all(0.0 <= i["score"] <= 1.0 for i in items)

@@ -352,6 +352,7 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     rel_tolerance: float = Field(0.01, ge=0)
     bootstrap_samples: int = Field(2000, ge=100)
+    fewshot_k: int = Field(3, ge=0)  # training exemplars in the base few-shot arm's prompts; 0: no such arm
     pairwise: bool = False
     judge_all: bool = False  # judge every item, not only open_qa
     selfcheck_samples: int = Field(20, ge=0)

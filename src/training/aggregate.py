@@ -1,47 +1,76 @@
-"""Per-category and overall scores with bootstrap confidence intervals, and the paired difference.
+"""Per-category and overall scores with clustered bootstrap confidence intervals, and paired differences.
 
-Input: graded items, one dict per (item, model) with ``split``, ``id``, ``category``, ``model``
-(``"base"`` / ``"tuned"``), ``score`` in [0, 1] and ``passed``. Output, per split:
+Input: graded items, one dict per (item, arm) with ``split``, ``id``, ``group_id`` (optional; the item's
+own id when missing), ``category``, ``model`` (an arm: ``"base"`` zero-shot, ``"fewshot"`` base with
+training exemplars, ``"tuned"``), ``score`` in [0, 1] and ``passed``. Output, per split:
 
-- ``categories[cat][model]``: ``n``, ``mean``, ``mean_ci``, ``pass_rate``, ``pass_ci``;
-- ``categories[cat]["diff"]``: tuned - base paired by item id (``n`` pairs, ``mean``, ``mean_ci``,
-  ``pass_rate``, ``pass_ci``);
-- ``micro`` (all items pooled) and ``macro`` (the unweighted mean of category means; its CI is a
-  stratified bootstrap: items are resampled within each category).
+- ``categories[cat]``: ``n`` (items), ``n_groups``; per arm (``base``, ``fewshot``, ``tuned``) ``n``,
+  ``mean``, ``ci``, ``pass_rate``, ``pass_ci``; and the paired differences ``tuned_minus_base`` and
+  ``tuned_minus_fewshot`` (the same keys; ``n`` is the number of pairs). An arm absent from the items
+  has ``n = 0`` and ``None`` for the rest;
+- ``overall``: the same over all items pooled (micro);
+- ``macro``: the unweighted mean of category means (``n_categories``); its CI is a stratified
+  bootstrap (each category resampled on its own, the replicates averaged).
 
-CIs are 95% percentile bootstrap intervals over items. Each group draws its resamples from
-``numpy.random.default_rng(group_seed(seed, *keys))``, so a report is reproducible bit for bit, and
-a paired difference resamples *pairs* (the same items for both models).
+CIs are 95% percentile bootstrap intervals that resample **groups** (``group_id``), not rows: a
+replicate draws as many groups as there are, with replacement, and takes the mean over all rows of
+the drawn groups (a clustered bootstrap; with one row per group it is the plain row bootstrap, draw
+for draw). A paired difference is formed per item id and resamples groups of *pairs*, so both arms
+see the same items. Each statistic draws from ``numpy.random.default_rng(group_seed(seed, *keys))``,
+so a report is reproducible bit for bit.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
-MODELS = ("base", "tuned")
+ARMS = ("base", "fewshot", "tuned")
+DIFFS: dict[str, tuple[str, str]] = {"tuned_minus_base": ("tuned", "base"),
+                                     "tuned_minus_fewshot": ("tuned", "fewshot")}
+KEYS = (*ARMS, *DIFFS)
 ALPHA = 0.05
+EMPTY = {"n": 0, "mean": None, "ci": None, "pass_rate": None, "pass_ci": None}
 
 
 def group_seed(seed: int, *keys: str) -> list[int]:
-    """The seed of one group's bootstrap: the run seed plus a CRC of each key (independent streams)."""
+    """The seed of one statistic's bootstrap: the run seed plus a CRC of each key (independent streams)."""
     return [int(seed)] + [zlib.crc32(k.encode("utf-8")) for k in keys]
 
 
-def bootstrap_means(values: np.ndarray, n_boot: int, seed: int | Sequence[int]) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of the rows of ``values``.
+def cluster_sums(values: np.ndarray, groups: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group sums of the rows of ``values`` and row counts, groups in sorted order of ``str(key)``."""
+    keys = [str(g) for g in groups]
+    if len(keys) != values.shape[0]:
+        raise ValueError("values and groups differ in length")
+    pos = {k: i for i, k in enumerate(sorted(set(keys)))}
+    inv = np.array([pos[k] for k in keys], dtype=int)
+    sums = np.zeros((len(pos),) + values.shape[1:], dtype=float)
+    np.add.at(sums, inv, values)
+    return sums, np.bincount(inv, minlength=len(pos)).astype(float)
 
-    ``values`` is (n,) or (n, k); the result is (n_boot,) or (n_boot, k). Every column is resampled
-    with the same row indices: ``idx = default_rng(seed).integers(0, n, size=(n_boot, n))``.
+
+def bootstrap_means(values: np.ndarray, n_boot: int, seed: int | Sequence[int],
+                    groups: Sequence[Hashable] | None = None) -> np.ndarray:
+    """Means of ``n_boot`` resamples (with replacement) of ``values``, by row or by group.
+
+    ``values`` is (n,) or (n, k); the result is (n_boot,) or (n_boot, k), every column resampled with
+    the same draws. Without ``groups``: ``idx = default_rng(seed).integers(0, n, size=(n_boot, n))``
+    over rows. With ``groups`` (one key per row): the same draw over the G groups (sorted by key), and
+    each replicate is sum(rows of drawn groups) / count(rows of drawn groups).
     """
     values = np.asarray(values, dtype=float)
-    n = values.shape[0]
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    return values[idx].mean(axis=1)
+    if groups is None:
+        n = values.shape[0]
+        return values[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    sums, counts = cluster_sums(values, groups)
+    idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    total = counts[idx].sum(axis=1)
+    return sums[idx].sum(axis=1) / (total if values.ndim == 1 else total[:, None])
 
 
 def percentile_ci(boot: np.ndarray, alpha: float = ALPHA) -> list[float]:
@@ -49,84 +78,86 @@ def percentile_ci(boot: np.ndarray, alpha: float = ALPHA) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int | Sequence[int],
-                 alpha: float = ALPHA) -> list[float] | None:
-    """95% (by default) percentile bootstrap CI of the mean of ``values``; None when empty."""
+def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int | Sequence[int], alpha: float = ALPHA,
+                 groups: Sequence[Hashable] | None = None) -> list[float] | None:
+    """95% (by default) percentile bootstrap CI of the mean of ``values`` (clustered with ``groups``);
+    None when empty."""
     if len(values) == 0:
         return None
-    return percentile_ci(bootstrap_means(np.asarray(values, dtype=float), n_boot, seed), alpha)
+    return percentile_ci(bootstrap_means(np.asarray(values, dtype=float), n_boot, seed, groups), alpha)
 
 
-def _stats(matrix: np.ndarray, n_boot: int, seed: list[int]) -> tuple[dict[str, Any], np.ndarray | None]:
+def _stats(matrix: np.ndarray, groups: list[str], n_boot: int, seed: list[int]
+           ) -> tuple[dict[str, Any], np.ndarray | None]:
     """matrix: (n, 2) columns score, passed. Returns the summary and the bootstrap means (n_boot, 2)."""
-    n = matrix.shape[0]
-    if n == 0:
-        return {"n": 0, "mean": None, "mean_ci": None, "pass_rate": None, "pass_ci": None}, None
-    boot = bootstrap_means(matrix, n_boot, seed)
-    return {
-        "n": int(n),
-        "mean": float(matrix[:, 0].mean()),
-        "mean_ci": [float(x) for x in np.quantile(boot[:, 0], [ALPHA / 2, 1 - ALPHA / 2])],
-        "pass_rate": float(matrix[:, 1].mean()),
-        "pass_ci": [float(x) for x in np.quantile(boot[:, 1], [ALPHA / 2, 1 - ALPHA / 2])],
-    }, boot
+    if matrix.shape[0] == 0:
+        return dict(EMPTY), None
+    boot = bootstrap_means(matrix, n_boot, seed, groups)
+    return {"n": int(matrix.shape[0]),
+            "mean": float(matrix[:, 0].mean()), "ci": percentile_ci(boot[:, 0]),
+            "pass_rate": float(matrix[:, 1].mean()), "pass_ci": percentile_ci(boot[:, 1])}, boot
 
 
-def _from_boots(point: np.ndarray, boots: list[np.ndarray], n: int) -> dict[str, Any]:
-    """Macro summary: point = mean of category means; CI from the mean of per-category replicates."""
-    if not boots:
-        return {"n": n, "n_categories": 0, "mean": None, "mean_ci": None, "pass_rate": None, "pass_ci": None}
-    macro = np.mean(np.stack(boots), axis=0)  # (n_boot, 2)
-    return {
-        "n": int(n), "n_categories": len(boots),
-        "mean": float(point[0]), "mean_ci": percentile_ci(macro[:, 0]),
-        "pass_rate": float(point[1]), "pass_ci": percentile_ci(macro[:, 1]),
-    }
+def _group(it: dict[str, Any]) -> str:
+    return str(it.get("group_id") or it["id"])
 
 
-def _matrix(items: list[dict[str, Any]]) -> np.ndarray:
-    return np.array([[float(it["score"]), float(bool(it["passed"]))] for it in items], dtype=float).reshape(-1, 2)
+def _values(it: dict[str, Any]) -> list[float]:
+    return [float(it["score"]), float(bool(it["passed"]))]
 
 
-def _pairs(items: list[dict[str, Any]]) -> np.ndarray:
-    """(n_pairs, 2) tuned - base differences of score and passed, paired by item id, sorted by id."""
-    by = {m: {it["id"]: it for it in items if it["model"] == m} for m in MODELS}
-    ids = sorted(set(by["base"]) & set(by["tuned"]))
-    rows = [[float(by["tuned"][i]["score"]) - float(by["base"][i]["score"]),
-             float(bool(by["tuned"][i]["passed"])) - float(bool(by["base"][i]["passed"]))] for i in ids]
-    return np.array(rows, dtype=float).reshape(-1, 2)
+def _arm(items: list[dict[str, Any]], arm: str) -> tuple[np.ndarray, list[str]]:
+    rs = sorted((it for it in items if it["model"] == arm), key=lambda it: it["id"])
+    return np.array([_values(it) for it in rs], dtype=float).reshape(-1, 2), [_group(it) for it in rs]
+
+
+def _pairs(items: list[dict[str, Any]], a: str, b: str) -> tuple[np.ndarray, list[str]]:
+    """(n_pairs, 2) differences ``a - b`` of score and passed, paired by item id, sorted by id."""
+    by = {m: {it["id"]: it for it in items if it["model"] == m} for m in (a, b)}
+    ids = sorted(set(by[a]) & set(by[b]))
+    rows = [np.subtract(_values(by[a][i]), _values(by[b][i])) for i in ids]
+    return np.array(rows, dtype=float).reshape(-1, 2), [_group(by[a][i]) for i in ids]
+
+
+def _entry(items: list[dict[str, Any]], n_boot: int, seed: int, *keys: str
+           ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The summary of one set of items, and per arm / difference its (point, bootstrap replicates)."""
+    out: dict[str, Any] = {"n": len({it["id"] for it in items}), "n_groups": len({_group(it) for it in items})}
+    boots: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in KEYS:
+        mat, groups = _arm(items, key) if key in ARMS else _pairs(items, *DIFFS[key])
+        out[key], boot = _stats(mat, groups, n_boot, group_seed(seed, *keys, key))
+        if boot is not None:
+            boots[key] = (mat.mean(axis=0), boot)
+    return out, boots
+
+
+def _macro(per_cat: list[dict[str, tuple[np.ndarray, np.ndarray]]], n: dict[str, int]) -> dict[str, Any]:
+    """Mean of category means; CI from the mean of the per-category replicates (stratified)."""
+    out: dict[str, Any] = {"n_categories": len(per_cat)}
+    for key in KEYS:
+        got = [c[key] for c in per_cat if key in c]
+        if not got:
+            out[key] = dict(EMPTY)
+            continue
+        point = np.mean([p for p, _ in got], axis=0)
+        macro = np.mean(np.stack([b for _, b in got]), axis=0)  # (n_boot, 2)
+        out[key] = {"n": n[key], "mean": float(point[0]), "ci": percentile_ci(macro[:, 0]),
+                    "pass_rate": float(point[1]), "pass_ci": percentile_ci(macro[:, 1])}
+    return out
 
 
 def summarize_split(items: list[dict[str, Any]], *, n_boot: int, seed: int, split: str = "test"
                     ) -> dict[str, Any]:
-    """Per-category, micro and macro summaries of one split's graded items."""
-    cats = sorted({it["category"] for it in items})
+    """Per-category, overall (micro) and macro summaries of one split's graded items."""
     out: dict[str, Any] = {"categories": {}}
-    macro_boots: dict[str, list[np.ndarray]] = {m: [] for m in (*MODELS, "diff")}
-    macro_points: dict[str, list[np.ndarray]] = {m: [] for m in (*MODELS, "diff")}
-    for cat in cats:
-        group = [it for it in items if it["category"] == cat]
-        entry: dict[str, Any] = {}
-        for m in MODELS:
-            mat = _matrix([it for it in group if it["model"] == m])
-            entry[m], boot = _stats(mat, n_boot, group_seed(seed, split, cat, m))
-            if boot is not None:
-                macro_boots[m].append(boot)
-                macro_points[m].append(mat.mean(axis=0))
-        pairs = _pairs(group)
-        entry["diff"], boot = _stats(pairs, n_boot, group_seed(seed, split, cat, "diff"))
-        if boot is not None:
-            macro_boots["diff"].append(boot)
-            macro_points["diff"].append(pairs.mean(axis=0))
-        out["categories"][cat] = entry
-    out["micro"] = {m: _stats(_matrix([it for it in items if it["model"] == m]), n_boot,
-                              group_seed(seed, split, "__micro__", m))[0] for m in MODELS}
-    out["micro"]["diff"] = _stats(_pairs(items), n_boot, group_seed(seed, split, "__micro__", "diff"))[0]
-    out["macro"] = {}
-    for m in (*MODELS, "diff"):
-        point = np.mean(np.stack(macro_points[m]), axis=0) if macro_points[m] else np.zeros(2)
-        n = out["micro"][m]["n"]
-        out["macro"][m] = _from_boots(point, macro_boots[m], n)
+    per_cat = []
+    for cat in sorted({it["category"] for it in items}):
+        out["categories"][cat], boots = _entry([it for it in items if it["category"] == cat], n_boot, seed,
+                                               split, cat)
+        per_cat.append(boots)
+    out["overall"], _ = _entry(items, n_boot, seed, split, "__micro__")
+    out["macro"] = _macro(per_cat, {k: out["overall"][k]["n"] for k in KEYS})
     return out
 
 

@@ -1,11 +1,15 @@
-"""The evaluate stage: base vs fine-tuned on the test split (and an optional gold-task file).
+"""The evaluate stage: three arms on the test split (and an optional gold-task file).
 
-``run_evaluate(cfg)`` reads ``stage_dir("dataset")/test.parquet`` and the adapter at
-``models_dir / train.run_name``, generates answers with both models, grades them (numeric figures,
-classification labels, the LLM judge for ``open_qa`` or for everything with ``judge_all``),
-self-checks the judge, aggregates per category with bootstrap CIs and the paired difference, and
-writes ``items.jsonl``, ``report.json``, ``report.md``, ``scores.png`` and ``manifest.json`` (last)
-to ``reports_dir / evaluate.run_name``.
+Arms: ``base`` (the base model, zero-shot), ``fewshot`` (the base model with ``evaluate.fewshot_k``
+exemplars of the item's category from the *train* split as earlier chat turns; off at 0) and
+``tuned`` (base + adapter, zero-shot). ``run_evaluate(cfg)`` reads ``stage_dir("dataset")``'s
+``test.parquet`` (and ``train.parquet`` for exemplars) and the adapter at ``models_dir /
+train.run_name``, generates every arm's answers, grades them (numeric figures, classification labels,
+extractive exact match / token F1 for short span answers, the LLM judge for the other ``open_qa`` or for
+everything with ``judge_all``), self-checks the judge, aggregates per category with clustered
+(group) bootstrap CIs and the paired differences tuned - base and tuned - few-shot, and writes
+``items.jsonl``, ``report.json``, ``report.md``, ``scores.png`` and ``manifest.json`` (last) to
+``reports_dir / evaluate.run_name``.
 
 The pieces are plain functions over rows and answer lists (:func:`evaluate_answers`), so they are
 tested with a scripted judge and without a model.
@@ -36,13 +40,15 @@ from datagen.io import (
 )
 from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.prompts import load_prompt
-from training.aggregate import aggregate
+from training.aggregate import ARMS, aggregate
 from training.graders import (
     Grade,
     classification_metrics,
     expected_values,
     grade_classification,
+    grade_extractive,
     grade_numeric,
+    span_answers,
 )
 from training.judge import (
     PAIRWISE_PROMPT,
@@ -57,8 +63,7 @@ from training.judge import (
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "tuned")
-Generator = Callable[..., dict[str, list[str]]]
+Generator = Callable[..., dict[str, list[str]]]  # (model_cfg, adapter_dir, {arm: conversations}, **kw)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -89,13 +94,39 @@ def decode_row(rec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def load_test_rows(cfg: Config) -> tuple[list[dict[str, Any]], str | None]:
+def load_split_rows(cfg: Config, split: str) -> list[dict[str, Any]]:
+    """The decoded rows of ``<dataset dir>/<split>.parquet``; none when format wrote no file (empty split)."""
     import pandas as pd
 
     ds = cfg.paths.stage_dir("dataset")
     require_stage(ds, "format")
-    rows = [decode_row(r) for r in pd.read_parquet(ds / "test.parquet").to_dict(orient="records")]
-    return rows, manifest_hash(ds)
+    path = ds / f"{split}.parquet"
+    return [decode_row(r) for r in pd.read_parquet(path).to_dict(orient="records")] if path.exists() else []
+
+
+def load_test_rows(cfg: Config) -> tuple[list[dict[str, Any]], str | None]:
+    rows = load_split_rows(cfg, "test")
+    return rows, manifest_hash(cfg.paths.stage_dir("dataset"))
+
+
+def fewshot_exemplars(row: dict[str, Any], train: Sequence[dict[str, Any]], k: int, seed: int
+                      ) -> list[dict[str, Any]]:
+    """Up to ``k`` training rows of ``row``'s category, one per group, never of ``row``'s own group.
+
+    Chosen per item, deterministically: originals before rephrasings, then by
+    ``sha256(f"{seed}:{item id}:{train id}")``; the input order does not matter.
+    """
+    if k <= 0:
+        return []
+    ranked = sorted((t for t in train if t["category"] == row["category"] and t["group_id"] != row.get("group_id")),
+                    key=lambda t: (bool(t.get("is_rephrase")), sha256_text(f"{seed}:{row['id']}:{t['id']}")))
+    out: list[dict[str, Any]] = []
+    groups: set[str] = set()
+    for t in ranked:
+        if t["group_id"] not in groups and len(out) < k:
+            groups.add(t["group_id"])
+            out.append(t)
+    return out
 
 
 def load_gold(path: Path) -> list[dict[str, Any]]:
@@ -123,17 +154,22 @@ def select_items(rows: Sequence[dict[str, Any]], max_items: int | None) -> list[
 
 # ----------------------------------------------------------------------------- grading
 def primary_grader(row: dict[str, Any]) -> str:
-    """``numeric`` / ``classification`` / ``judge``: which grader decides an item's score."""
+    """``numeric`` / ``classification`` / ``extractive`` / ``judge``: which grader decides an item's score."""
     if row["task_type"] == "numeric_qa" and expected_values(row):
         return "numeric"
     if row["task_type"] == "classification":
         return "classification"
+    if span_answers(row):
+        return "extractive"
     return "judge"
 
 
 def grade_programmatic(row: dict[str, Any], answer: str, rel_tol: float) -> Grade:
-    if primary_grader(row) == "numeric":
+    g = primary_grader(row)
+    if g == "numeric":
         return grade_numeric(answer, expected_values(row), rel_tol)
+    if g == "extractive":
+        return grade_extractive(answer, span_answers(row) or [])
     return grade_classification(answer, row["answer"], row.get("labels"))
 
 
@@ -144,25 +180,34 @@ def _pick(seq: Sequence[Any], n: int, seed: int) -> list[Any]:
 
 def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
                      judge: LLMProvider | None = None, *, model_refs: dict[str, str] | None = None,
-                     judge_factory: Callable[[], LLMProvider] | None = None) -> dict[str, Any]:
-    """Grade base and tuned answers for ``rows`` (each with a ``split``) and build the report dict.
+                     judge_factory: Callable[[], LLMProvider] | None = None,
+                     conversations: dict[str, Sequence[Any]] | None = None,
+                     fewshot_ids: Sequence[list[str]] | None = None) -> dict[str, Any]:
+    """Grade every arm's answers (``answers[arm][i]`` for ``rows[i]``, each row with a ``split``) and
+    build the report dict.
 
-    ``judge`` is used when some score rests on it (open_qa, judge_all, pairwise); ``judge_factory``
-    creates one lazily when ``judge`` is None.
+    ``conversations[arm][i]`` is the prompt an arm saw (hashed into ``prompt_hash``; default the row's
+    messages) and ``fewshot_ids[i]`` the exemplars of the few-shot arm. ``judge`` is used when some
+    score rests on it (open_qa, judge_all, pairwise); ``judge_factory`` creates one lazily when ``judge``
+    is None.
     """
     ev = cfg.evaluate
-    model_refs = model_refs or {m: m for m in MODELS}
+    arms = [a for a in ARMS if a in answers]
+    model_refs = model_refs or {a: a for a in arms}
     rubric = load_prompt(RUBRIC_PROMPT)
     records: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         g = primary_grader(row)
-        input_hash = sha256_text(dumps(row.get("messages") or [row["question"]]))[:12]
-        for m in MODELS:
-            rec = {"split": row.get("split", "test"), "id": row["id"], "category": row["category"],
-                   "task_type": row["task_type"], "model": m, "model_ref": model_refs[m], "grader": g,
-                   "answer": answers[m][i], "reference": row["answer"], "prompt_hash": input_hash,
+        for m in arms:
+            prompt = conversations[m][i] if conversations else (row.get("messages") or [row["question"]])
+            rec = {"split": row.get("split", "test"), "id": row["id"], "group_id": row.get("group_id") or row["id"],
+                   "category": row["category"], "task_type": row["task_type"], "model": m,
+                   "model_ref": model_refs[m], "grader": g, "answer": answers[m][i], "reference": row["answer"],
+                   "prompt_hash": sha256_text(dumps(prompt))[:12],
                    "seed": ev.seed, "temperature": ev.temperature, "max_new_tokens": ev.max_new_tokens,
                    "judge": None, "_row": row}
+            if m == "fewshot" and fewshot_ids is not None:
+                rec["fewshot_ids"] = list(fewshot_ids[i])
             if g != "judge":
                 grade = grade_programmatic(row, answers[m][i], ev.rel_tolerance)
                 rec.update(score=grade.score, passed=grade.passed, unparsable=False, detail=grade.detail)
@@ -212,13 +257,16 @@ def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[
     records.sort(key=lambda r: (r["split"], r["category"], r["id"], r["model"]))
     summary = aggregate(records, n_boot=ev.bootstrap_samples, seed=ev.seed)
     judged_cats = sorted({(r["split"], r["category"]) for r in records if r["grader"] == "judge"})
+    graders: dict[str, set[str]] = {}
+    for r in records:
+        graders.setdefault(f"{r['split']}/{r['category']}", set()).add(r["grader"])
     return {
         "models": model_refs,
+        "arms": arms,
         "counts": _counts(records),
         "summary": summary,
-        "graders": {f"{s}/{c}": g for s, c, g in sorted({(r["split"], r["category"], r["grader"])
-                                                          for r in records})},
-        "classification": _classification(records),
+        "graders": {k: "+".join(sorted(v)) for k, v in sorted(graders.items())},
+        "classification": _classification(records, arms),
         "judge": judge_info,
         "rests_on_judge": [f"{s}/{c}" for s, c in judged_cats] + (["pairwise"] if pairwise_rows else []),
         "pairwise": _pairwise_summary(pairwise_rows) if pairwise_rows else None,
@@ -238,10 +286,10 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"items": out, "unparsable_judge": unparsable}
 
 
-def _classification(records: list[dict[str, Any]]) -> dict[str, Any]:
+def _classification(records: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in sorted({(r["split"], r["category"]) for r in records if r["grader"] == "classification"}):
-        for m in MODELS:
+        for m in arms:
             rs = [r for r in records if (r["split"], r["category"]) == key and r["model"] == m]
             gold = [r["detail"]["gold"] for r in rs]
             pred = [r["detail"]["pred"] for r in rs]
@@ -289,8 +337,9 @@ def _pairwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the stage
 def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Generator | None = None
                  ) -> dict[str, Any]:
-    """Evaluate base vs the trained adapter; returns the manifest (with ``table_rows`` and report paths)."""
-    from training.generate import generate_base_and_tuned, prompt_messages
+    """Evaluate base zero-shot, base few-shot and the trained adapter; returns the manifest (with
+    ``table_rows`` and report paths)."""
+    from training.generate import fewshot_messages, generate_arms, prompt_messages
     from training.report import plot_scores, render_markdown, table_rows
 
     ev = cfg.evaluate
@@ -304,25 +353,37 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
     adapter_dir = cfg.paths.models_dir / cfg.train.run_name
     require_stage(adapter_dir, "train")
     system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
-    conversations = [prompt_messages(r, system) for r in rows]
-    log.info("evaluate: %d items (%s), base %s vs adapter %s", len(rows),
+    zero_shot = [prompt_messages(r, system) for r in rows]
+    conversations: dict[str, list[Any]] = {"base": zero_shot}
+    shots: list[list[str]] | None = None
+    if ev.fewshot_k > 0:
+        train = load_split_rows(cfg, "train")  # exemplars come from train only, never from test
+        picked = [fewshot_exemplars(r, train, ev.fewshot_k, ev.seed) for r in rows]
+        shots = [[t["id"] for t in p] for p in picked]
+        conversations["fewshot"] = [fewshot_messages(r, p, system) for r, p in zip(rows, picked, strict=True)]
+    conversations["tuned"] = zero_shot
+    log.info("evaluate: %d items (%s), arms %s: base %s, adapter %s", len(rows),
              ", ".join(f"{s}={sum(r['split'] == s for r in rows)}" for s in ("test", "gold")),
-             cfg.model.name_or_path, adapter_dir)
+             "/".join(conversations), cfg.model.name_or_path, adapter_dir)
     if judge is None and (ev.judge_all or ev.pairwise or any(r.get("task_type") == "open_qa" for r in rows)):
         from datagen.llm import probe_provider
 
         judge = probe_provider(cfg, ev.judge_provider)  # a missing key or dead judge fails before generation
-    answers = (generator or generate_base_and_tuned)(
+    answers = (generator or generate_arms)(
         cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
         batch_size=ev.batch_size, seed=ev.seed)
-    refs = {"base": cfg.model.name_or_path, "tuned": f"{cfg.model.name_or_path}+{adapter_dir.name}"}
+    refs = {"base": cfg.model.name_or_path, "fewshot": f"{cfg.model.name_or_path} ({ev.fewshot_k}-shot)",
+            "tuned": f"{cfg.model.name_or_path}+{adapter_dir.name}"}
+    refs = {a: refs[a] for a in conversations}
 
     def factory() -> LLMProvider:
         from datagen.llm import get_provider
 
         return get_provider(cfg, ev.judge_provider)
 
-    result = evaluate_answers(cfg, rows, answers, judge, model_refs=refs, judge_factory=factory)
+    result = evaluate_answers(cfg, rows, answers, judge, model_refs=refs, judge_factory=factory,
+                              conversations=conversations, fewshot_ids=shots)
+    result["fewshot"] = {"k": ev.fewshot_k, "split": "train"}
 
     out = cfg.paths.reports_dir / ev.run_name
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,12 @@
-"""Batched generation for evaluation: the base model, then the same base with the adapter on top.
+"""Batched generation for evaluation: the base model (zero-shot and few-shot prompts), then the same
+base with the adapter on top.
 
 Prompts are rendered with the tokenizer and chat template that training used
 (:func:`datagen.tokenizer.load_tokenizer`), from a row's ``messages`` minus the assistant turn, with
-``add_generation_prompt=True``. Generation is greedy unless ``temperature > 0``, stops at
-``<end_of_turn>`` or EOS, and runs in length-sorted batches with left padding.
+``add_generation_prompt=True``. A few-shot prompt (:func:`fewshot_messages`) puts each exemplar's own
+user turn and answer before the item's user turn, as earlier turns of the same chat. Generation is
+greedy unless ``temperature > 0``, stops at ``<end_of_turn>`` or EOS, and runs in length-sorted
+batches with left padding.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> li
     user = f"{ctx}\n\n{row['question']}" if ctx else row["question"]
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": user}]
+
+
+def fewshot_messages(row: dict[str, Any], exemplars: Sequence[dict[str, Any]],
+                     system_prompt: str | None = None) -> list[dict[str, str]]:
+    """``[system?, (user, assistant) per exemplar, user]``: the exemplars as prior turns of the chat.
+
+    Each exemplar is rendered like the item (its ``messages`` when the item has them, else context +
+    question), its assistant turn is its answer; the system turn, if any, is the item's.
+    """
+    item = prompt_messages(row, system_prompt)
+    head = item[:1] if item and item[0]["role"] == "system" else []
+    shots: list[dict[str, str]] = []
+    for ex in exemplars:
+        ex = ex if row.get("messages") is not None and len(row["messages"]) > 0 else {**ex, "messages": None}
+        shots += [m for m in prompt_messages(ex, system_prompt) if m["role"] != "system"]
+        shots.append({"role": "assistant", "content": str(ex["answer"]).strip()})
+    return head + shots + item[len(head):]
 
 
 def device_and_dtype(model_cfg: ModelConfig):
@@ -121,19 +141,25 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int, tempera
     return [o or "" for o in out]
 
 
-def generate_base_and_tuned(model_cfg: ModelConfig, adapter_dir: str | Path,
-                            conversations: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
-                            temperature: float = 0.0, batch_size: int = 8, seed: int = 0
-                            ) -> dict[str, list[str]]:
-    """``{"base": [...], "tuned": [...]}``: the base is loaded once and then wrapped with the adapter."""
+ADAPTER_ARMS = ("tuned",)  # arms generated with the adapter on; every other arm is the base model
+
+
+def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
+                  conversations: dict[str, Sequence[list[dict[str, str]]]], *, max_new_tokens: int,
+                  temperature: float = 0.0, batch_size: int = 8, seed: int = 0) -> dict[str, list[str]]:
+    """``{arm: [answer, ...]}`` for ``{arm: conversations}``: the base is loaded once, generates every
+    base arm (``base``, ``fewshot``), and is then wrapped with the adapter for ``tuned``."""
     import gc
 
     model, tok = load_base(model_cfg)
-    prompts = render_prompts(tok, conversations)
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size, "seed": seed}
-    base = generate(model, tok, prompts, desc="generate base", **kw)
-    tuned_model = attach_adapter(model, adapter_dir)
-    tuned = generate(tuned_model, tok, prompts, desc="generate tuned", **kw)
-    del tuned_model, model
+    out = {arm: generate(model, tok, render_prompts(tok, convs), desc=f"generate {arm}", **kw)
+           for arm, convs in conversations.items() if arm not in ADAPTER_ARMS}
+    if any(arm in ADAPTER_ARMS for arm in conversations):
+        tuned_model = attach_adapter(model, adapter_dir)
+        out |= {arm: generate(tuned_model, tok, render_prompts(tok, convs), desc=f"generate {arm}", **kw)
+                for arm, convs in conversations.items() if arm in ADAPTER_ARMS}
+        del tuned_model
+    del model
     gc.collect()
-    return {"base": base, "tuned": tuned}
+    return {arm: out[arm] for arm in conversations}

@@ -1,5 +1,9 @@
 """The evaluation report: table rows, Markdown, the per-category bar chart, and ``finsynth scores``.
 
+Three arms (base zero-shot, base few-shot, tuned) and two paired differences (tuned - base,
+tuned - few-shot) per category; a report without the few-shot arm (``evaluate.fewshot_k: 0``) shows
+neither its column nor ``tuned - few-shot``.
+
 Everything here reads the report dict that :func:`training.evaluate.run_evaluate` writes to
 ``report.json``; nothing recomputes scores.
 """
@@ -11,63 +15,71 @@ from typing import Any
 
 from datagen.config import Config
 from datagen.io import atomic_path, read_json
+from training.aggregate import ARMS, DIFFS
 
-MODELS = ("base", "tuned")
+ARM_LABELS = {"base": "base zero-shot", "fewshot": "base few-shot", "tuned": "tuned"}
+DIFF_LABELS = {"tuned_minus_base": "tuned - base", "tuned_minus_fewshot": "tuned - few-shot"}
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
+def _arms(report: dict[str, Any]) -> list[str]:
+    return [a for a in ARMS if a in report.get("arms", ARMS)]
+
+
 def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat dict per (split, category) plus overall micro and macro: what a Prefect table shows."""
+    """One flat dict per (split, category) plus overall micro and macro: what a Prefect table shows.
+
+    Per arm (``base``, ``fewshot``, ``tuned``) and paired difference (``tuned_minus_base``,
+    ``tuned_minus_fewshot``): ``<key>_mean``, ``<key>_lo``, ``<key>_hi`` (95% CI) and ``<key>_pass``;
+    the differences also ``<key>_pass_lo`` / ``<key>_pass_hi``. An arm not evaluated has ``None``.
+    """
     unreliable = report["judge"].get("used") and not report["judge"].get("reliable", False)
     rows = []
     for split, summ in report["summary"].items():
         groups = [(cat, summ["categories"][cat], report["graders"].get(f"{split}/{cat}", ""))
                   for cat in summ["categories"]]
-        graders = {report["graders"][k] for k in report["graders"] if k.startswith(f"{split}/")}
-        groups += [("overall (micro)", summ["micro"], "+".join(sorted(graders))),
-                   ("overall (macro)", summ["macro"], "+".join(sorted(graders)))]
+        graders = {g for k, v in report["graders"].items() if k.startswith(f"{split}/") for g in v.split("+")}
+        groups += [("overall (micro)", summ["overall"], "+".join(sorted(graders))),
+                   ("overall (macro)", {**summ["macro"], "n": summ["overall"]["n"],
+                                        "n_groups": summ["overall"]["n_groups"]}, "+".join(sorted(graders)))]
         for cat, entry, grader in groups:
             row: dict[str, Any] = {"split": split, "category": cat, "grader": grader,
-                                   "n": entry["base"]["n"] or entry["tuned"]["n"]}
-            for m in (*MODELS, "diff"):
-                s = entry[m]
-                row[f"{m}_mean"] = _r(s["mean"])
-                row[f"{m}_mean_lo"], row[f"{m}_mean_hi"] = [_r(x) for x in (s["mean_ci"] or (None, None))]
-                row[f"{m}_pass"] = _r(s["pass_rate"])
-                row[f"{m}_pass_lo"], row[f"{m}_pass_hi"] = [_r(x) for x in (s["pass_ci"] or (None, None))]
+                                   "n": entry["n"], "n_groups": entry["n_groups"]}
+            for key in (*ARMS, *DIFFS):
+                st = entry[key]
+                row[f"{key}_mean"] = _r(st["mean"])
+                row[f"{key}_lo"], row[f"{key}_hi"] = [_r(x) for x in (st["ci"] or (None, None))]
+                row[f"{key}_pass"] = _r(st["pass_rate"])
+                if key in DIFFS:
+                    row[f"{key}_pass_lo"], row[f"{key}_pass_hi"] = [_r(x) for x in (st["pass_ci"] or (None, None))]
             row["rests_on_judge"] = "judge" in grader
             row["judge_unreliable"] = bool(unreliable and "judge" in grader)
             rows.append(row)
     return rows
 
 
-def _ci(row: dict[str, Any], key: str) -> list[float] | None:
-    lo, hi = row[f"{key}_lo"], row[f"{key}_hi"]
-    return None if lo is None else [lo, hi]
-
-
-def _fmt(mean: float | None, ci: list[float] | None, signed: bool = False) -> str:
+def _fmt(mean: float | None, lo: float | None = None, hi: float | None = None, signed: bool = False) -> str:
     if mean is None:
         return "-"
-    m = f"{mean:+.2f}" if signed else f"{mean:.2f}"
-    return f"{m} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if (ci and signed) else (f"{m} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else m)
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f.format(mean) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None else "")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| split | category | grader | n | base score [95% CI] | tuned score [95% CI] | "
-            "tuned - base [95% CI] | base pass | tuned pass | pass diff [95% CI] |")
-    lines = [head, "|" + "---|" * 10]
+def markdown_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...] = ARMS) -> str:
+    diffs = [d for d, (_, other) in DIFFS.items() if other in arms]
+    head = (["split", "category", "grader", "n (groups)"] + [f"{ARM_LABELS[a]} [95% CI]" for a in arms]
+            + [f"{DIFF_LABELS[d]} [95% CI]" for d in diffs] + [f"pass: {' / '.join(ARM_LABELS[a] for a in arms)}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         grader = r["grader"] + (" (!)" if r["judge_unreliable"] else "")
-        lines.append(
-            f"| {r['split']} | {r['category']} | {grader} | {r['n']} | "
-            f"{_fmt(r['base_mean'], _ci(r, 'base_mean'))} | {_fmt(r['tuned_mean'], _ci(r, 'tuned_mean'))} | "
-            f"{_fmt(r['diff_mean'], _ci(r, 'diff_mean'), signed=True)} | "
-            f"{_fmt(r['base_pass'], None)} | {_fmt(r['tuned_pass'], None)} | "
-            f"{_fmt(r['diff_pass'], _ci(r, 'diff_pass'), signed=True)} |")
+        cells = [r["split"], r["category"], grader, f"{r['n']} ({r['n_groups']})"]
+        cells += [_fmt(r[f"{a}_mean"], r[f"{a}_lo"], r[f"{a}_hi"]) for a in arms]
+        cells += [_fmt(r[f"{d}_mean"], r[f"{d}_lo"], r[f"{d}_hi"], signed=True) for d in diffs]
+        cells.append(" / ".join(_fmt(r[f"{a}_pass"]) for a in arms))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -87,20 +99,27 @@ def judge_banner(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     rows = table_rows(report)
+    arms = _arms(report)
     j = report["judge"]
-    out = [f"# Evaluation report: {report.get('run', '')}", "",
-           f"Base: `{report['models']['base']}`  ", f"Tuned: `{report['models']['tuned']}`", "",
+    cfg = report["config"]
+    models = [f"{ARM_LABELS[a].capitalize()}: `{report['models'][a]}`  " for a in arms]
+    fewshot = (f" Base few-shot puts {cfg.get('fewshot_k')} training exemplars of the item's category (train split, "
+               "one per group, chosen by a seeded hash of ids) before the item as earlier chat turns; "
+               "`tuned - few-shot` is the gain over that baseline." if "fewshot" in arms else "")
+    out = [f"# Evaluation report: {report.get('run', '')}", "", *models, "",
            judge_banner(report), "", "## Scores", "",
            "Score is in [0, 1] (numeric: fraction of expected figures found; classification: label "
-           "correct; judge: (rubric score - 1) / 4). `tuned - base` is the paired difference over the same "
-           "items; an interval that excludes 0 is a difference the sample supports. 95% CIs are percentile "
-           f"bootstrap over items ({report['config']['bootstrap_samples']} resamples, seed "
-           f"{report['config']['seed']}); macro = unweighted mean of categories (stratified bootstrap).", "",
-           markdown_table(rows), "", "![scores](scores.png)", ""]
+           "correct; extractive: token F1 after normalisation, pass = exact match; judge: (rubric score - 1) / 4). "
+           "`tuned - base` is the paired difference over the same items; an interval that excludes 0 is a "
+           "difference the sample supports." + fewshot + " 95% CIs are percentile bootstrap intervals that "
+           f"resample groups (`group_id`: an item with its rephrasings, questions over one document), "
+           f"{cfg['bootstrap_samples']} resamples, seed {cfg['seed']}; n (groups) counts items (groups); "
+           "macro = unweighted mean of categories (stratified bootstrap).", "",
+           markdown_table(rows, arms), "", "![scores](scores.png)", ""]
     if report.get("classification"):
         out += ["## Classification", ""]
         for key, per_model in report["classification"].items():
-            for m in MODELS:
+            for m in arms:
                 c = per_model[m]
                 out.append(f"- **{key}** {m}: accuracy {c['accuracy']:.2f}, macro-F1 {c['macro_f1']:.2f}, "
                            f"confusion (gold -> pred) `{c['confusion']}`")
@@ -134,7 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_scores(report: dict[str, Any], path: Path) -> None:
-    """Per-category bars (mean score, 95% CI error bars), base vs tuned, one panel per split."""
+    """Per-category bars (mean score, 95% CI error bars), one per arm, one panel per split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,18 +167,23 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     for ax, split in zip(axes[:, 0], splits, strict=True):
         rs = [r for r in rows if r["split"] == split]
         x = np.arange(len(rs))
-        for k, (m, color) in enumerate((("base", "#9aa5b1"), ("tuned", "#2f6fb0"))):
-            means = np.array([r[f"{m}_mean"] if r[f"{m}_mean"] is not None else np.nan for r in rs])
-            lo = np.array([r[f"{m}_mean_lo"] if r[f"{m}_mean_lo"] is not None else np.nan for r in rs])
-            hi = np.array([r[f"{m}_mean_hi"] if r[f"{m}_mean_hi"] is not None else np.nan for r in rs])
+        arms = _arms(report)
+        width = 0.8 / len(arms)
+        colors = {"base": "#9aa5b1", "fewshot": "#e0a458", "tuned": "#2f6fb0"}
+        for k, m in enumerate(arms):
+            def col(key: str, rs=rs) -> np.ndarray:
+                return np.array([r[key] if r[key] is not None else np.nan for r in rs], dtype=float)
+
+            means, lo, hi = col(f"{m}_mean"), col(f"{m}_lo"), col(f"{m}_hi")
             err = np.vstack([np.clip(means - lo, 0, None), np.clip(hi - means, 0, None)])
-            ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=err, capsize=3, label=m, color=color)
+            ax.bar(x + (k - (len(arms) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=ARM_LABELS[m],
+                   color=colors[m])
         labels = [r["category"] + (" (judge!)" if r["judge_unreliable"] else "") for r in rs]
         ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=8)
         ax.set_ylim(0, 1.2)
         ax.set_ylabel("mean score")
-        ax.set_title(f"{split}: base vs tuned (95% bootstrap CI)")
-        ax.legend(fontsize=8, ncol=2, loc="upper right")
+        ax.set_title(f"{split}: {' vs '.join(ARM_LABELS[a] for a in arms)} (95% clustered bootstrap CI)")
+        ax.legend(fontsize=8, ncol=len(arms), loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -189,4 +213,4 @@ def scores_table(cfg: Config, run: str | None = None) -> str:
     path = find_report(cfg, run)
     report = read_json(path)
     return "\n".join([f"Evaluation {report.get('run', '')} ({path.parent})", "",
-                      markdown_table(table_rows(report)), "", judge_banner(report)])
+                      markdown_table(table_rows(report), _arms(report)), "", judge_banner(report)])
