@@ -121,7 +121,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for key, per_model in report["classification"].items():
             for m in arms:
                 c = per_model[m]
-                out.append(f"- **{key}** {m}: accuracy {c['accuracy']:.2f}, macro-F1 {c['macro_f1']:.2f}, "
+                out.append(f"- **{key}** {ARM_LABELS[m]}: accuracy {c['accuracy']:.2f}, macro-F1 {c['macro_f1']:.2f}, "
                            f"confusion (gold -> pred) `{c['confusion']}`")
         out.append("")
     if j.get("used"):
