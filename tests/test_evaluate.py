@@ -431,3 +431,13 @@ def test_missing_judge_key_fails_before_any_generation(eval_cfg, monkeypatch):
     with pytest.raises(MissingKeyError, match="FINSYNTH_NO_SUCH_KEY is not set"):
         run_evaluate(cfg, generator=gen)
     assert generated == []
+
+
+def test_scores_of_a_report_from_before_the_arms_says_to_rerun(eval_cfg):
+    out = eval_cfg.paths.reports_dir / eval_cfg.evaluate.run_name
+    out.mkdir(parents=True)
+    old = {"run": "eval", "judge": {"used": False}, "graders": {}, "models": {"base": "b", "tuned": "t"},
+           "summary": {"test": {"categories": {}, "micro": {}, "macro": {}}}}
+    (out / "report.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="written before the few-shot arm.*finsynth evaluate"):
+        scores_table(eval_cfg)

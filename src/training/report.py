@@ -212,5 +212,8 @@ def scores_table(cfg: Config, run: str | None = None) -> str:
     """The per-category table for the terminal (``finsynth scores [RUN]``)."""
     path = find_report(cfg, run)
     report = read_json(path)
+    if any("overall" not in summ for summ in report.get("summary", {}).values()):
+        raise ValueError(f"{path} was written before the few-shot arm and clustered CIs (no 'overall' "
+                         "summary); rerun `finsynth evaluate` to rebuild it")
     return "\n".join([f"Evaluation {report.get('run', '')} ({path.parent})", "",
                       markdown_table(table_rows(report), _arms(report)), "", judge_banner(report)])
