@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     scores = sub.add_parser("scores", parents=[common], help="print per-category evaluation scores")
     scores.add_argument("run", nargs="?", default=None, help="an evaluation run folder or name")
     sub.add_parser("config", parents=[common], help="print the validated configuration")
+    ui = sub.add_parser("ui", parents=[common], help="the Prefect UI on the main command's database, until Ctrl-C")
+    ui.add_argument("--home", type=Path, default=None,
+                    help="PREFECT_HOME of the runs to show (default: .prefect/ in the repo, as scripts/demo.sh)")
+    ui.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 4200 if free; 0: any free)")
+    export = sub.add_parser("export", parents=[common], help="export the tuned model (adapter, merged, GGUF)")
+    export.add_argument("--format", dest="fmt", choices=["adapter", "merged", "gguf"], default="gguf",
+                        help="adapter: PEFT folder; merged: safetensors, no PEFT; gguf: llama.cpp/Ollama (default)")
+    export.add_argument("--type", dest="outtype", choices=["q8_0", "f16", "bf16", "f32"], default="q8_0",
+                        help="GGUF tensor type (default q8_0)")
+    export.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: data/models/exports/<train.run_name>/<format>)")
     sweep = sub.add_parser("sweep", parents=[common], help="run the pipeline once per grid point and compare them")
     sweep.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
                        help="a config key and its values, e.g. augment.k=0,3 (repeatable: the product is run)")
@@ -79,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                            overrides=args.overrides, root=str(args.root) if args.root else None, grid=args.grid,
                            name=args.name, refresh=args.refresh)
             print(json.dumps(result, indent=2, default=str))
+        elif args.command == "ui":
+            from flows.ui import default_home, serve
+
+            return serve(args.home or default_home(), args.port)
+        elif args.command == "export":
+            from training.export import export
+
+            print(json.dumps(export(cfg, args.fmt, args.out, args.outtype), indent=2))
         elif args.command == "card":
             path = (args.path or cfg.paths.stage_dir("dataset")) / "README.md"
             if not path.exists():

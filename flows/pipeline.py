@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -84,17 +87,63 @@ def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
 
 
 def _png_markdown(title: str, png: Path, max_bytes: int = 1_500_000) -> str:
+    """A heading and the PNG inline as a ``data:`` URL (the Prefect UI renders those; a relative path
+    renders as a broken image), then its path on disk."""
     if not png.exists() or png.stat().st_size > max_bytes:
         return f"### {title}\n\n`{png}`\n"
-    b64 = base64.b64encode(png.read_bytes()).decode()
-    return f"### {title}\n\n![{title}](data:image/png;base64,{b64})\n\n`{png}`\n"
+    return f"### {title}\n\n{_png_image(title, png)}\n\n`{png}`\n"
+
+
+def _png_image(alt: str, png: Path) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+
+
+def _inline_images(md: str, folder: Path, max_bytes: int = 1_500_000) -> str:
+    """Replace relative ``![alt](file.png)`` links with ``data:`` URLs of the files in ``folder``
+    (a link to a missing or too large file becomes its path in code)."""
+    def sub(m: re.Match) -> str:
+        png = folder / m.group(2)
+        if png.is_file() and png.stat().st_size <= max_bytes:
+            return _png_image(m.group(1), png)
+        return f"`{png}`"
+    return re.sub(r"!\[([^\]]*)\]\((?!data:|https?:|/)([^)\s]+\.png)\)", sub, md)
+
+
+def _card_for_ui(card: str) -> str:
+    """The dataset card with its YAML front matter as a compact two-column table under the title (the
+    UI renders raw front matter as one large heading per line); the file itself is left as it is."""
+    m = re.match(r"---\n(.*?)\n---\n", card, re.S)
+    if not m:
+        return card
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        meta = None
+    if isinstance(meta, dict):
+        def value(v: Any) -> str:
+            if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
+                text = ", ".join(str(x) for x in v)
+            elif isinstance(v, (dict, list)):
+                text = "`" + json.dumps(v, separators=(", ", ": "), default=str) + "`"
+            else:
+                text = str(v)
+            return text.replace("|", "\\|").replace("\n", " ")
+        table = "\n".join(["| Hub metadata | value |", "|---|---|"]
+                           + [f"| {k} | {value(v)} |" for k, v in meta.items()])
+    else:
+        table = "```yaml\n" + m.group(1) + "\n```"
+    body = card[m.end():].lstrip("\n")
+    title, sep, rest = body.partition("\n")
+    if title.startswith("# "):
+        return f"{title}\n\n{table}\n{sep}{rest}"
+    return f"{table}\n\n{body}"
 
 
 def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
     """Prefect artifacts for what a person inspects: the dataset card, judge scores, plots."""
     out = get_stage(name).output(cfg)
     if name == "format" and (out / "README.md").exists():
-        create_markdown_artifact(markdown=(out / "README.md").read_text(encoding="utf-8"),
+        create_markdown_artifact(markdown=_card_for_ui((out / "README.md").read_text(encoding="utf-8")),
                                  key="dataset-card", description="Hugging Face dataset card")
         create_markdown_artifact(markdown=_png_markdown("Token lengths", out / "__meta__" / "token_lengths.png"),
                                  key="token-lengths", description="token-length histogram")
@@ -104,13 +153,17 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
             create_markdown_artifact(markdown="\n".join(_png_markdown(p.stem, p) for p in pngs),
                                      key="loss-curves", description="training and validation loss")
     elif name == "evaluate":
+        from training.model_card import score_table
+
         rows = manifest.get("table_rows") or []
         if rows:
-            create_table_artifact(table=rows, key="judge-scores",
-                                  description="per-category scores, base vs fine-tuned, 95% CIs")
+            create_table_artifact(table=score_table(rows), key="judge-scores",
+                                  description="per-category mean score [95% bootstrap CI] per arm; "
+                                              "LLM judge: whether the row rests on the judge and its verdict")
         if (out / "report.md").exists():
-            md = (out / "report.md").read_text(encoding="utf-8")
-            md += "\n\n" + _png_markdown("Scores", out / "scores.png")
+            md = _inline_images((out / "report.md").read_text(encoding="utf-8"), out)
+            if "data:image/png" not in md:
+                md += "\n\n" + _png_markdown("Scores", out / "scores.png")
             create_markdown_artifact(markdown=md, key="evaluation-report", description="evaluation report")
 
 
