@@ -202,3 +202,16 @@ def test_span_answers_decides_when_the_extractive_grader_applies():
     assert span_answers(row("2019")) == ["2019"]  # bare digits survive normalisation as they are
     assert span_answers(row("high", task_type="classification")) is None
     assert span_answers(row("")) is None
+
+
+def test_numeric_grader_reads_figures_with_the_one_number_parser():
+    from datagen.numbers import find_numbers
+
+    text = "Revenue rose to ¥500 while EUR 2.3m was lost and margins fell 3.2 pp; close $88.10 on 2024-01-02."
+    got = extract_figures(text)
+    ref = find_numbers(text, directional=True, skip_dates=False)
+    assert [f.value for f in got] == pytest.approx([float(f.value) for f in ref])
+    assert [f.unit for f in got] == ["CUR", "CUR", "%", "USD", "", "", ""]
+    # a yen figure is not a dollar figure (the grader's own regex read "¥500" as a plain 500)
+    assert not grade_numeric("¥500", [{"name": "px", "value": 500.0, "unit": "USD"}], 0.01).passed
+    assert grade_numeric("$500", [{"name": "px", "value": 500.0, "unit": "USD"}], 0.01).passed

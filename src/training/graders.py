@@ -5,8 +5,9 @@ Every grader returns a :class:`Grade` with a score in [0, 1] and a pass flag; no
 odd model output. Judge-graded items (``open_qa``) live in :mod:`training.judge`.
 
 Numeric grading reads ``metadata["answer_values"]`` (``[{"name", "value", "unit"}]``, percent values
-in percent units) and looks for each expected figure among the numbers written in the answer, within a
-relative tolerance. Units are reconciled: ``12.5%`` = ``12.5 percent`` = ``1250 bp`` = ``0.125``;
+in percent units) and looks for each expected figure among the numbers written in the answer (read by
+:func:`datagen.numbers.find_numbers`, the project's one number parser), within a relative tolerance.
+Units are reconciled: ``12.5%`` = ``12.5 percent`` = ``1250 bp`` = ``0.125``;
 ``$1.5bn`` = ``1,500,000,000``; ``-3.2%`` = ``down 3.2%`` = ``(3.2%)``.
 
 Extractive grading (SQuAD / TAT-QA style) applies to rows whose gold answer is a short span or a list
@@ -50,59 +51,24 @@ class Figure:
     text: str
 
 
-_SUFFIX = (r"%|percentage\s+points?\b|per\s?cent\b|percent\b|pct\b|pp\b|bps\b|bp\b|basis\s+points?\b"
-           r"|thousand\b|k\b|million\b|mln\b|mn\b|m\b|billion\b|bln\b|bn\b|b\b|trillion\b|tn\b|x\b")
-_NUMBER = re.compile(
-    r"(?<![\w.])"
-    r"(?P<paren>\(\s*)?"
-    r"(?P<sign>[-+\u2212\u2013])?\s?"
-    r"(?P<cur>US\$|\$|USD\s?|EUR\s?|GBP\s?|\u20ac|\u00a3)?\s?"
-    r"(?P<sign2>[-+\u2212\u2013])?"
-    r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\d,]*\d)"
-    rf"(?:\s?(?P<suf>{_SUFFIX}))?"
-    r"(?:\s?(?P<cur2>USD\b|US\s+dollars?\b|dollars?\b))?"
-    r"(?P<close>\s*\))?",
-    re.IGNORECASE)
-_DOWN = re.compile(
-    r"\b(?:down|fell|fallen|falls?|fell\s+by|declined?|declines|decline\s+of|decreased?|decreases|"
-    r"drop(?:ped|s)?|lost|loss\s+of|lower\s+by|negative|shrank|contracted|slid|plunged|tumbled|"
-    r"dipped|slipped|sank)"
-    r"(?:\s+(?:by|of|to))?(?:\s+(?:about|around|approximately|roughly|some|nearly|almost))?\s*$",
-    re.IGNORECASE)
-_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "mln": 1e6, "mn": 1e6, "m": 1e6,
-          "billion": 1e9, "bln": 1e9, "bn": 1e9, "b": 1e9, "trillion": 1e12, "tn": 1e12}
-
-
-def _suffix_unit(suf: str) -> tuple[str, float]:
-    s = re.sub(r"\s+", " ", suf.lower())
-    if s == "%" or s.startswith(("percent", "per cent", "pct", "pp", "percentage")):
-        return "%", 1.0
-    if s in ("bp", "bps") or s.startswith("basis"):
-        return "bp", 1.0
-    if s == "x":
-        return "x", 1.0
-    return "", _SCALE[s]
+def _grader_unit(unit: str) -> str:
+    """:mod:`datagen.numbers` units as the grader reads them: percentage points are percent, any
+    currency but USD is ``CUR``."""
+    if unit == "pp":
+        return "%"
+    if unit in ("%", "bp", "x", "", "USD"):
+        return unit
+    return "CUR"
 
 
 def extract_figures(text: str) -> list[Figure]:
-    """All numbers in ``text`` with sign, scale and unit resolved, in order of appearance."""
-    out: list[Figure] = []
-    for m in _NUMBER.finditer(text or ""):
-        value = float(m.group("num").replace(",", ""))
-        unit, scale = ("", 1.0)
-        if m.group("suf"):
-            unit, scale = _suffix_unit(m.group("suf"))
-        value *= scale
-        cur = (m.group("cur") or m.group("cur2") or "").strip().upper()
-        if cur and unit not in ("%", "bp"):
-            unit = "USD" if ("$" in cur or "USD" in cur or "DOLLAR" in cur) else "CUR"
-        negative = any(m.group(g) in ("-", "\u2212", "\u2013") for g in ("sign", "sign2") if m.group(g))
-        if m.group("paren") and m.group("close") and not negative:
-            negative = True  # accounting style "(3.2)"
-        if not negative and not (m.group("sign") or m.group("sign2")):
-            negative = bool(_DOWN.search(text[max(0, m.start() - 40):m.start()]))
-        out.append(Figure(-value if negative else value, unit, m.group(0).strip()))
-    return out
+    """All numbers in ``text`` with sign (also from a falling word before it: "fell 3.2%"), scale and
+    unit resolved, in order of appearance; read by :func:`datagen.numbers.find_numbers`, the one
+    number parser, with dates kept as plain numbers."""
+    from datagen.numbers import find_numbers
+
+    return [Figure(float(f.value), _grader_unit(f.unit), f.text)
+            for f in find_numbers(text or "", directional=True, skip_dates=False)]
 
 
 def normalise_unit(unit: str | None) -> str:
