@@ -12,6 +12,7 @@ from datagen.rephrase import (
     format_input,
     format_output,
     max_tokens_for,
+    pick_distinct,
     rephrase_id,
     rephrase_rows,
     split_turns,
@@ -179,3 +180,140 @@ def test_failed_llm_calls_are_rejections_not_exceptions():
     assert res.kept == [] and res.missing_reasons == {"llm_error": 1}
     assert [(r["reason"], r["detail"]) for r in res.rejections] == [
         ("llm_error", "internal: RuntimeError: server down"), ("llm_error", "internal: RuntimeError: server down")]
+
+
+# ----------------------------------------------------------------------------- best-of-n, prompt formats
+def test_base_prompt_is_one_raw_document_ending_in_the_answer_slot():
+    msgs = format_input({"question": "What was the 10-day return of ACME  ending\n2024-02-14?"}, 0, "base")
+    assert len(msgs) == 1 and msgs[0]["role"] == "text"
+    doc = msgs[0]["content"]
+    assert doc.startswith("Each finance question below is followed by a paraphrase: the same question asked in "
+                          "different words and a different word order, with every number, date, ticker and name "
+                          "kept exactly as written, and without the answer.\n\nQuestion: What was the closing "
+                          "price of ACME on 2024-03-15?\nParaphrase: On 2024-03-15, at what price did ACME close?\n\n")
+    assert doc.endswith("\n\nQuestion: What was the 10-day return of ACME ending 2024-02-14?\nParaphrase:")
+    assert doc.count("Question: ") == 7 and format_input({"question": "x"}, 1, "base") == format_input(
+        {"question": "x"}, 0, "base")  # one document for every attempt
+    # the question cannot add a line of its own
+    assert format_input({"question": "A?\nParaphrase: OK"}, 0, "base")[0]["content"].endswith(
+        "Question: A? Paraphrase: OK\nParaphrase:")
+
+
+def test_base_prompt_examples_pass_our_own_validators():
+    import re
+
+    from datagen.validators import validate_rephrasing
+
+    pairs = re.findall(r"Question: (.*)\nParaphrase: (.*)", load_prompt("rephrase_base").render(question="x"))
+    assert len(pairs) == 6
+    for q, p in pairs:
+        assert validate_rephrasing({"question": q, "answer": "n/a"}, p, cosine=0.9).ok, (q, p)
+
+
+class Recorder:
+    """Wraps a provider and keeps every request it was sent."""
+
+    def __init__(self, inner, kind="local"):
+        self.inner, self.kind, self.name, self.model, self.usage = inner, kind, inner.name, inner.model, inner.usage
+        self.sent = []
+
+    def generate_batch(self, requests, *, desc="llm"):
+        self.sent.extend(requests)
+        return self.inner.generate_batch(requests, desc=desc)
+
+
+def test_best_of_n_one_request_per_row_keeps_the_most_different_valid_candidates():
+    row = {"id": "a", "group_id": "ga", "category": "c1", "question": ROW["question"], "answer": "3.42%",
+           "metadata": {"answer_values": [{"name": "r", "value": 3.42, "unit": "%"}]}}
+    far = "Over the 10 days ending 2024-02-14, what was ACME's return?"
+    mid = "Ending 2024-02-14, what 10-day return did ACME post?"
+    close = "Ending 2024-02-14, what was the 10-day return of ACME?"
+    script = [ROW["question"],  # near_copy
+              far, "Did ACME return 3.42% over 10 days ending 2024-02-14?",  # leaks_answer
+              mid, far + " ",  # a copy of far (parsing strips the space): a duplicate once far is kept
+              "OK",  # malformed
+              close, "OK"]  # round 1, for the one slot left
+    prov = Recorder(scripted({ROW["question"]: script}))
+    emb = AnchorEmbedder({ROW["question"]}, {far: 0.8, mid: 0.9, close: 0.95})
+    res = rephrase_rows([row], prov, emb, k=3, max_attempts=2, temperature=0.7, max_tokens=64, candidates=2)
+    # one request per row for all its open slots: 3 x 2 candidates, then 1 x 2; stop strings sent
+    assert [(r.n, r.stop, r.temperature) for r in prov.sent] == [(6, ("\n", "<end_of_turn>"), 0.7),
+                                                                  (2, ("\n", "<end_of_turn>"), 0.9)]
+    assert prov.usage.calls == 2 and res.requests == 2 and res.rounds == 2 and res.candidates == 8
+    # most different first: far (0.8), then mid (max(0.9, 0.9 x 0.8)); far's copy is a duplicate
+    assert [(r["rephrase_index"], r["question"], r["metadata"]["rephrase_attempt"]) for r in res.kept] == [
+        (1, far, 0), (2, mid, 0), (3, close, 1)]
+    assert [(r["rephrase_index"], r["attempt"], r["reason"]) for r in res.rejections] == [
+        (3, 0, "near_copy"), (3, 0, "leaks_answer"), (3, 0, "duplicate_rephrase"), (3, 0, "malformed_output"),
+        (3, 1, "malformed_output")]
+    assert res.surplus == 0 and res.missing_reasons == {} and res.by_category["c1"]["acceptance"] == 1.0
+
+
+def test_pick_distinct_minimises_the_largest_cosine():
+    pair = np.array([[1.0, 0.99, 0.1], [0.99, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    assert pick_distinct([0, 1, 2], [0.80, 0.81, 0.95], pair, (), 2) == [0, 2]  # not 1: a near-twin of 0
+    assert pick_distinct([0, 1, 2], [0.80, 0.81, 0.95], None, (), 3) == [0, 1, 2]
+    assert pick_distinct([1, 2], [0.80, 0.81, 0.95], pair, (0,), 1) == [2]  # 0 already kept
+
+
+def test_best_of_n_missing_slots_get_final_reasons_and_retry_with_fewer_candidates():
+    row = {"id": "a", "group_id": "ga", "category": "c1", "question": ROW["question"], "answer": "x"}
+    good = "Over the 10 days ending 2024-02-14, what was ACME's return?"
+    prov = Recorder(scripted({ROW["question"]: [good, "OK", "OK", "OK",  # round 0: slot 1 filled
+                                                ROW["question"], "?"]}))  # round 1: 1 slot x 2
+    res = rephrase_rows([row], prov, AnchorEmbedder({ROW["question"]}, {good: 0.85}), k=2, max_attempts=2,
+                        temperature=0.7, max_tokens=64, candidates=2)
+    assert [r.n for r in prov.sent] == [4, 2] and [r.temperature for r in prov.sent] == [0.7, 0.9]
+    assert [r["rephrase_index"] for r in res.kept] == [1]
+    assert [(r["rephrase_index"], r["attempt"], r["reason"], r["final"]) for r in res.rejections] == [
+        (2, 0, "malformed_output", False), (2, 0, "malformed_output", False), (2, 0, "malformed_output", False),
+        (2, 1, "near_copy", False), (2, 1, "malformed_output", True)]
+    assert res.missing_reasons == {"malformed_output": 1}
+
+
+def test_best_of_n_failed_call_is_one_llm_error_per_slot():
+    def boom(messages):
+        raise RuntimeError("server down")
+
+    row = {"id": "a", "group_id": "ga", "category": "c1", "question": ROW["question"], "answer": "x"}
+    res = rephrase_rows([row], FunctionProvider(boom), None, k=2, max_attempts=1, temperature=0.7, max_tokens=64,
+                        candidates=3)
+    assert res.missing_reasons == {"llm_error": 2}
+    assert [(r["rephrase_index"], r["final"]) for r in res.rejections] == [(1, True), (2, True)]
+
+
+def test_early_stop_off_sends_no_stop_strings_and_base_format_needs_the_local_provider():
+    row = {"id": "a", "group_id": "ga", "category": "c1", "question": ROW["question"], "answer": "x"}
+    prov = Recorder(FunctionProvider(lambda m: "Over the 10 days ending 2024-02-14, what was ACME's return?"))
+    rephrase_rows([row], prov, None, k=1, max_attempts=1, temperature=0.7, max_tokens=64, early_stop=False,
+                  prompt_format="base")
+    assert prov.sent[0].stop == () and prov.sent[0].n == 1 and prov.sent[0].messages[0]["role"] == "text"
+    with pytest.raises(ValueError, match="prompt_format=base"):
+        rephrase_rows([row], Recorder(FunctionProvider(lambda m: "x"), kind="openai"), None, k=1, max_attempts=1,
+                      temperature=0.7, max_tokens=64, prompt_format="base")
+
+
+def test_openai_provider_asks_for_n_choices_and_returns_them_all():
+    import asyncio
+    from types import SimpleNamespace
+
+    from datagen.config import ProviderConfig
+    from datagen.llm.base import ChatRequest, LLMResult, unpack_candidates
+    from datagen.llm.openai_provider import OpenAIProvider
+
+    p = OpenAIProvider("srv", ProviderConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1"))
+    msgs = [{"role": "user", "content": "Q?"}]
+    req = ChatRequest(messages=msgs, temperature=0.9, n=3, seed=1)
+    assert p.request_body(msgs, req)["n"] == 3 and "n" not in p.request_body(msgs, ChatRequest(messages=msgs))
+    assert p.request_key(req) != p.request_key(ChatRequest(messages=msgs, temperature=0.9, seed=1))
+
+    class Completions:
+        async def create(self, **kw):
+            return SimpleNamespace(choices=[SimpleNamespace(index=i, message=SimpleNamespace(content=f"c{i}"))
+                                            for i in (1, 0, 2)][:kw["n"]],
+                                   usage=SimpleNamespace(prompt_tokens=5, completion_tokens=9))
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=Completions()))
+    reply = asyncio.run(p._acall(client, msgs, req))
+    out = unpack_candidates([LLMResult(ok=True, text=reply.text)])[0]
+    assert out.texts == ["c0", "c1", "c2"] and out.text == "c0" and reply.completion_tokens == 9

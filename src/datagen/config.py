@@ -220,6 +220,15 @@ class AugmentConfig(_Strict):
     near_copy_char_ratio: float = Field(0.95, gt=0, le=1)
     length_ratio: tuple[float, float] = (0.5, 2.0)
     limit: int | None = Field(None, ge=1)  # rephrase only the first N items (demo/testing)
+    # best-of-n: candidates sampled per open slot, in one request per item (one prefill); all are validated
+    # and the most different valid ones are kept. 1 = one request per slot, one candidate (the old path)
+    candidates: int = Field(1, ge=1, le=16)
+    # "chat": few-shot chat turns (instruct models, any provider); "base": a plain few-shot document a base
+    # model continues (raw text; the local provider)
+    prompt_format: Literal["chat", "base"] = "chat"
+    # send the stop strings, so generation ends where the answer ends; false: generate to max_tokens and
+    # cut afterwards (the pre-best-of-n baseline, kept for benchmarks/bench_augment.py)
+    early_stop: bool = True
     scenario: ScenarioSynthConfig = ScenarioSynthConfig()
 
     @model_validator(mode="after")

@@ -5,9 +5,17 @@ Split as distilabel does: :func:`format_input` (row, attempt) -> chat messages a
 :func:`rephrase_rows` drives them: one ``provider.generate_batch`` call per attempt round over every
 item that still misses rephrasings, then embeddings for the similarity band, then the validators.
 
-Each item has ``k`` slots (``rephrase_index`` 1..k). A slot is filled by the first candidate that
-passes validation; a slot still empty after ``max_attempts`` rounds is *missing*, and its last
-rejection (marked ``final``) is the recorded reason. Every rejected candidate is written out for audit.
+Each item has ``k`` slots (``rephrase_index`` 1..k). With ``candidates=1`` each open slot is one request
+and is filled by its candidate if it passes validation. With ``candidates=c > 1`` (best-of-n) an item
+with ``m`` open slots is one request for ``m * c`` candidates (one prefill on the local provider, ``n``
+on OpenAI-compatible servers); every candidate goes through every validator, and the valid ones fill
+the slots most-different first (:func:`pick_distinct`). A slot still empty after ``max_attempts`` rounds
+is *missing*, and its last rejection (marked ``final``) is the recorded reason. Every rejected candidate
+is written out for audit.
+
+Two prompt formats, both versioned under ``prompts/``: ``chat`` (few-shot chat turns: ``rephrase`` then
+``rephrase_retry``) and ``base`` (``rephrase_base``: a plain few-shot document that a base model
+continues, sent as raw text).
 
 The source question is data, not instructions: it goes into a ``Question:`` field after the few-shot
 turns, and whatever the model answers is validated like any other output, so a question that says
@@ -31,24 +39,34 @@ from datagen.embed import Embedder
 from datagen.llm.base import ChatRequest, LLMProvider, Message
 from datagen.prompts import Prompt, load_prompt, split_turns
 from datagen.schema import stable_id
-from datagen.validators import RephraseChecks, Verdict, validate_rephrasing
+from datagen.validators import RephraseChecks, Verdict, check_near_copy, validate_rephrasing
 
 log = logging.getLogger(__name__)
 
 PROMPT_FIRST = "rephrase"
 PROMPT_RETRY = "rephrase_retry"
+PROMPT_BASE = "rephrase_base"
 STOP = ("\n", "<end_of_turn>")
 
 
 # ----------------------------------------------------------------------------- pure parts
-def prompt_for(attempt: int) -> Prompt:
+def prompt_for(attempt: int, prompt_format: str = "chat") -> Prompt:
+    if prompt_format == "base":  # one document; retries differ by seed and temperature
+        return load_prompt(PROMPT_BASE)
     return load_prompt(PROMPT_FIRST if attempt == 0 else PROMPT_RETRY)
 
 
-def format_input(row: dict[str, Any], attempt: int = 0) -> list[Message]:
-    """The chat messages asking for one rephrasing of ``row["question"]`` (attempt 0: first prompt)."""
+def format_input(row: dict[str, Any], attempt: int = 0, prompt_format: str = "chat") -> list[Message]:
+    """The messages asking for a rephrasing of ``row["question"]`` (attempt 0: first prompt).
+
+    ``chat``: few-shot chat turns. ``base``: one ``{"role": "text"}`` message, the raw few-shot document
+    ending in ``Paraphrase:`` for a base model to continue.
+    """
     question = " ".join(str(row["question"]).split())  # one line: the model answers in one line
-    return split_turns(prompt_for(attempt).render(question=question))
+    rendered = prompt_for(attempt, prompt_format).render(question=question)
+    if prompt_format == "base":
+        return [{"role": "text", "content": rendered}]
+    return split_turns(rendered)
 
 
 _PREFIX = re.compile(
@@ -132,83 +150,173 @@ class RephraseResult:
     by_category: dict[str, dict[str, int]] = field(default_factory=dict)
     requests: int = 0
     rounds: int = 0
+    candidates: int = 0  # candidate texts generated (requests x n)
+    surplus: int = 0  # valid candidates left over once their row's slots were full
     prompts: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
-class _Slot:
+class _Ask:
+    """One request: a row's open slots and how many candidates to ask for."""
+
     row: dict[str, Any]
-    slot: int
-    last: dict[str, Any] | None = None  # last rejection record
+    slots: list[int]
+    n: int
+
+
+def pick_distinct(valid: Sequence[int], to_original: Sequence[float | None], pairwise: np.ndarray | None,
+                  taken: Sequence[int], want: int) -> list[int]:
+    """Up to ``want`` of the ``valid`` candidate indices, most different first: each pick minimises the
+    largest cosine to the original and to what is already picked (``taken``: earlier kept ones, as
+    indices into ``pairwise``, the candidates-and-kept cosine matrix). Ties keep candidate order."""
+    picked: list[int] = []
+    pool = list(valid)
+    while pool and len(picked) < want:
+        def score(i: int) -> float:
+            others = [float(pairwise[i, j]) for j in (*taken, *picked)] if pairwise is not None else []
+            return max([to_original[i] if to_original[i] is not None else 0.0, *others])
+
+        best = min(pool, key=score)
+        picked.append(best)
+        pool.remove(best)
+    return picked
 
 
 def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedder: Embedder | None, *,
                   k: int, max_attempts: int, temperature: float, max_tokens: int,
-                  checks: RephraseChecks = RephraseChecks()) -> RephraseResult:
+                  checks: RephraseChecks = RephraseChecks(), candidates: int = 1, prompt_format: str = "chat",
+                  early_stop: bool = True) -> RephraseResult:
     """Fill k rephrasing slots per row; one batch per attempt round; deterministic order throughout.
 
-    ``embedder`` None skips the similarity band (tests of other checks only).
+    ``embedder`` None skips the similarity band (tests of other checks only). ``candidates`` > 1 asks
+    for that many candidates per open slot in one request per row (best-of-n). ``early_stop`` False
+    sends no stop strings (the model generates to ``max_tokens``; the answer is cut afterwards).
     """
+    if prompt_format == "base" and getattr(provider, "kind", "local") != "local":
+        raise ValueError(f"augment.prompt_format=base sends raw text, which only the local provider takes; "
+                         f"provider {provider.name!r} is {getattr(provider, 'kind', '?')!r}: use prompt_format=chat")
     res = RephraseResult(slots=len(rows) * k)
     kept_text: dict[str, list[str]] = defaultdict(list)  # row id -> kept questions (for duplicates)
-    open_slots = [_Slot(r, s) for r in rows for s in range(1, k + 1)]
+    open_slots: dict[str, list[int]] = {r["id"]: list(range(1, k + 1)) for r in rows}
+    last: dict[tuple[str, int], dict[str, Any]] = {}  # (row id, slot) -> last rejection record
+    stop = STOP if early_stop else ()
     for attempt in range(max_attempts):
-        if not open_slots:
+        if candidates == 1:  # one request per slot
+            asks = [_Ask(r, [s], 1) for r in rows for s in open_slots[r["id"]]]
+        else:  # one request per row for all its open slots
+            asks = [_Ask(r, list(open_slots[r["id"]]), len(open_slots[r["id"]]) * candidates)
+                    for r in rows if open_slots[r["id"]]]
+        if not asks:
             break
-        prompt = prompt_for(attempt)
+        prompt = prompt_for(attempt, prompt_format)
         res.prompts[prompt.name] = prompt.ref
         temp = attempt_temperature(temperature, attempt)
-        reqs = [ChatRequest(messages=tuple(format_input(s.row, attempt)), temperature=temp,
-                            max_tokens=max_tokens_for(str(s.row["question"]), max_tokens),
-                            seed=request_seed(s.row["id"], s.slot, attempt), stop=STOP,
-                            key=f"{s.row['id']}#{s.slot}@{attempt}") for s in open_slots]
+        reqs = [ChatRequest(messages=tuple(format_input(a.row, attempt, prompt_format)), temperature=temp,
+                            max_tokens=max_tokens_for(str(a.row["question"]), max_tokens),
+                            seed=request_seed(a.row["id"], a.slots[0] if a.n == 1 else 0, attempt), stop=stop,
+                            n=a.n, key=f"{a.row['id']}#{','.join(map(str, a.slots))}@{attempt}") for a in asks]
         results = provider.generate_batch(reqs, desc=f"rephrase attempt {attempt + 1}/{max_attempts}")
         res.requests += len(reqs)
         res.rounds += 1
-        parsed = [format_output(r.text if r.ok else None, s.row) for r, s in zip(results, open_slots)]
-        cosines = _cosines(embedder, open_slots, parsed)
-        still_open = []
-        for s, r, p, cos in zip(open_slots, results, parsed, cosines):
-            if not r.ok:
-                verdict = Verdict(False, "llm_error", str(r.error or "")[:200])
-            elif p["error"]:
-                verdict = Verdict(False, p["error"])
-            else:
-                verdict = validate_rephrasing(s.row, p["question"], cosine=cos, kept=kept_text[s.row["id"]],
-                                              checks=checks)
-            if verdict.ok:
-                kept_text[s.row["id"]].append(p["question"])
-                res.kept.append(make_rephrasing(s.row, p["question"], s.slot, attempt, prompt, cos))
-                continue
-            rec = {"kind": "rephrase", "group_id": s.row["group_id"], "source_id": s.row["id"],
-                   "category": s.row.get("category"), "rephrase_index": s.slot, "attempt": attempt,
-                   "text": r.text, "candidate": p["question"], "reason": verdict.reason,
-                   "detail": verdict.detail, "cosine": None if cos is None else round(float(cos), 4),
-                   "prompt": prompt.ref, "final": False}
-            res.rejections.append(rec)
-            res.rejected_reasons[verdict.reason] += 1
-            s.last = rec
-            still_open.append(s)
-        open_slots = still_open
-    for s in open_slots:
-        s.last["final"] = True
-        res.missing_reasons[s.last["reason"]] += 1
+        # a failed request is one llm_error per slot it was for
+        texts = [(r.candidates() or [r.text]) if r.ok else [None] * len(a.slots) for a, r in zip(asks, results)]
+        res.candidates += sum(len(t) for t in texts)
+        parsed = [[format_output(t, a.row) for t in ts] for a, ts in zip(asks, texts)]
+        cosines = _cosines(embedder, asks, parsed)
+        for a, r, ts, ps, cs in zip(asks, results, texts, parsed, cosines):
+            rid = a.row["id"]
+            verdicts = []
+            for p, cos in zip(ps, cs):
+                if not r.ok:
+                    verdicts.append(Verdict(False, "llm_error", str(r.error or "")[:200]))
+                elif p["error"]:
+                    verdicts.append(Verdict(False, p["error"]))
+                else:
+                    verdicts.append(validate_rephrasing(a.row, p["question"], cosine=cos, kept=kept_text[rid],
+                                                        checks=checks))
+            pairwise = _pairwise(embedder, ps, kept_text[rid]) if a.n > 1 else None
+            valid = [i for i, v in enumerate(verdicts) if v.ok]
+            picked: list[int] = []
+            while valid and len(picked) < len(a.slots):
+                choice = pick_distinct(valid, cs, pairwise, range(len(ps), len(ps) + len(kept_text[rid])) if
+                                       pairwise is not None else (), 1) if a.n > 1 else valid[:1]
+                i = choice[0]
+                valid.remove(i)
+                dup = check_near_copy(str(a.row["question"]), ps[i]["question"], kept_text[rid],
+                                      checks.near_copy_char_ratio)
+                if not dup.ok:  # a copy of one picked from this same request
+                    verdicts[i] = dup
+                    continue
+                slot = a.slots[len(picked)]
+                picked.append(i)
+                kept_text[rid].append(ps[i]["question"])
+                if pairwise is not None:  # the new kept one is the last row/column of the matrix
+                    pairwise = _pairwise(embedder, ps, kept_text[rid])
+                res.kept.append(make_rephrasing(a.row, ps[i]["question"], slot, attempt, prompt, cs[i]))
+            res.surplus += len(valid)
+            unfilled = a.slots[len(picked):]
+            open_slots[rid] = [s for s in open_slots[rid] if s not in a.slots] + unfilled
+            open_slots[rid].sort()
+            rejected = [i for i, v in enumerate(verdicts) if not v.ok]
+            for j, i in enumerate(rejected):
+                v, cos = verdicts[i], cs[i]
+                slot = unfilled[j % len(unfilled)] if unfilled else a.slots[j % len(a.slots)]
+                rec = {"kind": "rephrase", "group_id": a.row["group_id"], "source_id": rid,
+                       "category": a.row.get("category"), "rephrase_index": slot, "attempt": attempt,
+                       "text": ts[i], "candidate": ps[i]["question"], "reason": v.reason,
+                       "detail": v.detail, "cosine": None if cos is None else round(float(cos), 4),
+                       "prompt": prompt.ref, "final": False}
+                res.rejections.append(rec)
+                res.rejected_reasons[v.reason] += 1
+                if slot in unfilled:
+                    last[(rid, slot)] = rec
+            for slot in unfilled[len(rejected):]:  # a server that returned fewer candidates than asked
+                if (rid, slot) not in last:
+                    rec = {"kind": "rephrase", "group_id": a.row["group_id"], "source_id": rid,
+                           "category": a.row.get("category"), "rephrase_index": slot, "attempt": attempt,
+                           "text": None, "candidate": None, "reason": "empty_output",
+                           "detail": f"{len(ts)} of {a.n} candidates returned", "cosine": None,
+                           "prompt": prompt.ref, "final": False}
+                    res.rejections.append(rec)
+                    res.rejected_reasons["empty_output"] += 1
+                    last[(rid, slot)] = rec
+    for r in rows:
+        for s in open_slots[r["id"]]:
+            rec = last[(r["id"], s)]
+            rec["final"] = True
+            res.missing_reasons[rec["reason"]] += 1
     _tally(res, rows, k)
     res.kept.sort(key=lambda x: (x["group_id"], x["rephrase_index"], x["id"]))
+    res.rejections.sort(key=lambda x: (x["group_id"], x["source_id"], x["rephrase_index"], x["attempt"]))
     return res
 
 
-def _cosines(embedder: Embedder | None, slots: list[_Slot], parsed: list[dict[str, Any]]) -> list[float | None]:
-    idx = [i for i, p in enumerate(parsed) if p["question"]]
-    out: list[float | None] = [None] * len(slots)
+def _cosines(embedder: Embedder | None, asks: list[_Ask],
+             parsed: list[list[dict[str, Any]]]) -> list[list[float | None]]:
+    """Cosine of each parsed candidate to its original (None without an embedder or a parse)."""
+    out: list[list[float | None]] = [[None] * len(ps) for ps in parsed]
+    idx = [(a, c) for a, ps in enumerate(parsed) for c, p in enumerate(ps) if p["question"]]
     if embedder is None or not idx:
         return out
-    originals = embedder.encode([str(slots[i].row["question"]) for i in idx])
-    cands = embedder.encode([parsed[i]["question"] for i in idx])
+    originals = embedder.encode([str(asks[a].row["question"]) for a, _ in idx])
+    cands = embedder.encode([parsed[a][c]["question"] for a, c in idx])
     sims = np.sum(np.asarray(originals) * np.asarray(cands), axis=1)
-    for i, c in zip(idx, sims):
-        out[i] = float(c)
+    for (a, c), v in zip(idx, sims):
+        out[a][c] = float(v)
     return out
+
+
+def _pairwise(embedder: Embedder | None, parsed: list[dict[str, Any]], kept: list[str]) -> np.ndarray | None:
+    """Cosines among one request's candidates followed by the row's kept rephrasings (0 for no parse)."""
+    if embedder is None:
+        return None
+    texts = [p["question"] or "" for p in parsed] + list(kept)
+    v = np.asarray(embedder.encode(texts), dtype=np.float32)
+    m = v @ v.T
+    for i, p in enumerate(parsed):
+        if not p["question"]:
+            m[i, :] = m[:, i] = 0.0
+    return m
 
 
 def _tally(res: RephraseResult, rows: Sequence[dict[str, Any]], k: int) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from datagen.llm.base import ChatRequest, Message
+from datagen.llm.base import ChatRequest, LLMResult, Message, pack_candidates, unpack_candidates
 from datagen.llm.engine import (
     AsyncProvider,
     CallError,
@@ -57,6 +57,15 @@ class OpenAIProvider(AsyncProvider):
     async def _aprobe(self, client: Any) -> None:
         await client.models.list()
 
+    def cache_params(self, req: ChatRequest) -> dict[str, Any]:
+        p = super().cache_params(req)
+        if req.n > 1 and req.schema is None:
+            p["n"] = req.n
+        return p
+
+    def generate_batch(self, requests, *, desc: str = "llm") -> list[LLMResult]:
+        return unpack_candidates(super().generate_batch(requests, desc=desc))
+
     def request_body(self, messages: list[Message], req: ChatRequest) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` (pure; tested exactly)."""
         kw: dict[str, Any] = {"model": self.model, "messages": messages,
@@ -65,6 +74,8 @@ class OpenAIProvider(AsyncProvider):
             kw["seed"] = req.seed
         if req.stop:
             kw["stop"] = list(req.stop)
+        if req.n > 1 and req.schema is None:  # n choices of one prompt (a schema request gets one)
+            kw["n"] = req.n
         if req.schema is not None and self.cfg.json_mode != "none":
             schema = json_schema_of(req.schema)
             if self.cfg.json_mode == "schema":
@@ -83,6 +94,9 @@ class OpenAIProvider(AsyncProvider):
         if not getattr(resp, "choices", None):
             raise CallError("bad_response", "response without choices", retryable=True)
         text = resp.choices[0].message.content or ""
+        if req.n > 1 and req.schema is None:  # every choice, in index order (a server may return fewer)
+            choices = sorted(resp.choices, key=lambda c: getattr(c, "index", 0) or 0)
+            text = pack_candidates([c.message.content or "" for c in choices])
         u = getattr(resp, "usage", None)
         return Reply(text=text, prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
                      completion_tokens=int(getattr(u, "completion_tokens", 0) or 0))
