@@ -1,0 +1,157 @@
+"""The Prefect UI renders a finished run's artifacts: checked in a real browser (Debian's chromium, headless).
+
+Fast tests check the artifact Markdown (card front matter as a table, report images inlined). The slow
+test runs the ``tiny`` pipeline through a real server + worker (PREFECT_HOME in a temporary folder),
+stops them as the main command does, starts ``finsynth ui`` on the same home, and opens the artifact
+pages it prints in ``chromium --headless --dump-dom``: the dataset card shows its title and its metadata
+as a table (not headings), the score table shows a category row under readable column names, and the
+evaluation report and loss curves show their plots as ``data:`` PNG images. Screenshots (1400 px wide)
+go to the test's tmp dir. chromium is installed with apt when missing; without apt the test is skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datagen.io import read_json
+from flows.pipeline import _card_for_ui, _inline_images
+
+PNG_1PX = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5Erk"
+                           "Jggg==")
+
+
+def test_card_front_matter_becomes_a_table_under_the_title():
+    card = ("---\npretty_name: Demo QA\nlicense: apache-2.0\ntask_categories:\n- question-answering\n---\n\n"
+            "# Demo QA\n\nBody.\n")
+    md = _card_for_ui(card)
+    assert md.startswith("# Demo QA\n\n| Hub metadata | value |")
+    assert "| pretty_name | Demo QA |" in md and "| task_categories | question-answering |" in md
+    assert "---\npretty_name" not in md and md.rstrip().endswith("Body.")
+    assert _card_for_ui("# no front matter\n") == "# no front matter\n"
+
+
+def test_relative_report_images_are_inlined(tmp_path):
+    (tmp_path / "scores.png").write_bytes(PNG_1PX)
+    md = _inline_images("a\n![scores](scores.png)\n![gone](missing.png)\n![web](https://x/y.png)\n", tmp_path)
+    assert "![scores](data:image/png;base64," in md and "(scores.png)" not in md
+    assert f"`{tmp_path / 'missing.png'}`" in md and "![web](https://x/y.png)" in md
+
+
+# ----------------------------------------------------------------------------- slow: the real UI
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe:
+        return exe
+    if shutil.which("apt-get") is None:
+        pytest.skip("chromium is not installed and apt-get is not available to install it")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        pytest.skip("chromium is not installed and apt-get needs root (no sudo)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    r = subprocess.run([*sudo, "apt-get", "install", "-y", "chromium"], env=env, capture_output=True, text=True)
+    if r.returncode != 0:  # a stale package list: refresh it once
+        subprocess.run([*sudo, "apt-get", "update"], env=env, capture_output=True, text=True)
+        r = subprocess.run([*sudo, "apt-get", "install", "-y", "chromium"], env=env, capture_output=True, text=True)
+    exe = shutil.which("chromium")
+    assert exe, f"apt-get install chromium failed ({r.returncode}): {r.stderr[-1500:]}"
+    return exe
+
+
+def browse(exe: str, url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The DOM after the page's scripts ran (and a 1400 x 1100 screenshot when asked)."""
+    base = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1100",
+            "--virtual-time-budget=15000", "--hide-scrollbars"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    r = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def finished_tiny(tmp_path_factory):
+    """A finished ``tiny`` pipeline run through a deployment; server and worker are stopped after it."""
+    from flows.deploy import local_prefect, run_deployment_in
+
+    home = tmp_path_factory.mktemp("ui-prefect-home")
+    root = tmp_path_factory.mktemp("ui-project")
+    (root / "data").mkdir()
+    (root / "data" / "raw").symlink_to(Path(__file__).resolve().parents[1] / "data" / "raw")
+    with local_prefect(home) as env:
+        run = run_deployment_in(env, "finsynth-pipeline/pipeline", {"profile": "tiny", "root": str(root)},
+                                timeout_s=1500)
+    assert run["state"] == "COMPLETED", run.get("message")
+    return home, root, run
+
+
+@pytest.fixture(scope="module")
+def ui(finished_tiny, tmp_path_factory):
+    """``finsynth ui`` on the run's home: yields what it printed, parsed; stopped with Ctrl-C (SIGINT)."""
+    home, _, _ = finished_tiny
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--home", str(home), "--port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith("serving until Ctrl-C"):
+            break
+    if not lines or not lines[-1].startswith("serving"):
+        proc.kill()
+        pytest.fail("finsynth ui did not start:\n" + "\n".join(lines[-30:]))
+    arts = dict(re.findall(r"^\s+(\S+)\s+(http://127\.0\.0\.1:\d+/artifacts/artifact/\S+)$", "\n".join(lines), re.M))
+    run_url = re.search(r"latest flow run .*: (http://127\.0\.0\.1:\d+/runs/flow-run/\S+)", "\n".join(lines))
+    yield {"lines": lines, "artifacts": arts, "run_url": run_url.group(1) if run_url else None}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    assert not (home / "ui.json").exists()  # the record of a running UI server goes with it
+
+
+@pytest.mark.slow
+def test_ui_shows_the_card_the_score_table_and_the_plots(finished_tiny, ui, tmp_path):
+    home, root, run = finished_tiny
+    exe = chromium()
+    assert ui["run_url"] and run["flow_run_id"] in ui["run_url"], ui["lines"]
+    arts = ui["artifacts"]
+    assert {"dataset-card", "judge-scores", "evaluation-report", "loss-curves"} <= set(arts), ui["lines"]
+    profile = tmp_path / "chromium-profile"
+
+    card = (root / "data" / "processed" / "dataset" / "README.md").read_text(encoding="utf-8")
+    title = re.search(r"^# (.+)$", card.split("\n---\n", 1)[1], re.M).group(1).strip()
+    dom = browse(exe, arts["dataset-card"], profile, tmp_path / "dataset-card.png")
+    assert re.search(rf"<h1[^>]*>\s*{re.escape(title)}\s*</h1>", dom), f"card title {title!r} not rendered"
+    assert re.search(r"<td[^>]*>\s*pretty_name\s*</td>", dom)  # front matter as a table
+    assert not re.search(r"<h\d[^>]*>\s*pretty_name:", dom)  # not as a heading per YAML line
+
+    rows = read_json(root / "data" / "reports" / "eval" / "report.json")
+    category = next(c for s in rows["summary"].values() for c in s["categories"])
+    dom = browse(exe, arts["judge-scores"], profile, tmp_path / "judge-scores.png")
+    assert re.search(rf">\s*{re.escape(category)}\s*<", dom), f"category row {category!r} not rendered"
+    assert "tuned [95% CI]" in dom and "base zero-shot [95% CI]" in dom and "LLM judge" in dom
+    assert "base_mean_lo" not in dom
+
+    for key in ("evaluation-report", "loss-curves"):
+        dom = browse(exe, arts[key], profile, tmp_path / f"{key}.png")
+        assert re.search(r'<img[^>]*src="data:image/png;base64,', dom), f"{key}: no rendered PNG"
+        assert 'src="scores.png"' not in dom
+    for shot in ("dataset-card", "judge-scores"):
+        assert (tmp_path / f"{shot}.png").stat().st_size > 10_000, f"{shot} screenshot is blank"
+    print(f"screenshots in {tmp_path}")  # noqa: T201
