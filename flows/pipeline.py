@@ -153,13 +153,18 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
             create_markdown_artifact(markdown="\n".join(_png_markdown(p.stem, p) for p in pngs),
                                      key="loss-curves", description="training and validation loss")
     elif name == "evaluate":
-        from training.model_card import score_table
+        from training.model_card import arms, is_difference, score_table
 
         rows = manifest.get("table_rows") or []
-        if rows:
-            create_table_artifact(table=score_table(rows), key="judge-scores",
-                                  description="per-category mean score [95% bootstrap CI] per arm; "
-                                              "LLM judge: whether the row rests on the judge and its verdict")
+        if rows:  # two narrow tables rather than one that scrolls sideways in the UI
+            create_table_artifact(table=score_table(rows, part="scores", ci_in_header=False), key="judge-scores",
+                                  description="per-category mean score [95% bootstrap CI] of each arm; LLM judge: "
+                                              "whether the row rests on the judge, and the judge's self-check verdict")
+            if any(is_difference(a) for a in arms(rows)):
+                create_table_artifact(table=score_table(rows, part="differences", ci_in_header=False),
+                                      key="score-differences",
+                                      description="paired differences per category, mean [95% bootstrap CI]; "
+                                                  "an interval that excludes 0 is a difference the sample supports")
         if (out / "report.md").exists():
             md = _inline_images((out / "report.md").read_text(encoding="utf-8"), out)
             if "data:image/png" not in md:

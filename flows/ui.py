@@ -14,6 +14,7 @@ and the command returns (the running one keeps serving). ``ui.json`` in the home
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -29,7 +30,8 @@ from flows.deploy import FLOW_NAME, _prefect, background, prefect_env, wait_heal
 DEFAULT_PORT = 4200
 UI_RECORD = "ui.json"
 # the artifact keys the pipeline creates (flows.pipeline._publish), in the order a person reads them
-ARTIFACT_KEYS = ("dataset-card", "token-lengths", "loss-curves", "judge-scores", "evaluation-report")
+ARTIFACT_KEYS = ("dataset-card", "token-lengths", "loss-curves", "judge-scores", "score-differences",
+                 "evaluation-report")
 
 
 def ui_env(home: Path, port: int) -> dict[str, str]:
@@ -140,6 +142,7 @@ def describe(info: dict[str, Any]) -> str:
 def serve(home: Path, port: int | None = None, *, wait: bool = True, out=sys.stdout) -> int:
     """Reuse or start the UI server for ``home``, print where to look, and (``wait``) serve until
     Ctrl-C. Returns an exit status."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     home = home.resolve()
     if not (home / "prefect.db").exists():
         print(f"finsynth ui: no Prefect database in {home} (run `bash scripts/demo.sh` first); "

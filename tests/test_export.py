@@ -37,16 +37,24 @@ def test_score_table_has_readable_columns_with_cis_and_the_judge_flag():
     assert t[0]["base zero-shot [95% CI]"] == "0.25 [0.00, 0.50]"
     assert t[0]["tuned - base [95% CI]"] == "+0.25 [-0.25, +0.50]"
     assert [r["LLM judge"] for r in t] == ["not used", "UNRELIABLE"]
+    # the Prefect UI gets two narrow tables: arms (no grader) and differences
+    assert list(score_table([ROW], part="scores", ci_in_header=False)[0]) == [
+        "category", "n", "base zero-shot", "tuned", "LLM judge"]
+    assert list(score_table([ROW], part="differences", ci_in_header=False)[0]) == [
+        "category", "grader", "n", "tuned - base", "LLM judge"]
 
 
 def test_score_table_shows_the_arms_that_exist_few_shot_included():
-    row = {**ROW, "fewshot_mean": 0.4, "fewshot_mean_lo": 0.1, "fewshot_mean_hi": 0.7,
-           "tuned_minus_fewshot_mean": 0.1, "tuned_minus_fewshot_mean_lo": -0.2, "tuned_minus_fewshot_mean_hi": 0.3,
+    row = {**ROW, "fewshot_mean": 0.4, "fewshot_lo": 0.1, "fewshot_hi": 0.7,  # <arm>_lo / _hi: the newer names
+           "tuned_minus_fewshot_mean": 0.1, "tuned_minus_fewshot_lo": -0.2, "tuned_minus_fewshot_hi": 0.3,
            "new_arm_mean": None}
     assert arms([row]) == ["base", "fewshot", "tuned", "diff", "tuned_minus_fewshot"]  # new_arm: no values
     cols = list(score_table([row, {**row, "split": "gold"}])[0])
     assert cols[:2] == ["split", "category"]
     assert "base few-shot [95% CI]" in cols and "tuned - few-shot [95% CI]" in cols
+    t = score_table([row])[0]
+    assert t["base few-shot [95% CI]"] == "0.40 [0.10, 0.70]"
+    assert t["tuned - few-shot [95% CI]"] == "+0.10 [-0.20, +0.30]"
 
 
 def test_model_card_metadata_is_valid_hub_metadata():

@@ -75,26 +75,47 @@ def judge_flag(row: dict[str, Any]) -> str:
     return "reliable" if row.get("rests_on_judge") else "not used"
 
 
-def score_table(rows: list[dict[str, Any]], *, with_split: bool | None = None) -> list[dict[str, Any]]:
+def score_table(rows: list[dict[str, Any]], *, part: str = "all", ci_in_header: bool = True,
+                with_split: bool | None = None) -> list[dict[str, Any]]:
     """Evaluation table rows with readable columns: ``split`` (only when there is more than one),
-    ``category``, ``grader``, ``n``, one ``<arm> [95% CI]`` column per arm and difference, ``LLM judge``."""
+    ``category``, ``grader``, ``n``, one column per arm and paired difference (cells ``mean [lo, hi]``),
+    ``LLM judge`` (``not used`` / ``reliable`` / ``UNRELIABLE``).
+
+    ``part``: ``all``; ``scores`` (the arms only, no grader column: narrow enough for the Prefect UI at
+    1400 px); ``differences`` (grader and the paired differences only). ``ci_in_header``: append
+    `` [95% CI]`` to the arm columns' names."""
     present = arms(rows)
+    if part == "scores":
+        present = [a for a in present if not is_difference(a)]
+    elif part == "differences":
+        present = [a for a in present if is_difference(a)]
+    elif part != "all":
+        raise ValueError(f"part {part!r} not one of all, scores, differences")
     if with_split is None:
         with_split = len({r.get("split") for r in rows}) > 1
+    suffix = " [95% CI]" if ci_in_header else ""
     out = []
     for r in rows:
         d: dict[str, Any] = {}
         if with_split:
             d["split"] = r.get("split")
         d["category"] = r.get("category")
-        d["grader"] = r.get("grader")
+        if part != "scores":
+            d["grader"] = r.get("grader")
         d["n"] = r.get("n")
         for a in present:
-            d[f"{label(a)} [95% CI]"] = cell(r.get(f"{a}_mean"), r.get(f"{a}_mean_lo"), r.get(f"{a}_mean_hi"),
-                                             signed=is_difference(a))
+            d[f"{label(a)}{suffix}"] = cell(r.get(f"{a}_mean"), *_bounds(r, a), signed=is_difference(a))
         d["LLM judge"] = judge_flag(r)
         out.append(d)
     return out
+
+
+def _bounds(row: dict[str, Any], arm: str) -> tuple[float | None, float | None]:
+    """The CI of an arm's mean: ``<arm>_lo`` / ``<arm>_hi``, or the older ``<arm>_mean_lo`` / ``_hi``."""
+    for lo, hi in ((f"{arm}_lo", f"{arm}_hi"), (f"{arm}_mean_lo", f"{arm}_mean_hi")):
+        if lo in row:
+            return row.get(lo), row.get(hi)
+    return None, None
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
