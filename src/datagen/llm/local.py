@@ -104,14 +104,15 @@ def _pick(logits: Any, temperature: float, generator: Any) -> Any:
     return idx.gather(1, choice).squeeze(1)
 
 
-def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+           temperature: float = 0.0,
            n: int = 1, stop_ids: Sequence[int] = (), pad_id: int = 0,
            stopped: Callable[[int, list[int]], bool] | None = None,
            seed: int | None = None) -> list[list[list[int]]]:
     """Generate ``n`` continuations of each prompt (token ids, left-padded into one batch).
 
     Returns, per prompt, ``n`` lists of new token ids (a stop token, when one ended the row, included).
-    A row ends at a token of ``stop_ids``, at ``max_new_tokens``, or when ``stopped(prompt_index,
+    A row ends at a token of ``stop_ids``, at ``max_new_tokens`` (one for all, or one per prompt), or when ``stopped(prompt_index,
     ids_so_far)`` says so (stop strings), and leaves the batch at once. The prompt is prefilled once and
     its cache repeated ``n`` times. Sampling draws from a generator seeded with ``seed`` (the global RNG
     when None); greedy decoding equals ``model.generate``'s.
@@ -132,6 +133,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed))
     stop_set = set(stop_ids)
+    caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
 
@@ -156,7 +158,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             keep = []
             for j, (r, t) in enumerate(zip(rows, nxt.tolist())):
                 out[r].append(t)
-                if not (t in stop_set or len(out[r]) >= max_new_tokens or (stopped and stopped(r // n, out[r]))):
+                if not (t in stop_set or len(out[r]) >= caps[r // n] or (stopped and stopped(r // n, out[r]))):
                     keep.append(j)
             if not keep:
                 break
@@ -241,16 +243,14 @@ class LocalProvider(BaseProvider):
                         done(it.i, it.key, failure(f"local_error: {type(e).__name__}: {e}",
                                                    attempts=it.attempts, usage=it.usage()))
                     continue
-                for it, (texts, pt, ct) in zip(chunk, outs):
+                for it, (text, pt, ct) in zip(chunk, outs):
                     it.attempts += 1
                     it.pt += pt
                     it.ct += ct
                     self.usage.add(calls=1, prompt_tokens=pt, completion_tokens=ct)
-                    if it.n > 1:
-                        done(it.i, it.key, LLMResult(ok=True, text=pack_candidates(texts), attempts=it.attempts,
-                                                     usage=it.usage()))
+                    if it.n > 1:  # packed candidates; generate_batch unpacks them
+                        done(it.i, it.key, LLMResult(ok=True, text=text, attempts=it.attempts, usage=it.usage()))
                         continue
-                    text = texts[0]
                     parsed, err = self.check_reply(it.req, text)
                     if err is None:
                         done(it.i, it.key, LLMResult(ok=True, text=text, parsed=parsed,
@@ -266,11 +266,12 @@ class LocalProvider(BaseProvider):
             pending = again
 
     def _chunks(self, items: list[_Item], tok) -> list[list[_Item]]:
-        """Group by sampling parameters and candidate count, sort by prompt length (length buckets),
-        cut into chunks of ``batch_size`` requests (a request of ``n`` candidates is ``n`` rows)."""
+        """Group by temperature and candidate count, sort by prompt length (length buckets), cut into
+        chunks of ``batch_size`` requests (a request of ``n`` candidates is ``n`` rows). ``max_tokens``
+        is per row: a row that reaches its own limit leaves the batch like a finished one."""
         groups: dict[tuple, list[_Item]] = defaultdict(list)
         for it in items:
-            groups[(it.req.temperature, it.req.max_tokens, it.n)].append(it)
+            groups[(it.req.temperature, it.n)].append(it)
         chunks = []
         for _, group in sorted(groups.items(), key=lambda kv: kv[0]):
             group.sort(key=lambda it: sum(len(m["content"]) for m in it.conv))
@@ -278,8 +279,9 @@ class LocalProvider(BaseProvider):
             chunks.extend(group[j:j + bs] for j in range(0, len(group), bs))
         return chunks
 
-    def _generate(self, model, tok, chunk: list[_Item]) -> list[tuple[list[str], int, int]]:
-        """Per item: its candidate texts (stop strings cut), prompt tokens, tokens generated."""
+    def _generate(self, model, tok, chunk: list[_Item]) -> list[tuple[str, int, int]]:
+        """Per item: its text (stop strings cut; ``n > 1``: the packed candidates), prompt tokens, tokens
+        generated."""
         prompts = [tok(render_prompt(tok, it.conv), add_special_tokens=False)["input_ids"] for it in chunk]
         stop_ids = stop_token_ids(tok)
         stops = [tuple(s for s in it.req.stop if s) for it in chunk]
@@ -291,14 +293,15 @@ class LocalProvider(BaseProvider):
             text = tok.decode(ids[-tail:], skip_special_tokens=True)
             return any(s in text for s in stops[b])
 
-        req = chunk[0].req
         seeds = [it.req.seed for it in chunk if it.req.seed is not None]
         seed = zlib.crc32(repr(seeds).encode()) if seeds else None
-        gen = decode(model, prompts, max_new_tokens=req.max_tokens, temperature=req.temperature, n=chunk[0].n,
+        gen = decode(model, prompts, max_new_tokens=[it.req.max_tokens for it in chunk],
+                     temperature=chunk[0].req.temperature, n=chunk[0].n,
                      stop_ids=stop_ids, pad_id=tok.pad_token_id, stopped=stopped, seed=seed)
         results = []
         for b, (it, cands) in enumerate(zip(chunk, gen)):
             texts = [cut_at_stop(tok.decode([t for t in ids if t not in stop_ids], skip_special_tokens=True),
                                  stops[b]).strip() for ids in cands]
-            results.append((texts, len(prompts[b]), sum(len(ids) for ids in cands)))
+            results.append((pack_candidates(texts) if it.n > 1 else texts[0], len(prompts[b]),
+                            sum(len(ids) for ids in cands)))
         return results
