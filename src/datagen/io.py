@@ -158,6 +158,8 @@ def write_manifest(stage_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
     for p in sorted(stage_dir.rglob("*")):
         if p.is_file() and p.name not in _BOOKKEEPING and not p.name.startswith("."):
             outputs[str(p.relative_to(stage_dir))] = sha256_file(p)
+    if os.environ.get("FINSYNTH_FAULT_KILL_BEFORE_MANIFEST") == manifest.get("stage"):
+        os.kill(os.getpid(), 9)  # fault injection (benchmarks/bench_reliability.py): die in the worst window
     timings = {k: manifest[k] for k in _TIMING_KEYS if k in manifest}
     manifest = {**{k: v for k, v in manifest.items() if k not in _TIMING_KEYS}, "outputs": outputs}
     if timings:
