@@ -112,10 +112,10 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
     """Generate ``n`` continuations of each prompt (token ids, left-padded into one batch).
 
     Returns, per prompt, ``n`` lists of new token ids (a stop token, when one ended the row, included).
-    A row ends at a token of ``stop_ids``, at ``max_new_tokens`` (one for all, or one per prompt), or when ``stopped(prompt_index,
-    ids_so_far)`` says so (stop strings), and leaves the batch at once. The prompt is prefilled once and
-    its cache repeated ``n`` times. Sampling draws from a generator seeded with ``seed`` (the global RNG
-    when None); greedy decoding equals ``model.generate``'s.
+    A row ends at a token of ``stop_ids``, at ``max_new_tokens`` (one for all, or one per prompt), or
+    when ``stopped(prompt_index, ids_so_far)`` says so (stop strings), and leaves the batch at once.
+    The prompt is prefilled once and its cache repeated ``n`` times. Sampling draws from a generator
+    seeded with ``seed`` (the global RNG when None); greedy decoding equals ``model.generate``'s.
     """
     import torch
     from transformers import DynamicCache
