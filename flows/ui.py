@@ -143,6 +143,7 @@ def serve(home: Path, port: int | None = None, *, wait: bool = True, out=sys.std
     """Reuse or start the UI server for ``home``, print where to look, and (``wait``) serve until
     Ctrl-C. Returns an exit status."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    _interrupt_on_signals()
     home = home.resolve()
     if not (home / "prefect.db").exists():
         print(f"finsynth ui: no Prefect database in {home} (run `bash scripts/demo.sh` first); "
@@ -173,6 +174,21 @@ def serve(home: Path, port: int | None = None, *, wait: bool = True, out=sys.std
             return 1
         finally:
             (home / UI_RECORD).unlink(missing_ok=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop the server cleanly, also when this was started in the background by a
+    shell that ignores SIGINT for background jobs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def default_home() -> Path:

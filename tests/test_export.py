@@ -96,9 +96,10 @@ def test_export_without_a_finished_adapter_says_what_to_run(tiny_cfg):
 
 
 # ----------------------------------------------------------------------------- slow: GGUF through llama.cpp
-PROMPT = [{"role": "user", "content": "ACME's current ratio is 1.8 and BOLT's is 0.9. Which company is more "
-                                      "liquid, and why?"}]
-N_TOKENS = 6  # greedy tokens that must agree
+PROMPT = [{"role": "user", "content": "Context: ACME reported total assets of 1,200 and total liabilities of 800."
+                                      "\n\nQuestion: What is ACME's equity (assets minus liabilities)?"}]
+MARGIN = 1.0  # logits: a step where transformers' top two are closer than this may go either way in 8 bits
+N_TOKENS = 8  # greedy tokens compared
 
 
 def _lora_adapter(cfg, out: Path) -> Path:
@@ -110,6 +111,7 @@ def _lora_adapter(cfg, out: Path) -> Path:
     from training.models import load_model
 
     base = load_model(cfg, "cpu", quantization_config=None)
+    torch.manual_seed(0)  # lora_A's init
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -124,7 +126,8 @@ def _lora_adapter(cfg, out: Path) -> Path:
     return out
 
 
-def _hf_greedy(model_dir: Path, n: int) -> tuple[str, list[int]]:
+def _hf_greedy(model_dir: Path, n: int) -> tuple[str, list[int], list[float]]:
+    """Greedy tokens of the merged model and, per step, the gap between its top two logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,20 +135,22 @@ def _hf_greedy(model_dir: Path, n: int) -> tuple[str, list[int]]:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     enc = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
-    ids = out[0, enc["input_ids"].shape[1]:].tolist()
-    return tok.decode(ids, skip_special_tokens=True), ids
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    ids = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    margins = [float(v[0] - v[1]) for v in (s[0].topk(2).values for s in out.scores)]
+    return tok.decode(ids, skip_special_tokens=True), ids, margins
 
 
 @pytest.mark.slow
-def test_gguf_export_serves_the_transformers_greedy_answer(tiny_root, tmp_path):
+def test_gguf_export_serves_the_transformers_greedy_answer(tmp_root, tmp_path):
     from transformers import AutoTokenizer
 
     from datagen.llm.llamacpp_server import LlamaCppServer, llama_cpp_available
 
     if not llama_cpp_available():
         pytest.skip("llama-cpp-python[server] not installed (the llamacpp extra; scripts/test.sh installs it)")
-    cfg = load_config(profile="tiny", root=tiny_root)
+    cfg = load_config(profile="tiny", root=tmp_root)
     adapter = _lora_adapter(cfg, cfg.paths.models_dir / cfg.train.run_name)
 
     merged = export(cfg, "merged")
@@ -153,7 +158,15 @@ def test_gguf_export_serves_the_transformers_greedy_answer(tiny_root, tmp_path):
     assert not (merged_dir / "adapter_config.json").exists()  # a plain checkpoint: no PEFT to load it
     assert any(merged_dir.glob("*.safetensors")) and not any(merged_dir.glob("*.bin"))
     assert parse_metadata((merged_dir / "README.md").read_text())["library_name"] == "transformers"
-    hf_text, hf_ids = _hf_greedy(merged_dir, N_TOKENS)
+    from safetensors import safe_open
+
+    from datagen.packaged import resolve_model_path
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(next(merged_dir.glob("*.safetensors"))), "pt") as m, \
+            safe_open(str(Path(resolve_model_path(cfg.model.name_or_path)) / "model.safetensors"), "pt") as b:
+        assert not (m.get_tensor(name) == b.get_tensor(name)).all()  # the adapter is in the weights
+    hf_text, hf_ids, margins = _hf_greedy(merged_dir, N_TOKENS)
 
     t0 = time.perf_counter()
     res = export(cfg, "gguf")
@@ -175,4 +188,8 @@ def test_gguf_export_serves_the_transformers_greedy_answer(tiny_root, tmp_path):
     gguf_text = r.json()["choices"][0]["text"]
     gguf_ids = tok(gguf_text, add_special_tokens=False)["input_ids"]
     assert gguf_text.strip(), "llama.cpp answered nothing"
-    assert gguf_ids[:N_TOKENS - 1] == hf_ids[:N_TOKENS - 1], (gguf_text, hf_text)
+    print(f"transformers: {hf_text!r}; llama.cpp: {gguf_text!r}; margins {margins}")  # noqa: T201
+    # every token transformers picked by a clear margin, up to its first near-tie, llama.cpp picks too
+    firm = next((i for i, m in enumerate(margins) if m < MARGIN), len(margins))
+    assert firm >= 4, f"the probe prompt is a near-tie after {firm} tokens: pick another ({margins})"
+    assert gguf_ids[:firm] == hf_ids[:firm], (gguf_text, hf_text, margins)

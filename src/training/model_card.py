@@ -151,8 +151,7 @@ def card_metadata(*, name_or_path: str, kind: str, license: str, dataset_name: s
     hub = _hub_base_model(name_or_path, base_model)
     if hub:
         meta["base_model"] = hub
-        if kind != "adapter":
-            meta["base_model_relation"] = "quantized" if kind == "gguf" else "finetune"
+        meta["base_model_relation"] = "adapter" if kind == "adapter" else "finetune"
     meta["library_name"] = library
     meta["license"] = license
     meta["language"] = ["en"]
