@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--home", type=Path, default=None,
                     help="PREFECT_HOME of the runs to show (default: .prefect/ in the repo, as scripts/demo.sh)")
     ui.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 4200 if free; 0: any free)")
+    ui.add_argument("--flow-run", default=None,
+                    help="show this flow run's artifacts (default: the latest pipeline run)")
     export = sub.add_parser("export", parents=[common], help="export the tuned model (adapter, merged, GGUF)")
     export.add_argument("--format", dest="fmt", choices=["adapter", "merged", "gguf"], default="gguf",
                         help="adapter: PEFT folder; merged: safetensors, no PEFT; gguf: llama.cpp/Ollama (default)")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "ui":
             from flows.ui import default_home, serve
 
-            return serve(args.home or default_home(), args.port)
+            return serve(args.home or default_home(), args.port, flow_run_id=args.flow_run)
         elif args.command == "export":
             from training.export import export
 

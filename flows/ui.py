@@ -108,14 +108,22 @@ def run_artifacts(api: str, flow_run_id: str) -> list[dict[str, Any]]:
     return sorted(latest.values(), key=lambda a: (order.get(a["key"], len(order)), a["key"]))
 
 
-def links(ui_url: str, api: str) -> dict[str, Any]:
-    """What to open: the latest pipeline run and each of its artifacts (and the key's page, which
-    always shows the newest version)."""
-    run = latest_flow_run(api)
+def links(ui_url: str, api: str, flow_run_id: str | None = None) -> dict[str, Any]:
+    """What to open: the latest pipeline run (or ``flow_run_id``) and each of its artifacts (and the
+    key's page, which always shows the newest version)."""
+    if flow_run_id:
+        r = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=15)
+        if r.status_code == 404:
+            raise ValueError(f"no flow run {flow_run_id} in this database")
+        r.raise_for_status()
+        run = r.json()
+    else:
+        run = latest_flow_run(api)
     out: dict[str, Any] = {"ui": ui_url, "flow_run": None, "artifacts": []}
     if run is None:
         return out
-    out["flow_run"] = {"name": run["name"], "state": (run.get("state") or {}).get("name"),
+    out["flow_run"] = {"label": "flow run" if flow_run_id else "latest flow run", "name": run["name"],
+                       "state": (run.get("state") or {}).get("name"),
                        "url": f"{ui_url}/runs/flow-run/{run['id']}"}
     for a in run_artifacts(api, run["id"]):
         out["artifacts"].append({"key": a["key"], "type": a.get("type"),
@@ -130,7 +138,7 @@ def describe(info: dict[str, Any]) -> str:
     if run is None:
         lines.append("  no flow run in this database yet: run `bash scripts/demo.sh` first")
         return "\n".join(lines)
-    lines.append(f"  latest flow run {run['name']} ({run['state']}): {run['url']}")
+    lines.append(f"  {run['label']} {run['name']} ({run['state']}): {run['url']}")
     if not info["artifacts"]:
         lines.append("  it created no artifacts (yet)")
     for a in info["artifacts"]:
@@ -139,7 +147,8 @@ def describe(info: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the command
-def serve(home: Path, port: int | None = None, *, wait: bool = True, out=sys.stdout) -> int:
+def serve(home: Path, port: int | None = None, *, flow_run_id: str | None = None, wait: bool = True,
+          out=sys.stdout) -> int:
     """Reuse or start the UI server for ``home``, print where to look, and (``wait``) serve until
     Ctrl-C. Returns an exit status."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
@@ -150,7 +159,7 @@ def serve(home: Path, port: int | None = None, *, wait: bool = True, out=sys.std
               "starting an empty one", file=sys.stderr)
     url = running_ui(home)
     if url is not None:
-        print(describe(links(url, f"{url}/api")), file=out, flush=True)
+        print(describe(links(url, f"{url}/api", flow_run_id)), file=out, flush=True)
         print(f"(reusing the UI server already running for {home})", file=out, flush=True)
         return 0
     port = pick_port(port)
@@ -164,7 +173,7 @@ def serve(home: Path, port: int | None = None, *, wait: bool = True, out=sys.std
         wait_healthy(api, proc, log, timeout_s=180)
         atomic_write_text(home / UI_RECORD, json.dumps({"url": ui_url, "pid": proc.pid}) + "\n")
         try:
-            print(describe(links(ui_url, api)), file=out, flush=True)
+            print(describe(links(ui_url, api, flow_run_id)), file=out, flush=True)
             if not wait:
                 return 0
             print("serving until Ctrl-C", file=out, flush=True)

@@ -115,7 +115,7 @@ def ui(finished_tiny, tmp_path_factory):
         proc.kill()
         pytest.fail("finsynth ui did not start:\n" + "\n".join(lines[-30:]))
     arts = dict(re.findall(r"^\s+(\S+)\s+(http://127\.0\.0\.1:\d+/artifacts/artifact/\S+)$", "\n".join(lines), re.M))
-    run_url = re.search(r"latest flow run .*: (http://127\.0\.0\.1:\d+/runs/flow-run/\S+)", "\n".join(lines))
+    run_url = re.search(r"flow run .*: (http://127\.0\.0\.1:\d+/runs/flow-run/\S+)", "\n".join(lines))
     yield {"lines": lines, "artifacts": arts, "run_url": run_url.group(1) if run_url else None}
     proc.send_signal(signal.SIGINT)
     try:
