@@ -47,6 +47,9 @@ _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer
                   "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "loss.png")
 
 
+_KIND_NAMES = {"adapter": "LoRA adapter", "merged": "merged model", "gguf": "GGUF"}
+
+
 class ExportError(RuntimeError):
     pass
 
@@ -247,7 +250,7 @@ def write_model_card(cfg: Config, folder: Path, kind: str, adapter: Path, usage:
     dataset_card = os.path.relpath(card_path, folder) if card_path.exists() else None
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     text = build_model_card(
-        title=f"{cfg.card.dataset_name}: {cfg.train.run_name} ({kind})", kind=kind,
+        title=f"{cfg.card.dataset_name}: {cfg.train.run_name} ({_KIND_NAMES[kind]})", kind=kind,
         name_or_path=cfg.model.name_or_path, license=cfg.card.license, train_manifest=read_manifest(adapter) or {},
         report=report, table_rows=rows, dataset_card=dataset_card, dataset_name=cfg.card.dataset_name,
         files=files + ["README.md"], usage=usage)

