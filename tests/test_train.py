@@ -102,7 +102,7 @@ def test_sft_config_on_cpu(tmp_path):
     assert (a.packing, a.packing_strategy) == (True, "bfd")
     assert (a.eval_strategy, a.eval_steps, a.save_steps, a.logging_steps) == ("steps", 6, 12, 3)
     assert (a.load_best_model_at_end, a.metric_for_best_model, a.greater_is_better) == (True, "eval_loss", False)
-    assert a.max_length == 384 and a.max_steps == 12 and a.warmup_steps == pytest.approx(0.03)
+    assert a.max_length == cfg.train.max_length == 704 and a.max_steps == 12 and a.warmup_steps == pytest.approx(0.03)
     with pytest.raises(ValueError, match="multiple of train.eval_steps"):
         build_sft_config(load_config(profile="demo", overrides=["train.save_steps=5"]), tmp_path, "cpu",
                          has_eval=True)
