@@ -126,6 +126,7 @@ def reference_judge(messages):
 def eval_cfg(tiny_cfg):
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.evaluate.max_items = None
+    cfg.evaluate.fewshot_k = 3  # the default (the tiny profile uses 1)
     cfg.evaluate.selfcheck_samples = 4
     cfg.evaluate.bootstrap_samples = 200
     _write_dataset(cfg, ROWS)
@@ -441,3 +442,36 @@ def test_scores_of_a_report_from_before_the_arms_says_to_rerun(eval_cfg):
     (out / "report.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="written before the few-shot arm.*finsynth evaluate"):
         scores_table(eval_cfg)
+
+
+def test_base_arm_answers_are_cached_across_runs_tuned_never(tmp_path, monkeypatch):
+    """A sweep trains several adapters on one dataset: the base arms' answers (same model, same prompts,
+    greedy) come from the response cache after the first run; the tuned arm is always generated."""
+    import datagen.tokenizer
+    import training.generate as g
+    from datagen.config import ModelConfig
+    from datagen.llm import open_cache
+
+    class Tok:
+        def apply_chat_template(self, conv, tokenize=False, add_generation_prompt=True):
+            return " | ".join(m["content"] for m in conv)
+
+    generated, loads = [], []
+    monkeypatch.setattr(datagen.tokenizer, "load_tokenizer", lambda cfg: Tok())
+    monkeypatch.setattr(g, "load_base", lambda cfg, tok=None: (loads.append(1) or "base-model", tok))
+    monkeypatch.setattr(g, "attach_adapter", lambda model, d: f"{model}+{Path(d).name}")
+    monkeypatch.setattr(g, "generate", lambda model, tok, prompts, **kw: (
+        generated.extend((model, p) for p in prompts) or [f"{model}: {p}" for p in prompts]))
+    convs = {"base": [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]],
+             "fewshot": [[{"role": "user", "content": "ex"}, {"role": "user", "content": "q1"}]],
+             "tuned": [[{"role": "user", "content": "q1"}]]}
+    cache = open_cache(tmp_path / "c.sqlite")
+    first = g.generate_arms(ModelConfig(), tmp_path / "a1", convs, max_new_tokens=8, cache=cache)
+    assert len(generated) == 4 and first["base"] == ["base-model: q1", "base-model: q2"]
+    generated.clear()
+    second = g.generate_arms(ModelConfig(), tmp_path / "a2", convs, max_new_tokens=8, cache=cache)
+    assert generated == [("base-model+a2", "q1")]  # only the tuned arm, with the new adapter
+    assert second["base"] == first["base"] and second["fewshot"] == first["fewshot"]
+    generated.clear()
+    g.generate_arms(ModelConfig(), tmp_path / "a2", convs, max_new_tokens=9, cache=cache)  # other settings
+    assert len(generated) == 4

@@ -369,9 +369,11 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         from datagen.llm import probe_provider
 
         judge = probe_provider(cfg, ev.judge_provider)  # a missing key or dead judge fails before generation
+    from datagen.llm import open_cache
+
     answers = (generator or generate_arms)(
         cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-        batch_size=ev.batch_size, seed=ev.seed)
+        batch_size=ev.batch_size, seed=ev.seed, cache=open_cache(cfg.paths.resolve(cfg.llm.cache_file)))
     refs = {"base": cfg.model.name_or_path, "fewshot": f"{cfg.model.name_or_path} ({ev.fewshot_k}-shot)",
             "tuned": f"{cfg.model.name_or_path}+{adapter_dir.name}"}
     refs = {a: refs[a] for a in conversations}

@@ -73,14 +73,14 @@ def device_and_dtype(model_cfg: ModelConfig):
     return device, dtype
 
 
-def load_base(model_cfg: ModelConfig):
+def load_base(model_cfg: ModelConfig, tok=None):
     """(model, tokenizer): the base model (safetensors, fp32 on CPU) and the training tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from datagen.tokenizer import load_tokenizer
 
     device, dtype = device_and_dtype(model_cfg)
-    tok = load_tokenizer(model_cfg)
+    tok = tok or load_tokenizer(model_cfg)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name_or_path), dtype=dtype,
                                                  trust_remote_code=model_cfg.trust_remote_code)
@@ -146,20 +146,47 @@ ADAPTER_ARMS = ("tuned",)  # arms generated with the adapter on; every other arm
 
 def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
                   conversations: dict[str, Sequence[list[dict[str, str]]]], *, max_new_tokens: int,
-                  temperature: float = 0.0, batch_size: int = 8, seed: int = 0) -> dict[str, list[str]]:
+                  temperature: float = 0.0, batch_size: int = 8, seed: int = 0, cache=None) -> dict[str, list[str]]:
     """``{arm: [answer, ...]}`` for ``{arm: conversations}``: the base is loaded once, generates every
-    base arm (``base``, ``fewshot``), and is then wrapped with the adapter for ``tuned``."""
+    base arm (``base``, ``fewshot``), and is then wrapped with the adapter for ``tuned``.
+
+    With ``cache`` (a :class:`datagen.llm.ResponseCache`), base-model answers are looked up and stored by
+    (model, rendered prompt, generation settings): the base arms do not change between runs that train
+    different adapters (a sweep), so only the first run pays for them. Tuned answers are never cached."""
     import gc
 
-    model, tok = load_base(model_cfg)
+    from datagen.llm.cache import cache_key
+    from datagen.tokenizer import load_tokenizer
+
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size, "seed": seed}
-    out = {arm: generate(model, tok, render_prompts(tok, convs), desc=f"generate {arm}", **kw)
-           for arm, convs in conversations.items() if arm not in ADAPTER_ARMS}
-    if any(arm in ADAPTER_ARMS for arm in conversations):
+    tok = load_tokenizer(model_cfg)
+    prompts = {arm: render_prompts(tok, convs) for arm, convs in conversations.items()}
+    out: dict[str, list[str | None]] = {arm: [None] * len(p) for arm, p in prompts.items()}
+    keys: dict[str, list[str]] = {}
+    if cache is not None and temperature == 0.0:
+        params = {**kw, "dtype": model_cfg.dtype, "batch_size": None}
+        for arm, ps in prompts.items():
+            if arm in ADAPTER_ARMS:
+                continue
+            keys[arm] = [cache_key(kind="eval-generate", model=model_cfg.name_or_path, base_url=None, params=params,
+                                   messages=[{"role": "prompt", "content": p}]) for p in ps]
+            hits = cache.get_many(keys[arm])
+            out[arm] = [hits[k]["text"] if k in hits else None for k in keys[arm]]
+    todo = {arm: [i for i, a in enumerate(out[arm]) if a is None] for arm in prompts}
+    if not any(todo.values()):
+        return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
+    model, tok = load_base(model_cfg, tok)
+    for arm in [a for a in prompts if a not in ADAPTER_ARMS and todo[a]]:
+        got = generate(model, tok, [prompts[arm][i] for i in todo[arm]], desc=f"generate {arm}", **kw)
+        for i, text in zip(todo[arm], got):
+            out[arm][i] = text
+            if arm in keys:
+                cache.put(keys[arm][i], provider="eval-generate", model=model_cfg.name_or_path, text=text)
+    if any(todo[a] for a in prompts if a in ADAPTER_ARMS):
         tuned_model = attach_adapter(model, adapter_dir)
-        out |= {arm: generate(tuned_model, tok, render_prompts(tok, convs), desc=f"generate {arm}", **kw)
-                for arm, convs in conversations.items() if arm in ADAPTER_ARMS}
+        for arm in [a for a in prompts if a in ADAPTER_ARMS]:
+            out[arm] = generate(tuned_model, tok, prompts[arm], desc=f"generate {arm}", **kw)
         del tuned_model
     del model
     gc.collect()
-    return {arm: out[arm] for arm in conversations}
+    return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
