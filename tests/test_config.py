@@ -61,7 +61,8 @@ def test_public_dump_holds_no_secret(monkeypatch):
 
 # ----------------------------------------------------------------------------- values that make no sense (issue 11)
 @pytest.mark.parametrize("override, message", [
-    ("sources.market.risk_vol_thresholds=[0.4,0.2]", r"sources\.market: risk_vol_thresholds must be ordered low < high"),
+    ("sources.market.risk_vol_thresholds=[0.4,0.2]",
+     r"sources\.market: risk_vol_thresholds must be ordered low < high"),
     ("augment.length_ratio=[2.0,0.5]", r"augment: length_ratio must be ordered low < high"),
     ("augment.temperature=50", r"augment\.temperature: Input should be less than or equal to 2"),
     ("evaluate.temperature=3", r"evaluate\.temperature: Input should be less than or equal to 2"),

@@ -298,8 +298,8 @@ def test_local_rounds_schema_feedback_and_chunking(tmp_path, monkeypatch):
     assert out[3].error.startswith("schema_invalid: ") and out[3].text == "never JSON" and out[3].attempts == 2
     assert [len(c) for c in calls] == [2, 2, 1, 2]  # 5 items in chunks of 2, then the 2 retries together
     assert sorted(i for c in calls[3:] for i, n in c) == [2, 3] and all(n == 4 for c in calls[3:] for _, n in c)
-    assert p.usage.as_dict() == {"calls": 7, "requests": 5, "cache_hits": 0, "retries": 0, "failures": 1, "schema_retries": 2,
-                                 "prompt_tokens": 28, "completion_tokens": 27}
+    assert p.usage.as_dict() == {"calls": 7, "requests": 5, "cache_hits": 0, "retries": 0, "failures": 1,
+                                 "schema_retries": 2, "prompt_tokens": 28, "completion_tokens": 27}
 
 
 def test_key_from_prefect_secret_block(monkeypatch):
