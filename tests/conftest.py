@@ -34,3 +34,32 @@ def demo_cfg(tmp_root: Path) -> Config:
 @pytest.fixture
 def tiny_cfg(tmp_root: Path) -> Config:
     return load_config(profile="tiny", root=tmp_root)
+
+
+# ----------------------------------------------------------------------------- one real Prefect run per session
+# A local server + process worker and one finished ``tiny`` pipeline run through the ``pipeline``
+# deployment, shared by tests/test_flows.py and the UI's browser test (a tiny run costs minutes).
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    from flows.deploy import local_prefect
+
+    with local_prefect(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    (root / "data").mkdir()
+    (root / "data" / "raw").symlink_to(Path(__file__).resolve().parents[1] / "data" / "raw")
+    return root
+
+
+@pytest.fixture(scope="session")
+def first_run(prefect_env, project) -> dict:
+    from flows.deploy import run_deployment_in
+
+    return run_deployment_in(prefect_env, "finsynth-pipeline/pipeline",
+                             {"profile": "tiny", "root": str(project)}, timeout_s=1500)
+
+

@@ -1,8 +1,8 @@
 """The Prefect UI renders a finished run's artifacts: checked in a real browser (Debian's chromium, headless).
 
 Fast tests check the artifact Markdown (card front matter as a table, report images inlined). The slow
-test runs the ``tiny`` pipeline through a real server + worker (PREFECT_HOME in a temporary folder),
-stops them as the main command does, starts ``finsynth ui`` on the same home, and opens the artifact
+test takes the session's finished ``tiny`` pipeline run (a real server + worker, tests/conftest.py),
+starts ``finsynth ui`` on the same home and database, and opens the artifact
 pages it prints in ``chromium --headless --dump-dom``: the dataset card shows its title and its metadata
 as a table (not headings), the score table shows a category row under readable column names, and the
 evaluation report and loss curves show their plots as ``data:`` PNG images. Screenshots (1400 px wide)
@@ -80,27 +80,20 @@ def browse(exe: str, url: str, profile: Path, screenshot: Path | None = None) ->
 
 
 @pytest.fixture(scope="module")
-def finished_tiny(tmp_path_factory):
-    """A finished ``tiny`` pipeline run through a deployment; server and worker are stopped after it."""
-    from flows.deploy import local_prefect, run_deployment_in
-
-    home = tmp_path_factory.mktemp("ui-prefect-home")
-    root = tmp_path_factory.mktemp("ui-project")
-    (root / "data").mkdir()
-    (root / "data" / "raw").symlink_to(Path(__file__).resolve().parents[1] / "data" / "raw")
-    with local_prefect(home) as env:
-        run = run_deployment_in(env, "finsynth-pipeline/pipeline", {"profile": "tiny", "root": str(root)},
-                                timeout_s=1500)
-    assert run["state"] == "COMPLETED", run.get("message")
-    return home, root, run
+def finished_tiny(first_run, prefect_env, project):
+    """The session's finished ``tiny`` pipeline run (tests/conftest.py), its Prefect home and root."""
+    assert first_run["state"] == "COMPLETED", first_run.get("message")
+    return Path(prefect_env["PREFECT_HOME"]), project, first_run
 
 
 @pytest.fixture(scope="module")
 def ui(finished_tiny, tmp_path_factory):
     """``finsynth ui`` on the run's home: yields what it printed, parsed; stopped with Ctrl-C (SIGINT)."""
-    home, _, _ = finished_tiny
+    home, _, run = finished_tiny
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--home", str(home), "--port", "0"],
+    # the session's server is still up on this home (with its UI off); later tests ran more flows, so name the run
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--home", str(home), "--port", "0",
+                             "--flow-run", run["flow_run_id"]],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     deadline = time.monotonic() + 240
