@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 4200 if free; 0: any free)")
     ui.add_argument("--flow-run", default=None,
                     help="show this flow run's artifacts (default: the latest pipeline run)")
+    chat = sub.add_parser("chat", parents=[common], help="chat with the tuned model in the terminal (transformers)")
+    chat.add_argument("--base", action="store_true", help="the base model, without the adapter")
     export = sub.add_parser("export", parents=[common], help="export the tuned model (adapter, merged, GGUF)")
     export.add_argument("--format", dest="fmt", choices=["adapter", "merged", "gguf"], default="gguf",
                         help="adapter: PEFT folder; merged: safetensors, no PEFT; gguf: llama.cpp/Ollama (default)")
@@ -96,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             from flows.ui import default_home, serve
 
             return serve(args.home or default_home(), args.port, flow_run_id=args.flow_run)
+        elif args.command == "chat":
+            from datagen.prompts import load_prompt
+            from training.generate import chat
+
+            adapter = None if args.base else cfg.paths.models_dir / cfg.train.run_name
+            if adapter is not None and not (adapter / "adapter_config.json").exists():
+                raise FileNotFoundError(f"no adapter at {adapter}; run `finsynth train` (or the main command) first")
+            system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
+            print(f"chatting with {cfg.model.name_or_path}{'' if adapter is None else ' + ' + str(adapter)} "
+                  "(exit or Ctrl-D to stop)")
+            chat(cfg.model, adapter, system)
         elif args.command == "export":
             from training.export import export
 

@@ -31,9 +31,10 @@ from training.export import default_out; print(default_out(c, "gguf"))' --profil
 
 Next, look at the run in a browser (Prefect UI on 127.0.0.1, Ctrl-C stops it):
   .venv/bin/finsynth ui ${home_args[*]}
-and chat with the tuned model locally (GGUF for llama.cpp / Ollama, ~1 min on 2 cores):
+and chat with the tuned model in this terminal (transformers, nothing else to install):
+  .venv/bin/finsynth chat --profile $profile ${cfg_args[*]}
+or take it to llama.cpp / Ollama as a GGUF file (~1 min on 2 cores; docs/export.md):
   ${export_cmd[*]} && ollama create finsynth -f $gguf_dir/Modelfile && ollama run finsynth
-(no Ollama? \`llama-cli -m $gguf_dir/*.gguf -cnv\` from llama.cpp chats with the same file; docs/export.md)
 EOT
 fi
 exit "$rc"

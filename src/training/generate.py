@@ -190,3 +190,30 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     del model
     gc.collect()
     return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
+
+
+def chat(model_cfg: ModelConfig, adapter_dir: str | Path | None, system_prompt: str | None, *,
+         read=input, write=print, max_new_tokens: int = 160) -> int:
+    """A terminal chat with the tuned model (the base with ``adapter_dir`` on top; the base alone when
+    None): the same chat template and greedy decoding as evaluation. Ends on EOF, ``exit`` or ``quit``.
+    Returns the number of answers given."""
+    model, tok = load_base(model_cfg)
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+    conv: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    answers = 0
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            break
+        if line.lower() in ("exit", "quit"):
+            break
+        if not line:
+            continue
+        conv.append({"role": "user", "content": line})
+        (answer,) = generate(model, tok, render_prompts(tok, [conv]), max_new_tokens=max_new_tokens, desc="answer")
+        conv.append({"role": "assistant", "content": answer})
+        write(f"model> {answer}")
+        answers += 1
+    return answers
