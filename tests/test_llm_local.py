@@ -156,3 +156,11 @@ def test_local_batched_generation_matches_single(gemma, tmp_path):
     again = p.generate_batch(reqs[:5])
     assert all(r.cached for r in again) and [r.text for r in again] == [r.text for r in out[:5]]
     assert p.usage.calls == u["calls"] and p.usage.cache_hits == 5
+
+    # stop strings end rows during generation; n candidates of the base-model document from one prefill
+    doc = [{"role": "text", "content": "Question: What is a bond?\nParaphrase: What is meant by a bond?\n\n"
+                                       "Question: What is a dividend?\nParaphrase:"}]
+    cands = p.generate_batch([ChatRequest(messages=doc, max_tokens=32, temperature=0.8, seed=1, n=3,
+                                          stop=("\n",))])[0]
+    assert cands.ok and len(cands.texts) == 3 and not any("\n" in t for t in cands.texts)
+    assert cands.usage["completion_tokens"] < 3 * 32  # at least one row stopped before its limit
