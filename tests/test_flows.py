@@ -62,11 +62,14 @@ def test_sweep_two_points_reuses_unchanged_stages(first_run, prefect_env, projec
     each, the data stages (same inputs as the first run) are served from cache and only train and evaluate
     execute, each point with its own adapter and report."""
     assert first_run["state"] == "COMPLETED"
+    # one training step and two evaluation items per point keep it short; those keys are train/evaluate
+    # settings, so the data stages' keys are the first run's
     r = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--profile", "tiny", "--root", str(project),
-                        "--grid", "train.learning_rate=1e-4,3e-4", "--name", "lr"],
+                        "--grid", "train.learning_rate=1e-4,3e-4", "--name", "lr", "--set", "train.max_steps=1",
+                        "--set", "train.eval_steps=1", "--set", "evaluate.max_items=2"],
                        env=prefect_env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout[r.stdout.index("{"): r.stdout.rindex("}") + 1])
+    result = json.loads(r.stdout[r.stdout.rindex('{\n  "comparison"'):])  # the trainer prints dicts too
     assert result["points"] == ["learning_rate1e-4", "learning_rate3e-4"]
     # the test before left augment's folder holding another setting's output: the first point reruns
     # augment alone of the data stages (to identical output, from the LLM cache), the second none of them
