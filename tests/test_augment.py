@@ -158,6 +158,7 @@ def _script():
 def stage_cfg(tmp_path: Path):
     cfg = load_config(profile="demo", root=tmp_path, overrides=[
         "augment.k=2", "augment.max_attempts=2", "augment.limit=null", "augment.scenario.clusters=[fx_crisis]",
+        "augment.candidates=1", "augment.prompt_format=chat",
         "augment.scenario.per_cluster=2", "augment.scenario.max_attempts=2"])
     fetch = cfg.paths.stage_dir("fetch")
     write_jsonl(fetch / "samples.jsonl", [QA, CLS, INJ])

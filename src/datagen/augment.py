@@ -98,7 +98,8 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     chosen = select_for_rephrasing(pool, aug.limit)
     reph = rephrase_rows(chosen, provider, embedder, k=aug.k, max_attempts=aug.max_attempts,
                          temperature=aug.temperature, max_tokens=aug.max_tokens,
-                         checks=RephraseChecks.from_config(aug))
+                         checks=RephraseChecks.from_config(aug), candidates=aug.candidates,
+                         prompt_format=aug.prompt_format, early_stop=aug.early_stop)
     check_failure_rate("augment (rephrase)", provider, before[id(provider)], cfg.llm.max_failure_rate)
     log.info("augment: %d/%d rephrasings kept for %d items", len(reph.kept), reph.slots, len(chosen))
 
@@ -141,6 +142,10 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
             "kept": len(reph.kept),
             "missing": reph.slots - len(reph.kept),
             "requests": reph.requests,
+            "candidates_per_request": aug.candidates,
+            "prompt_format": aug.prompt_format,
+            "candidates": reph.candidates,
+            "valid_surplus": reph.surplus,
             "rounds": reph.rounds,
             "acceptance": round(len(reph.kept) / reph.slots, 4) if reph.slots else None,
             "first_attempt_acceptance": round(kept_first / reph.slots, 4) if reph.slots else None,

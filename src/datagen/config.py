@@ -225,7 +225,7 @@ class AugmentConfig(_Strict):
     candidates: int = Field(1, ge=1, le=16)
     # "chat": few-shot chat turns (instruct models, any provider); "base": a plain few-shot document a base
     # model continues (raw text; the local provider)
-    prompt_format: Literal["chat", "base"] = "chat"
+    prompt_format: Literal["auto", "chat", "base"] = "chat"  # auto: base for the local provider, else chat
     # send the stop strings, so generation ends where the answer ends; false: generate to max_tokens and
     # cut afterwards (the pre-best-of-n baseline, kept for benchmarks/bench_augment.py)
     early_stop: bool = True

@@ -192,6 +192,8 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
     for that many candidates per open slot in one request per row (best-of-n). ``early_stop`` False
     sends no stop strings (the model generates to ``max_tokens``; the answer is cut afterwards).
     """
+    if prompt_format == "auto":  # a base model continues a document; an API serves chat
+        prompt_format = "base" if getattr(provider, "kind", None) == "local" else "chat"
     if prompt_format == "base" and getattr(provider, "kind", "local") != "local":
         raise ValueError(f"augment.prompt_format=base sends raw text, which only the local provider takes; "
                          f"provider {provider.name!r} is {getattr(provider, 'kind', '?')!r}: use prompt_format=chat")

@@ -65,10 +65,19 @@ class ResponseCache:
         self._conn = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False,
                                      isolation_level=None)
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=30000")
-            self._conn.executescript(_SCHEMA)
+            # switching to WAL (once per file) takes an exclusive lock and does not wait on the busy
+            # timeout: two processes opening a new cache file at once retry instead of failing
+            for attempt in range(100):
+                try:
+                    self._conn.execute("PRAGMA journal_mode=WAL")
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
+                    self._conn.executescript(_SCHEMA)
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 99:
+                        raise
+                    time.sleep(0.05 + 0.05 * (attempt % 4))
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
