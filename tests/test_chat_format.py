@@ -131,8 +131,9 @@ def test_run_format_fails_when_format_empties_a_split(demo_cfg, tokenizer):
                             "test": [_row(f"t{i}", group=f"t{i}", question=long_q) for i in range(3)]})
     with pytest.raises(ValueError) as e:
         run_format(demo_cfg, tokenizer=tokenizer)
-    assert str(e.value) == ("format: test has 0 rows: 3 of 3 dropped as too_long (max_tokens 768); raise "
-                            "format.max_tokens, set format.long_context: truncate, or shorten the context")
+    assert str(e.value) == (f"format: test has 0 rows: 3 of 3 dropped as too_long (max_tokens "
+                            f"{demo_cfg.format.max_tokens}); raise format.max_tokens, set format.long_context: "
+                            "truncate, or shorten the context")
     assert not (demo_cfg.paths.stage_dir("dataset") / "manifest.json").exists()
 
 
