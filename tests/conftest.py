@@ -63,3 +63,25 @@ def first_run(prefect_env, project) -> dict:
                              {"profile": "tiny", "root": str(project)}, timeout_s=1500)
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Gemma-3 text model (safetensors) next to the packaged Gemma tokenizer with the
+    training chat template: a real architecture that loads and trains in seconds."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from datagen.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-gemma")
+    tok = load_tokenizer(load_config(profile="demo").model)
+    torch.manual_seed(0)
+    mc = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)
+    Gemma3ForCausalLM(mc).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d

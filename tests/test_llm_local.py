@@ -6,32 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import BaseModel
 
-from datagen.config import ModelConfig, ProviderConfig
+from datagen.config import ProviderConfig
 from datagen.llm import ChatRequest, make_provider, open_cache
 from datagen.llm.local import cut_at_stop, decode, load_local_model, render_prompt
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Gemma-3 (sliding window 16, shorter than the prompts) with the packaged tokenizer."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from datagen.tokenizer import load_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-gemma-gen")
-    tok = load_tokenizer(ModelConfig(name_or_path="packaged:gemma3-270m", chat_template="gemma_chat"))
-    torch.manual_seed(0)
-    mc = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id)
-    Gemma3ForCausalLM(mc).save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
+def tiny_dir(tiny_gemma_dir) -> Path:
+    return tiny_gemma_dir
 
 
 @pytest.fixture(scope="module")
