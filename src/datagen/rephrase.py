@@ -2,8 +2,9 @@
 
 Split as distilabel does: :func:`format_input` (row, attempt) -> chat messages and
 :func:`format_output` (text, row) -> ``{"question": str | None, "error": str | None}``, both pure.
-:func:`rephrase_rows` drives them: one ``provider.generate_batch`` call per attempt round over every
-item that still misses rephrasings, then embeddings for the similarity band, then the validators.
+:func:`rephrase_rows` hands them to :func:`~datagen.llm.tasks.run_task` (one ``generate_batch`` per attempt
+round over every item that still misses rephrasings); its ``review`` hook adds the embeddings for the
+similarity band, the validators and the best-of-n picks.
 
 Each item has ``k`` slots (``rephrase_index`` 1..k). With ``candidates=1`` each open slot is one request
 and is filled by its candidate if it passes validation. With ``candidates=c > 1`` (best-of-n) an item
@@ -25,7 +26,6 @@ turns, and whatever the model answers is validated like any other output, so a q
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 
 from datagen.embed import Embedder
-from datagen.llm.base import ChatRequest, LLMProvider, Message
+from datagen.llm.base import LLMProvider, LLMResult, Message
+from datagen.llm.tasks import Reject, Task, Turn, llm_error, run_task, temperature_at
 from datagen.prompts import Prompt, load_prompt, split_turns
 from datagen.schema import stable_id
-from datagen.validators import RephraseChecks, Verdict, check_near_copy, validate_rephrasing
+from datagen.validators import RephraseChecks, check_near_copy, validate_rephrasing
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ PROMPT_FIRST = "rephrase"
 PROMPT_RETRY = "rephrase_retry"
 PROMPT_BASE = "rephrase_base"
 STOP = ("\n", "<end_of_turn>")
+HEAT, MAX_TEMPERATURE = 0.2, 1.2  # each retry samples this much hotter, up to the cap
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -103,7 +105,7 @@ def format_output(text: str | None, row: dict[str, Any]) -> dict[str, Any]:
 
 def attempt_temperature(base: float, attempt: int) -> float:
     """Retries sample hotter (bounded): 0.7 -> 0.9 -> 1.1."""
-    return round(min(base + 0.2 * attempt, 1.2), 3)
+    return temperature_at(base, attempt, HEAT, MAX_TEMPERATURE)
 
 
 def max_tokens_for(question: str, cap: int) -> int:
@@ -114,10 +116,6 @@ def max_tokens_for(question: str, cap: int) -> int:
     """
     need = int(0.6 * len(question)) + 8
     return max(16, min(cap, 16 * -(-need // 16)))
-
-
-def request_seed(row_id: str, slot: int, attempt: int) -> int:
-    return int(hashlib.sha256(f"{row_id}|{slot}|{attempt}".encode()).hexdigest()[:8], 16)
 
 
 def rephrase_id(row_id: str, slot: int) -> str:
@@ -139,7 +137,7 @@ def make_rephrasing(row: dict[str, Any], question: str, slot: int, attempt: int,
     return out
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the task
 @dataclass
 class RephraseResult:
     kept: list[dict[str, Any]] = field(default_factory=list)
@@ -155,13 +153,12 @@ class RephraseResult:
     prompts: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-@dataclass
-class _Ask:
-    """One request: a row's open slots and how many candidates to ask for."""
+@dataclass(frozen=True)
+class _Item:
+    """A row and the slots one request asks for: one slot each (``candidates=1``), else all k."""
 
     row: dict[str, Any]
-    slots: list[int]
-    n: int
+    slots: tuple[int, ...]
 
 
 def pick_distinct(valid: Sequence[int], to_original: Sequence[float | None], pairwise: np.ndarray | None,
@@ -197,126 +194,101 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
     if prompt_format == "base" and getattr(provider, "kind", "local") != "local":
         raise ValueError(f"augment.prompt_format=base sends raw text, which only the local provider takes; "
                          f"provider {provider.name!r} is {getattr(provider, 'kind', '?')!r}: use prompt_format=chat")
-    res = RephraseResult(slots=len(rows) * k)
+    prompts = [prompt_for(a, prompt_format) for a in range(max_attempts)]
     kept_text: dict[str, list[str]] = defaultdict(list)  # row id -> kept questions (for duplicates)
-    open_slots: dict[str, list[int]] = {r["id"]: list(range(1, k + 1)) for r in rows}
-    last: dict[tuple[str, int], dict[str, Any]] = {}  # (row id, slot) -> last rejection record
-    stop = STOP if early_stop else ()
-    for attempt in range(max_attempts):
-        if candidates == 1:  # one request per slot
-            asks = [_Ask(r, [s], 1) for r in rows for s in open_slots[r["id"]]]
-        else:  # one request per row for all its open slots
-            asks = [_Ask(r, list(open_slots[r["id"]]), len(open_slots[r["id"]]) * candidates)
-                    for r in rows if open_slots[r["id"]]]
-        if not asks:
-            break
-        prompt = prompt_for(attempt, prompt_format)
-        res.prompts[prompt.name] = prompt.ref
-        temp = attempt_temperature(temperature, attempt)
-        reqs = [ChatRequest(messages=tuple(format_input(a.row, attempt, prompt_format)), temperature=temp,
-                            max_tokens=max_tokens_for(str(a.row["question"]), max_tokens),
-                            seed=request_seed(a.row["id"], a.slots[0] if a.n == 1 else 0, attempt), stop=stop,
-                            n=a.n, key=f"{a.row['id']}#{','.join(map(str, a.slots))}@{attempt}") for a in asks]
-        results = provider.generate_batch(reqs, desc=f"rephrase attempt {attempt + 1}/{max_attempts}")
-        res.requests += len(reqs)
-        res.rounds += 1
-        # a failed request is one llm_error per slot it was for
-        texts = [(r.candidates() or [r.text]) if r.ok else [None] * len(a.slots) for a, r in zip(asks, results)]
-        res.candidates += sum(len(t) for t in texts)
-        parsed = [[format_output(t, a.row) for t in ts] for a, ts in zip(asks, texts)]
-        cosines = _cosines(embedder, asks, parsed)
-        for a, r, ts, ps, cs in zip(asks, results, texts, parsed, cosines):
-            rid = a.row["id"]
-            verdicts = []
-            for p, cos in zip(ps, cs):
-                if not r.ok:
-                    verdicts.append(Verdict(False, "llm_error", str(r.error or "")[:200]))
-                elif p["error"]:
-                    verdicts.append(Verdict(False, p["error"]))
-                else:
-                    verdicts.append(validate_rephrasing(a.row, p["question"], cosine=cos, kept=kept_text[rid],
-                                                        checks=checks))
-            pairwise = _pairwise(embedder, ps, kept_text[rid]) if a.n > 1 else None
-            valid = [i for i, v in enumerate(verdicts) if v.ok]
-            picked: list[int] = []
-            while valid and len(picked) < len(a.slots):
-                choice = pick_distinct(valid, cs, pairwise, range(len(ps), len(ps) + len(kept_text[rid])) if
-                                       pairwise is not None else (), 1) if a.n > 1 else valid[:1]
-                i = choice[0]
+    best_of_n = candidates > 1
+
+    def parse(result: LLMResult, item: _Item) -> dict[str, Any] | Reject:
+        if not result.ok:
+            return llm_error(result)
+        p = format_output(result.text, item.row)
+        return Reject(p["error"]) if p["error"] else {"question": p["question"], "cosine": None}
+
+    def review(turns: list[Turn]) -> None:
+        """Validate each candidate (similarity band, facts, duplicates) and fill the slots from the valid ones,
+        most different first; one row at a time, so a kept one counts against the next request's."""
+        questions = [[a.value["question"] if isinstance(a.value, dict) else None for a in t.answers] for t in turns]
+        for t, qs, cs in zip(turns, questions, _cosines(embedder, turns, questions)):
+            row, kept = t.item.row, kept_text[t.item.row["id"]]
+            for a, q, cos in zip(t.answers, qs, cs):
+                if q is not None:
+                    v = validate_rephrasing(row, q, cosine=cos, kept=kept, checks=checks)
+                    a.value = {"question": q, "cosine": cos} if v.ok else Reject(v.reason, v.detail, q, _r4(cos))
+            pairwise = _pairwise(embedder, qs, kept) if best_of_n else None
+            valid = [i for i, a in enumerate(t.answers) if not isinstance(a.value, Reject)]
+            t.keep = []
+            while valid and len(t.keep) < t.want:
+                taken = range(len(qs), len(qs) + len(kept))  # the kept ones' rows of the matrix
+                i = pick_distinct(valid, cs, pairwise, taken, 1)[0] if best_of_n else valid[0]
                 valid.remove(i)
-                dup = check_near_copy(str(a.row["question"]), ps[i]["question"], kept_text[rid],
-                                      checks.near_copy_char_ratio)
+                dup = check_near_copy(str(row["question"]), qs[i], kept, checks.near_copy_char_ratio)
                 if not dup.ok:  # a copy of one picked from this same request
-                    verdicts[i] = dup
+                    t.answers[i].value = Reject(dup.reason, dup.detail, qs[i], _r4(cs[i]))
                     continue
-                slot = a.slots[len(picked)]
-                picked.append(i)
-                kept_text[rid].append(ps[i]["question"])
+                t.keep.append(i)
+                kept.append(qs[i])
                 if pairwise is not None:  # the new kept one is the last row/column of the matrix
-                    pairwise = _pairwise(embedder, ps, kept_text[rid])
-                res.kept.append(make_rephrasing(a.row, ps[i]["question"], slot, attempt, prompt, cs[i]))
-            res.surplus += len(valid)
-            unfilled = a.slots[len(picked):]
-            open_slots[rid] = [s for s in open_slots[rid] if s not in a.slots] + unfilled
-            open_slots[rid].sort()
-            rejected = [i for i, v in enumerate(verdicts) if not v.ok]
-            for j, i in enumerate(rejected):
-                v, cos = verdicts[i], cs[i]
-                slot = unfilled[j % len(unfilled)] if unfilled else a.slots[j % len(a.slots)]
-                rec = {"kind": "rephrase", "group_id": a.row["group_id"], "source_id": rid,
-                       "category": a.row.get("category"), "rephrase_index": slot, "attempt": attempt,
-                       "text": ts[i], "candidate": ps[i]["question"], "reason": v.reason,
-                       "detail": v.detail, "cosine": None if cos is None else round(float(cos), 4),
-                       "prompt": prompt.ref, "final": False}
-                res.rejections.append(rec)
-                res.rejected_reasons[v.reason] += 1
-                if slot in unfilled:
-                    last[(rid, slot)] = rec
-            for slot in unfilled[len(rejected):]:  # a server that returned fewer candidates than asked
-                if (rid, slot) not in last:
-                    rec = {"kind": "rephrase", "group_id": a.row["group_id"], "source_id": rid,
-                           "category": a.row.get("category"), "rephrase_index": slot, "attempt": attempt,
-                           "text": None, "candidate": None, "reason": "empty_output",
-                           "detail": f"{len(ts)} of {a.n} candidates returned", "cosine": None,
-                           "prompt": prompt.ref, "final": False}
-                    res.rejections.append(rec)
-                    res.rejected_reasons["empty_output"] += 1
-                    last[(rid, slot)] = rec
-    for r in rows:
-        for s in open_slots[r["id"]]:
-            rec = last[(r["id"], s)]
-            rec["final"] = True
-            res.missing_reasons[rec["reason"]] += 1
+                    pairwise = _pairwise(embedder, qs, kept)
+
+    def record(item: _Item, pos: int, attempt: int) -> dict[str, Any]:
+        return {"kind": "rephrase", "group_id": item.row["group_id"], "source_id": item.row["id"],
+                "category": item.row.get("category"), "rephrase_index": item.slots[pos],
+                "prompt": prompts[attempt].ref}
+
+    task = Task(
+        name="rephrase", format_input=lambda it, a: format_input(it.row, a, prompt_format), format_output=parse,
+        temperature=temperature, heat=HEAT, max_temperature=MAX_TEMPERATURE,
+        seed_by=lambda it: (it.row["id"], 0 if best_of_n else it.slots[0]),
+        max_tokens=lambda it: max_tokens_for(str(it.row["question"]), max_tokens), stop=STOP if early_stop else (),
+        wanted=lambda it: len(it.slots), candidates=candidates,
+        key=lambda it, a, open_: f"{it.row['id']}#{','.join(str(it.slots[p]) for p in open_)}@{a}",
+        record=record, review=review)
+    slots = [(s,) for s in range(1, k + 1)] if candidates == 1 else [tuple(range(1, k + 1))]
+    items = [_Item(r, s) for r in rows for s in slots]
+    run = run_task(provider, items, task, max_attempts=max_attempts)
+
+    res = RephraseResult(slots=len(rows) * k, rejections=run.rejections, missing_reasons=run.missing,
+                         rejected_reasons=run.rejected, requests=run.requests, rounds=run.rounds,
+                         candidates=run.answers, surplus=run.surplus,
+                         prompts={p.name: p.ref for p in prompts[:run.rounds]})
+    for it, outs in zip(items, run.outputs):
+        for pos, (attempt, value) in enumerate(outs):
+            res.kept.append(make_rephrasing(it.row, value["question"], it.slots[pos], attempt, prompts[attempt],
+                                            value["cosine"]))
     _tally(res, rows, k)
     res.kept.sort(key=lambda x: (x["group_id"], x["rephrase_index"], x["id"]))
     res.rejections.sort(key=lambda x: (x["group_id"], x["source_id"], x["rephrase_index"], x["attempt"]))
     return res
 
 
-def _cosines(embedder: Embedder | None, asks: list[_Ask],
-             parsed: list[list[dict[str, Any]]]) -> list[list[float | None]]:
+def _r4(cosine: float | None) -> float | None:
+    return None if cosine is None else round(float(cosine), 4)
+
+
+def _cosines(embedder: Embedder | None, turns: list[Turn],
+             questions: list[list[str | None]]) -> list[list[float | None]]:
     """Cosine of each parsed candidate to its original (None without an embedder or a parse)."""
-    out: list[list[float | None]] = [[None] * len(ps) for ps in parsed]
-    idx = [(a, c) for a, ps in enumerate(parsed) for c, p in enumerate(ps) if p["question"]]
+    out: list[list[float | None]] = [[None] * len(qs) for qs in questions]
+    idx = [(t, c) for t, qs in enumerate(questions) for c, q in enumerate(qs) if q]
     if embedder is None or not idx:
         return out
-    originals = embedder.encode([str(asks[a].row["question"]) for a, _ in idx])
-    cands = embedder.encode([parsed[a][c]["question"] for a, c in idx])
+    originals = embedder.encode([str(turns[t].item.row["question"]) for t, _ in idx])
+    cands = embedder.encode([questions[t][c] for t, c in idx])
     sims = np.sum(np.asarray(originals) * np.asarray(cands), axis=1)
-    for (a, c), v in zip(idx, sims):
-        out[a][c] = float(v)
+    for (t, c), v in zip(idx, sims):
+        out[t][c] = float(v)
     return out
 
 
-def _pairwise(embedder: Embedder | None, parsed: list[dict[str, Any]], kept: list[str]) -> np.ndarray | None:
+def _pairwise(embedder: Embedder | None, questions: list[str | None], kept: list[str]) -> np.ndarray | None:
     """Cosines among one request's candidates followed by the row's kept rephrasings (0 for no parse)."""
     if embedder is None:
         return None
-    texts = [p["question"] or "" for p in parsed] + list(kept)
+    texts = [q or "" for q in questions] + list(kept)
     v = np.asarray(embedder.encode(texts), dtype=np.float32)
     m = v @ v.T
-    for i, p in enumerate(parsed):
-        if not p["question"]:
+    for i, q in enumerate(questions):
+        if not q:
             m[i, :] = m[:, i] = 0.0
     return m
 

@@ -17,7 +17,6 @@ go to the manifest so that is visible, not hidden.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import Counter, defaultdict
@@ -28,7 +27,8 @@ import numpy as np
 
 from datagen.config import ScenarioSynthConfig
 from datagen.embed import Embedder
-from datagen.llm.base import ChatRequest, LLMProvider, Message
+from datagen.llm.base import LLMProvider, LLMResult, Message
+from datagen.llm.tasks import Reject, Task, Turn, llm_error, run_task
 from datagen.prompts import load_prompt, split_turns
 from datagen.schema import SCENARIO_SOURCE as SOURCE, stable_id
 from datagen.validators import char_ratio, is_question
@@ -200,7 +200,7 @@ def make_row(task: dict[str, Any], parsed: dict[str, Any], prompt_ref: dict[str,
     }
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the task
 @dataclass
 class ScenarioResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -213,69 +213,47 @@ class ScenarioResult:
     prompt: dict[str, str] = field(default_factory=dict)
 
 
-def _seed(task: dict[str, Any], attempt: int, base: int) -> int:
-    blob = f"{base}|{task['cluster']}|{task['slot']}|{attempt}".encode()
-    return int(hashlib.sha256(blob).hexdigest()[:8], 16)
-
-
 def synthesize_scenarios(cfg: ScenarioSynthConfig, provider: LLMProvider,
                          embedder: Embedder | None) -> ScenarioResult:
     prompt = load_prompt(PROMPT)
-    res = ScenarioResult(prompt=prompt.ref)
     tasks = plan_tasks(cfg)
-    res.planned = len(tasks)
     examples = few_shot_texts()
     kept_vecs: list[np.ndarray] = []
-    last: dict[int, dict[str, Any]] = {}
-    open_tasks = list(range(len(tasks)))
-    teacher = f"{provider.name}:{provider.model}"
-    for attempt in range(cfg.max_attempts):
-        if not open_tasks:
-            break
-        temp = round(min(cfg.temperature + 0.15 * attempt, 1.3), 3)
-        reqs = [ChatRequest(messages=tuple(format_input(tasks[i], attempt)), temperature=temp,
-                            max_tokens=cfg.max_tokens, seed=_seed(tasks[i], attempt, cfg.seed),
-                            key=f"{tasks[i]['cluster']}#{tasks[i]['slot']}@{attempt}") for i in open_tasks]
-        results = provider.generate_batch(reqs, desc=f"scenarios attempt {attempt + 1}/{cfg.max_attempts}")
-        res.requests += len(reqs)
-        parsed = [format_output(r.text if r.ok else None, tasks[i]) for r, i in zip(results, open_tasks)]
-        reasons: list[str | None] = []
-        for i, r, p in zip(open_tasks, results, parsed):
-            if not r.ok:
-                reasons.append("llm_error")
-            elif p["error"]:
-                reasons.append(p["error"])
+
+    def parse(result: LLMResult, task: dict[str, Any]) -> dict[str, Any] | Reject:
+        if not result.ok:
+            return llm_error(result)
+        p = format_output(result.text, task)
+        why = p["error"] or check_task(p, examples, task=task)
+        return Reject(why) if why else p
+
+    def diverse(turns: list[Turn]) -> None:
+        """Drop a task too close to a kept one or to an earlier one of this round, in task order."""
+        ok = [a for t in turns for a in t.answers if not isinstance(a.value, Reject)]
+        if embedder is None or not ok:
+            return
+        for a, v in zip(ok, embedder.encode([f"{a.value['instruction']} {a.value['response']}" for a in ok])):
+            if kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= cfg.diversity_threshold:
+                a.value = Reject("not_diverse")
             else:
-                reasons.append(check_task(p, examples, task=tasks[i]))
-        # diversity: against kept tasks and earlier candidates of this round, in task order
-        cand = [j for j, why in enumerate(reasons) if why is None]
-        if embedder is not None and cand:
-            vecs = embedder.encode([f"{parsed[j]['instruction']} {parsed[j]['response']}" for j in cand])
-            for j, v in zip(cand, vecs):
-                if kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= cfg.diversity_threshold:
-                    reasons[j] = "not_diverse"
-                else:
-                    kept_vecs.append(v)
-        still_open = []
-        for i, r, p, why in zip(open_tasks, results, parsed, reasons):
-            task = tasks[i]
-            if why is None:
-                res.rows.append(make_row(task, p, prompt.ref, teacher, attempt))
-                continue
-            rec = {"kind": "scenario", "group_id": f"scn-{stable_id(SOURCE, task['cluster'], task['slot'])}",
-                   "source_id": None, "category": CATEGORY, "scenario": task["cluster"], "sector": task["sector"],
-                   "geography": task["geography"], "rephrase_index": None,
-                   "attempt": attempt, "text": r.text, "candidate": None, "reason": why,
-                   "detail": (r.error or "")[:200] if not r.ok else "", "cosine": None, "prompt": prompt.ref,
-                   "final": False}
-            res.rejections.append(rec)
-            res.rejected_reasons[why] += 1
-            last[i] = rec
-            still_open.append(i)
-        open_tasks = still_open
-    for i in open_tasks:
-        last[i]["final"] = True
-        res.missing_reasons[last[i]["reason"]] += 1
+                kept_vecs.append(v)
+
+    def record(task: dict[str, Any], pos: int, attempt: int) -> dict[str, Any]:
+        return {"kind": "scenario", "group_id": f"scn-{stable_id(SOURCE, task['cluster'], task['slot'])}",
+                "source_id": None, "category": CATEGORY, "scenario": task["cluster"], "sector": task["sector"],
+                "geography": task["geography"], "rephrase_index": None, "prompt": prompt.ref}
+
+    spec = Task(name="scenarios", format_input=format_input, format_output=parse, temperature=cfg.temperature,
+                heat=0.15, max_temperature=1.3, seed_by=lambda t: (cfg.seed, t["cluster"], t["slot"]),
+                max_tokens=cfg.max_tokens, key=lambda t, a, _: f"{t['cluster']}#{t['slot']}@{a}",
+                record=record, review=diverse)
+    run = run_task(provider, tasks, spec, max_attempts=cfg.max_attempts)
+
+    teacher = f"{provider.name}:{provider.model}"
+    res = ScenarioResult(rows=[make_row(t, value, prompt.ref, teacher, attempt)
+                               for t, outs in zip(tasks, run.outputs) for attempt, value in outs],
+                         rejections=run.rejections, planned=len(tasks), rejected_reasons=run.rejected,
+                         missing_reasons=run.missing, requests=run.requests, prompt=prompt.ref)
     per: dict[str, dict[str, int]] = defaultdict(lambda: {"planned": 0, "kept": 0})
     for t in tasks:
         per[t["cluster"]]["planned"] += 1

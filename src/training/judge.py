@@ -1,9 +1,9 @@
 """The LLM judge: reference-guided rubric grading, pairwise comparison, and the judge's self-check.
 
 Split as distilabel does: ``format_*_input(...) -> messages`` and ``format_*_output(result) -> value``
-are pure and tested on clean, noisy and malformed output; the ``judge_*`` functions only batch
-requests through an :class:`~datagen.llm.base.LLMProvider`. The judge runs at temperature 0 with a
-JSON schema; output that still does not parse after the provider's schema retries is recorded as
+are pure and tested on clean, noisy and malformed output; the ``judge_*`` functions only hand them to
+:func:`~datagen.llm.tasks.run_task` (one round: the judge is not retried). The judge runs at temperature 0
+with a JSON schema; output that still does not parse after the provider's schema retries is recorded as
 *unparsable*: score 0, never a pass.
 
 The self-check (:func:`selfcheck`) asks the judge to grade each sampled item's *reference* answer
@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from datagen.llm.base import ChatRequest, LLMProvider, LLMResult, parse_structured
+from datagen.llm.base import LLMProvider, LLMResult, parse_structured
+from datagen.llm.tasks import Task, TaskRun, run_task
 from datagen.prompts import Prompt, load_prompt
 from datagen.schema import render_context
 from training.aggregate import cohen_kappa
@@ -104,11 +105,17 @@ def judge_answers(provider: LLMProvider, items: Sequence[JudgeItem], *, prompt: 
                   desc: str = "judge") -> list[Grade]:
     """Rubric grades for ``items``, in order (temperature 0, JSON schema)."""
     prompt = prompt or load_prompt(RUBRIC_PROMPT)
-    requests = [ChatRequest(messages=format_judge_input(it, prompt), schema=JudgeVerdict, temperature=0.0,
-                            max_tokens=max_tokens, seed=seed, key=it.key) for it in items]
-    results = provider.generate_batch(requests, desc=desc) if requests else []
-    return [format_judge_output(r, pass_score=pass_score, judge_model=f"{provider.name}:{provider.model}",
-                                prompt_ref=prompt.ref) for r in results]
+    judge = f"{provider.name}:{provider.model}"
+    task = Task(name=desc, format_input=lambda it, _: format_judge_input(it, prompt),
+                format_output=lambda r, _: format_judge_output(r, pass_score=pass_score, judge_model=judge,
+                                                               prompt_ref=prompt.ref),
+                schema=JudgeVerdict, seed=seed, max_tokens=max_tokens, key=lambda it, *_: it.key)
+    return _one_each(run_task(provider, items, task))
+
+
+def _one_each(run: TaskRun) -> list[Any]:
+    """Each item's one output: the judge's parsers never reject (unparsable is a value)."""
+    return [outs[0].value for outs in run.outputs]
 
 
 # ----------------------------------------------------------------------------- pairwise
@@ -145,16 +152,15 @@ def judge_pairwise(provider: LLMProvider, items: Sequence[JudgeItem], base: Sequ
                    max_tokens: int = 192) -> list[dict[str, Any]]:
     """Each item judged twice (base first, then tuned first); see :func:`combine_orders`."""
     prompt = prompt or load_prompt(PAIRWISE_PROMPT)
-    reqs = []
-    for it, b, t in zip(items, base, tuned, strict=True):
-        for a_ans, b_ans in ((b, t), (t, b)):
-            reqs.append(ChatRequest(messages=format_pairwise_input(it, a_ans, b_ans, prompt),
-                                    schema=PairwiseVerdict, temperature=0.0, max_tokens=max_tokens,
-                                    seed=seed, key=it.key))
-    results = provider.generate_batch(reqs, desc="pairwise") if reqs else []
+    asks = [(it, a, b) for it, base_ans, tuned_ans in zip(items, base, tuned, strict=True)
+            for a, b in ((base_ans, tuned_ans), (tuned_ans, base_ans))]  # both orders, one after the other
+    task = Task(name="pairwise", format_input=lambda ask, _: format_pairwise_input(*ask, prompt),
+                format_output=lambda r, _: format_pairwise_output(r), schema=PairwiseVerdict, seed=seed,
+                max_tokens=max_tokens, key=lambda ask, *_: ask[0].key)
+    verdicts = _one_each(run_task(provider, asks, task))
     out = []
     for i, it in enumerate(items):
-        first, second = format_pairwise_output(results[2 * i]), format_pairwise_output(results[2 * i + 1])
+        first, second = verdicts[2 * i], verdicts[2 * i + 1]
         out.append({"key": it.key, "base_first": first, "tuned_first": second,
                     "outcome": combine_orders(first, second)})
     return out
