@@ -1,12 +1,17 @@
 """Prefect orchestration: one flow per stage, and ``pipeline`` that runs them in order.
 
-Each stage flow calls one task, which calls the stage's plain ``src/`` function. The task's cache key
-is ``INPUTS + TASK_SOURCE`` over what the stage's output depends on:
+Each stage flow calls one task, which runs the stage's spec (``STAGE`` in its ``src/`` module, see
+:mod:`datagen.stage`) through :func:`flows.stages.execute`. The task's cache key is
+:func:`flows.stages.cache_inputs`, over what the stage's output depends on:
 
-- the config sections the stage reads (``flows.stages.Stage.config_sections``),
-- the hash of each upstream stage's ``manifest.json`` (so a rerun upstream invalidates downstream),
-- the content hashes of the prompts it renders, and the source of the ``src/`` module it runs,
-- the project root (two roots never share results).
+- the config sections the spec names (dotted, e.g. augment reads ``dedup.embedder``),
+- each upstream stage's *content* hash (its output files, not timings: those live in ``timings.json``),
+- the content hashes of the prompts it renders (the spec's list, plus every prompt name in its code),
+- the code: every project module in the import closure of the stage's module,
+- the project root (two roots never share results);
+
+and a cached result is used only while the stage's own output is still there, intact, and was made
+from exactly this key (``run.json`` beside it), so a deleted or edited output reruns.
 
 So an unchanged rerun is served from Prefect's cache (state ``Cached``), and a changed config value or
 prompt reruns exactly the stage that reads it and the stages downstream of it. ``refresh=True`` forces

@@ -1,8 +1,9 @@
-"""The pipeline's stages, in order: name, output folder, and the plain ``src/`` function that runs it.
+"""The pipeline's stages, in order, collected from the ``STAGE`` spec each stage module declares
+(:class:`datagen.stage.StageSpec`), and what the orchestration builds from them: running one stage with
+its checks (:func:`execute`), staleness, and what its output depends on (:func:`cache_inputs`).
 
-Each stage function takes a validated :class:`~datagen.config.Config`, reads its upstream stage's
-output folder and writes its own, with ``manifest.json`` last. Imports are lazy so that ``finsynth
---help`` stays fast and a stage's heavy dependencies load only when it runs.
+Stage modules import their heavy dependencies (torch, transformers) inside functions, so collecting
+the specs keeps ``finsynth --help`` fast.
 """
 
 from __future__ import annotations
@@ -11,96 +12,25 @@ import ast
 import functools
 import hashlib
 import importlib.util
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datagen import augment, chat_format, dedup, fetch, split
 from datagen.config import Config
 from datagen.io import RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, require_stage, verify_outputs
 from datagen.prompts import PROMPTS_DIR
+from datagen.stage import StageSpec
+from training import evaluate, train
 
 PROJECT_PACKAGES = ("datagen", "training")
 
 
-def _fetch(cfg: Config) -> dict[str, Any]:
-    from datagen.fetch import run_fetch
-
-    return run_fetch(cfg)
-
-
-def _augment(cfg: Config) -> dict[str, Any]:
-    from datagen.augment import run_augment
-
-    return run_augment(cfg)
-
-
-def _dedup(cfg: Config) -> dict[str, Any]:
-    from datagen.dedup import run_dedup
-
-    return run_dedup(cfg)
-
-
-def _split(cfg: Config) -> dict[str, Any]:
-    from datagen.split import run_split
-
-    return run_split(cfg)
-
-
-def _format(cfg: Config) -> dict[str, Any]:
-    from datagen.chat_format import run_format
-
-    return run_format(cfg)
-
-
-def _train(cfg: Config) -> dict[str, Any]:
-    from training.train import run_train
-
-    return run_train(cfg)
-
-
-def _evaluate(cfg: Config) -> dict[str, Any]:
-    from training.evaluate import run_evaluate
-
-    return run_evaluate(cfg)
-
-
-def _augment_providers(c: Config) -> tuple[str, ...]:
-    names = [c.augment.provider] if c.augment.k > 0 else []
-    if c.augment.scenario.enabled and c.augment.scenario.per_cluster and c.augment.scenario.clusters:
-        names.append(c.augment.scenario.provider)
-    return tuple(dict.fromkeys(names))
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[[Config], dict[str, Any]]
-    output: Callable[[Config], Path]
-    config_sections: tuple[str, ...]  # the config sections this stage's output depends on
-    prompts: tuple[str, ...] = ()  # prompt templates it renders
-    upstream: tuple[str, ...] = ()  # finished stages it reads
-    providers: Callable[[Config], tuple[str, ...]] = lambda c: ()  # LLM providers it calls
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("fetch", _fetch, lambda c: c.paths.stage_dir("fetch"), ("sources",)),
-    Stage("augment", _augment, lambda c: c.paths.stage_dir("augment"), ("augment", "llm", "dedup.embedder"),
-          ("rephrase", "scenario_synthesis"), ("fetch",), _augment_providers),
-    Stage("dedup", _dedup, lambda c: c.paths.stage_dir("dedup"), ("dedup",), (), ("augment",)),
-    Stage("split", _split, lambda c: c.paths.stage_dir("split"), ("split", "dedup"), (), ("dedup",)),
-    Stage("format", _format, lambda c: c.paths.stage_dir("dataset"), ("format", "model", "card", "split", "sources"),
-          ("system_analyst", "gemma_chat"), ("split",)),
-    Stage("train", _train, lambda c: c.paths.models_dir / c.train.run_name, ("train", "model"), (),
-          ("format",)),
-    Stage("evaluate", _evaluate, lambda c: c.paths.reports_dir / c.evaluate.run_name,
-          ("evaluate", "llm", "model", "format.system_prompt"), ("judge_rubric",), ("format", "train"),
-          lambda c: (c.evaluate.judge_provider,)),
-)
+# One spec per stage, declared in its own module (``STAGE = StageSpec(...)``); this tuple is the order.
+STAGES: tuple[StageSpec, ...] = tuple(m.STAGE for m in (fetch, augment, dedup, split, chat_format, train, evaluate))
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
-def get_stage(name: str) -> Stage:
+def get_stage(name: str) -> StageSpec:
     for s in STAGES:
         if s.name == name:
             return s
@@ -113,7 +43,7 @@ def mark_downstream_stale(cfg: Config, name: str) -> list[str]:
     return [n for n in later if mark_stale(get_stage(n).output(cfg), f"upstream stage {name!r} was rerun")]
 
 
-def probe_providers(cfg: Config, stages: list[Stage]) -> list[str]:
+def probe_providers(cfg: Config, stages: list[StageSpec]) -> list[str]:
     """Resolve the key of, and make one cheap call to, every provider these stages will call, before
     the first of them runs: a missing key, a dead server or a refused key fails the run up front."""
     from datagen.llm import probe_provider
@@ -141,7 +71,7 @@ def execute(cfg: Config, name: str) -> dict[str, Any]:
     return manifest
 
 
-def select(only: str | None = None, start: str | None = None) -> list[Stage]:
+def select(only: str | None = None, start: str | None = None) -> list[StageSpec]:
     """Stages to run: all, ``only`` one, or ``start`` and everything after it."""
     if only and start:
         raise ValueError("give --only or --from, not both")
@@ -154,21 +84,6 @@ def select(only: str | None = None, start: str | None = None) -> list[Stage]:
 
 
 # ----------------------------------------------------------------------------- what a stage's output depends on
-def _entry_module(stage: Stage) -> str:
-    """The ``src/`` module a stage wrapper imports its function from (read off the wrapper's code)."""
-    for node in ast.walk(ast.parse(_source_of(stage.run))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PROJECT_PACKAGES:
-            return node.module
-    raise ValueError(f"stage {stage.name!r}: its wrapper imports no project module")
-
-
-def _source_of(fn: Callable) -> str:
-    import inspect
-    import textwrap
-
-    return textwrap.dedent(inspect.getsource(fn))
-
-
 @functools.cache
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # the top-level package only: nothing below is imported
@@ -213,13 +128,13 @@ def _prompt_names() -> set[str]:
     return {p.stem for p in PROMPTS_DIR.glob("*.jinja")}
 
 
-def stage_prompts(cfg: Config, stage: Stage) -> tuple[str, ...]:
+def stage_prompts(cfg: Config, stage: StageSpec) -> tuple[str, ...]:
     """Prompts the stage can render: every prompt name written as a string in its code (closure), and
     every prompt a config value of its sections names (``format.system_prompt``, ``model.chat_template``).
     Read off the code, so the list cannot drift from what the code renders."""
     known = _prompt_names()
-    found = set(stage.prompts)
-    for m in module_closure(_entry_module(stage)):
+    found = {p for p in stage.prompts(cfg) if p}
+    for m in module_closure(stage.module):
         if m == "datagen.config":  # its defaults name prompts; the config walk below covers those
             continue
         for node in ast.walk(ast.parse(_module_file(m).read_text(encoding="utf-8"))):
@@ -249,14 +164,14 @@ def config_section(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def code_hash(stage: Stage) -> str:
+def code_hash(stage: StageSpec) -> str:
     h = hashlib.sha256()
-    for m in module_closure(_entry_module(stage)):
+    for m in module_closure(stage.module):
         h.update(m.encode() + b"\0" + _module_file(m).read_bytes())
     return h.hexdigest()[:16]
 
 
-def cache_inputs(cfg: Config, stage: Stage) -> dict[str, Any]:
+def cache_inputs(cfg: Config, stage: StageSpec) -> dict[str, Any]:
     """Everything a stage's output depends on; the Prefect task's cache key is computed over this:
     config sections, upstream *content* hashes, prompt file hashes, the code closure, the root."""
     return {
@@ -276,7 +191,7 @@ def inputs_key(key: dict[str, Any]) -> str:
     return hashlib.sha256(dumps(key).encode()).hexdigest()[:24]
 
 
-def output_matches(cfg: Config, stage: Stage, key: dict[str, Any]) -> bool:
+def output_matches(cfg: Config, stage: StageSpec, key: dict[str, Any]) -> bool:
     """The stage's folder holds a finished output made from exactly these inputs, with every file
     intact. When not (deleted, edited, or made from other inputs), a cached result must not be used."""
     out = stage.output(cfg)

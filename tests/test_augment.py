@@ -12,6 +12,7 @@ from datagen.config import ScenarioSynthConfig, load_config
 from datagen.io import read_jsonl, read_manifest, write_jsonl, write_manifest
 from datagen.llm.base import FunctionProvider
 from datagen.prompts import load_prompt
+from datagen.rephrase import rephrase_id
 from datagen.scenarios import (
     GEOGRAPHIES,
     SECTORS,
@@ -24,6 +25,7 @@ from datagen.scenarios import (
     plan_tasks,
     repetition_ratio,
 )
+from datagen.schema import SCENARIO_SOURCE, stable_id
 from test_rephrase import AnchorEmbedder
 
 GOOD_TASK = ("Instruction: The rand falls 35% and a South African chemicals maker rated BB- has 60% of its debt "
@@ -214,6 +216,19 @@ def test_augment_stage_exact_counts(stage_cfg):
                               "missing_by_reason": {"missing_metrics": 1},
                               "by_cluster": {"fx_crisis": {"planned": 2, "kept": 1}}}
     assert m["counts"]["rows"] == 7 and m["counts"]["originals"] == 3 and m["counts"]["rejections"] == 14
+    # every rejection is one drop record, counted as dropped_<reason> (rephrasings and scenario tasks together)
+    assert all({"stage", "row_id", "reason", "detail"} <= d.keys() and d["stage"] == "augment" for d in rej)
+    assert {k: v for k, v in m["counts"].items() if k.startswith("dropped_")} == {
+        "dropped_leaks_answer": 2, "dropped_malformed_output": 5, "dropped_missing_metrics": 1,
+        "dropped_missing_number": 1, "dropped_near_copy": 5}
+    # row_id: the id the candidate would have had; a slot filled later has its earlier drops under the kept id
+    filled = {(r["metadata"]["rephrase_of"], r["rephrase_index"]): r["id"] for r in reph}
+    for d in (d for d in rej if d["kind"] == "rephrase"):
+        slot = (d["source_id"], d["rephrase_index"])
+        assert (d["row_id"] == filled[slot]) if slot in filled else (d["row_id"] not in {r["id"] for r in rows})
+        assert d["row_id"] == rephrase_id(*slot)
+    planned = {stable_id(SCENARIO_SOURCE, t["cluster"], t["slot"]) for t in plan_tasks(cfg.augment.scenario)}
+    assert {d["row_id"] for d in rej if d["kind"] == "scenario"} == planned - {scen[0]["id"]}
     assert m["llm_calls"] == 18 and m["llm_usage"]["fake"]["calls"] == 18
     assert set(m["prompts"]) == {"rephrase", "rephrase_retry", "scenario_synthesis"}
     assert m["prompts"]["rephrase"]["hash"] == load_prompt("rephrase").hash
@@ -248,9 +263,12 @@ def test_limit_rephrases_first_n_in_category_round_robin(stage_cfg):
 
 
 def test_missing_fetch_stage_is_a_clear_error(tmp_path):
+    from flows.stages import execute
+
     cfg = load_config(profile="demo", root=tmp_path)
-    with pytest.raises(FileNotFoundError, match="finsynth fetch"):
-        run_augment_cfg(cfg, FunctionProvider(lambda m: ""), AnchorEmbedder(set(), {}))
+    with pytest.raises(FileNotFoundError, match="finsynth fetch"):  # the augment spec's upstream, checked first
+        execute(cfg, "augment")
+    assert not cfg.paths.stage_dir("augment").exists()
 
 
 # ----------------------------------------------------------------------------- the real packaged Gemma

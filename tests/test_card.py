@@ -123,6 +123,20 @@ def test_card_items_rephrased_is_zero_when_k_is_zero(demo_cfg):
     assert "Acceptance" not in body and "not recorded of slots" not in body
 
 
+def test_card_reports_drops_of_fetch_and_augment_by_reason(demo_cfg):
+    p = demo_cfg.paths
+    write_manifest(p.stage_dir("fetch"), {"stage": "fetch", "counts": {"dropped_missing": 2, "dropped_bad_label": 1},
+                                          "quarantine": {"total": 3, "by_reason": {"missing": 2, "bad_label": 1}}})
+    write_manifest(p.stage_dir("augment"), {
+        "stage": "augment", "counts": {"rephrased_items": 5, "rejections": 7, "dropped_near_copy": 6,
+                                       "dropped_missing_metrics": 1},
+        "rephrase": {"k": 2, "slots": 10, "kept": 4, "missing": 6, "rejected_by_reason": {"near_copy": 6}}})
+    _, body = parse_card(build_card(demo_cfg, SUMMARY))
+    assert "Rows quarantined at fetch (invalid): 3, by reason: bad_label 1, missing 2." in body
+    assert ("Dropped at augment (every rejected candidate, rephrasings and scenario tasks): missing_metrics 1, "
+            "near_copy 6.") in body
+
+
 def test_card_acceptance_only_when_recorded(demo_cfg):
     _augment(demo_cfg, k=2, slots=10, kept=4, missing=6, rejected_by_reason={"near_copy": 6})
     _, body = parse_card(build_card(demo_cfg, SUMMARY))

@@ -143,6 +143,11 @@ def test_no_duplicate_pair_of_different_groups_survives():
 
 def test_signals():
     assert signed_numbers("-2.04% vs (3.4) and $1,200.50 in 2017-2018") == (-3.4, -2.04, 1200.5, 2017.0, 2018.0)
+    # datagen.numbers reads them: scale words apply, a spaced minus between figures is not a sign
+    assert signed_numbers("$1.2bn or 1,200 million, from 2017 - 2018") == (2017.0, 2018.0, 1.2e9, 1.2e9)
+    assert signed_numbers("on 2024-01-02") == (1.0, 2.0, 2024.0)  # dates' parts tell dates apart
+    assert numbers({"question": "Is the CET1 ratio of 4.50% above 0.5 on 2024-01-02?", "context": None}) == {
+        "4.5", "0.5", "2024", "1", "2"}  # "CET1" holds no figure
     assert term_difference("What was the percentage change in net income?",
                            "What was the percentage change in net sales?") == (["income"], ["sales"])
     assert term_difference("What was ACME's total return over the last 10 trading days?",

@@ -340,8 +340,10 @@ def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
 
 
 def test_run_evaluate_requires_upstream(tiny_cfg):
-    with pytest.raises(FileNotFoundError, match="finsynth format"):
-        run_evaluate(tiny_cfg, judge=FunctionProvider(reference_judge), generator=fake_generator)
+    from flows.stages import execute
+
+    with pytest.raises(FileNotFoundError, match="finsynth format"):  # the evaluate spec's upstream, checked first
+        execute(tiny_cfg, "evaluate")
 
 
 # ----------------------------------------------------------------------------- real packaged Gemma

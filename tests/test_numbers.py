@@ -71,3 +71,32 @@ def test_find_numbers_in_text():
 def test_number_keys_canonical():
     assert number_keys("$1.2bn vs 1,200,000,000 USD vs 12.50%") == ["1200000000USD", "1200000000USD", "12.5%"]
     assert format_number(1200.0) == "1200" and format_number(12.5) == "12.5"
+
+
+def test_figures_say_how_they_were_written():
+    text = "Revenue fell (3.4%) to -$1.2bn, up +5bp, and 12 pp; TRY 5bn, BRL 50m, 7 US dollar; try 5 times"
+    got = [(f.value, f.unit, f.sign, f.written, f.scale, f.currency, f.is_percent, f.negative)
+           for f in find_numbers(text)]
+    assert got == [(-3.4, "%", "()", 3.4, 1, "", True, True),
+                   (-1.2e9, "USD", "-", 1.2, 10**9, "USD", False, True),
+                   (5.0, "bp", "+", 5.0, 1, "", False, False),
+                   (12.0, "pp", "", 12.0, 1, "", True, False),
+                   (5e9, "TRY", "", 5.0, 10**9, "TRY", False, False),
+                   (5e7, "BRL", "", 50.0, 10**6, "BRL", False, False),
+                   (7.0, "USD", "", 7.0, 1, "USD", False, False),
+                   (5.0, "", "", 5.0, 1, "", False, False)]  # "try" in lower case is a word, not TRY
+    assert all(text[f.start:f.end] == f.text for f in find_numbers(text))
+    assert [f.sign for f in find_numbers("sales fell 3% and rose 2%", directional=True)] == ["down", ""]
+    assert parse_number(-5).sign == "-" and parse_number(-5).written == 5.0
+
+
+@pytest.mark.parametrize("text, values", [
+    ("100% - 40% - 30%", [100.0, 40.0, 30.0]),  # arithmetic
+    ("12 - 5 = 7", [12.0, 5.0, 7.0]),
+    ("from 2017 \u2013 2018", [2017.0, 2018.0]),  # a range
+    ("(12) - 5", [-12.0, 5.0]),
+    ("a change of - 3.2%", [-3.2]),  # a sign: no figure before it
+    ("2.9% -1.2%", [2.9, -1.2]),  # attached: a sign
+])
+def test_a_spaced_minus_after_a_figure_is_an_operator(text, values):
+    assert [f.value for f in find_numbers(text)] == values

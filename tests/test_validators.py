@@ -49,6 +49,18 @@ def test_extracted_sets_exactly():
     }
 
 
+def test_figures_come_from_the_one_parser():
+    # decimal multiples are whole figures (the old regex read "1.6x" as "1", so 1.6x -> 1.7x passed)
+    assert extract_facts("coverage of 1.6x").numbers == {"1.6"}
+    assert compare_facts("Is coverage of 1.6x enough?", "Is coverage of 1.7x enough?").reason == "missing_number"
+    # a spaced minus after a figure is arithmetic, not a sign; a minus sign is kept, parentheses are not
+    assert extract_facts("What is 100% - 40%?").percents == {"100%", "40%"}
+    assert extract_facts("a change of -3% and (2.04%)").percents == {"-3%", "2.04%"}
+    # amounts are unsigned and scaled, other numbers as written
+    assert extract_facts("a loss of -$5m over 5 million shares").as_dict() == {
+        "amount": ["USD 5000000"], "percent": [], "date": [], "number": ["5"], "ticker": [], "entity": []}
+
+
 def test_sentence_openers_are_not_entities_but_names_are():
     assert extract_facts("What is the return of Apple? Compute it.").entities == {"apple"}
     assert extract_facts("Apple's return: what was it?").entities == {"apple"}

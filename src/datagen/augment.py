@@ -4,10 +4,14 @@ Reads ``stage_dir("fetch")/samples.jsonl``; writes ``stage_dir("augment")``:
 
 - ``samples.jsonl``: every fetched original, the synthesized scenario tasks, and the kept rephrasings,
   sorted by (group_id, rephrase_index);
-- ``rejections.jsonl``: every rejected candidate (rephrasings and scenario tasks) with its reason;
-  ``final: true`` marks the reason recorded for a slot that stayed empty;
+- ``rejections.jsonl``: every rejected candidate (rephrasings and scenario tasks), one
+  :func:`datagen.io.drop_record` each (:func:`rejection_drop`): ``stage``, ``row_id`` (the id the
+  candidate would have had), ``reason``, ``detail``, plus what the rephrase / scenario loop recorded
+  (``kind``, ``source_id``, ``attempt``, ...); ``final: true`` marks the reason recorded for a slot that
+  stayed empty;
 - ``manifest.json`` (last): config hash, upstream fetch manifest hash, prompt refs and hashes,
-  counts, acceptance per reason / category, and the LLM usage of this run.
+  counts (``dropped_<reason>`` over ``rejections.jsonl``, by :func:`datagen.io.drop_counts`),
+  acceptance per reason / category, and the LLM usage of this run.
 
 Rerunning with nothing changed makes no model calls: the providers' response cache answers every
 request. (Marking later stages stale is the orchestration's job: ``flows.stages.execute``.)
@@ -21,11 +25,12 @@ from typing import Any
 
 from datagen.config import Config
 from datagen.embed import Embedder
-from datagen.io import manifest_hash, read_jsonl, require_stage, write_jsonl, write_manifest
+from datagen.io import drop_counts, drop_record, manifest_hash, read_jsonl, write_jsonl, write_manifest
 from datagen.llm.base import LLMProvider, check_failure_rate
-from datagen.rephrase import rephrase_rows
-from datagen.schema import Sample
+from datagen.rephrase import rephrase_id, rephrase_rows
 from datagen.scenarios import synthesize_scenarios
+from datagen.schema import Sample
+from datagen.stage import StageSpec
 from datagen.validators import RephraseChecks
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,19 @@ def _usage_delta(provider: LLMProvider, before: dict[str, int]) -> dict[str, Any
             **{k: after[k] - before.get(k, 0) for k in after}}
 
 
+def rejection_drop(rec: dict[str, Any]) -> dict[str, Any]:
+    """A rejected candidate, as the rephrase or scenario loop recorded it, as the one drop record of
+    every stage: ``row_id`` is the id the candidate would have had (the rephrasing's id for its slot,
+    the scenario task's id), so a slot filled at a later attempt has earlier drops under its kept row's
+    id; every field the loop recorded stays beside the four keys."""
+    if rec["kind"] == "rephrase":
+        row_id = rephrase_id(rec["source_id"], rec["rephrase_index"])
+    else:  # a scenario task's row is ``{"id": rid, "group_id": f"scn-{rid}"}`` (scenarios.make_row)
+        row_id = rec["group_id"].removeprefix("scn-")
+    extra = {k: v for k, v in rec.items() if k not in ("stage", "row_id", "reason", "detail")}
+    return drop_record("augment", row_id, rec["reason"], rec.get("detail") or "", **extra)
+
+
 def _sort_key(r: dict[str, Any]) -> tuple:
     return (r["group_id"], -1 if r.get("rephrase_index") is None else r["rephrase_index"], r["id"])
 
@@ -61,7 +79,6 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
                 embedder: Embedder | None = None) -> dict[str, Any]:
     aug = cfg.augment
     fetch_dir = cfg.paths.stage_dir("fetch")
-    require_stage(fetch_dir, "fetch")
     originals = read_jsonl(fetch_dir / "samples.jsonl")
     out_dir = cfg.paths.stage_dir("augment")
 
@@ -106,7 +123,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     rows = sorted(pool + reph.kept, key=_sort_key)
     for r in rows:  # the contract with downstream stages: every row is a valid Sample
         Sample.model_validate(r)
-    rejections = (scen.rejections if scen else []) + reph.rejections
+    rejections = [rejection_drop(r) for r in (scen.rejections if scen else []) + reph.rejections]
     rejections.sort(key=lambda r: (r["kind"], r["group_id"], r["rephrase_index"] or 0, r["attempt"]))
 
     write_jsonl(out_dir / "samples.jsonl", rows)
@@ -133,6 +150,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
             "rephrasings": len(reph.kept),
             "rows": len(rows),
             "rejections": len(rejections),
+            **drop_counts(rejections),
             "per_category": dict(sorted(Counter(r["category"] for r in rows).items())),
         },
         "rephrase": {
@@ -168,3 +186,19 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
         "llm_cache_hits": sum(u["cache_hits"] for u in usage.values()),
     }
     return write_manifest(out_dir, manifest)
+
+
+def _prompts(c: Config) -> tuple[str, ...]:
+    rephrase = ("rephrase", "rephrase_retry", "rephrase_base", "schema_retry") if c.augment.k > 0 else ()
+    return rephrase + (("scenario_synthesis",) if c.augment.scenario.enabled else ())
+
+
+def _providers(c: Config) -> tuple[str, ...]:
+    names = [c.augment.provider] if c.augment.k > 0 else []
+    if c.augment.scenario.enabled and c.augment.scenario.per_cluster and c.augment.scenario.clusters:
+        names.append(c.augment.scenario.provider)
+    return tuple(dict.fromkeys(names))
+
+
+STAGE = StageSpec("augment", run_augment, lambda c: c.paths.stage_dir("augment"), __name__,
+                  ("augment", "llm", "dedup.embedder"), upstream=("fetch",), prompts=_prompts, providers=_providers)

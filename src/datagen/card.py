@@ -198,8 +198,9 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
         lines += ["Categories: " + ", ".join(f"{k} ({v})" for k, v in per_cat.items()) + ".", ""]
     q = _get(fetch, "quarantine", "total")
     if q is not None:
+        fd = _reasons(_get(fetch, "counts")) or _get(fetch, "quarantine", "by_reason", default={}) or {}
         lines += [f"Rows quarantined at fetch (invalid): {q}"
-                  + (f", by reason: {_get(fetch, 'quarantine', 'by_reason')}" if q else "") + ".", ""]
+                  + (f", by reason: {', '.join(f'{r} {n}' for r, n in fd.items())}" if q and fd else "") + ".", ""]
 
     # rephrasing
     lines += ["## Rephrasing", ""]
@@ -223,6 +224,10 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
                          + (f" ({'; '.join(extra)})" if extra else "") + ".")
         if reph.get("rejected_by_reason"):
             lines.append(f"- Rejected candidates by reason: {reph['rejected_by_reason']}.")
+    ad = _reasons(_get(aug, "counts"))
+    if ad:
+        lines.append("- Dropped at augment (every rejected candidate, rephrasings and scenario tasks): "
+                     + ", ".join(f"{r} {n}" for r, n in ad.items()) + ".")
     if data:
         lines.append(f"- In this dataset: {sum((data.get('rephrasings') or {}).values())} rephrasings of "
                      f"{sum((data.get('rephrased_groups') or {}).values())} items.")

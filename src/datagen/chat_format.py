@@ -42,10 +42,20 @@ from typing import Any
 
 from datagen.card import DISK_DIR, META_DIR, write_card
 from datagen.config import Config
-from datagen.io import (atomic_path, drop_counts, drop_record, manifest_hash, read_jsonl, require_stage,
-                        sha256_file, sha256_text, write_jsonl, write_manifest)
+from datagen.io import (
+    atomic_path,
+    drop_counts,
+    drop_record,
+    manifest_hash,
+    read_jsonl,
+    sha256_file,
+    sha256_text,
+    write_jsonl,
+    write_manifest,
+)
 from datagen.prompts import Prompt, load_prompt
 from datagen.schema import render_context
+from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +330,6 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
 
     fc = cfg.format
     src = cfg.paths.stage_dir("split")
-    require_stage(src, "split")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
     system, user = load_prompt(fc.system_prompt), load_prompt(USER_PROMPT)
@@ -386,3 +395,8 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
     write_card(cfg, summary)
     log.info("format: %s rows; %s", {s: len(records[s]) for s in SPLITS}, drop_counts(drops) or "none dropped")
     return write_manifest(out, summary)
+
+
+STAGE = StageSpec("format", run_format, lambda c: c.paths.stage_dir("dataset"), __name__,
+                  ("format", "model", "card", "split", "sources"), upstream=("split",),
+                  prompts=lambda c: (c.format.system_prompt, c.model.chat_template, "sft_user"))

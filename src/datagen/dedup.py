@@ -52,9 +52,18 @@ import numpy as np
 
 from datagen.config import Config
 from datagen.embed import Embedder, load_embedder
-from datagen.io import (drop_counts, drop_record, manifest_hash, read_jsonl, require_stage, sha256_text, write_jsonl,
-                        write_manifest)
+from datagen.io import (
+    drop_counts,
+    drop_record,
+    manifest_hash,
+    read_jsonl,
+    sha256_text,
+    write_jsonl,
+    write_manifest,
+)
+from datagen.numbers import find_numbers, format_number
 from datagen.schema import render_context
+from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +84,12 @@ def exact_key(row: dict[str, Any]) -> str:
     return normalise_text(row["question"]) + "\n" + normalise_text(render_context(row.get("context")))
 
 
-_NUM = re.compile(r"\d+(?:[.,]\d+)*")
-
-
 def numbers(row: dict[str, Any]) -> frozenset[str]:
-    """The figures in a row's question and context (``3,559,000`` -> ``3559000``; ``1.50`` -> ``1.5``)."""
-    out = set()
-    for m in _NUM.findall(row["question"] + "\n" + render_context(row.get("context"))):
-        t = m.replace(",", "")
-        if "." in t:
-            t = t.rstrip("0").rstrip(".")
-        out.add(t.lstrip("0") or "0")
-    return frozenset(out)
+    """The figures in a row's question and context as written, unsigned and unscaled, dates' parts
+    included (``3,559,000`` -> ``3559000``; ``1.50`` -> ``1.5``; ``$1.2bn`` -> ``1.2``), read by
+    :func:`datagen.numbers.find_numbers`."""
+    text = row["question"] + "\n" + render_context(row.get("context"))
+    return frozenset(format_number(f.written) for f in find_numbers(text, skip_dates=False))
 
 
 def number_overlap(a: frozenset[str], b: frozenset[str]) -> float:
@@ -94,19 +97,11 @@ def number_overlap(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-_SIGNED = re.compile(r"(?<![\w.,])(\(?)([-+\u2212]?)\$?(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(\)?)")
-
-
 def signed_numbers(text: str) -> tuple[float, ...]:
-    """The figures in ``text`` with their signs, sorted (``-7`` and ``(7)`` are negative; ``2017-2018``
-    is two positive years; ``1,200.50`` is ``1200.5``)."""
-    out = []
-    for paren, sign, digits, close in _SIGNED.findall(str(text)):
-        v = float(digits.replace(",", ""))
-        if sign in "-\u2212" and sign or (paren and close):
-            v = -v
-        out.append(round(v, 6))
-    return tuple(sorted(out))
+    """The figures in ``text`` with their signs, sorted, read by :func:`datagen.numbers.find_numbers`
+    with dates' parts kept (``-7`` and ``(7)`` are negative; ``2017-2018`` and ``2017 - 2018`` are two
+    positive years; ``1,200.50`` is ``1200.5``; scale words apply: ``$1.2bn`` is ``1200000000``)."""
+    return tuple(sorted(round(f.value, 6) for f in find_numbers(str(text), skip_dates=False)))
 
 
 def question_text(row: dict[str, Any]) -> str:
@@ -491,7 +486,6 @@ def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, w
 # ----------------------------------------------------------------------------- stage
 def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     src = cfg.paths.stage_dir("augment")
-    require_stage(src, "augment")
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     dc = cfg.dedup
     t0 = time.perf_counter()
@@ -527,3 +521,7 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
                    "kept_rephrasings": sum(bool(r.get("is_rephrase")) for r in res.kept)},
         "seconds": {"embed": round(t_embed, 3), "pairs": round(t_pairs, 3)},
     })
+
+
+STAGE = StageSpec("dedup", run_dedup, lambda c: c.paths.stage_dir("dedup"), __name__, ("dedup",),
+                  upstream=("augment",))

@@ -28,6 +28,7 @@ from datagen.io import clip, drop_counts, drop_record, sha256_file, write_jsonl,
 from datagen.market import load_market
 from datagen.market_qa import build_market_qa
 from datagen.source_qa import RowCountError, load_source_qa
+from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,6 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
         "timing": {"wall_s": round(time.perf_counter() - t0, 3)},
     }
     return write_manifest(out_dir, manifest)
+
+
+STAGE = StageSpec("fetch", run_fetch, lambda c: c.paths.stage_dir("fetch"), __name__, ("sources",))

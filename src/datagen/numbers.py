@@ -14,12 +14,19 @@ from a model's answer):
   ``"x"`` (a multiple), an ISO currency code (``$`` and ``dollars`` -> ``USD``, ``€`` -> ``EUR``,
   ``£`` -> ``GBP``, ``¥`` -> ``JPY``, ``₹``/``Rs`` -> ``INR``, or a code written out), or ``""``.
 - Negative: a minus sign (``-``, ``−``, ``–``) or accounting parentheses ``(3.4)``; with
-  ``directional=True``, also a figure right after a falling word ("down 3.2%", "fell by 4").
+  ``directional=True``, also a figure right after a falling word ("down 3.2%", "fell by 4"). A minus
+  with a space after it, right after a figure, is an operator or a range, not a sign: ``100% - 40%``,
+  ``12 - 5``, ``2017 – 2018`` are all positive (``- 3.2%`` after a word stays negative).
 - Thousands separators must be well formed (``1,234,567``); ``1,5`` is not a number here.
 
-Stages that still carry their own regexes (validators, graders, dedup) can switch to
-:func:`find_numbers` (all figures in a text), :func:`number_keys` (canonical figure strings for set
-comparisons) and :func:`parse_number` (one figure).
+- Currency codes: ``USD``, ``EUR``, ... in any case (``usd 5``); codes that are also English words
+  (``TRY``) or rarer (``BRL``, ``MXN``, ``ZAR``, ``IDR``) only in capitals.
+
+Every stage reads figures here: source QA and graders (:func:`answer_values`, :func:`find_numbers`),
+the rephrase validators (:func:`find_numbers` over text with its dates masked: amounts, percentages,
+other numbers), dedup (signed figures, figure sets). :class:`Figure` says how a figure was written
+(``sign``, ``written``, ``scale``, ``unit``, span) as well as what it is worth (``value``), so each
+caller compares what it needs; none keeps its own number regex.
 """
 
 from __future__ import annotations
@@ -41,14 +48,15 @@ SCALES: dict[str, int] = {
 }
 _CUR_PREFIX = {"us$": "USD", "$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR", "rs": "INR", "rs.": "INR"}
 _CODES = ("USD", "EUR", "GBP", "JPY", "INR", "CHF", "CNY", "CAD", "AUD", "HKD", "SGD")
-_CUR_WORD = {"dollar": "USD", "dollars": "USD", "us dollars": "USD", "euro": "EUR", "euros": "EUR",
+_CAPS_CODES = ("BRL", "TRY", "MXN", "ZAR", "IDR")  # only in capitals: "try 5 times" is not TRY 5
+_CUR_WORD = {"dollar": "USD", "dollars": "USD", "us dollar": "USD", "us dollars": "USD", "euro": "EUR", "euros": "EUR",
              "pounds": "GBP", "yen": "JPY", "rupee": "INR", "rupees": "INR"}
 _MINUS = "-\u2212\u2013"
 
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
 _SCALE_RE = r"thousands?|millions?|billions?|trillions?|lakhs?|crores?|mln|mn|mm|bln|bn|tn|k|m|b"
 _PCT_RE = (r"%|percentage\s+points?|per\s?cent|percent|pct|pp|basis\s+points?|bps|bp|x")
-_CODE_RE = "|".join(_CODES)
+_CODE_RE = "|".join(_CODES) + "|(?-i:" + "|".join(_CAPS_CODES) + ")"
 _CUR_PRE_RE = rf"US\$|\$|€|£|¥|₹|Rs\.?(?=\s?\d)|(?:{_CODE_RE})(?=\s?[{_MINUS}(]?\s?[\d.])"
 _CUR_POST_RE = rf"{_CODE_RE}|(?:US\s+)?dollars?|euros?|pounds|yen|rupees?"
 
@@ -78,7 +86,12 @@ _DOWN = re.compile(
 
 @dataclass(frozen=True)
 class Figure:
-    """A number found in text: ``value`` scaled, ``unit`` normalised (see the module docstring)."""
+    """A number found in text: ``value`` signed and scaled, ``unit`` normalised (see the module
+    docstring), and how it was written: ``written`` (the digits' value, unsigned and unscaled:
+    ``-$1.2bn`` -> 1.2), ``scale`` (10**9 there), ``sign`` (``"-"`` a minus sign, ``"+"``, ``"()"``
+    accounting parentheses, ``"down"`` a falling word before it with ``directional=True``, ``""``
+    none) and its span ``text[start:end]`` in the searched text (``text`` is the figure itself,
+    without a parenthesis it does not close)."""
 
     value: float
     unit: str
@@ -86,6 +99,32 @@ class Figure:
     start: int = 0
     end: int = 0
     scale: int = 1
+    written: float | None = None  # None: same as abs(value) (a figure passed in as a number)
+    sign: str = ""
+
+    def __post_init__(self) -> None:
+        if self.written is None:  # a figure given as a value: its sign is the value's
+            object.__setattr__(self, "written", abs(self.value))
+            if self.value < 0 and not self.sign:
+                object.__setattr__(self, "sign", "-")
+
+    @property
+    def negative(self) -> bool:
+        return self.sign in ("-", "()", "down")
+
+    @property
+    def is_percent(self) -> bool:
+        """Percent or percentage points (``12%``, ``2.5 pp``); basis points and multiples are not."""
+        return self.unit in ("%", "pp")
+
+    @property
+    def currency(self) -> str:
+        """The ISO currency code of an amount (``$5`` -> ``USD``), else ``""``."""
+        return self.unit if len(self.unit) == 3 and self.unit.isupper() else ""
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
 
 
 def _unit(m: re.Match[str]) -> str:
@@ -111,25 +150,42 @@ def _figure(m: re.Match[str], text: str, directional: bool) -> Figure | None:
     scale_word = (m.group("scale") or "").lower()
     scale = SCALES.get(scale_word, 1)
     try:
-        d = Decimal(m.group("num").replace(",", "")) * scale
+        written = Decimal(m.group("num").replace(",", ""))
     except InvalidOperation:  # pragma: no cover - the regex only admits digits
         return None
+    d = written * scale
     signs = [m.group(g) for g in ("sign", "sign2") if m.group(g)]
-    negative = any(s in _MINUS for s in signs)
+    sign = "-" if any(s in _MINUS for s in signs) else "+" if signs else ""
     opened = m.group("open") or m.group("open2")
     closed = m.group("close1") or m.group("close2")
-    if opened and closed and not negative:
-        negative = True  # accounting style: (3.4)
-    if directional and not signs and not negative:
-        negative = bool(_DOWN.search(text[max(0, m.start() - 40):m.start()]))
+    if opened and closed and sign != "-":
+        sign = "()"  # accounting style: (3.4)
+    if directional and not sign and _DOWN.search(text[max(0, m.start() - 40):m.start()]):
+        sign = "down"
+    negative = sign in ("-", "()", "down")
     value = float(-d if negative else d)
     raw = m.group(0)
+    lo, hi = 0, len(raw)
     # a parenthesis that only wraps part of the match is not ours: "(see 3" keeps no "("
     if opened and not closed:
-        raw = raw.lstrip("( ")
+        lo = len(raw) - len(raw.lstrip("( "))
     if closed and not opened:
-        raw = raw.rstrip(") ")
-    return Figure(value=value, unit=_unit(m), text=raw.strip(), start=m.start(), end=m.end(), scale=scale)
+        hi = len(raw.rstrip(") "))
+    while lo < hi and raw[lo].isspace():
+        lo += 1
+    while hi > lo and raw[hi - 1].isspace():
+        hi -= 1
+    return Figure(value=value, unit=_unit(m), text=raw[lo:hi], start=m.start() + lo, end=m.start() + hi,
+                  scale=scale, written=float(written), sign=sign)
+
+
+def _operator(m: re.Match[str], text: str) -> bool:
+    """A minus (or plus) with a space after it, right after a figure, is arithmetic or a range, not a
+    sign: ``100% - 40%``, ``12 - 5``, ``2017 – 2018`` (``-5`` and ``- 5`` elsewhere are negative)."""
+    if not m.group("sign") or m.group("open") or not text[m.end("sign"):m.end("sign") + 1].isspace():
+        return False
+    before = text[:m.start("sign")].rstrip()
+    return before[-1:].isdigit() or before[-1:] in ("%", ")")
 
 
 def find_numbers(text: str | None, *, directional: bool = False, skip_dates: bool = True) -> list[Figure]:
@@ -139,6 +195,13 @@ def find_numbers(text: str | None, *, directional: bool = False, skip_dates: boo
     masked = _ISO_DATE.sub(lambda m: " " * len(m.group(0)), text) if skip_dates else text
     out = []
     for m in _FIGURE.finditer(masked):
+        if _operator(m, masked):  # read the figure after the operator instead
+            pos = m.end("sign")
+            while masked[pos].isspace():
+                pos += 1
+            m = _FIGURE.match(masked, pos)
+            if m is None:  # pragma: no cover - the text after the operator matched already
+                continue
         f = _figure(m, text, directional)
         if f is not None and math.isfinite(f.value):
             out.append(f)

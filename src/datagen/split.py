@@ -44,8 +44,16 @@ from datagen.cluster import assign_clusters
 from datagen.config import Config
 from datagen.dedup import UnionFind, context_key, number_overlap, numbers, similar_pairs
 from datagen.embed import Embedder, embed_samples, load_embedder, sample_text
-from datagen.io import (drop_counts, drop_record, manifest_hash, read_jsonl, require_stage, write_json, write_jsonl,
-                        write_manifest)
+from datagen.io import (
+    drop_counts,
+    drop_record,
+    manifest_hash,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
+from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +358,6 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
 
 def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     src = cfg.paths.stage_dir("dedup")
-    require_stage(src, "dedup")
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
     vecs = embed_samples(cfg, rows, embedder)
@@ -387,3 +394,7 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
         "test_originals_only": cfg.split.test_originals_only,
         "balance_train": cfg.split.balance_train,
     })
+
+
+STAGE = StageSpec("split", run_split, lambda c: c.paths.stage_dir("split"), __name__, ("split", "dedup"),
+                  upstream=("dedup",))

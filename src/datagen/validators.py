@@ -4,13 +4,18 @@ Each check is a pure function that returns a :class:`Verdict` (``ok`` plus a sho
 never raises. :func:`validate_rephrasing` runs them in a fixed order and reports the first failure,
 so every rejection has exactly one reason that the manifest can count.
 
-Facts are compared as *normalised extracted sets* (regex based, no NLP model):
+Facts are compared as *normalised extracted sets* (regex based, no NLP model). Dates are found here
+and masked first; every other figure is read by :func:`datagen.numbers.find_numbers`, the project's one
+number parser, and sorted by what it is:
 
-- currency amounts: ``$1,200`` = ``USD 1200`` = ``1,200 dollars``; ``$1.2m`` = ``$1.2 million`` = ``$1,200,000``
-- percentages: ``12.5%`` = ``12.5 percent`` = ``12.5 per cent`` = ``12.5 pct``
+- currency amounts (unsigned, scaled): ``$1,200`` = ``USD 1200`` = ``1,200 dollars``; ``$1.2m`` =
+  ``$1.2 million`` = ``$1,200,000``
+- percentages (and percentage points; signed by a minus sign, not by parentheses): ``12.5%`` = ``12.5 percent`` =
+  ``12.5 per cent`` = ``12.5 pct``
 - dates: ``2024-01-02`` = ``January 2, 2024`` = ``2 Jan 2024`` = ``01/02/2024`` (month first unless the
   first field is > 12); ``March 2024`` = ``2024-03``; fiscal periods ``FY23`` = ``FY2023``, ``Q3``, ``H1``
-- other numbers: ``1,200`` = ``1200`` = ``1200.0``
+- other numbers (basis points and multiples too), as written, unsigned and unscaled: ``1,200`` = ``1200``
+  = ``1200.0``; ``5 million`` -> ``5``
 - tickers / acronyms: ALL-CAPS tokens of 2-6 letters (``ACME``, ``BRK.B``, ``LGD``)
 - named entities: capitalised words outside a sentence start (and sentence-initial ones that are not
   common sentence openers), compared case-insensitively word by word
@@ -22,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
+
+from datagen.numbers import find_numbers, format_number
 
 # ----------------------------------------------------------------------------- verdicts
 
@@ -50,18 +57,6 @@ _MONTHS.update({m[:3]: i for m, i in list(_MONTHS.items())})
 _MONTHS["sept"] = 9
 _MON = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|" \
        r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
-_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
-_SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mn": 1e6, "mm": 1e6, "million": 1e6, "b": 1e9, "bn": 1e9,
-          "billion": 1e9, "t": 1e12, "tn": 1e12, "trillion": 1e12, "crore": 1e7, "lakh": 1e5, "lakhs": 1e5,
-          "crores": 1e7}
-_SCALE_RE = r"(?:thousand|million|billion|trillion|crores?|lakhs?|mn|mm|bn|tn|k|m|b|t)\b"
-_CUR_SYMBOL = {"$": "USD", "us$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR", "rs": "INR",
-               "rs.": "INR", "inr": "INR", "usd": "USD", "eur": "EUR", "gbp": "GBP", "jpy": "JPY",
-               "chf": "CHF", "cny": "CNY", "cad": "CAD", "aud": "AUD", "hkd": "HKD", "sgd": "SGD"}
-_CUR_WORD = {"dollar": "USD", "dollars": "USD", "euro": "EUR", "euros": "EUR", "pound": "GBP",
-             "pounds": "GBP", "yen": "JPY", "rupee": "INR", "rupees": "INR"}
-_CODES = r"(?:USD|EUR|GBP|JPY|INR|CHF|CNY|CAD|AUD|HKD|SGD)"
-
 _DATE_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), "ymd"),
     (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), "ymd"),
@@ -73,18 +68,6 @@ _DATE_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\bFY\s?'?(\d{4}|\d{2})\b", re.I), "fy"),
     (re.compile(r"\b([QH])([1-4])\b"), "qh"),
 ]
-_AMOUNT_PATTERNS = [
-    # $1,200 / US$ 1.2m / € 5 bn / Rs. 500 crore
-    re.compile(rf"(?P<cur>US\$|\$|€|£|¥|₹|\bRs\.?)\s?(?P<num>{_NUM})(?:\s?(?P<scale>{_SCALE_RE}))?", re.I),
-    # USD 1,200 / EUR 5bn
-    re.compile(rf"\b(?P<cur>{_CODES})\s?(?P<num>{_NUM})(?:\s?(?P<scale>{_SCALE_RE}))?"),
-    # 1,200 USD / 1.2 million dollars / 5bn EUR
-    re.compile(rf"(?<![\w.])(?P<num>{_NUM})(?:\s?(?P<scale>{_SCALE_RE}))?\s?"
-               rf"(?P<cur>{_CODES}\b|(?:US\s)?dollars?\b|euros?\b|pounds\b|yen\b|rupees?\b)", re.I),
-]
-_PERCENT = re.compile(rf"(?<![\w.])(?P<num>[-+−]?(?:{_NUM}))\s?(?:%|per\s?cent\b|pct\b|percentage points?\b|pp\b)",
-                      re.I)
-_NUMBER = re.compile(rf"(?<![\w.])[-+−]?(?:{_NUM})(?![\w])|(?<![\w.])[-+−]?(?:{_NUM})(?=[a-z]{{1,3}}\b)", re.I)
 _TICKER = re.compile(r"(?<![\w$])[A-Z]{2,6}(?:\.[A-Z])?(?![\w])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'’\-&.]*")
 
@@ -103,21 +86,6 @@ across per each every all any some no not yes out up down
 _NOT_ENTITY = {"i", "q1", "q2", "q3", "q4", "h1", "h2", "fy", "ok"} | set(_MONTHS) | {
     "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
 _CONNECT = {"of", "and", "&", "the", "for", "de", "du", "la"}
-
-
-def _num(s: str) -> float | None:
-    s = s.replace(",", "").replace("−", "-").replace("+", "")
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def _fmt(x: float) -> str:
-    """A canonical number string: 1200.0 -> '1200', 12.50 -> '12.5'."""
-    if x == int(x) and abs(x) < 1e15:
-        return str(int(x))
-    return f"{x:.10g}"
 
 
 def _month(name: str) -> int:
@@ -187,27 +155,17 @@ def extract_facts(text: str) -> Facts:
             if iso:
                 f.dates.add(iso)
                 spans.append(m.span())
-    for pat in _AMOUNT_PATTERNS:
-        for m in pat.finditer(_mask(text, spans)):
-            cur_raw = m.group("cur").lower().strip()
-            cur = _CUR_SYMBOL.get(cur_raw) or _CUR_WORD.get(cur_raw.replace("us ", "")) or cur_raw.upper()
-            x = _num(m.group("num"))
-            if x is None:
-                continue
-            scale = (m.group("scale") or "").lower()
-            x *= _SCALE.get(scale, 1.0)
-            f.amounts.add(f"{cur} {_fmt(round(x, 6))}")
-            spans.append(m.span())
-    for m in _PERCENT.finditer(_mask(text, spans)):
-        x = _num(m.group("num"))
-        if x is not None:
-            f.percents.add(_fmt(x) + "%")
-            spans.append(m.span())
+    # then every figure, from the one parser; amounts and percentages are masked for tickers and entities
+    for fig in find_numbers(_mask(text, spans), skip_dates=False):
+        if fig.currency:
+            f.amounts.add(f"{fig.currency} {format_number(round(abs(fig.value), 6))}")
+        elif fig.is_percent:
+            f.percents.add(format_number(-fig.written if fig.sign == "-" else fig.written) + "%")
+        else:
+            f.numbers.add(format_number(fig.written))
+            continue
+        spans.append(fig.span)
     masked = _mask(text, spans)
-    for m in _NUMBER.finditer(masked):
-        x = _num(m.group(0))
-        if x is not None:
-            f.numbers.add(_fmt(abs(x)))
     for m in _TICKER.finditer(masked):
         tok = m.group(0)
         if tok.lower() not in _NOT_ENTITY and tok not in {"OK"}:
@@ -404,7 +362,7 @@ def check_answer_leak(original: str, candidate: str, row: dict[str, Any]) -> Ver
     fa = extract_facts(answer)
     answer_nums = [(float(s), s) for s in fa.numbers | {p.rstrip("%") for p in fa.percents}
                    | {a.split(" ", 1)[1] for a in fa.amounts}]
-    answer_nums += [(v, _fmt(round(v, 6))) for v, _ in _answer_values(row)]
+    answer_nums += [(v, format_number(round(v, 6))) for v, _ in _answer_values(row)]
     for s in sorted(new_nums):
         x = float(s)
         for v, shown in answer_nums:

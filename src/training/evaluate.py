@@ -32,7 +32,6 @@ from datagen.io import (
     dumps,
     manifest_hash,
     read_jsonl,
-    require_stage,
     sha256_text,
     write_json,
     write_jsonl,
@@ -40,6 +39,7 @@ from datagen.io import (
 )
 from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.prompts import load_prompt
+from datagen.stage import StageSpec
 from training.aggregate import ARMS, aggregate
 from training.graders import (
     Grade,
@@ -99,7 +99,6 @@ def load_split_rows(cfg: Config, split: str) -> list[dict[str, Any]]:
     import pandas as pd
 
     ds = cfg.paths.stage_dir("dataset")
-    require_stage(ds, "format")
     path = ds / f"{split}.parquet"
     return [decode_row(r) for r in pd.read_parquet(path).to_dict(orient="records")] if path.exists() else []
 
@@ -351,7 +350,6 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
     if not rows:
         raise ValueError(f"no test items in {cfg.paths.stage_dir('dataset') / 'test.parquet'}")
     adapter_dir = cfg.paths.models_dir / cfg.train.run_name
-    require_stage(adapter_dir, "train")
     system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
     zero_shot = [prompt_messages(r, system) for r in rows]
     conversations: dict[str, list[Any]] = {"base": zero_shot}
@@ -417,3 +415,9 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         "items_jsonl": str(out / "items.jsonl"),
     }
     return write_manifest(out, manifest)
+
+
+STAGE = StageSpec("evaluate", run_evaluate, lambda c: c.paths.reports_dir / c.evaluate.run_name, __name__,
+                  ("evaluate", "llm", "model", "format.system_prompt"), upstream=("format", "train"),
+                  prompts=lambda c: ("judge_rubric", "judge_pairwise", "sft_user", c.format.system_prompt),
+                  providers=lambda c: (c.evaluate.judge_provider,))

@@ -28,17 +28,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback
-
 from datagen.config import Config
 from datagen.io import (
     atomic_write_text,
     manifest_hash,
     read_manifest,
-    require_stage,
     write_json,
     write_manifest,
 )
+from datagen.stage import StageSpec
 from datagen.tokenizer import load_tokenizer
 from training.models import (
     attn_implementation,
@@ -173,20 +171,25 @@ def build_sft_config(cfg: Config, output_dir: str | Path, device: str, *, has_ev
     )
 
 
-class ThroughputCallback(TrainerCallback):
-    """Wall time spent inside optimizer steps (evaluation and checkpoint saving excluded)."""
+def throughput_callback() -> Any:
+    """A callback that adds up wall time spent inside optimizer steps (evaluation and checkpoint saving
+    excluded). Built on call so that importing this module does not import transformers."""
+    from transformers import TrainerCallback
 
-    def __init__(self) -> None:
-        self.step_seconds = 0.0
-        self.steps = 0
-        self._t0 = 0.0
+    class ThroughputCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_seconds = 0.0
+            self.steps = 0
+            self._t0 = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_seconds += time.perf_counter() - self._t0
-        self.steps += 1
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_seconds += time.perf_counter() - self._t0
+            self.steps += 1
+
+    return ThroughputCallback()
 
 
 def build_trainer(cfg: Config, train_ds: Dataset, eval_ds: Dataset | None, output_dir: str | Path, *,
@@ -307,7 +310,7 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     device = resolve_device(cfg.train.device)
     config_hash = cfg.section_hash("train", "model")
     resume = _prepare_checkpoints(ckpt_dir, config_hash + ":" + str(manifest_hash(dataset_dir)))
-    meter = ThroughputCallback()
+    meter = throughput_callback()
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, train_ds, eval_ds, ckpt_dir, device=device, callbacks=[meter])
     if resume:
@@ -376,6 +379,9 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
 def run_train(cfg: Config) -> dict[str, Any]:
     """Stage entry point: train on the finished ``dataset`` stage; returns the written manifest."""
     dataset_dir = cfg.paths.stage_dir("dataset")
-    require_stage(dataset_dir, "format")
     out_dir = train(cfg, dataset_dir)
     return read_manifest(out_dir) or {}
+
+
+STAGE = StageSpec("train", run_train, lambda c: c.paths.models_dir / c.train.run_name, __name__, ("train", "model"),
+                  upstream=("format",), prompts=lambda c: (c.model.chat_template,))
