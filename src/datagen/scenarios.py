@@ -29,8 +29,10 @@ from datagen.config import ScenarioSynthConfig
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
 from datagen.llm.tasks import Reject, Task, Turn, llm_error, run_task
+from datagen.numbers import find_numbers
 from datagen.prompts import load_prompt, split_turns
-from datagen.schema import SCENARIO_SOURCE as SOURCE, stable_id
+from datagen.schema import SCENARIO_SOURCE as SOURCE
+from datagen.schema import stable_id
 from datagen.validators import char_ratio, is_question
 
 PROMPT = "scenario_synthesis"
@@ -42,10 +44,6 @@ SECTORS = ("airlines", "autos", "chemicals", "commercial real estate", "consumer
 GEOGRAPHIES = ("United States", "Euro area", "United Kingdom", "Japan", "China", "India", "Brazil",
                "Mexico", "Turkey", "South Africa", "Indonesia", "Australia")
 
-_METRIC = re.compile(
-    r"(?:(?:US\$|\$|€|£|¥|₹)\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:bn|m|k|million|billion))?"
-    r"|\b(?:USD|EUR|GBP|JPY|INR|BRL|TRY|CNY)\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:bn|m|k|million|billion))?"
-    r"|(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?\s?(?:%|bps?\b|basis points?\b|x\b|pp\b|percent\b))", re.I)
 _ALIASES = {"United States": ("us", "u.s.", "american", "america"), "United Kingdom": ("uk", "british", "britain"),
             "Euro area": ("euro", "europe", "european", "eurozone"), "China": ("chinese",), "Japan": ("japanese",),
             "India": ("indian",), "Brazil": ("brazilian",), "Mexico": ("mexican",), "Turkey": ("turkish", "lira"),
@@ -85,9 +83,9 @@ def format_input(task: dict[str, Any], attempt: int = 0) -> list[Message]:
 def count_metrics(text: str) -> list[str]:
     """Distinct explicit numeric metrics with units in ``text`` ("310bp", "2.4%", "EUR 50m", "1.6x")."""
     seen: list[str] = []
-    for m in _METRIC.finditer(text or ""):
-        tok = re.sub(r"\s+", "", m.group(0).lower())
-        if tok not in seen:
+    for f in find_numbers(text or ""):
+        tok = re.sub(r"\s+", "", f.text.lower())
+        if f.unit and tok not in seen:
             seen.append(tok)
     return seen
 
