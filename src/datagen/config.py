@@ -159,7 +159,7 @@ class SourcesConfig(_Strict):
 
 # ----------------------------------------------------------------------------- llm
 class ProviderConfig(_Strict):
-    kind: Literal["openai", "gemini", "local"]
+    kind: Literal["openai", "gemini", "local", "llamacpp_server"]
     model: str = ""
     base_url: str | None = None
     api_key_env: str | None = None  # name of the env var; never the key itself
@@ -171,8 +171,10 @@ class ProviderConfig(_Strict):
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     schema_retries: int = Field(2, ge=0)
-    # local (transformers) backend
+    # local (transformers) backend; llamacpp_server: a GGUF file (default: the packaged Gemma GGUF)
     model_path: str | None = None  # "packaged:gemma3-270m" or a directory; default packaged Gemma
+    context_tokens: int = Field(2048, ge=64)  # llamacpp_server: context per slot (one slot per concurrency)
+    threads: int | None = Field(None, ge=1)  # llamacpp_server: CPU threads (default: all cores)
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     extra_body: dict[str, Any] = {}

@@ -47,6 +47,10 @@ def make_provider(name: str, pcfg: ProviderConfig, cache: ResponseCache | None) 
         from datagen.llm.openai_provider import OpenAIProvider
 
         return OpenAIProvider(name, pcfg, cache)
+    if pcfg.kind == "llamacpp_server":
+        from datagen.llm.llamacpp_server import llama_server_provider
+
+        return llama_server_provider(name, pcfg, cache)
     if pcfg.kind == "gemini":
         from datagen.llm.gemini_provider import GeminiProvider
 

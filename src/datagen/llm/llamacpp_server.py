@@ -1,23 +1,45 @@
-"""Start llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (optional extra ``llamacpp``).
+"""OpenAI-compatible llama.cpp servers on 127.0.0.1, started and stopped by finsynth.
 
-Used by the tests and the benchmark, and handy for a faster local backend than transformers::
+- :class:`LlamaServer`: llama.cpp's own ``llama-server`` binary, built once from the llama.cpp sources
+  inside the llama-cpp-python sdist (:func:`llama_server_binary`, ~7 min on 2 cores, cached under
+  ``~/.cache/finsynth/bin``), portable CPU flags. The managed provider ``kind: llamacpp_server`` runs
+  on it (:func:`managed_server`): parallel slots, json_schema honoured, ~70 tok/s single and ~100 tok/s
+  at 8 concurrent on the packaged Gemma GGUF.
+- :class:`LlamaCppServer`: llama-cpp-python's Python server (optional extra ``llamacpp``), used by the
+  tests as a second real peer. It answers one request at a time; flags that matter (measured, see
+  docs/providers.md): ``--chat_format gemma`` (without it Gemma falls back to llama-2 and answers
+  empty), ``--interrupt_requests False`` (with the default, concurrent requests cut each other off)::
 
     with LlamaCppServer() as srv:          # the packaged Gemma-3-270M GGUF by default
         ...  # ProviderConfig(kind="openai", model=srv.model, base_url=srv.base_url, json_mode="json_object")
-
-Flags that matter (measured, see docs/providers.md): ``--chat_format gemma`` (without it Gemma falls
-back to llama-2 and answers empty), ``--interrupt_requests False`` (with the default, concurrent
-requests cut each other off silently). The server answers one request at a time.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp was measured
+# portable: no -march=native (a native build dies with SIGILL on machines whose CPU lacks what the
+# build machine had, see scripts/setup.sh), no shared libs, no web UI, no TLS, no curl
+SERVER_CMAKE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                     "-DGGML_AVX512=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_CPU_ALL_VARIANTS=OFF",
+                     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                     "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release")
 
 
 def llama_cpp_available() -> bool:
@@ -35,25 +57,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def describe_exit(returncode: int, log_path: Path | None = None) -> str:
+def describe_exit(returncode: int, log_path: Path | None = None, program: str = "llama_cpp.server",
+                  rebuild: str = "`rm -rf .venv && bash scripts/setup.sh dev,llamacpp` (see scripts/setup.sh)") -> str:
     """A one-line reason for a server process's exit; a negative code names the signal (SIGILL gets
     the likely cause: a native build for CPU features this machine lacks)."""
     where = f" (log: {log_path})" if log_path else ""
     if returncode >= 0:
-        return f"llama_cpp.server exited with status {returncode}{where}"
+        return f"{program} exited with status {returncode}{where}"
     try:
         name = signal.Signals(-returncode).name
     except ValueError:
         name = f"signal {-returncode}"
     hint = ""
     if name == "SIGILL":
-        hint = ("; llama-cpp-python was compiled for CPU instructions this machine does not have "
-                "(a -march=native build): rebuild it with portable flags, `rm -rf .venv && bash scripts/setup.sh "
-                "dev,llamacpp` (see scripts/setup.sh)")
-    return f"llama_cpp.server was killed by {name} (exit {returncode}){hint}{where}"
+        hint = (f"; {program} was compiled for CPU instructions this machine does not have "
+                f"(a -march=native build): rebuild it with portable flags, {rebuild}")
+    return f"{program} was killed by {name} (exit {returncode}){hint}{where}"
 
 
 class LlamaCppServer:
+    program = "llama_cpp.server"
+    rebuild = "`rm -rf .venv && bash scripts/setup.sh dev,llamacpp` (see scripts/setup.sh)"
+
     def __init__(self, model_path: str | Path | None = None, *, port: int | None = None, n_ctx: int = 2048,
                  n_threads: int = 2, alias: str = "gemma3-270m", chat_format: str = "gemma",
                  log_path: str | Path | None = None, start_timeout_s: float = 180.0):
@@ -81,7 +106,7 @@ class LlamaCppServer:
         """Why the server process is gone (naming the signal that killed it), or None while it runs."""
         if self.proc is None or self.proc.poll() is None:
             return None
-        return describe_exit(self.proc.returncode, self.log_path)
+        return describe_exit(self.proc.returncode, self.log_path, self.program, self.rebuild)
 
     def start(self) -> LlamaCppServer:
         import httpx
@@ -100,7 +125,7 @@ class LlamaCppServer:
             time.sleep(0.3)
         else:
             self.stop()
-            raise TimeoutError(f"llama_cpp.server not ready after {self.start_timeout_s:g}s")
+            raise TimeoutError(f"{self.program} not ready after {self.start_timeout_s:g}s")
         self._probe_completion()
         return self
 
@@ -118,7 +143,7 @@ class LlamaCppServer:
             time.sleep(0.5)
             why = self.death_message()
             self.stop()
-            raise RuntimeError(why or f"llama_cpp.server failed its first completion: {e}") from None
+            raise RuntimeError(why or f"{self.program} failed its first completion: {e}") from None
         if (why := self.death_message()) is not None:
             raise RuntimeError(why)
 
@@ -137,3 +162,141 @@ class LlamaCppServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LlamaServer(LlamaCppServer):
+    """llama.cpp's ``llama-server`` (the binary from :func:`llama_server_binary`): ``parallel`` slots
+    share the context (``n_ctx`` is per slot here), the Gemma chat template, no Jinja."""
+
+    program = "llama-server"
+    rebuild = "delete ~/.cache/finsynth/bin/llama-server-* and start again (it rebuilds with portable flags)"
+
+    def __init__(self, model_path: str | Path | None = None, *, binary: str | Path | None = None,
+                 port: int | None = None, n_ctx: int = 2048, n_threads: int = 2, parallel: int = 4,
+                 alias: str = "gemma3-270m", chat_template: str = "gemma", log_path: str | Path | None = None,
+                 start_timeout_s: float = 180.0):
+        super().__init__(model_path, port=port, n_ctx=n_ctx, n_threads=n_threads, alias=alias,
+                         log_path=log_path, start_timeout_s=start_timeout_s)
+        self.cmd = [str(binary or llama_server_binary()), "--model", str(self.model_path), "--alias", alias,
+                    "--host", "127.0.0.1", "--port", str(self.port), "--no-jinja", "--chat-template", chat_template,
+                    "-t", str(n_threads), "-np", str(parallel), "-c", str(n_ctx * parallel)]
+
+
+# ----------------------------------------------------------------------------- building llama-server
+def find_sdist(version: str = LLAMA_CPP_VERSION, cache: Path | None = None) -> Path:
+    """The llama-cpp-python sdist (it vendors llama.cpp): ``$FINSYNTH_LLAMA_CPP_SDIST`` when set, else
+    one already in ``<model cache>/sdist/``, else fetched there with ``pip download`` (PyPI)."""
+    from datagen.packaged import model_cache_dir
+
+    env = os.environ.get("FINSYNTH_LLAMA_CPP_SDIST")
+    if env:
+        if not Path(env).is_file():
+            raise RuntimeError(f"FINSYNTH_LLAMA_CPP_SDIST={env} is not a file")
+        return Path(env)
+    d = (cache or model_cache_dir()) / "sdist"
+    found = sorted(d.glob(f"llama_cpp_python-{version}.tar.gz")) if d.exists() else []
+    if found:
+        return found[0]
+    d.mkdir(parents=True, exist_ok=True)
+    log.info("fetching the llama-cpp-python %s sdist (llama.cpp's sources) into %s", version, d)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        "--no-build-isolation", f"llama-cpp-python=={version}", "-d", str(d)],
+                       capture_output=True, text=True)
+    found = sorted(d.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if not found:
+        last = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"could not fetch the llama-cpp-python=={version} sdist (pip download exited "
+                           f"{r.returncode}: {last[0]}); download it yourself and set FINSYNTH_LLAMA_CPP_SDIST")
+    return found[0]
+
+
+def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
+    """``llama-server`` built from the llama.cpp inside the llama-cpp-python ``version`` sdist with
+    :data:`SERVER_CMAKE_ARGS`, once per (version, flags): ``~/.cache/finsynth/bin/llama-server-<key>``.
+    ``$FINSYNTH_LLAMA_SERVER`` names a binary of your own instead. Needs cmake, ninja and a C++ compiler."""
+    if env := os.environ.get("FINSYNTH_LLAMA_SERVER"):
+        return Path(env)
+    key = hashlib.sha256(" ".join((version, *SERVER_CMAKE_ARGS)).encode()).hexdigest()[:12]
+    home = Path(os.environ.get("FINSYNTH_BIN_CACHE", Path.home() / ".cache" / "finsynth" / "bin"))
+    target = home / f"llama-server-{key}"
+    if (target / "llama-server").is_file():
+        return target / "llama-server"
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"building llama-server needs {tool} (apt-get install cmake ninja-build g++)")
+    work = home / f".build-{key}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    src = work / "llama.cpp"
+    with tarfile.open(find_sdist(version)) as tar:
+        for m in tar.getmembers():
+            i = m.name.find("/vendor/llama.cpp/")
+            if i >= 0 and (m.isfile() or m.isdir()):
+                dest = src / m.name[i + len("/vendor/llama.cpp/"):]
+                if m.isdir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as f, open(dest, "wb") as out:
+                    shutil.copyfileobj(f, out)
+                os.chmod(dest, m.mode & 0o777 or 0o644)
+    log.warning("building llama-server from llama.cpp (llama-cpp-python %s) into %s; once, ~7 min on 2 cores",
+                version, target)
+    build_log = work / "build.log"
+    with open(build_log, "wb") as out:
+        for cmd in (["cmake", "-S", str(src), "-B", str(work / "build"), "-G", "Ninja", *SERVER_CMAKE_ARGS],
+                    ["cmake", "--build", str(work / "build"), "--target", "llama-server",
+                     "-j", str(os.cpu_count() or 2)]):
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                tail = build_log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"building llama-server failed ({' '.join(cmd[:2])}); log {build_log}: "
+                                   + " | ".join(tail))
+    staged = work / "out"
+    staged.mkdir()
+    shutil.copy2(work / "build" / "bin" / "llama-server", staged / "llama-server")
+    try:
+        os.replace(staged, target)  # atomic: a half-built binary is never found
+    except OSError:  # another process finished first
+        pass
+    shutil.rmtree(work, ignore_errors=True)
+    return target / "llama-server"
+
+
+# ----------------------------------------------------------------------------- the managed provider's server
+_SERVERS: dict[tuple[Any, ...], LlamaServer] = {}
+_SERVERS_LOCK = threading.Lock()
+
+
+def managed_server(model_path: str | Path | None, *, parallel: int, n_ctx: int, n_threads: int) -> LlamaServer:
+    """One running ``llama-server`` per (model, slots, context, threads) per process, started on first
+    use and stopped when the process exits. ``kind: llamacpp_server`` providers talk to it."""
+    ident = (str(model_path), parallel, n_ctx, n_threads)
+    with _SERVERS_LOCK:
+        srv = _SERVERS.get(ident)
+        if srv is None or srv.death_message() is not None or srv.proc is None:
+            srv = LlamaServer(model_path, parallel=parallel, n_ctx=n_ctx, n_threads=n_threads).start()
+            _SERVERS[ident] = srv
+            atexit.register(srv.stop)
+        return srv
+
+
+def llama_server_provider(name: str, pcfg: Any, cache: Any = None) -> Any:
+    """The ``kind: llamacpp_server`` provider: an OpenAI-compatible provider talking to a managed
+    :class:`LlamaServer` on the GGUF ``model_path`` (default: the packaged Gemma-3-270M), one slot per
+    unit of ``concurrency``. Its cache identity is the model file, not the (random) port, so a rerun
+    in a new process reuses every finished answer."""
+    from datagen.llm.openai_provider import OpenAIProvider
+
+    model_path = Path(pcfg.model_path) if pcfg.model_path and not str(pcfg.model_path).startswith("packaged:") \
+        else None
+    srv = managed_server(model_path, parallel=pcfg.concurrency, n_ctx=pcfg.context_tokens,
+                         n_threads=pcfg.threads or os.cpu_count() or 2)
+    identity = f"llamacpp_server:{srv.model_path.name}:{srv.model_path.stat().st_size}"
+
+    class LlamaServerProvider(OpenAIProvider):
+        kind = "llamacpp_server"
+
+        @property
+        def base_url(self) -> str | None:  # the cache key's server identity
+            return identity
+
+    return LlamaServerProvider(name, pcfg.model_copy(update={"base_url": srv.base_url, "model": srv.model}), cache)
