@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import queue
 import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -110,6 +114,23 @@ class ResponseCache:
                 "completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key, provider, model, text, int(prompt_tokens), int(completion_tokens), time.time()))
 
+    def put_many(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
+        """Store several successes in one transaction: ``[(key, {provider, model, text, prompt_tokens,
+        completion_tokens}), ...]``."""
+        now = time.time()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO responses (key, provider, model, text, prompt_tokens, "
+                    "completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(k, r["provider"], r["model"], r["text"], int(r.get("prompt_tokens", 0)),
+                      int(r.get("completion_tokens", 0)), now) for k, r in rows])
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
     # ------------------------------------------------------------------ claims
     # Two processes (two runs on different roots sharing this file) that need the same answer: the
     # first claims the key and calls the model; the other waits for the row instead of paying twice.
@@ -154,6 +175,44 @@ class ResponseCache:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class CacheWriter:
+    """Stores answers off the caller's thread: ``put`` queues an answer the moment it arrives, and one
+    writer thread commits whatever is queued in one transaction (group commit). An event loop serving
+    many concurrent calls never waits on SQLite, and an answer is on disk milliseconds after it came
+    back, so a killed run loses (and a resumed run repeats) at most the answers of that instant.
+    ``close`` writes everything still queued and waits for it."""
+
+    def __init__(self, cache: ResponseCache):
+        self.cache = cache
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llm-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, key: str, **row: Any) -> None:
+        self._q.put((key, row))
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._q.get()]
+            while True:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            rows = [b for b in batch if b is not None]
+            if rows:
+                try:
+                    self.cache.put_many(rows)
+                except Exception as e:  # a cache problem must not lose the answers in memory
+                    log.warning("cache write of %d answers failed: %s", len(rows), e)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
 
 
 def _alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from datagen.config import ProviderConfig
 from datagen.llm.base import ChatRequest, LLMResult, LLMUnavailable, Message, Usage, parse_structured
-from datagen.llm.cache import ResponseCache, cache_key
+from datagen.llm.cache import CacheWriter, ResponseCache, cache_key
 from datagen.llm.keys import redact
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ class BaseProvider:
             return []
         keys, bad = self._safe_keys(requests)
         bar = tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+        writer = CacheWriter(self.cache) if self.cache is not None else None
         try:
             hits = self.cache.get_many([k for k in keys if k]) if self.cache is not None else {}
             todo: list[tuple[int, ChatRequest, str]] = []
@@ -280,13 +281,10 @@ class BaseProvider:
                 if results[i] is not None:  # a second answer for one item is a bug; keep the first
                     log.error("%s: item %d answered twice; keeping the first", self.name, i)
                     return
-                if res.ok and self.cache is not None:
-                    try:
-                        self.cache.put(key, provider=self.kind, model=self.model, text=res.text or "",
-                                       prompt_tokens=res.usage.get("prompt_tokens", 0),
-                                       completion_tokens=res.usage.get("completion_tokens", 0))
-                    except Exception as e:  # a cache problem must not lose the answer
-                        log.warning("%s: cache write failed: %s", self.name, e)
+                if res.ok and writer is not None:  # stored off this thread (it may be an event loop)
+                    writer.put(key, provider=self.kind, model=self.model, text=res.text or "",
+                               prompt_tokens=res.usage.get("prompt_tokens", 0),
+                               completion_tokens=res.usage.get("completion_tokens", 0))
                 if not res.ok:
                     self.usage.failed(res.error)
                 results[i] = res
@@ -309,6 +307,8 @@ class BaseProvider:
                         done(i, key, failure("internal: no result produced"))
         finally:
             bar.close()
+            if writer is not None:
+                writer.close()  # every answer on disk before our claims on them are released
             if self.cache is not None and self._claims:
                 self.cache.release(self._claims, self._owner)
                 self._claims = []
