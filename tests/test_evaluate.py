@@ -449,8 +449,8 @@ def test_scores_of_a_report_from_before_the_arms_says_to_rerun(eval_cfg):
 def test_base_arm_answers_are_cached_across_runs_tuned_never(tmp_path, monkeypatch):
     """A sweep trains several adapters on one dataset: the base arms' answers (same model, same prompts,
     greedy) come from the response cache after the first run; the tuned arm is always generated."""
-    import datagen.tokenizer
     import training.generate as g
+    from datagen.causal_lm import Generation
     from datagen.config import ModelConfig
     from datagen.llm import open_cache
 
@@ -458,12 +458,15 @@ def test_base_arm_answers_are_cached_across_runs_tuned_never(tmp_path, monkeypat
         def apply_chat_template(self, conv, tokenize=False, add_generation_prompt=True):
             return " | ".join(m["content"] for m in conv)
 
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
     generated, loads = [], []
-    monkeypatch.setattr(datagen.tokenizer, "load_tokenizer", lambda cfg: Tok())
-    monkeypatch.setattr(g, "load_base", lambda cfg, tok=None: (loads.append(1) or "base-model", tok))
+    monkeypatch.setattr(g, "load_tokenizer", lambda cfg: Tok())
+    monkeypatch.setattr(g, "load_causal_lm", lambda cfg: loads.append(1) or "base-model")
     monkeypatch.setattr(g, "attach_adapter", lambda model, d: f"{model}+{Path(d).name}")
     monkeypatch.setattr(g, "generate", lambda model, tok, prompts, **kw: (
-        generated.extend((model, p) for p in prompts) or [f"{model}: {p}" for p in prompts]))
+        generated.extend((model, p) for p in prompts) or [Generation([f"{model}: {p}"], 0, 0) for p in prompts]))
     convs = {"base": [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]],
              "fewshot": [[{"role": "user", "content": "ex"}, {"role": "user", "content": "q1"}]],
              "tuned": [[{"role": "user", "content": "q1"}]]}

@@ -1,5 +1,6 @@
-"""The ``local`` provider: the decode loop on a tiny random Gemma-3 (exact against ``model.generate``),
-and real batched generation with the packaged Gemma-3-270M (slow)."""
+"""The one loader and generation function (:mod:`datagen.causal_lm`) and the ``local`` provider on them:
+the decode loop on a tiny random Gemma-3 (exact against ``model.generate``, with and without a LoRA
+adapter), and real batched generation with the packaged Gemma-3-270M (slow)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from datagen.config import ProviderConfig
+from datagen.causal_lm import cut_at_stop, decode, generate, load_causal_lm, render_prompt, stop_token_ids
+from datagen.config import ModelConfig, ProviderConfig
 from datagen.llm import ChatRequest, make_provider, open_cache
-from datagen.llm.local import cut_at_stop, decode, load_local_model, render_prompt
+from datagen.llm.local import load_local_model
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,83 @@ def test_provider_stops_during_generation_and_returns_n_candidates(tiny_dir, tin
     assert p.request_key(req) != p.request_key(ChatRequest(messages=msgs, max_tokens=8, temperature=1.0, seed=3))
 
 
+def _old_eval_generate(model, tok, prompts, max_new):
+    """What evaluation and chat ran before they used :func:`generate`: ``model.generate`` greedy, stopping at
+    EOS / end of turn, cut at the first stop token."""
+    stop = stop_token_ids(tok)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    seqs = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                          do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = []
+    for ids in seqs[:, enc["input_ids"].shape[1]:].tolist():
+        cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+        out.append(tok.decode(ids[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+def test_generate_matches_the_old_evaluation_generate_with_and_without_an_adapter(tiny_dir, tiny, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, _ = tiny
+    prompts = [render_prompt(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+    gens = generate(model, tok, prompts, max_new_tokens=12)
+    assert [g.texts[0] for g in gens] == _old_eval_generate(model, tok, prompts, 12)
+    assert [g.prompt_tokens for g in gens] == [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    # a LoRA adapter with non-zero B, loaded the way evaluation's tuned arm and chat load it
+    torch.manual_seed(0)
+    peft = get_peft_model(load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)), device="cpu"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
+    tuned = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)), device="cpu", adapter=tmp_path / "adapter")
+    assert not tuned.training and type(tuned).__name__ == "PeftModelForCausalLM"
+    got = [g.texts[0] for g in generate(tuned, tok, prompts, max_new_tokens=12)]
+    assert got == _old_eval_generate(tuned, tok, prompts, 12) and got != [g.texts[0] for g in gens]
+
+
+def test_sampling_defaults_and_explicit_whole_vocabulary(tiny):
+    model, tok, _ = tiny
+    ids = [tok(tok.bos_token + p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    kw = {"max_new_tokens": 6, "temperature": 1.0, "n": 3, "pad_id": tok.pad_token_id, "seed": 5}
+    assert decode(model, ids, **kw) == decode(model, ids, top_k=64, top_p=0.95, **kw)  # the shared defaults
+    whole = decode(model, ids, top_k=None, top_p=1.0, **kw)
+    assert whole == decode(model, ids, top_k=None, top_p=1.0, **kw) and whole != decode(model, ids, **kw)
+
+
+def test_loader_is_safetensors_only_and_trusts_remote_code_only_when_configured(monkeypatch, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+
+    class Loaded:
+        training = True
+
+        def eval(self):
+            self.training = False
+            return self
+
+    def fake(path, **kw):
+        seen.update(kw, path=path)
+        return Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    m = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)), device="cpu")
+    assert not m.training and seen["path"] == str(tiny_dir)
+    assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+    assert seen["attn_implementation"] == "sdpa" and "quantization_config" not in seen and "device_map" not in seen
+    import torch
+
+    assert seen["dtype"] == torch.float32
+    load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), trust_remote_code=True, dtype="bfloat16"), device="cpu",
+                   for_training=True)
+    assert seen["trust_remote_code"] is True and seen["dtype"] == torch.bfloat16
+
+
 def test_raw_text_turns_skip_the_chat_template(tiny):
     _, tok, _ = tiny
     assert render_prompt(tok, [{"role": "text", "content": "Q: a?\nP:"}]) == "<bos>Q: a?\nP:"
@@ -102,8 +181,6 @@ class Answer(BaseModel):
 
 @pytest.fixture(scope="module")
 def gemma():
-    from datagen.llm.local import load_local_model
-
     return load_local_model("packaged:gemma3-270m", "cpu")
 
 

@@ -1,4 +1,4 @@
-"""Model loading for training and inference: device and precision choice, quantization and PEFT factories.
+"""Quantization and PEFT factories for training, and the training-side call of the one model loader.
 
 Small factories in the style of TRL's ``trl/trainer/utils.py``:
 
@@ -6,63 +6,26 @@ Small factories in the style of TRL's ``trl/trainer/utils.py``:
   ``train.quantization: auto`` means NF4 on a GPU and none on CPU; ``nf4`` forces it (bitsandbytes 0.50
   runs NF4 forward and backward on CPU too).
 - :func:`get_peft_config` -> a ``peft.LoraConfig`` from ``train.lora``.
-- :func:`load_model` -> the causal LM from ``model.name_or_path`` (``packaged:gemma3-270m`` is resolved to its
-  cached safetensors directory), safetensors only, ``trust_remote_code`` from the config, SDPA or flash
-  attention, Liger kernels on a GPU when installed.
+- :func:`load_model` -> :func:`datagen.causal_lm.load_causal_lm` (the one loader, also used by the local
+  provider, evaluation and chat) for training: the quantization ``train.quantization`` asks for, SDPA or
+  flash attention, Liger kernels on a GPU when installed. Device and dtype choice live there too.
 
 Nothing here trains; :mod:`training.train` configures TRL's ``SFTTrainer`` with what these return.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
+from datagen.causal_lm import compute_dtype, is_installed, load_causal_lm, resolve_device
 from datagen.config import Config, TrainConfig
-from datagen.packaged import resolve_model_path
 
 if TYPE_CHECKING:
-    import torch
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def is_installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def compute_dtype(device: str) -> torch.dtype:
-    """Mixed-precision dtype: bf16 where the GPU supports it, else fp16; fp32 on CPU (bf16 is ~12x slower here)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def model_dtype(cfg: Config, device: str) -> torch.dtype:
-    """The dtype the (unquantized part of the) model is loaded in.
-
-    ``model.dtype``, or for ``auto`` the compute dtype.
-    """
-    import torch
-
-    if cfg.model.dtype == "auto":
-        return compute_dtype(device)
-    return getattr(torch, cfg.model.dtype)
 
 
 def wants_quantization(train_cfg: TrainConfig, device: str) -> bool:
@@ -106,77 +69,17 @@ def get_peft_config(train_cfg: TrainConfig) -> LoraConfig:
     )
 
 
-def attn_implementation(device: str, dtype: torch.dtype) -> str:
-    """``flash_attention_2`` on a GPU in half precision when flash-attn is installed, else PyTorch SDPA.
-
-    Both handle padding-free packed batches: flash attention through ``cu_seq_lens``, SDPA through the
-    block-diagonal mask transformers builds from the restarting ``position_ids``.
-    """
-    import torch
-
-    if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16) and is_installed("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def load_model(cfg: Config, device: str | None = None, *,
                quantization_config: BitsAndBytesConfig | None | str = "auto",
                attn: str | None = None) -> PreTrainedModel:
-    """Load the causal LM named by ``cfg.model`` for training (or inference) on ``device``.
+    """The causal LM of ``cfg.model`` ready to train on ``device`` (``load_causal_lm(..., for_training=True)``).
 
-    ``quantization_config="auto"`` asks :func:`get_quantization_config`; pass ``None`` for a plain load
-    (e.g. the base for a merge). Weights must be safetensors (no pickle files).
+    ``quantization_config="auto"`` asks :func:`get_quantization_config`; pass ``None`` for a plain load.
     """
-    from transformers import AutoModelForCausalLM
-
     device = resolve_device(device or "auto")
     if quantization_config == "auto":
         quantization_config = get_quantization_config(cfg.train, device)
-    dtype = model_dtype(cfg, device)
-    if quantization_config is not None and device.startswith("cuda"):
-        dtype = compute_dtype(device)  # non-quantized parts (norms, embeddings) in the compute dtype
-    path = resolve_model_path(cfg.model.name_or_path)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "use_safetensors": True,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "attn_implementation": attn or attn_implementation(device, dtype),
-    }
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    if device.startswith("cuda"):
-        # one process per GPU under accelerate/torchrun: each loads onto its own device
-        idx = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else int(device.split(":")[1])
-        kwargs["device_map"] = {"": idx}
-    elif quantization_config is not None:
-        kwargs["device_map"] = {"": "cpu"}
-    log.info("loading %s (%s, dtype=%s, attn=%s, 4-bit=%s)", cfg.model.name_or_path, device, dtype,
-             kwargs["attn_implementation"], quantization_config is not None)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quantization_config is None and not device.startswith("cuda") and device != "cpu":
-        model.to(device)
-    if device.startswith("cuda"):
-        apply_liger(model)
-    return model
-
-
-def apply_liger(model: PreTrainedModel) -> bool:
-    """Patch the model's layers (RMSNorm, RoPE, SwiGLU/GeGLU) with Liger's Triton kernels when installed.
-
-    Only the layer kernels: TRL's fused LM head already computes the loss without materialising logits,
-    so Liger's fused linear cross-entropy is left off (TRL rejects it).
-    """
-    if not is_installed("liger_kernel"):
-        return False
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
-    except Exception as e:  # noqa: BLE001 - an architecture Liger does not know: train without it
-        log.warning("Liger kernels not applied: %s", e)
-        return False
-    log.info("Liger kernels applied")
-    return True
+    return load_causal_lm(cfg.model, device=device, quantization=quantization_config, attn=attn, for_training=True)
 
 
 def compact_lm_head_on_cpu() -> bool:

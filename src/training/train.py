@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from datagen.causal_lm import attn_implementation, compute_dtype, load_causal_lm, resolve_device
 from datagen.config import Config
 from datagen.io import (
     atomic_write_text,
@@ -39,14 +40,11 @@ from datagen.io import (
 from datagen.stage import StageSpec
 from datagen.tokenizer import load_tokenizer
 from training.models import (
-    attn_implementation,
     compact_lm_head_on_cpu,
-    compute_dtype,
     count_parameters,
     get_peft_config,
     get_quantization_config,
     load_model,
-    resolve_device,
 )
 from training.plots import plot_loss_curves
 
@@ -276,10 +274,7 @@ def _step_of(checkpoint: str | None) -> int | None:
 
 def merge_adapter(cfg: Config, adapter_dir: Path, target: Path, device: str = "cpu") -> Path:
     """Merge the adapter onto the base loaded without quantization and save it (safetensors) with the tokenizer."""
-    from peft import PeftModel
-
-    base = load_model(cfg, device, quantization_config=None)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = load_causal_lm(cfg.model, device=device, adapter=adapter_dir).merge_and_unload()
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -1,0 +1,307 @@
+"""The one model loader and the one generation function for causal LMs.
+
+The ``local`` LLM provider, training, evaluation and ``finsynth chat`` all load through
+:func:`load_causal_lm` and (except training) generate through :func:`generate`.
+
+- :func:`load_causal_lm` loads ``model.name_or_path`` (``packaged:gemma3-270m`` resolves to its cached
+  safetensors directory): safetensors only, ``trust_remote_code`` only when the config sets it, dtype
+  ``model.dtype`` (``auto``: fp32 on CPU, bf16 or fp16 on a GPU), optionally 4-bit (a ``BitsAndBytesConfig``)
+  and a LoRA adapter on top. ``for_training=True`` allows flash attention and Liger kernels on a GPU;
+  inference always uses PyTorch SDPA (what transformers picked before, so generated text did not change).
+- :func:`generate` completes rendered prompts as one left-padded batch, greedy or sampled, with EOS,
+  end-of-turn tokens and stop strings ending each row *during* generation, and ``n`` candidates per prompt
+  from one prefill. Callers choose the batches (the provider groups requests, evaluation sorts by length).
+
+Sampling defaults, the same for every caller: greedy (``temperature=0``); with ``temperature > 0``,
+top-k 64 and top-p 0.95 (Gemma's recommendation; the whole 262k vocabulary puts long-tail tokens into a
+small model's output). Evaluation samples from the whole vocabulary (``top_k=None, top_p=1.0``), as it
+did with ``model.generate``, and passes that explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from datagen.config import ModelConfig
+from datagen.packaged import resolve_model_path
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+TOP_K, TOP_P = 64, 0.95  # used when temperature > 0, unless the caller passes its own
+END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")  # Gemma, Llama 3, ChatML: each ends a row
+RAW_ROLE = "text"  # a conversation of only these turns is raw completion text, no chat template
+
+
+# ----------------------------------------------------------------------------- device and precision
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU that supports it, else fp16; fp32 elsewhere (bf16 is ~12x slower on CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_dtype(model_cfg: ModelConfig, device: str) -> torch.dtype:
+    """``model.dtype``, or for ``auto`` the compute dtype of ``device``."""
+    import torch
+
+    return compute_dtype(device) if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
+
+
+def attn_implementation(device: str, dtype: torch.dtype) -> str:
+    """``flash_attention_2`` on a GPU in half precision when flash-attn is installed, else PyTorch SDPA.
+
+    Both handle padding-free packed batches: flash attention through ``cu_seq_lens``, SDPA through the
+    block-diagonal mask transformers builds from the restarting ``position_ids``.
+    """
+    import torch
+
+    if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16) and is_installed("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def apply_liger(model: Any) -> bool:
+    """Patch the model's layers (RMSNorm, RoPE, SwiGLU/GeGLU) with Liger's Triton kernels when installed.
+
+    Only the layer kernels: TRL's fused LM head already computes the loss without materialising logits,
+    so Liger's fused linear cross-entropy is left off (TRL rejects it).
+    """
+    if not is_installed("liger_kernel"):
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    except Exception as e:  # noqa: BLE001 - an architecture Liger does not know: train without it
+        log.warning("Liger kernels not applied: %s", e)
+        return False
+    log.info("Liger kernels applied")
+    return True
+
+
+# ----------------------------------------------------------------------------- loading
+def load_causal_lm(model_cfg: ModelConfig, *, device: str = "auto", quantization: Any = None,
+                   adapter: str | Path | None = None, for_training: bool = False, attn: str | None = None) -> Any:
+    """The causal LM named by ``model_cfg`` on ``device``.
+
+    - ``quantization``: a ``BitsAndBytesConfig`` (4-bit NF4, see ``training.models.get_quantization_config``)
+      or None. On a GPU the parts it leaves unquantized (norms, embeddings) load in the compute dtype.
+    - ``adapter``: a saved LoRA adapter folder, put on top (frozen).
+    - ``for_training``: flash attention when installed and Liger kernels on a GPU; the model is left in the
+      mode transformers loads it in. Otherwise SDPA and ``eval()``.
+    - ``attn``: force an attention implementation (``sdpa``, ``eager``, ...).
+
+    On a GPU the model goes to ``cuda:$LOCAL_RANK`` (one process per GPU under accelerate/torchrun).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    cuda = device.startswith("cuda")
+    dtype = compute_dtype(device) if quantization is not None and cuda else model_dtype(model_cfg, device)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "attn_implementation": attn or (attn_implementation(device, dtype) if for_training else "sdpa"),
+    }
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if cuda:
+        idx = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else int(device.split(":")[1])
+        kwargs["device_map"] = {"": idx}
+    elif quantization is not None:
+        kwargs["device_map"] = {"": "cpu"}
+    log.info("loading %s (%s, dtype=%s, attn=%s, 4-bit=%s, adapter=%s)", model_cfg.name_or_path, device, dtype,
+             kwargs["attn_implementation"], quantization is not None, adapter)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name_or_path), **kwargs)
+    if not cuda and quantization is None and device != "cpu":
+        model.to(device)  # mps, xpu, ...
+    if for_training and cuda:
+        apply_liger(model)
+    if adapter is not None:
+        model = attach_adapter(model, adapter)
+    return model if for_training else model.eval()
+
+
+def attach_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """``model`` wrapped with the LoRA adapter saved in ``adapter_dir`` (this changes ``model`` in place)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+# ----------------------------------------------------------------------------- generation
+@dataclass(frozen=True)
+class Generation:
+    texts: list[str]  # n candidates: special tokens dropped, cut at the first stop string, stripped
+    prompt_tokens: int
+    completion_tokens: int  # over all candidates, a row's final stop token included
+
+
+def render_prompt(tok: Any, conv: Sequence[dict[str, str]]) -> str:
+    """The prompt text: the chat template with a generation prompt, or, when every turn has the ``text``
+    role, ``<bos>`` and the raw text (a document for a base model to continue)."""
+    if conv and all(m["role"] == RAW_ROLE for m in conv):
+        return (tok.bos_token or "") + "".join(m["content"] for m in conv)
+    return tok.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+
+
+def stop_token_ids(tok: Any) -> list[int]:
+    """EOS and the end-of-turn tokens the vocabulary has."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = len(text)
+    for s in stops:
+        if s and s in text:
+            cut = min(cut, text.index(s))
+    return text[:cut]
+
+
+def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int],
+             temperature: float = 0.0, top_k: int | None = TOP_K, top_p: float = TOP_P, n: int = 1,
+             stop: Sequence[Sequence[str]] | None = None, seed: int | None = None) -> list[Generation]:
+    """Complete the rendered ``prompts`` (see :func:`render_prompt`) as one left-padded batch.
+
+    Returns one :class:`Generation` per prompt, in order. ``max_new_tokens`` is one limit for all or one
+    per prompt; ``stop`` is a tuple of stop strings per prompt. Greedy at ``temperature=0``, else sampling
+    with ``top_k`` (None: the whole vocabulary) and ``top_p``, from a generator seeded with ``seed``.
+    """
+    if not prompts:
+        return []
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template writes <bos>
+    stop_ids = stop_token_ids(tok)
+    stops = [tuple(s for s in ss if s) for ss in stop] if stop is not None else [()] * len(prompts)
+    tail = max((len(s) for ss in stops for s in ss), default=0) + 1  # enough tokens to hold any stop string
+
+    def stopped(b: int, so_far: list[int]) -> bool:  # a stop string ends the row as soon as it appears
+        if not stops[b]:
+            return False
+        text = tok.decode(so_far[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stops[b])
+
+    out = decode(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 n=n, stop_ids=stop_ids, pad_id=tok.pad_token_id, stopped=stopped if any(stops) else None,
+                 seed=seed)
+    return [Generation(texts=[cut_at_stop(tok.decode([t for t in c if t not in stop_ids], skip_special_tokens=True),
+                                          stops[b]).strip() for c in cands],
+                       prompt_tokens=len(ids[b]), completion_tokens=sum(len(c) for c in cands))
+            for b, cands in enumerate(out)]
+
+
+def _pick(logits: Any, temperature: float, top_k: int | None, top_p: float, generator: Any) -> Any:
+    """Next token per row: argmax at temperature 0, else a draw from the top-k tokens (all for None) cut
+    to the smallest set whose probability reaches ``top_p``."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    k = min(top_k, logits.shape[-1]) if top_k else logits.shape[-1]
+    vals, idx = torch.topk(logits / temperature, k, dim=-1)  # sorted, descending
+    probs = vals.softmax(-1)
+    if top_p < 1.0:
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return idx.gather(1, choice).squeeze(1)
+
+
+def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+           temperature: float = 0.0, top_k: int | None = TOP_K, top_p: float = TOP_P,
+           n: int = 1, stop_ids: Sequence[int] = (), pad_id: int = 0,
+           stopped: Callable[[int, list[int]], bool] | None = None,
+           seed: int | None = None) -> list[list[list[int]]]:
+    """The token loop under :func:`generate`: ``n`` continuations of each prompt of token ids.
+
+    Returns, per prompt, ``n`` lists of new token ids (a stop token, when one ended the row, included).
+    A row ends at a token of ``stop_ids``, at ``max_new_tokens`` (one for all, or one per prompt), or
+    when ``stopped(prompt_index, ids_so_far)`` says so, and leaves the batch at once (its rows are dropped
+    from the KV cache), so a batch gets cheaper as it runs. The prompt is prefilled once and its cache
+    repeated ``n`` times. Sampling draws from a generator seeded with ``seed`` (the global RNG when None);
+    greedy decoding equals ``model.generate``'s.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    dev = model.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    gen = None
+    if seed is not None and temperature > 0:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(seed))
+    stop_set = set(stop_ids)
+    caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes kwargs on
+    params = inspect.signature(inner.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+
+    def forward(input_ids: Any, positions: Any, cache_position: Any, **kw: Any) -> Any:
+        if "cache_position" in params:
+            kw["cache_position"] = cache_position
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{cache_kw: cache}, **kw)
+
+    out: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+    rows = list(range(len(out)))  # batch row -> index into out (prompt b, candidate j at b * n + j)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        step = forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), torch.arange(width, device=dev), logits_to_keep=1)
+        logits = step.logits[:, -1, :].float()
+        if n > 1:  # one prefill, n continuations
+            cache.batch_repeat_interleave(n)
+            mask = mask.repeat_interleave(n, dim=0)
+            logits = logits.repeat_interleave(n, dim=0)
+        while rows:
+            nxt = _pick(logits, temperature, top_k, top_p, gen)
+            keep = []
+            for j, (r, t) in enumerate(zip(rows, nxt.tolist())):
+                out[r].append(t)
+                if not (t in stop_set or len(out[r]) >= caps[r // n] or (stopped and stopped(r // n, out[r]))):
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(rows):  # finished rows leave the batch
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, nxt = mask[sel], nxt[sel]
+                rows = [rows[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            step = forward(nxt.unsqueeze(1), mask.sum(-1, keepdim=True) - 1,
+                           torch.tensor([mask.shape[1] - 1], device=dev))
+            logits = step.logits[:, -1, :].float()
+    return [out[b * n:(b + 1) * n] for b in range(len(prompts))]
