@@ -51,14 +51,14 @@ def variant_settings(name: str, aug) -> dict:
 
 
 def main() -> None:
-    from datagen.augment import select_for_rephrasing
+    from datagen.augmentation.augment import select_for_rephrasing
+    from datagen.augmentation.rephrase import rephrase_rows
+    from datagen.augmentation.validators import RephraseChecks
     from datagen.config import load_config
     from datagen.embed import load_embedder
-    from datagen.fetch import run_fetch
     from datagen.io import read_jsonl, write_json
     from datagen.llm import make_provider
-    from datagen.rephrase import rephrase_rows
-    from datagen.validators import RephraseChecks
+    from datagen.sources.fetch import run_fetch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="items (default: the demo's augment.limit)")

@@ -104,7 +104,7 @@ def sampled_recall(x: np.ndarray, pairs, n_queries: int = 2000, seed: int = 1) -
 
 
 def bench_search(n: int, nprobe: int, exact_max: int) -> None:
-    from datagen.dedup import default_nlist, pairs_exact, pairs_partitioned
+    from datagen.dataset.dedup import default_nlist, pairs_exact, pairs_partitioned
 
     t0 = time.perf_counter()
     x = synthetic(n)
@@ -162,7 +162,7 @@ def bench_embed(n: int) -> None:
     from sentence_transformers import SentenceTransformer
 
     from datagen.config import EmbedderConfig
-    from datagen.dedup import pairs_exact, pairs_partitioned
+    from datagen.dataset.dedup import pairs_exact, pairs_partitioned
     from datagen.embed import SentenceTransformerEmbedder
     from datagen.packaged import resolve_model_path
 
@@ -285,7 +285,7 @@ def bench_calibrate_source_qa() -> None:
     figures. Every cross-item pair is a non-duplicate: count how many each threshold would merge, with
     and without dedup's figures guard (``min_number_overlap``)."""
     from datagen.config import DedupConfig, EmbedderConfig
-    from datagen.dedup import number_overlap, numbers
+    from datagen.dataset.dedup import number_overlap, numbers
     from datagen.embed import SentenceTransformerEmbedder, sample_text
     from datagen.io import read_jsonl
 

@@ -13,7 +13,7 @@ The labelled set (built below from the realistic test data in ``tests/data/reali
   edited; credit applicants (a table row each) that differ in one field;
 - **conflict** pairs: the same question and context with another answer (a sign error, another figure).
 
-Each pair goes through :func:`datagen.dedup.dedup_rows` (two rows, two groups; real MiniLM
+Each pair goes through :func:`datagen.dataset.dedup.dedup_rows` (two rows, two groups; real MiniLM
 question embeddings) at every (``threshold``, ``context_threshold``) of a grid; a pair is predicted
 duplicate if one row is dropped as a duplicate, conflict if both are quarantined. Precision and recall
 are for the duplicate class; ``conflict_*`` for the conflict class; ``distinct_quarantined`` counts
@@ -171,7 +171,7 @@ def build_pairs() -> list[tuple[str, str, dict, dict]]:
 
 
 def evaluate(pairs, qvec, threshold: float, context_threshold: float) -> dict:
-    from datagen.dedup import dedup_rows
+    from datagen.dataset.dedup import dedup_rows
 
     tp = fp = fn = 0
     c_tp = c_fp = c_fn = 0
@@ -202,7 +202,7 @@ def evaluate(pairs, qvec, threshold: float, context_threshold: float) -> dict:
 
 def old_rule(pairs, embedder, threshold: float = 0.92, min_number_overlap: float = 0.8) -> dict:
     """The rule before issue 13: question + 200 context chars embedded together, figures guard only."""
-    from datagen.dedup import exact_key, number_overlap, numbers
+    from datagen.dataset.dedup import exact_key, number_overlap, numbers
     from datagen.embed import sample_text
 
     texts = sorted({sample_text(r, 200) for _, _, a, b in pairs for r in (a, b)})

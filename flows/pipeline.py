@@ -46,6 +46,7 @@ from datagen.config import Config, load_config
 from datagen.io import RUN_INFO, STALE, run_lock, write_json
 from flows.stages import cache_inputs, execute, get_stage, inputs_key, output_matches, probe_providers, select
 
+
 @task(cache_policy=(INPUTS - "cfg") + TASK_SOURCE, persist_result=True, result_serializer="json",
       task_run_name="{key[stage]}")
 def run_stage(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,12 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from datagen import augment, chat_format, dedup, fetch, split
+from datagen.augmentation import augment
 from datagen.config import Config
+from datagen.dataset import chat_format, dedup, split
 from datagen.io import RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, require_stage, verify_outputs
 from datagen.prompts import PROMPTS_DIR
+from datagen.sources import fetch
 from datagen.stage import StageSpec
 from training import evaluate, train
 

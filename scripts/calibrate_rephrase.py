@@ -49,10 +49,10 @@ def best_band(cos: np.ndarray, good: np.ndarray) -> tuple[float, float, float]:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from datagen.augmentation.validators import RephraseChecks, validate_rephrasing
     from datagen.config import load_config
     from datagen.embed import load_embedder
     from datagen.io import read_jsonl, write_json
-    from datagen.validators import RephraseChecks, validate_rephrasing
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "tests/data/rephrase_calibration.jsonl")

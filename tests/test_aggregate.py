@@ -8,8 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from training.aggregate import (ARMS, DIFFS, aggregate, bootstrap_ci, bootstrap_means, cohen_kappa, group_seed,
-                                summarize_split)
+from training.aggregate import (
+    ARMS,
+    DIFFS,
+    aggregate,
+    bootstrap_ci,
+    bootstrap_means,
+    cohen_kappa,
+    group_seed,
+    summarize_split,
+)
 
 
 def _items(cat, base_scores, tuned_scores, split="test", prefix=None, fewshot_scores=None, groups=None):

@@ -7,26 +7,30 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_rephrase import AnchorEmbedder
 
-from datagen.config import ScenarioSynthConfig, load_config
-from datagen.io import read_jsonl, read_manifest, write_jsonl, write_manifest
-from datagen.llm.base import FunctionProvider
-from datagen.prompts import load_prompt
-from datagen.rephrase import rephrase_id
-from datagen.scenarios import (
+from datagen.augmentation.rephrase import rephrase_id
+from datagen.augmentation.scenarios import (
     GEOGRAPHIES,
     SECTORS,
     check_task,
     count_metrics,
     credit_terms,
     few_shot_texts,
-    format_input as scenario_input,
-    format_output as scenario_output,
     plan_tasks,
     repetition_ratio,
 )
+from datagen.augmentation.scenarios import (
+    format_input as scenario_input,
+)
+from datagen.augmentation.scenarios import (
+    format_output as scenario_output,
+)
+from datagen.config import ScenarioSynthConfig, load_config
+from datagen.io import read_jsonl, read_manifest, write_jsonl, write_manifest
+from datagen.llm.base import FunctionProvider
+from datagen.prompts import load_prompt
 from datagen.schema import SCENARIO_SOURCE, stable_id
-from test_rephrase import AnchorEmbedder
 
 GOOD_TASK = ("Instruction: The rand falls 35% and a South African chemicals maker rated BB- has 60% of its debt "
              "in USD. "
@@ -242,13 +246,13 @@ def test_augment_stage_exact_counts(stage_cfg):
 
 
 def run_augment_cfg(cfg, prov, emb):
-    from datagen.augment import run_augment
+    from datagen.augmentation.augment import run_augment
 
     return run_augment(cfg, provider=prov, scenario_provider=prov, embedder=emb)
 
 
 def test_limit_rephrases_first_n_in_category_round_robin(stage_cfg):
-    from datagen.augment import select_for_rephrasing
+    from datagen.augmentation.augment import select_for_rephrasing
 
     rows = [_sample(i, f"Q{i}?", "a", cat) for i, cat in enumerate(["b", "a", "b", "a", "c"])]
     assert [r["id"] for r in select_for_rephrasing(rows, None)] == ["s1", "s0", "s4", "s3", "s2"]
@@ -294,7 +298,7 @@ def _real_cfg(tmp_path, *overrides):
 
 def _assert_k_or_reasons_then_zero_call_rerun(cfg, embedder, label):
     """Every item ends with k=2 rephrasings or a final reason per missing slot; a rerun calls nothing."""
-    from datagen.augment import run_augment
+    from datagen.augmentation.augment import run_augment
 
     m1 = run_augment(cfg, embedder=embedder)
     out = cfg.paths.stage_dir("augment")

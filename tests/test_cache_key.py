@@ -41,12 +41,12 @@ def keys(cfg) -> dict[str, str]:
 
 def test_editing_a_module_augment_imports_changes_augment_only(tiny_cfg, src_copy):
     before = keys(tiny_cfg)
-    with open(src_copy / "src" / "datagen" / "validators.py", "a") as f:
+    with open(src_copy / "src" / "datagen" / "augmentation" / "validators.py", "a") as f:
         f.write("\n# an edit\n")
     after = keys(tiny_cfg)
     assert after["augment"] != before["augment"]
     assert after["fetch"] == before["fetch"] and after["dedup"] == before["dedup"]
-    assert "datagen.validators" in fs.module_closure("datagen.augment")
+    assert "datagen.augmentation.validators" in fs.module_closure("datagen.augmentation.augment")
 
 
 def test_editing_sft_user_prompt_reruns_format_and_through_it_train_and_evaluate(tiny_cfg, src_copy):

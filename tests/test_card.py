@@ -3,11 +3,11 @@ missing manifests, and `finsynth card`."""
 
 from __future__ import annotations
 
-import pytest
-
 from types import SimpleNamespace
 
-from datagen.card import build_card, parse_card, size_category, source_info, write_card
+import pytest
+
+from datagen.dataset.card import build_card, parse_card, size_category, source_info, write_card
 from datagen.io import write_json, write_jsonl, write_manifest
 
 SUMMARY = {
@@ -209,7 +209,7 @@ def test_card_counts_match_the_parquet_files(demo_cfg, tokenizer):
     """Format a small split (with drops), read the written card back and check each figure against Parquet."""
     import pandas as pd
 
-    from datagen.chat_format import run_format
+    from datagen.dataset.chat_format import run_format
 
     _manifests(demo_cfg)  # upstream history (its cluster counts predate the length filter)
     long_q = "Why? " * 400

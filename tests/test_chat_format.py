@@ -7,8 +7,15 @@ import json
 
 import pytest
 
-from datagen.chat_format import (DISK_DIR, META_DIR, build_messages, format_rows, render_conversation, run_format,
-                                 truncate_context)
+from datagen.dataset.chat_format import (
+    DISK_DIR,
+    META_DIR,
+    build_messages,
+    format_rows,
+    render_conversation,
+    run_format,
+    truncate_context,
+)
 from datagen.io import read_jsonl, write_jsonl, write_manifest
 from datagen.prompts import Prompt, load_prompt
 
@@ -220,8 +227,8 @@ def test_run_format_truncate_strategy(demo_cfg, tokenizer):
 @pytest.mark.slow
 def test_demo_profile_keeps_market_rows(demo_cfg, tokenizer):
     """The demo's market windows fit its max_tokens (single-ticker questions; comparisons hold two tables)."""
-    from datagen.market import load_market
-    from datagen.market_qa import build_market_qa
+    from datagen.sources.market import load_market
+    from datagen.sources.market_qa import build_market_qa
 
     mc = demo_cfg.sources.market
     rows = build_market_qa(load_market(mc), mc)

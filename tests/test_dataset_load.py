@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.chat_format import DISK_DIR, run_format
 from datagen.config import load_config
+from datagen.dataset.chat_format import DISK_DIR, run_format
 from datagen.io import write_jsonl, write_manifest
 
 

@@ -9,9 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen.dedup import (Pairs, answers_agree, context_similarity, dedup_rows, exact_key, normalise_text,
-                           number_overlap, numbers, pairs_exact, pairs_partitioned, question_near_copy, question_text,
-                           run_dedup, signed_numbers, swapped_terms, term_difference)
+from datagen.dataset.dedup import (
+    Pairs,
+    answers_agree,
+    context_similarity,
+    dedup_rows,
+    exact_key,
+    normalise_text,
+    number_overlap,
+    numbers,
+    pairs_exact,
+    pairs_partitioned,
+    question_near_copy,
+    question_text,
+    run_dedup,
+    signed_numbers,
+    swapped_terms,
+    term_difference,
+)
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
 from datagen.schema import Sample
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from datagen.config import load_config
-from datagen.fetch import run_fetch
 from datagen.io import read_jsonl
 from datagen.schema import Sample
+from datagen.sources.fetch import run_fetch
 
 BAD = Path(__file__).parent / "data" / "bad_inputs"
 MALFORMED = Path(__file__).parent / "data" / "malformed"
@@ -147,8 +147,8 @@ def test_fetch_reconciles_rows_of_every_format(tmp_root):
 
 
 def test_fetch_fails_loudly_when_rows_go_unaccounted(tmp_root, monkeypatch):
-    from datagen import fetch
-    from datagen.source_qa import RowCountError
+    from datagen.sources import fetch
+    from datagen.sources.source_qa import RowCountError
 
     real = fetch.load_source_qa
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from training.graders import (NONE_LABEL, SPAN_MAX_TOKENS, classification_metrics, expected_values,
-                              extract_figures, grade_classification, grade_extractive, grade_numeric,
-                              normalise_answer, normalise_label, span_answers, token_f1)
+from training.graders import (
+    NONE_LABEL,
+    SPAN_MAX_TOKENS,
+    classification_metrics,
+    expected_values,
+    extract_figures,
+    grade_classification,
+    grade_extractive,
+    grade_numeric,
+    normalise_answer,
+    normalise_label,
+    span_answers,
+    token_f1,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

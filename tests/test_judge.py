@@ -8,9 +8,18 @@ import pytest
 
 from datagen.llm.base import FunctionProvider, LLMResult
 from datagen.prompts import load_prompt
-from training.judge import (JudgeItem, combine_orders, format_judge_input, format_judge_output,
-                            format_pairwise_output, judge_answers, judge_pairwise, reliability, selfcheck,
-                            selfcheck_cases)
+from training.judge import (
+    JudgeItem,
+    combine_orders,
+    format_judge_input,
+    format_judge_output,
+    format_pairwise_output,
+    judge_answers,
+    judge_pairwise,
+    reliability,
+    selfcheck,
+    selfcheck_cases,
+)
 
 ITEM = JudgeItem(question="What was ACME's 10-day return?", reference="ACME returned -3.2% over 10 days.",
                  answer="-3.2%", context="| Date | Close |\n|---|---|\n| 2024-01-02 | 101.2 |", key="q1")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from datagen import source_qa
 from datagen.config import SourceQAFile
-from datagen.market import MarketDataError, load_price_file
 from datagen.schema import Sample
-from datagen.source_qa import SourceQAError, load_source_qa
+from datagen.sources import source_qa
+from datagen.sources.market import MarketDataError, load_price_file
+from datagen.sources.source_qa import SourceQAError, load_source_qa
 
 CORPUS = Path(__file__).parent / "data" / "malformed"
 EXPECTED = json.loads((CORPUS / "EXPECTED.json").read_text())

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from datagen.config import MarketConfig, SimulatorConfig
-from datagen.market import MarketDataError, fetch_yfinance, load_files, load_price_file, simulate
-from datagen.market_qa import (
+from datagen.sources.market import MarketDataError, fetch_yfinance, load_files, load_price_file, simulate
+from datagen.sources.market_qa import (
     CATEGORIES,
     QUESTION_TYPES,
     annualised_volatility,
@@ -279,7 +279,7 @@ def test_header_only_price_file_names_the_file(tmp_path):
     p = tmp_path / "EMPTY.csv"
     p.write_text("Date,Open,High,Low,Close,Volume\n")
     mc = MarketConfig(provider="csv", paths=[p])
-    from datagen.market import load_market
+    from datagen.sources.market import load_market
 
     with pytest.raises(MarketDataError, match="EMPTY.csv: no data rows"):
         load_market(mc)
@@ -294,7 +294,7 @@ def test_price_row_counts_reconcile(tmp_path):
     long = pd.concat([df.assign(Ticker="AAA"), df.iloc[[0]].assign(Ticker="AAA"), df.assign(Ticker="BBB")])
     p = tmp_path / "long.csv"
     long.to_csv(p, index=False)
-    from datagen.market import load_market
+    from datagen.sources.market import load_market
 
     md = load_market(MarketConfig(provider="csv", paths=[p], tickers=["AAA"], start="2024-01-10"))
     assert md.row_counts() == {"rows_in": 25, "rows_out": 10, "rows_dropped_duplicate": 1, "rows_filtered": 14,

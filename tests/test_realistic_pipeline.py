@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_card import _md_tables, parse_card
 
 from datagen.config import load_config
 from datagen.io import read_jsonl, read_manifest
 from flows.stages import execute
-from test_card import _md_tables, parse_card
 
 DATA = Path(__file__).parent / "data" / "realistic"
 pytestmark = pytest.mark.slow

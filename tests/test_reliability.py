@@ -13,8 +13,10 @@ import textwrap
 
 import pytest
 from llm_fakes import FaultProxy
+from test_augment import CLS, QA
+from test_rephrase import AnchorEmbedder
 
-from datagen.augment import run_augment
+from datagen.augmentation.augment import run_augment
 from datagen.config import load_config
 from datagen.io import (
     IN_PROGRESS,
@@ -31,8 +33,6 @@ from datagen.io import (
 from datagen.llm import LLMUnavailable
 from datagen.llm.keys import redact, register_secret
 from flows.stages import execute
-from test_augment import CLS, QA
-from test_rephrase import AnchorEmbedder
 
 KEY = "sk-test-reliability-0123456789abcdef"
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datagen.llm.base import FunctionProvider
-from datagen.prompts import load_prompt
-from datagen.rephrase import (
+from datagen.augmentation.rephrase import (
     attempt_temperature,
     format_input,
     format_output,
@@ -17,7 +15,9 @@ from datagen.rephrase import (
     rephrase_rows,
     split_turns,
 )
-from datagen.validators import RephraseChecks
+from datagen.augmentation.validators import RephraseChecks
+from datagen.llm.base import FunctionProvider
+from datagen.prompts import load_prompt
 
 INSTRUCTION = ("Rewrite the question in different words. Keep every number, date, ticker and name exactly as "
                "written. Do not answer it. Write only the rewritten question, on one line.")
@@ -59,7 +59,7 @@ def test_question_text_cannot_open_a_turn():
 
 
 def test_few_shot_examples_pass_our_own_validators():
-    from datagen.validators import validate_rephrasing
+    from datagen.augmentation.validators import validate_rephrasing
 
     for name in ("rephrase", "rephrase_retry"):
         msgs = split_turns(load_prompt(name).render(question="x"))
@@ -202,7 +202,7 @@ def test_base_prompt_is_one_raw_document_ending_in_the_answer_slot():
 def test_base_prompt_examples_pass_our_own_validators():
     import re
 
-    from datagen.validators import validate_rephrasing
+    from datagen.augmentation.validators import validate_rephrasing
 
     pairs = re.findall(r"Question: (.*)\nParaphrase: (.*)", load_prompt("rephrase_base").render(question="x"))
     assert len(pairs) == 6

@@ -12,7 +12,7 @@ import pytest
 
 from datagen.config import SourceQAFile
 from datagen.schema import Sample
-from datagen.source_qa import SourceQAError, load_source_qa
+from datagen.sources.source_qa import SourceQAError, load_source_qa
 
 BAD = Path(__file__).parent / "data" / "bad_inputs"
 EXPECTED = json.loads((BAD / "EXPECTED.json").read_text())

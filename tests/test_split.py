@@ -10,11 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen.cluster import assign_clusters, kmeans_clusters
+from datagen.dataset.cluster import assign_clusters, kmeans_clusters
+from datagen.dataset.split import (
+    SPLITS,
+    allocate_groups,
+    leakage_check,
+    leakage_failure,
+    overlap_report,
+    price_rows,
+    run_split,
+    split_rows,
+)
 from datagen.embed import sample_text
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
-from datagen.split import (SPLITS, allocate_groups, leakage_check, leakage_failure, overlap_report, price_rows,
-                           run_split, split_rows)
 
 CATS = ["returns", "volatility", "credit", "liquidity"]
 
@@ -251,8 +259,8 @@ def test_overlap_report_counts_groups_contexts_and_price_rows():
 
 def _market_rows(window_days=20, per_type=12):
     from datagen.config import MarketConfig
-    from datagen.market import load_files
-    from datagen.market_qa import build_market_qa
+    from datagen.sources.market import load_files
+    from datagen.sources.market_qa import build_market_qa
 
     md = load_files([REALISTIC / "prices_daily.csv"])
     return build_market_qa(md, MarketConfig(provider="csv", window_days=window_days, questions_per_type=per_type)), md

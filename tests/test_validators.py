@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.validators import (
+from datagen.augmentation.validators import (
     RephraseChecks,
     check_answer_leak,
     check_intent,
@@ -83,7 +83,7 @@ def test_compare_facts_reasons():
 
 
 def test_check_terms():
-    from datagen.validators import check_terms
+    from datagen.augmentation.validators import check_terms
 
     low = "According to the table, what is the latest intraday low of DYNA?"
     assert check_terms(low, "According to the table, what is the latest intraday high of DYNA?").reason == \

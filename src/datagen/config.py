@@ -262,7 +262,7 @@ class DedupConfig(_Strict):
     nprobe: int = Field(16, ge=1)  # partitioned: cells searched per query
     context_chars: int = Field(200, ge=0)  # chars of context added to the question for split's embedding
     # two contexts are "nearly shared" when this share of the smaller one's tokens is in the larger
-    # (and tables agree row for row, no figure differs); see datagen.dedup.context_similarity
+    # (and tables agree row for row, no figure differs); see datagen.dataset.dedup.context_similarity
     context_threshold: float = Field(0.98, gt=0, le=1)
     # bench_dedup.py's figures guard (Jaccard of the numbers in question + context); not a dedup rule
     min_number_overlap: float = Field(0.8, ge=0, le=1)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from datagen.config import MarketConfig, SimulatorConfig
 from datagen.io import clip
-from datagen.source_qa import BOM, SourceQAError, read_csv_table
+from datagen.sources.source_qa import BOM, SourceQAError, read_csv_table
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ _REQUIRED = ("date", "open", "high", "low", "close", "volume")
 def _read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """The file as a frame, and the 1-based data row of each frame row as it appears in the file.
 
-    CSV goes through :func:`datagen.source_qa.read_csv_table` (strict quoting, one broken record never
+    CSV goes through :func:`datagen.sources.source_qa.read_csv_table` (strict quoting, one broken record never
     swallows the next, BOM stripped, cells up to 64 MiB): a broken row is an error naming file, data row
     and field, on one line.
     """

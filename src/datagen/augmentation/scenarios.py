@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from datagen.augmentation.validators import char_ratio, is_question
 from datagen.config import ScenarioSynthConfig
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
@@ -33,7 +34,6 @@ from datagen.numbers import find_numbers
 from datagen.prompts import load_prompt, split_turns
 from datagen.schema import SCENARIO_SOURCE as SOURCE
 from datagen.schema import stable_id
-from datagen.validators import char_ratio, is_question
 
 PROMPT = "scenario_synthesis"
 CATEGORY = "credit_scenario"

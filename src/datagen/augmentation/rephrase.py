@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from datagen.augmentation.validators import RephraseChecks, check_near_copy, validate_rephrasing
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
 from datagen.llm.tasks import Reject, Task, Turn, llm_error, run_task, temperature_at
 from datagen.prompts import Prompt, load_prompt, split_turns
 from datagen.schema import stable_id
-from datagen.validators import RephraseChecks, check_near_copy, validate_rephrasing
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 - Unit of allocation: a **unit**, the union (union-find) of rows that share a ``group_id`` (a source
   item with its rephrasings, or a source's own group column) or a context (the same table and
-  paragraphs, by :func:`datagen.dedup.context_key`). So no item, none of its rephrasings and no
+  paragraphs, by :func:`datagen.dataset.dedup.context_key`). So no item, none of its rephrasings and no
   other question over the same document appear in two splits, whether or not the source has a
   group column.
 - Stratification (rows other than market rows): units are assigned one at a time, cluster by
@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from datagen.cluster import assign_clusters
 from datagen.config import Config
-from datagen.dedup import UnionFind, context_key, number_overlap, numbers, similar_pairs
+from datagen.dataset.cluster import assign_clusters
+from datagen.dataset.dedup import UnionFind, context_key, number_overlap, numbers, similar_pairs
 from datagen.embed import Embedder, embed_samples, load_embedder, sample_text
 from datagen.io import (
     drop_counts,

@@ -10,7 +10,7 @@ non-deterministic entry is ``timing``.
 Row accounting: for every source file, ``source_files[file]`` holds ``rows_in`` (rows read),
 ``rows_out`` (in ``samples.jsonl``), ``rows_quarantined`` and ``rows_unaccounted`` (plus physical line
 counts for CSV and JSONL); ``rows`` sums them, and ``market.rows`` reconciles price rows. A non-zero
-``rows_unaccounted`` raises :class:`~datagen.source_qa.RowCountError` before anything is written.
+``rows_unaccounted`` raises :class:`~datagen.sources.source_qa.RowCountError` before anything is written.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from datagen.config import Config
 from datagen.io import clip, drop_counts, drop_record, sha256_file, write_jsonl, write_manifest
-from datagen.market import load_market
-from datagen.market_qa import build_market_qa
-from datagen.source_qa import RowCountError, load_source_qa
+from datagen.sources.market import load_market
+from datagen.sources.market_qa import build_market_qa
+from datagen.sources.source_qa import RowCountError, load_source_qa
 from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 from datagen.config import MarketConfig
-from datagen.market import MarketData
 from datagen.schema import Sample, stable_id
+from datagen.sources.market import MarketData
 
 log = logging.getLogger(__name__)
 

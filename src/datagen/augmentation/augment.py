@@ -23,15 +23,15 @@ import logging
 from collections import Counter, defaultdict
 from typing import Any
 
+from datagen.augmentation.rephrase import rephrase_id, rephrase_rows
+from datagen.augmentation.scenarios import synthesize_scenarios
+from datagen.augmentation.validators import RephraseChecks
 from datagen.config import Config
 from datagen.embed import Embedder
 from datagen.io import drop_counts, drop_record, manifest_hash, read_jsonl, write_jsonl, write_manifest
 from datagen.llm.base import LLMProvider, check_failure_rate
-from datagen.rephrase import rephrase_id, rephrase_rows
-from datagen.scenarios import synthesize_scenarios
 from datagen.schema import Sample
 from datagen.stage import StageSpec
-from datagen.validators import RephraseChecks
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datagen.card import DISK_DIR, META_DIR, write_card
 from datagen.config import Config
+from datagen.dataset.card import DISK_DIR, META_DIR, write_card
 from datagen.io import (
     atomic_path,
     drop_counts,
@@ -121,7 +121,7 @@ def to_record(row: dict[str, Any], messages: list[dict[str, str]], n_tokens: int
 def figures(text: str) -> set[str]:
     """The figures of a text, normalised and unsigned: numbers, percentages and amounts by value
     (``5,829`` = ``5829``, ``12.50%`` -> ``12.5``), dates as ISO strings."""
-    from datagen.validators import extract_facts
+    from datagen.augmentation.validators import extract_facts
 
     f = extract_facts(text)
     out = set(f.dates) | set(f.numbers)

@@ -1,0 +1,1 @@
+"""From rows to a dataset: dedup, scenario clusters, leak-free splits, the chat format and the dataset card."""

@@ -1,0 +1,1 @@
+"""Where rows come from: market data, grounded market QA, source QA files, the fetch stage."""
