@@ -24,13 +24,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
+from datagen.llm.llamacpp_server import extract_llama_cpp, find_sdist
 from datagen.packaged import model_cache_dir
 from datagen.prompts import load_prompt
 
@@ -73,57 +73,20 @@ def llama_cpp_sources(version: str | None = None, cache: Path | None = None) -> 
     target = cache / f"llama.cpp-{version}"
     if (target / ".complete").exists():
         return target
-    sdist = _find_sdist(version, cache)
+    try:
+        sdist = find_sdist(version, cache)
+    except RuntimeError as e:
+        raise ExportError(str(e)) from None
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(sdist) as tar:
-        prefix = None
-        members = []
-        for m in tar.getmembers():
-            i = m.name.find("/vendor/llama.cpp/")
-            if i < 0:
-                continue
-            prefix = m.name[: i + len("/vendor/llama.cpp/")]
-            rel = m.name[len(prefix):]
-            if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in _MEMBERS) and (m.isfile() or m.isdir()):
-                members.append((m, rel))
-        if not any(rel == "convert_hf_to_gguf.py" for _, rel in members):
-            raise ExportError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py")
-        for m, rel in members:
-            dest = tmp / rel
-            if m.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(m) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
+    extract_llama_cpp(sdist, tmp, keep=lambda rel: any(rel == p or (p.endswith("/") and rel.startswith(p))
+                                                       for p in _MEMBERS))
+    if not (tmp / "convert_hf_to_gguf.py").is_file():
+        raise ExportError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py")
     (tmp / ".complete").write_text(f"{sdist.name}\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
-
-
-def _find_sdist(version: str, cache: Path) -> Path:
-    env = os.environ.get("FINSYNTH_LLAMA_CPP_SDIST")
-    if env:
-        if not Path(env).is_file():
-            raise ExportError(f"FINSYNTH_LLAMA_CPP_SDIST={env} is not a file")
-        return Path(env)
-    d = cache / "sdist"
-    found = sorted(d.glob(f"llama_cpp_python-{version}.tar.gz")) if d.exists() else []
-    if found:
-        return found[0]
-    d.mkdir(parents=True, exist_ok=True)
-    log.info("fetching the %s %s sdist (llama.cpp's converter) into %s", SDIST, version, d)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "--no-build-isolation", f"{SDIST}=={version}", "-d", str(d)],
-                       capture_output=True, text=True)
-    found = sorted(d.glob(f"llama_cpp_python-{version}.tar.gz"))
-    if not found:
-        raise ExportError(f"could not fetch the {SDIST}=={version} sdist (pip download exited {r.returncode}: "
-                          f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or ''}); download it yourself and "
-                          "set FINSYNTH_LLAMA_CPP_SDIST to its path")
-    return found[0]
 
 
 def convert_to_gguf(merged_dir: Path, outfile: Path, outtype: str = "q8_0", sources: Path | None = None) -> Path:

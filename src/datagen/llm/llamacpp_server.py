@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,26 @@ def find_sdist(version: str = LLAMA_CPP_VERSION, cache: Path | None = None) -> P
     return found[0]
 
 
+def extract_llama_cpp(sdist: Path, dest: Path, keep: Callable[[str], bool] = lambda rel: True) -> Path:
+    """Write the files of the sdist's ``vendor/llama.cpp/`` tree whose relative path ``keep`` accepts
+    into ``dest``, modes kept; returns ``dest``."""
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            i = m.name.find("/vendor/llama.cpp/")
+            rel = m.name[i + len("/vendor/llama.cpp/"):] if i >= 0 else ""
+            if not rel or not (m.isfile() or m.isdir()) or not keep(rel):
+                continue
+            target = dest / rel
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(m) as f, open(target, "wb") as out:
+                shutil.copyfileobj(f, out)
+            os.chmod(target, m.mode & 0o777 or 0o644)
+    return dest
+
+
 def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
     """``llama-server`` built from the llama.cpp inside the llama-cpp-python ``version`` sdist with
     :data:`SERVER_CMAKE_ARGS`, once per (version, flags): ``~/.cache/finsynth/bin/llama-server-<key>``.
@@ -226,19 +247,7 @@ def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
             raise RuntimeError(f"building llama-server needs {tool} (apt-get install cmake ninja-build g++)")
     work = home / f".build-{key}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    src = work / "llama.cpp"
-    with tarfile.open(find_sdist(version)) as tar:
-        for m in tar.getmembers():
-            i = m.name.find("/vendor/llama.cpp/")
-            if i >= 0 and (m.isfile() or m.isdir()):
-                dest = src / m.name[i + len("/vendor/llama.cpp/"):]
-                if m.isdir():
-                    dest.mkdir(parents=True, exist_ok=True)
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as f, open(dest, "wb") as out:
-                    shutil.copyfileobj(f, out)
-                os.chmod(dest, m.mode & 0o777 or 0o644)
+    src = extract_llama_cpp(find_sdist(version), work / "llama.cpp")
     log.warning("building llama-server from llama.cpp (llama-cpp-python %s) into %s; once, ~7 min on 2 cores",
                 version, target)
     build_log = work / "build.log"
