@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from typing import Literal
 
 import pytest
 from pydantic import BaseModel
@@ -29,7 +30,7 @@ def binary():
 
 class Verdict(BaseModel):
     ok: bool
-    reason: str
+    answer: Literal["yes", "no"]
 
 
 def pcfg(**kw) -> ProviderConfig:
@@ -43,7 +44,7 @@ def test_managed_server_answers_plain_and_json_schema_and_a_rerun_is_free(binary
     reqs = [ChatRequest(messages=[{"role": "user", "content": f"Name a colour. [{i}]"}], max_tokens=8, seed=i)
             for i in range(3)]
     reqs.append(ChatRequest(messages=[{"role": "user", "content": "Is 7 greater than 3? Reply in JSON."}],
-                            schema=Verdict, max_tokens=48))
+                            schema=Verdict, max_tokens=64))
     out = p.generate_batch(reqs)
     assert all(r.ok for r in out), [r.error for r in out]
     assert isinstance(out[-1].parsed, Verdict)  # json_schema honoured by llama-server
