@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)  # two runs of each side per round: 6 runs each
+    ap.add_argument("--rounds", type=int, default=6)  # one run of each side per round, order alternating
     ap.add_argument("--echo-n", type=int, default=400)
     ap.add_argument("--echo-concurrency", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm.json"))
