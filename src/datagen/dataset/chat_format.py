@@ -59,7 +59,6 @@ from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
-STAGE = "format"
 SPLITS = ("train", "validation", "test")
 USER_PROMPT = "sft_user"
 
@@ -225,10 +224,10 @@ def format_rows(rows: list[dict[str, Any]], tokenizer, system: Prompt, user: Pro
         n_asst = sum(mask)
         if len(ids) > max_tokens:
             detail = f"{len(ids)} tokens > {max_tokens}" + (f"; not truncatable: {why}" if why else "")
-            drops.append(drop_record(STAGE, row["id"], "too_long", detail, source=row["source"],
+            drops.append(drop_record(STAGE.name, row["id"], "too_long", detail, source=row["source"],
                                      n_tokens=len(ids), max_tokens=max_tokens, **where))
         elif n_asst == 0:
-            drops.append(drop_record(STAGE, row["id"], "no_assistant_tokens",
+            drops.append(drop_record(STAGE.name, row["id"], "no_assistant_tokens",
                                      "the chat template marks no assistant tokens", source=row["source"],
                                      n_tokens=len(ids), **where))
         else:
@@ -375,7 +374,7 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
         prompts.append(load_prompt(cfg.model.chat_template).ref)
     data = dataset_stats(records)
     summary = {
-        "stage": STAGE,
+        "stage": STAGE.name,
         "config_hash": cfg.section_hash("format", "model", "card", "split", "sources"),  # the card reads all
         "upstream": {"split": manifest_hash(src)},
         "prompts": prompts,
