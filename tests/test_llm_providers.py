@@ -352,3 +352,9 @@ def test_each_fault_gets_its_reason(tmp_path):
     assert errors[4].startswith("http_429: ") and errors[5].startswith("http_500: ")
     assert errors[6] == 'http_400: {"message": "bad request", "type": "invalid_request_error"}'
     assert all(not r.ok and r.attempts == 1 for r in out) and p.usage.failures == 7
+
+
+def test_llamacpp_server_with_a_missing_gguf_names_the_field_and_the_path(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    with pytest.raises(ValueError, match=rf"llm\.providers\.fast\.model_path: {missing} is not a GGUF file"):
+        make_provider("fast", ProviderConfig(kind="llamacpp_server", model_path=str(missing)), None)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TaskType = Literal["open_qa", "numeric_qa", "classification"]
 TASK_TYPES: tuple[str, ...] = ("open_qa", "numeric_qa", "classification")
+SPLITS = ("train", "validation", "test")  # the dataset's splits, in this order
 SCENARIO_SOURCE = "scenario_synth"  # the ``source`` of tasks written by scenario synthesis
 
 

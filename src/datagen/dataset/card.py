@@ -27,13 +27,12 @@ import yaml
 
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
-from datagen.schema import SCENARIO_SOURCE
+from datagen.schema import SCENARIO_SOURCE, SPLITS
 
 # the dataset folder's layout, besides the split files (datasets skips folders that start with "__")
 META_DIR = "__meta__"  # drops.jsonl, token_lengths.png: not data
 DISK_DIR = "__arrow__"  # DatasetDict.save_to_disk copy, for datasets.load_from_disk
 
-SPLITS = ("train", "validation", "test")
 NA = "not recorded"
 
 

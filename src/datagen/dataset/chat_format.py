@@ -54,12 +54,11 @@ from datagen.io import (
     write_manifest,
 )
 from datagen.prompts import Prompt, load_prompt
-from datagen.schema import render_context
+from datagen.schema import SPLITS, render_context
 from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 USER_PROMPT = "sft_user"
 
 

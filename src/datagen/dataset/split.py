@@ -53,11 +53,11 @@ from datagen.io import (
     write_jsonl,
     write_manifest,
 )
+from datagen.schema import SPLITS
 from datagen.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 
 
 def allocate_groups(group_cluster: dict[str, str], ratios: tuple[float, float, float], seed: int,

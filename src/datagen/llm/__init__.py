@@ -48,9 +48,9 @@ def make_provider(name: str, pcfg: ProviderConfig, cache: ResponseCache | None) 
 
         return OpenAIProvider(name, pcfg, cache)
     if pcfg.kind == "llamacpp_server":
-        from datagen.llm.llamacpp_server import llama_server_provider
+        from datagen.llm.llamacpp_server import LlamaServerProvider
 
-        return llama_server_provider(name, pcfg, cache)
+        return LlamaServerProvider(name, pcfg, cache)
     if pcfg.kind == "gemini":
         from datagen.llm.gemini_provider import GeminiProvider
 

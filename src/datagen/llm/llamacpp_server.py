@@ -28,9 +28,11 @@ import sys
 import tarfile
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from datagen.llm.openai_provider import OpenAIProvider
 
 log = logging.getLogger(__name__)
 
@@ -288,24 +290,24 @@ def managed_server(model_path: str | Path | None, *, parallel: int, n_ctx: int, 
         return srv
 
 
-def llama_server_provider(name: str, pcfg: Any, cache: Any = None) -> Any:
-    """The ``kind: llamacpp_server`` provider: an OpenAI-compatible provider talking to a managed
-    :class:`LlamaServer` on the GGUF ``model_path`` (default: the packaged Gemma-3-270M), one slot per
-    unit of ``concurrency``. Its cache identity is the model file, not the (random) port, so a rerun
-    in a new process reuses every finished answer."""
-    from datagen.llm.openai_provider import OpenAIProvider
+class LlamaServerProvider(OpenAIProvider):
+    """The ``kind: llamacpp_server`` provider: the ``openai`` provider talking to a managed
+    :class:`LlamaServer`, whose cache identity is the model file, not the (random) port, so a rerun in
+    a new process reuses every finished answer."""
 
-    model_path = Path(pcfg.model_path) if pcfg.model_path and not str(pcfg.model_path).startswith("packaged:") \
-        else None
-    srv = managed_server(model_path, parallel=pcfg.concurrency, n_ctx=pcfg.context_tokens,
-                         n_threads=pcfg.threads or os.cpu_count() or 2)
-    identity = f"llamacpp_server:{srv.model_path.name}:{srv.model_path.stat().st_size}"
+    kind = "llamacpp_server"
 
-    class LlamaServerProvider(OpenAIProvider):
-        kind = "llamacpp_server"
+    def __init__(self, name: str, cfg: Any, cache: Any = None):
+        model_path = None
+        if cfg.model_path and not str(cfg.model_path).startswith("packaged:"):
+            model_path = Path(cfg.model_path).expanduser()
+            if not model_path.is_file():
+                raise ValueError(f"llm.providers.{name}.model_path: {model_path} is not a GGUF file")
+        srv = managed_server(model_path, parallel=cfg.concurrency, n_ctx=cfg.context_tokens,
+                             n_threads=cfg.threads or os.cpu_count() or 2)
+        self._identity = f"llamacpp_server:{srv.model_path.name}:{srv.model_path.stat().st_size}"
+        super().__init__(name, cfg.model_copy(update={"base_url": srv.base_url, "model": srv.model}), cache)
 
-        @property
-        def base_url(self) -> str | None:  # the cache key's server identity
-            return identity
-
-    return LlamaServerProvider(name, pcfg.model_copy(update={"base_url": srv.base_url, "model": srv.model}), cache)
+    @property
+    def base_url(self) -> str | None:  # the cache key's server identity
+        return self._identity
