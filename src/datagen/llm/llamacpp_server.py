@@ -202,8 +202,10 @@ def find_sdist(version: str = LLAMA_CPP_VERSION, cache: Path | None = None) -> P
         return found[0]
     d.mkdir(parents=True, exist_ok=True)
     log.info("fetching the llama-cpp-python %s sdist (llama.cpp's sources) into %s", version, d)
+    # with build isolation: pip prepares the sdist's metadata, which needs its build backend
+    # (scikit-build-core), not installed in our venv; --no-build-isolation fails on a fresh machine
     r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "--no-build-isolation", f"llama-cpp-python=={version}", "-d", str(d)],
+                        f"llama-cpp-python=={version}", "-d", str(d)],
                        capture_output=True, text=True)
     found = sorted(d.glob(f"llama_cpp_python-{version}.tar.gz"))
     if not found:
