@@ -226,3 +226,49 @@ def test_numeric_grader_reads_figures_with_the_one_number_parser():
     # a yen figure is not a dollar figure (the grader's own regex read "¥500" as a plain 500)
     assert not grade_numeric("¥500", [{"name": "px", "value": 500.0, "unit": "USD"}], 0.01).passed
     assert grade_numeric("$500", [{"name": "px", "value": 500.0, "unit": "USD"}], 0.01).passed
+
+
+def _trend_row(label: str) -> dict:
+    return {"task_type": "numeric_qa", "answer": f"{label.capitalize()}: ...", "labels": None,
+            "metadata": {"answer_label": label, "answer_choices": ["above", "below", "equal to"],
+                         "answer_values": [{"name": "latest_close", "value": 104.5, "unit": "USD"},
+                                           {"name": "sma_5", "value": 103.2, "unit": "USD"}]}}
+
+
+def test_numeric_items_with_a_label_grade_the_label_too():
+    """An above/below (or which-ticker) question answered with the wrong side is not right because its
+    figures are: the label counts as one more expected element."""
+    from training.evaluate import grade_programmatic
+
+    row = _trend_row("above")
+    right = grade_programmatic(row, "Above: the latest close 104.50 is above the SMA, 103.20.", 0.01)
+    wrong = grade_programmatic(row, "Below: the latest close 104.50 is below the SMA, 103.20.", 0.01)
+    assert right.passed and right.score == 1.0
+    assert not wrong.passed and wrong.score == pytest.approx(2 / 3)
+    assert wrong.detail["label"] == {"gold": "above", "pred": "below"}
+    only_label = grade_programmatic(row, "Above.", 0.01)
+    assert only_label.score == pytest.approx(1 / 3) and not only_label.passed
+    tie = {"task_type": "numeric_qa", "answer": "Neither: ...",
+           "metadata": {"answer_label": "tie", "answer_choices": ["AAA", "BBB", "tie"],
+                        "answer_values": [{"name": "difference", "value": 0.0, "unit": "pp"}]}}
+    assert grade_programmatic(tie, "Neither: a difference of 0 percentage points.", 0.01).passed
+    assert not grade_programmatic(tie, "AAA, by 0 percentage points.", 0.01).passed
+
+
+def test_market_trend_and_comparison_rows_name_their_answer_choices():
+    from datagen.config import MarketConfig
+    from datagen.sources.market import simulate
+    from datagen.sources.market_qa import build_market_qa
+
+    mc = MarketConfig(questions_per_type=4)
+    rows = build_market_qa(simulate(mc.simulator), mc)
+    seen = set()
+    for r in rows:
+        m = r["metadata"]
+        if m["question_type"] == "ma_trend":
+            assert m["answer_choices"] == ["above", "below", "equal to"] and m["answer_label"] in m["answer_choices"]
+            seen.add("trend")
+        if m["question_type"] == "comparison":
+            assert m["answer_choices"] == [*m["window"]["tickers"], "tie"] and m["answer_label"] in m["answer_choices"]
+            seen.add("cmp")
+    assert seen == {"trend", "cmp"}

@@ -43,6 +43,7 @@ from datagen.stage import StageSpec
 from training.aggregate import ARMS, aggregate
 from training.graders import (
     Grade,
+    answer_label,
     classification_metrics,
     expected_values,
     grade_classification,
@@ -166,7 +167,7 @@ def primary_grader(row: dict[str, Any]) -> str:
 def grade_programmatic(row: dict[str, Any], answer: str, rel_tol: float) -> Grade:
     g = primary_grader(row)
     if g == "numeric":
-        return grade_numeric(answer, expected_values(row), rel_tol)
+        return grade_numeric(answer, expected_values(row), rel_tol, label=answer_label(row))
     if g == "extractive":
         return grade_extractive(answer, span_answers(row) or [])
     return grade_classification(answer, row["answer"], row.get("labels"))

@@ -100,10 +100,14 @@ def close(a: float, b: float, rel_tol: float) -> bool:
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
 
 
-def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: float) -> Grade:
+def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: float,
+                  label: tuple[str, Sequence[str]] | None = None) -> Grade:
     """Fraction of the expected figures found in ``answer``; pass when all are found.
 
-    A figure in the answer may match several expected values (e.g. two equal figures).
+    A figure in the answer may match several expected values (e.g. two equal figures). With ``label``
+    (``(gold, choices)``: the side of an above/below question, the ticker of a which-did-better one), the
+    label the answer names (:func:`normalise_label`) counts as one more expected element: a wrong side
+    with the right figures is not a pass.
     """
     figures = extract_figures(answer)
     matches = []
@@ -113,9 +117,25 @@ def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: floa
         matches.append({"name": e.get("name", ""), "expected": target, "unit": e.get("unit", ""),
                         "found": hit.text if hit else None})
     n_ok = sum(m["found"] is not None for m in matches)
-    score = n_ok / len(matches) if matches else 0.0
-    return Grade(score=score, passed=bool(matches) and n_ok == len(matches), grader="numeric",
-                 detail={"matches": matches, "n_figures_in_answer": len(figures)})
+    n = len(matches)
+    detail: dict[str, Any] = {"matches": matches, "n_figures_in_answer": len(figures)}
+    if label is not None:
+        gold, choices = label
+        pred = normalise_label(answer, choices)
+        detail["label"] = {"gold": gold, "pred": pred if pred is not None else NONE_LABEL}
+        n_ok, n = n_ok + (pred == gold), n + 1
+    score = n_ok / n if matches else 0.0
+    return Grade(score=score, passed=bool(matches) and n_ok == n, grader="numeric", detail=detail)
+
+
+def answer_label(row: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """``(gold, choices)`` for a numeric item that also names a label (``metadata["answer_label"]`` among
+    ``metadata["answer_choices"]``), else None."""
+    meta = row.get("metadata") or {}
+    gold, choices = meta.get("answer_label"), meta.get("answer_choices")
+    if isinstance(gold, str) and isinstance(choices, list) and gold in choices:
+        return gold, [str(c) for c in choices]
+    return None
 
 
 def expected_values(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -216,7 +236,7 @@ def grade_extractive(answer: str, spans: Sequence[str]) -> Grade:
 SYNONYMS: dict[str, str] = {
     "bullish": "positive", "bearish": "negative", "optimistic": "positive", "pessimistic": "negative",
     "favourable": "positive", "favorable": "positive", "unfavourable": "negative", "unfavorable": "negative",
-    "mixed": "neutral", "moderate": "medium", "med": "medium", "elevated": "high",
+    "mixed": "neutral", "moderate": "medium", "med": "medium", "elevated": "high", "neither": "tie",
 }
 
 

@@ -46,6 +46,7 @@ CATEGORIES: dict[str, str] = {
     "volatility": "market_volatility", "max_drawdown": "market_drawdown", "ma_trend": "market_trend",
     "comparison": "market_comparison", "risk_level": "market_risk_level"}
 RISK_LABELS = ["low", "medium", "high"]
+TREND_LABELS = ("above", "below", "equal to")
 TABLE_COLUMNS = ["Date", "Open", "High", "Low", "Close", "Volume"]
 VOL_FORMULA = "standard deviation (sample, n-1) of the daily log returns of the closes x sqrt(252)"
 
@@ -301,7 +302,7 @@ def _q_trend(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
             "answer": f"{label.capitalize()}: the latest close {_p(last)} is {label} the {kd}-day simple moving "
                       f"average of the closes, {ma:.2f}.",
             "answer_values": [_val("latest_close", last, cur), _val(f"sma_{kd}", ma, cur)],
-            "answer_label": label, "params": {"k": kd}, "template": k}
+            "answer_label": label, "answer_choices": list(TREND_LABELS), "params": {"k": kd}, "template": k}
 
 
 _CMP_T = (
@@ -334,7 +335,7 @@ def _q_cmp(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
             "answer": answer,
             "answer_values": [_val(f"return_{a}", xa, "%"), _val(f"return_{b}", xb, "%"),
                               _val("difference", diff, "pp")],
-            "answer_label": "tie" if tie else win, "params": {}, "template": k}
+            "answer_label": "tie" if tie else win, "answer_choices": [a, b, "tie"], "params": {}, "template": k}
 
 
 _RISK_T = (
@@ -410,7 +411,7 @@ def _sample(sid: str, source: str, qtype: str, w: Window, q: dict, md: MarketDat
         "params": q["params"], "provider": md.provider,
         "window": {"tickers": w.tickers, "start": _d(w.dates.iloc[0]), "end": _d(w.dates.iloc[-1]),
                    "days": len(w.dates)}}
-    for key in ("answer_label", "reasoning"):
+    for key in ("answer_label", "answer_choices", "reasoning"):
         if key in q:
             meta[key] = q[key]
     return Sample(id=sid, group_id=sid, source=source,
