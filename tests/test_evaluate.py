@@ -256,7 +256,7 @@ def test_fewshot_prompts_are_training_exemplars_of_the_same_category(eval_cfg):
     assert seen["fewshot"][ids.index("s1")] == seen["base"][ids.index("s1")]
 
 
-def test_fewshot_exemplars_are_deterministic_and_never_from_the_item_group():
+def test_fewshot_exemplars_are_fixed_per_category_and_never_from_the_item_group():
     train = [decode_row(r) for r in TRAIN]
     item = decode_row(ROWS[0])
     a = fewshot_exemplars(item, train, k=3, seed=17)
@@ -264,6 +264,9 @@ def test_fewshot_exemplars_are_deterministic_and_never_from_the_item_group():
     assert len(a) == 3 and all(r["category"] == "returns" and not r["is_rephrase"] for r in a)
     picks = {tuple(r["id"] for r in fewshot_exemplars(item, train, k=2, seed=s)) for s in range(20)}
     assert len(picks) > 1  # the seed, not list order, chooses
+    other = decode_row(ROWS[1])  # another item of the category: the same shots, so prompts share a head
+    assert other["category"] == item["category"] and other["id"] != item["id"]
+    assert [r["id"] for r in fewshot_exemplars(other, train, k=3, seed=17)] == [r["id"] for r in a]
     same_group = {**item, "group_id": "g-t-ret-2"}
     assert "t-ret-2" not in [r["id"] for r in fewshot_exemplars(same_group, train, k=4, seed=17)]
     # one exemplar per group: a rephrasing never joins (or replaces) its original

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from datagen.causal_lm import cut_at_stop, decode, generate, load_causal_lm, render_prompt, stop_token_ids
+from datagen.causal_lm import (MIN_SHARED_HEAD, cut_at_stop, decode, generate, load_causal_lm, render_prompt,
+                               shared_head_len, stop_token_ids)
 from datagen.config import ModelConfig, ProviderConfig
 from datagen.llm import ChatRequest, make_provider, open_cache
 from datagen.llm.local import load_local_model
@@ -53,6 +54,44 @@ def test_greedy_decode_equals_generate_and_finished_rows_leave_exactly(tiny):
     stop = ref[1][3]
     got = decode(model, ids, max_new_tokens=10, pad_id=tok.pad_token_id, stop_ids=[stop])
     assert got[1][0] == ref[1][:ref[1].index(stop) + 1]
+
+
+def test_a_shared_head_is_prefilled_once_and_decodes_like_the_whole_prompt(tiny):
+    """Few-shot prompts share their exemplars: the head is prefilled at batch 1, its cache repeated per
+    row and kept across calls in ``heads``; greedy tokens equal those of the unshared decode."""
+    model, tok, _ = tiny
+    head = tok.bos_token + " ".join(PROMPTS) + " Answer each question in one line. "  # longer than the window
+    tails = ["Define a coupon.", "Define a swap.", "Define a yield curve for a new analyst."]
+    ids = [tok(head + t, add_special_tokens=False)["input_ids"] for t in tails]
+    h = shared_head_len(ids)
+    assert h >= MIN_SHARED_HEAD and h > model.config.sliding_window  # the head outlives the sliding window
+    equal = ids[:2]
+    assert len(equal[0]) == len(equal[1]) and shared_head_len(equal) < len(equal[0]) - 1  # tails of 2+ tokens
+    plain = decode(model, equal, max_new_tokens=8, pad_id=tok.pad_token_id, shared=0)  # == model.generate (above)
+    calls = []
+    real_forward = model.forward
+
+    def counting(*a, **kw):
+        calls.append(kw["input_ids"].shape)
+        return real_forward(*a, **kw)
+
+    heads: dict = {}
+    model.forward = counting
+    try:
+        got = decode(model, equal, max_new_tokens=8, pad_id=tok.pad_token_id, heads=heads)
+        again = decode(model, equal, max_new_tokens=8, pad_id=tok.pad_token_id, heads=heads)
+    finally:
+        del model.forward
+    assert got == plain and again == plain  # tails of equal length: exactly the unshared tokens
+    prefills = [c for c in calls if c[1] > 1]
+    assert prefills[0] == (1, shared_head_len(equal))  # the head once, at batch 1 ...
+    assert prefills[1] == (2, len(equal[0]) - shared_head_len(equal))  # ... then only the tails
+    assert len(prefills) == 3  # the second call found the head in ``heads``: one tail prefill only
+    # tails of different lengths: the longest row is exact, every row decodes
+    mixed = decode(model, ids, max_new_tokens=8, pad_id=tok.pad_token_id, shared=h)
+    longest = max(range(3), key=lambda b: len(ids[b]))
+    assert mixed[longest] == decode(model, [ids[longest]], max_new_tokens=8, pad_id=tok.pad_token_id, shared=0)[0]
+    assert all(len(m[0]) == 8 for m in mixed)
 
 
 def test_n_candidates_share_one_prefill(tiny):

@@ -11,6 +11,8 @@ The ``local`` LLM provider, training, evaluation and ``finsynth chat`` all load 
 - :func:`generate` completes rendered prompts as one left-padded batch, greedy or sampled, with EOS,
   end-of-turn tokens and stop strings ending each row *during* generation, and ``n`` candidates per prompt
   from one prefill. Callers choose the batches (the provider groups requests, evaluation sorts by length).
+  Prompts that start alike (a few-shot document, the same exemplars) prefill their common head once: at
+  batch 1, optionally kept across calls in a ``heads`` store, its KV cache repeated for every row.
 
 Sampling defaults, the same for every caller: greedy (``temperature=0``); with ``temperature > 0``,
 top-k 64 and top-p 0.95 (Gemma's recommendation; the whole 262k vocabulary puts long-tail tokens into a
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 TOP_K, TOP_P = 64, 0.95  # used when temperature > 0, unless the caller passes its own
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")  # Gemma, Llama 3, ChatML: each ends a row
 RAW_ROLE = "text"  # a conversation of only these turns is raw completion text, no chat template
+MIN_SHARED_HEAD = 32  # tokens: a shorter common head of a batch is not worth a forward pass of its own
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -190,12 +193,14 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int],
              temperature: float = 0.0, top_k: int | None = TOP_K, top_p: float = TOP_P, n: int = 1,
-             stop: Sequence[Sequence[str]] | None = None, seed: int | None = None) -> list[Generation]:
+             stop: Sequence[Sequence[str]] | None = None, seed: int | None = None,
+             shared: int | None = None, heads: dict | None = None) -> list[Generation]:
     """Complete the rendered ``prompts`` (see :func:`render_prompt`) as one left-padded batch.
 
     Returns one :class:`Generation` per prompt, in order. ``max_new_tokens`` is one limit for all or one
     per prompt; ``stop`` is a tuple of stop strings per prompt. Greedy at ``temperature=0``, else sampling
     with ``top_k`` (None: the whole vocabulary) and ``top_p``, from a generator seeded with ``seed``.
+    ``shared`` and ``heads``: the common head prefilled once (see :func:`decode`).
     """
     if not prompts:
         return []
@@ -212,7 +217,7 @@ def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: in
 
     out = decode(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  n=n, stop_ids=stop_ids, pad_id=tok.pad_token_id, stopped=stopped if any(stops) else None,
-                 seed=seed)
+                 seed=seed, shared=shared, heads=heads)
     return [Generation(texts=[cut_at_stop(tok.decode([t for t in c if t not in stop_ids], skip_special_tokens=True),
                                           stops[b]).strip() for c in cands],
                        prompt_tokens=len(ids[b]), completion_tokens=sum(len(c) for c in cands))
@@ -235,11 +240,25 @@ def _pick(logits: Any, temperature: float, top_k: int | None, top_p: float, gene
     return idx.gather(1, choice).squeeze(1)
 
 
+def shared_head_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of the token-id ``prompts``, short of the shortest one's last
+    token (every row keeps at least one token of its own to prefill)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
 def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
            temperature: float = 0.0, top_k: int | None = TOP_K, top_p: float = TOP_P,
            n: int = 1, stop_ids: Sequence[int] = (), pad_id: int = 0,
            stopped: Callable[[int, list[int]], bool] | None = None,
-           seed: int | None = None) -> list[list[list[int]]]:
+           seed: int | None = None, shared: int | None = None, heads: dict | None = None
+           ) -> list[list[list[int]]]:
     """The token loop under :func:`generate`: ``n`` continuations of each prompt of token ids.
 
     Returns, per prompt, ``n`` lists of new token ids (a stop token, when one ended the row, included).
@@ -248,18 +267,36 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
     from the KV cache), so a batch gets cheaper as it runs. The prompt is prefilled once and its cache
     repeated ``n`` times. Sampling draws from a generator seeded with ``seed`` (the global RNG when None);
     greedy decoding equals ``model.generate``'s.
+
+    **Shared head**: the first ``shared`` tokens, common to every prompt (None: the batch's longest common
+    prefix, :func:`shared_head_len`, used when it is at least :data:`MIN_SHARED_HEAD` tokens and the batch
+    has several prompts or a store), are prefilled once at batch 1 and their cache is repeated for every
+    row; each row's own tail is then left-padded after the head. ``heads`` (a dict the caller keeps) holds
+    the last head's cache across calls, keyed by its token ids, so batches of one few-shot prompt pay for
+    its exemplars once. The result equals the unshared one for rows as long as the batch's longest tail;
+    a shorter row's padding sits inside the sliding window of sliding-window layers (Gemma 3), so those
+    see that many fewer real tokens (batches sorted by length keep this to a few).
     """
+    import copy
+
     import torch
     from transformers import DynamicCache
 
     dev = model.device
-    width = max(len(p) for p in prompts)
+    if shared is None:
+        h = shared_head_len(prompts)
+        h = h if h >= MIN_SHARED_HEAD and (len(prompts) > 1 or heads is not None) else 0
+    else:
+        h = min(shared, shared_head_len(prompts))
+    tails = [list(p[h:]) for p in prompts]
+    width = max(len(t) for t in tails)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, width - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    tail_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, t in enumerate(tails):
+        ids[b, width - len(t):] = torch.tensor(t, dtype=torch.long)
+        tail_mask[b, width - len(t):] = 1
+    ids, tail_mask = ids.to(dev), tail_mask.to(dev)
+    mask = torch.cat([tail_mask.new_ones((len(prompts), h)), tail_mask], dim=1)
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=dev)
@@ -270,17 +307,32 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
     params = inspect.signature(inner.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
 
-    def forward(input_ids: Any, positions: Any, cache_position: Any, **kw: Any) -> Any:
+    def forward(cache: Any, input_ids: Any, attn: Any, positions: Any, cache_position: Any, **kw: Any) -> Any:
         if "cache_position" in params:
             kw["cache_position"] = cache_position
-        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        return model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
                      **{cache_kw: cache}, **kw)
 
     out: list[list[int]] = [[] for _ in range(len(prompts) * n)]
     rows = list(range(len(out)))  # batch row -> index into out (prompt b, candidate j at b * n + j)
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        step = forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), torch.arange(width, device=dev), logits_to_keep=1)
+        if h:
+            key = (id(model), tuple(prompts[0][:h]))
+            head = heads.get(key) if heads is not None else None
+            if head is None:
+                head = DynamicCache(config=model.config)
+                head_ids = torch.tensor([list(prompts[0][:h])], dtype=torch.long, device=dev)
+                pos = torch.arange(h, device=dev)
+                forward(head, head_ids, mask.new_ones((1, h)), pos.unsqueeze(0), pos, logits_to_keep=1)
+                if heads is not None:
+                    heads.clear()  # one head at a time: callers batch one prompt family after another
+                    heads[key] = head
+            cache = copy.deepcopy(head)
+            cache.batch_repeat_interleave(len(prompts))
+        else:
+            cache = DynamicCache(config=model.config)
+        step = forward(cache, ids, mask, (h + tail_mask.cumsum(-1) - 1).clamp(min=0),
+                       torch.arange(h, h + width, device=dev), logits_to_keep=1)
         logits = step.logits[:, -1, :].float()
         if n > 1:  # one prefill, n continuations
             cache.batch_repeat_interleave(n)
@@ -301,7 +353,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
                 mask, nxt = mask[sel], nxt[sel]
                 rows = [rows[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            step = forward(nxt.unsqueeze(1), mask.sum(-1, keepdim=True) - 1,
+            step = forward(cache, nxt.unsqueeze(1), mask, mask.sum(-1, keepdim=True) - 1,
                            torch.tensor([mask.shape[1] - 1], device=dev))
             logits = step.logits[:, -1, :].float()
     return [out[b * n:(b + 1) * n] for b in range(len(prompts))]

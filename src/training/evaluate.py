@@ -113,13 +113,15 @@ def fewshot_exemplars(row: dict[str, Any], train: Sequence[dict[str, Any]], k: i
                       ) -> list[dict[str, Any]]:
     """Up to ``k`` training rows of ``row``'s category, one per group, never of ``row``'s own group.
 
-    Chosen per item, deterministically: originals before rephrasings, then by
-    ``sha256(f"{seed}:{item id}:{train id}")``; the input order does not matter.
+    Chosen per category, deterministically: originals before rephrasings, then by
+    ``sha256(f"{seed}:{category}:{train id}")``; the input order does not matter. Every item of a
+    category gets the same shots (as MMLU's fixed dev-set exemplars per subject), so the few-shot
+    prompts of a category share one head, which generation prefills once (:func:`datagen.causal_lm.decode`).
     """
     if k <= 0:
         return []
     ranked = sorted((t for t in train if t["category"] == row["category"] and t["group_id"] != row.get("group_id")),
-                    key=lambda t: (bool(t.get("is_rephrase")), sha256_text(f"{seed}:{row['id']}:{t['id']}")))
+                    key=lambda t: (bool(t.get("is_rephrase")), sha256_text(f"{seed}:{row['category']}:{t['id']}")))
     out: list[dict[str, Any]] = []
     groups: set[str] = set()
     for t in ranked:

@@ -8,12 +8,14 @@ user turn and answer before the item's user turn, as earlier turns of the same c
 
 Models load with :func:`datagen.causal_lm.load_causal_lm` and answers come from
 :func:`datagen.causal_lm.generate` (stops at EOS or ``<end_of_turn>``), in batches of ``batch_size``,
-longest prompts first. Greedy unless ``temperature > 0``; then sampled from the whole vocabulary
+longest prompts first, one few-shot family (the same exemplar turns) after another: a family's common
+head is prefilled once for all its batches, so a few-shot prompt costs about what its own turn does. Greedy unless ``temperature > 0``; then sampled from the whole vocabulary
 (``top_k=None, top_p=1.0``, what evaluation always did), not with the shared top-k 64 / top-p 0.95.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from datagen.causal_lm import attach_adapter, generate, load_causal_lm, render_prompt
+from datagen.causal_lm import MIN_SHARED_HEAD, attach_adapter, generate, load_causal_lm, render_prompt, shared_head_len
 from datagen.config import ModelConfig
 from datagen.schema import render_context
 from datagen.tokenizer import load_tokenizer
@@ -64,16 +66,30 @@ def fewshot_messages(row: dict[str, Any], exemplars: Sequence[dict[str, Any]],
 
 
 def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-                   batch_size: int = 8, seed: int = 0, desc: str = "generate") -> list[str]:
+                   batch_size: int = 8, seed: int = 0, desc: str = "generate",
+                   groups: Sequence[str] | None = None) -> list[str]:
     """One answer per rendered prompt, in order: batches of ``batch_size``, longest prompts first (less
-    padding; an out-of-memory error comes early); batch ``k`` samples with seed ``seed + k``."""
-    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    padding; an out-of-memory error comes early); batch ``k`` samples with seed ``seed + k``.
+
+    ``groups`` (one key per prompt, e.g. the few-shot turns before the item): batches are formed within a
+    group, and a group's common token head (its exemplars) is prefilled once for all its batches
+    (:func:`datagen.causal_lm.decode`)."""
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    keys = list(groups) if groups is not None else [""] * len(prompts)
+    first = {g: i for i, g in reversed(list(enumerate(keys)))}  # a group's first position keeps input order
+    order = sorted(range(len(prompts)), key=lambda i: (first[keys[i]], -len(enc[i]), i))
+    batches: list[tuple[list[int], int]] = []  # (prompt indices, shared head length)
+    for g in sorted(first, key=first.get):
+        members = [i for i in order if keys[i] == g]
+        head = shared_head_len([enc[i] for i in members]) if groups is not None else 0
+        head = head if head >= MIN_SHARED_HEAD else 0
+        batches += [(members[i:i + batch_size], head) for i in range(0, len(members), batch_size)]
     out = [""] * len(prompts)
-    for k, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+    heads: dict = {}
+    for k, (batch, head) in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         gens = generate(model, tok, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=None, top_p=1.0, seed=seed + k)  # sampling: whole vocabulary
+                        temperature=temperature, top_k=None, top_p=1.0, seed=seed + k,  # sampling: whole vocabulary
+                        shared=head, heads=heads)
         for i, g in zip(batch, gens, strict=True):
             out[i] = g.texts[0]
     return out
@@ -113,8 +129,10 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     if not any(todo.values()):
         return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
     model = load_causal_lm(model_cfg)
+    heads = {arm: [json.dumps(c[:-1]) for c in convs] for arm, convs in conversations.items()}  # shared turns
     for arm in [a for a in prompts if a not in ADAPTER_ARMS and todo[a]]:
-        got = answer_prompts(model, tok, [prompts[arm][i] for i in todo[arm]], desc=f"generate {arm}", **kw)
+        got = answer_prompts(model, tok, [prompts[arm][i] for i in todo[arm]], desc=f"generate {arm}",
+                             groups=[heads[arm][i] for i in todo[arm]], **kw)
         for i, text in zip(todo[arm], got):
             out[arm][i] = text
             if arm in keys:
@@ -122,7 +140,7 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     if any(todo[a] for a in prompts if a in ADAPTER_ARMS):
         tuned_model = attach_adapter(model, adapter_dir)
         for arm in [a for a in prompts if a in ADAPTER_ARMS]:
-            out[arm] = answer_prompts(tuned_model, tok, prompts[arm], desc=f"generate {arm}", **kw)
+            out[arm] = answer_prompts(tuned_model, tok, prompts[arm], desc=f"generate {arm}", groups=heads[arm], **kw)
         del tuned_model
     del model
     gc.collect()
