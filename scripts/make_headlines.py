@@ -13,13 +13,12 @@ rewrites the same bytes. Used by the `quality` profile (configs/quality.yaml).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sample_qa import BANKS, BORROWERS, SENT_Q, item  # noqa: E402
+from make_sample_qa import BANKS, BORROWERS, SENT_Q, item, write_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "data" / "raw" / "headline_sentiment.jsonl"
@@ -144,7 +143,8 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         (E, "Pemberton Mining publishes notice of annual general meeting"),
         (E, "Wolverton Retail to change its name to Wolverton Group from next month"),
         (E, "Crestline Airways signs lease on new head office two streets from its current site"),
-        (M, "Silverbirch Semiconductor confirms 2025 sales forecast of 3.2 billion to 3.4 billion USD given in February"),
+        (M, "Silverbirch Semiconductor confirms 2025 sales forecast of 3.2 billion to 3.4 billion USD given in "
+            "February"),
         (E, "Harwick Utilities lists 500 million EUR green bond at par on the Luxembourg exchange"),
         (E, "Ormsby Pharma files annual report with the securities regulator"),
         (E, "Varda Index Services to announce results of its quarterly index review on June 6"),
@@ -235,14 +235,7 @@ def build() -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args()
-    rows = build()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    print(f"wrote {len(rows)} items to {args.out}")
+    write_main(build, OUT, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

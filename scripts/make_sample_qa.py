@@ -497,15 +497,21 @@ def build(seed: int = 2024) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT)
+def write_main(build_rows, default_out: Path, description: str) -> None:
+    """The command line of a sample-data script: ``--out`` (default ``default_out``), one sorted-key JSON
+    object per line, LF line ends (the same bytes on every run)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args()
-    rows = build()
+    rows = build_rows()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    with open(args.out, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
     print(f"wrote {len(rows)} items to {args.out}")
+
+
+def main() -> None:
+    write_main(build, OUT, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ user turn and answer before the item's user turn, as earlier turns of the same c
 Models load with :func:`datagen.causal_lm.load_causal_lm` and answers come from
 :func:`datagen.causal_lm.generate` (stops at EOS or ``<end_of_turn>``), in batches of ``batch_size``,
 longest prompts first, one few-shot family (the same exemplar turns) after another: a family's common
-head is prefilled once for all its batches, so a few-shot prompt costs about what its own turn does. Greedy unless ``temperature > 0``; then sampled from the whole vocabulary
-(``top_k=None, top_p=1.0``, what evaluation always did), not with the shared top-k 64 / top-p 0.95.
+head is prefilled once for all its batches, so a few-shot prompt costs about what its own turn does.
+Greedy unless ``temperature > 0``; then sampled from the whole vocabulary (``top_k=None, top_p=1.0``,
+what evaluation always did), not with the shared top-k 64 / top-p 0.95.
 """
 
 from __future__ import annotations
