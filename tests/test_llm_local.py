@@ -76,10 +76,11 @@ def test_a_shared_head_is_prefilled_once_and_decodes_like_the_whole_prompt(tiny)
         return real_forward(*a, **kw)
 
     heads: dict = {}
+    kw = {"max_new_tokens": 8, "pad_id": tok.pad_token_id, "shared": shared_head_len(equal), "heads": heads}
     model.forward = counting
     try:
-        got = decode(model, equal, max_new_tokens=8, pad_id=tok.pad_token_id, heads=heads)
-        again = decode(model, equal, max_new_tokens=8, pad_id=tok.pad_token_id, heads=heads)
+        got = decode(model, equal, **kw)
+        again = decode(model, equal, **kw)
     finally:
         del model.forward
     assert got == plain and again == plain  # tails of equal length: exactly the unshared tokens

@@ -11,8 +11,8 @@ The ``local`` LLM provider, training, evaluation and ``finsynth chat`` all load 
 - :func:`generate` completes rendered prompts as one left-padded batch, greedy or sampled, with EOS,
   end-of-turn tokens and stop strings ending each row *during* generation, and ``n`` candidates per prompt
   from one prefill. Callers choose the batches (the provider groups requests, evaluation sorts by length).
-  Prompts that start alike (a few-shot document, the same exemplars) prefill their common head once: at
-  batch 1, optionally kept across calls in a ``heads`` store, its KV cache repeated for every row.
+  A caller whose prompts start alike (the same few-shot exemplars) can have their common head prefilled
+  once: at batch 1, optionally kept across calls in a ``heads`` store, its KV cache repeated for every row.
 
 Sampling defaults, the same for every caller: greedy (``temperature=0``); with ``temperature > 0``,
 top-k 64 and top-p 0.95 (Gemma's recommendation; the whole 262k vocabulary puts long-tail tokens into a
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 TOP_K, TOP_P = 64, 0.95  # used when temperature > 0, unless the caller passes its own
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")  # Gemma, Llama 3, ChatML: each ends a row
 RAW_ROLE = "text"  # a conversation of only these turns is raw completion text, no chat template
-MIN_SHARED_HEAD = 32  # tokens: a shorter common head of a batch is not worth a forward pass of its own
+MIN_SHARED_HEAD = 32  # tokens: a shorter shared head is not worth a forward pass of its own
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -194,7 +194,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int],
              temperature: float = 0.0, top_k: int | None = TOP_K, top_p: float = TOP_P, n: int = 1,
              stop: Sequence[Sequence[str]] | None = None, seed: int | None = None,
-             shared: int | None = None, heads: dict | None = None) -> list[Generation]:
+             shared: int = 0, heads: dict | None = None) -> list[Generation]:
     """Complete the rendered ``prompts`` (see :func:`render_prompt`) as one left-padded batch.
 
     Returns one :class:`Generation` per prompt, in order. ``max_new_tokens`` is one limit for all or one
@@ -257,7 +257,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
            temperature: float = 0.0, top_k: int | None = TOP_K, top_p: float = TOP_P,
            n: int = 1, stop_ids: Sequence[int] = (), pad_id: int = 0,
            stopped: Callable[[int, list[int]], bool] | None = None,
-           seed: int | None = None, shared: int | None = None, heads: dict | None = None
+           seed: int | None = None, shared: int = 0, heads: dict | None = None
            ) -> list[list[list[int]]]:
     """The token loop under :func:`generate`: ``n`` continuations of each prompt of token ids.
 
@@ -268,14 +268,14 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
     repeated ``n`` times. Sampling draws from a generator seeded with ``seed`` (the global RNG when None);
     greedy decoding equals ``model.generate``'s.
 
-    **Shared head**: the first ``shared`` tokens, common to every prompt (None: the batch's longest common
-    prefix, :func:`shared_head_len`, used when it is at least :data:`MIN_SHARED_HEAD` tokens and the batch
-    has several prompts or a store), are prefilled once at batch 1 and their cache is repeated for every
-    row; each row's own tail is then left-padded after the head. ``heads`` (a dict the caller keeps) holds
-    the last head's cache across calls, keyed by its token ids, so batches of one few-shot prompt pay for
-    its exemplars once. The result equals the unshared one for rows as long as the batch's longest tail;
-    a shorter row's padding sits inside the sliding window of sliding-window layers (Gemma 3), so those
-    see that many fewer real tokens (batches sorted by length keep this to a few).
+    **Shared head**: the first ``shared`` tokens (cut to the prompts' common prefix,
+    :func:`shared_head_len`; off below :data:`MIN_SHARED_HEAD`) are prefilled once at batch 1 and their
+    cache is repeated for every row; each row's own tail is then left-padded after the head. ``heads``
+    (a dict the caller keeps) holds the last head's cache across calls, keyed by its token ids, so the
+    batches of one few-shot prompt family pay for its exemplars once. The result equals the unshared one
+    for rows as long as the batch's longest tail; a shorter row's padding sits inside the sliding window
+    of sliding-window layers (Gemma 3), so those see that many fewer real tokens (batches sorted by length
+    keep this to a few).
     """
     import copy
 
@@ -283,11 +283,8 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
     from transformers import DynamicCache
 
     dev = model.device
-    if shared is None:
-        h = shared_head_len(prompts)
-        h = h if h >= MIN_SHARED_HEAD and (len(prompts) > 1 or heads is not None) else 0
-    else:
-        h = min(shared, shared_head_len(prompts))
+    h = min(shared, shared_head_len(prompts)) if shared else 0
+    h = h if h >= MIN_SHARED_HEAD else 0
     tails = [list(p[h:]) for p in prompts]
     width = max(len(t) for t in tails)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

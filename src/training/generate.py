@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from datagen.causal_lm import MIN_SHARED_HEAD, attach_adapter, generate, load_causal_lm, render_prompt, shared_head_len
+from datagen.causal_lm import attach_adapter, generate, load_causal_lm, render_prompt, shared_head_len
 from datagen.config import ModelConfig
 from datagen.schema import render_context
 from datagen.tokenizer import load_tokenizer
@@ -77,13 +77,12 @@ def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, t
     (:func:`datagen.causal_lm.decode`)."""
     enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     keys = list(groups) if groups is not None else [""] * len(prompts)
-    first = {g: i for i, g in reversed(list(enumerate(keys)))}  # a group's first position keeps input order
-    order = sorted(range(len(prompts)), key=lambda i: (first[keys[i]], -len(enc[i]), i))
+    families: dict[str, list[int]] = {k: [] for k in keys}  # in order of first appearance
+    for i in sorted(range(len(prompts)), key=lambda i: (-len(enc[i]), i)):
+        families[keys[i]].append(i)
     batches: list[tuple[list[int], int]] = []  # (prompt indices, shared head length)
-    for g in sorted(first, key=first.get):
-        members = [i for i in order if keys[i] == g]
+    for members in families.values():
         head = shared_head_len([enc[i] for i in members]) if groups is not None else 0
-        head = head if head >= MIN_SHARED_HEAD else 0
         batches += [(members[i:i + batch_size], head) for i in range(0, len(members), batch_size)]
     out = [""] * len(prompts)
     heads: dict = {}
@@ -130,10 +129,11 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     if not any(todo.values()):
         return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
     model = load_causal_lm(model_cfg)
-    heads = {arm: [json.dumps(c[:-1]) for c in convs] for arm, convs in conversations.items()}  # shared turns
+    # a prompt's family: the turns before the item (the few-shot arm's exemplars)
+    families = {arm: [json.dumps(c[:-1]) for c in convs] for arm, convs in conversations.items()}
     for arm in [a for a in prompts if a not in ADAPTER_ARMS and todo[a]]:
         got = answer_prompts(model, tok, [prompts[arm][i] for i in todo[arm]], desc=f"generate {arm}",
-                             groups=[heads[arm][i] for i in todo[arm]], **kw)
+                             groups=[families[arm][i] for i in todo[arm]], **kw)
         for i, text in zip(todo[arm], got):
             out[arm][i] = text
             if arm in keys:
@@ -141,7 +141,8 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     if any(todo[a] for a in prompts if a in ADAPTER_ARMS):
         tuned_model = attach_adapter(model, adapter_dir)
         for arm in [a for a in prompts if a in ADAPTER_ARMS]:
-            out[arm] = answer_prompts(tuned_model, tok, prompts[arm], desc=f"generate {arm}", groups=heads[arm], **kw)
+            out[arm] = answer_prompts(tuned_model, tok, prompts[arm], desc=f"generate {arm}", groups=families[arm],
+                                      **kw)
         del tuned_model
     del model
     gc.collect()
