@@ -18,7 +18,19 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install -q --upgrade pip
 fi
 stamp=".venv/.finsynth-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)-${EXTRAS//,/_}"
-if [ ! -f "$stamp" ]; then
+# an install of more extras from the same pyproject/setup.sh covers fewer (`test.sh` ran, then `demo.sh`)
+covered() {
+  local s have
+  for s in "${stamp%-*}"-*; do
+    [ -f "$s" ] || continue
+    have=",${s##*-}," have="${have//_/,}"
+    local e ok=1
+    for e in ${EXTRAS//,/ }; do [[ "$have" == *",$e,"* ]] || ok=0; done
+    [ "$ok" -eq 1 ] && return 0
+  done
+  return 1
+}
+if ! covered; then
   .venv/bin/pip install -q "torch==${FINSYNTH_TORCH_VERSION:-2.13.0}"
   if [[ ",$EXTRAS," == *",llamacpp,"* ]]; then
     key=$(printf '%s %s' "$LLAMA_CPP_VERSION" "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)
