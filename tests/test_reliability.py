@@ -51,7 +51,7 @@ def _cfg(tmp_path, url: str, **extra):
         "llm.providers.teacher.backoff_max_s=0.02", "llm.providers.teacher.timeout_s=5",
         "llm.providers.teacher.concurrency=2",
         "augment.provider=teacher", "augment.scenario.enabled=false", "augment.k=3", "augment.limit=null",
-        "augment.candidates=1",
+        "augment.candidates=1", "augment.max_attempts=2",  # the counts below (66 calls) assume 2 attempts
         *[f"{k}={v}" for k, v in extra.items()]]
     cfg = load_config(profile="demo", root=tmp_path, overrides=overrides)
     fetch = cfg.paths.stage_dir("fetch")

@@ -83,7 +83,7 @@ def test_peft_config_from_train_section():
 
 
 def test_sft_config_on_cpu(tmp_path):
-    cfg = load_config(profile="demo", overrides=["train.eval_steps=6", "train.save_steps=12"])
+    cfg = load_config(profile="demo", overrides=["train.eval_steps=6", "train.save_steps=12", "train.max_steps=12"])
     a = build_sft_config(cfg, tmp_path, "cpu", has_eval=True)
     assert (a.bf16, a.fp16, a.use_cpu, a.optim) == (False, False, True, "adamw_torch")
     assert (a.packing, a.packing_strategy) == (True, "bfd")
