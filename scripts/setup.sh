@@ -20,11 +20,12 @@ fi
 stamp=".venv/.finsynth-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)-${EXTRAS//,/_}"
 # an install of more extras from the same pyproject/setup.sh covers fewer (`test.sh` ran, then `demo.sh`)
 covered() {
-  local s have
-  for s in "${stamp%-*}"-*; do
+  local s have e ok
+  for s in "${stamp%-*}"-*; do  # the stamps of this pyproject/setup.sh, one per extras set
     [ -f "$s" ] || continue
-    have=",${s##*-}," have="${have//_/,}"
-    local e ok=1
+    have=",${s##*-},"
+    have="${have//_/,}"  # ",dev,llamacpp,"
+    ok=1
     for e in ${EXTRAS//,/ }; do [[ "$have" == *",$e,"* ]] || ok=0; done
     [ "$ok" -eq 1 ] && return 0
   done
