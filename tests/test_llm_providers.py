@@ -46,7 +46,7 @@ def test_openai_request_body_per_json_mode(tmp_path):
     assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5,
                     "max_tokens": 9, "seed": 3, "stop": ["\n"],
                     "response_format": {"type": "json_object", "schema": Verdict.model_json_schema()},
-                    "extra_body": {"top_k": 5}}
+                    "top_k": 5}
     p2 = make_provider("t", ProviderConfig(kind="openai", model="m"), None)
     assert p2.request_body(list(r.messages), r)["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "Verdict", "schema": Verdict.model_json_schema(),
@@ -56,6 +56,46 @@ def test_openai_request_body_per_json_mode(tmp_path):
     plain = ChatRequest(messages=[{"role": "user", "content": "hi"}])
     assert p3.request_body(list(plain.messages), plain) == {
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "max_tokens": 256}
+
+
+@pytest.mark.parametrize("json_mode", ["schema", "json_object", "none"])
+def test_the_wire_body_is_what_the_sdks_create_sends(tmp_path, json_mode):
+    """The provider builds its body itself and sends it with ``client.post`` (skipping ``create``'s
+    parameter walk); the server must see exactly what ``chat.completions.create`` would have sent."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    reqs = [req(0), req(1, temperature=0.7, max_tokens=5, seed=11, stop=("\n", "Q:")), req(2, n=3),
+            req(3, schema=Verdict, temperature=0.2)]
+    extra = {"top_k": 4, "repetition_penalty": 1.1}
+    with FaultProxy(responder=lambda body, tag: '{"label": "up", "score": 2}') as proxy:
+        p = openai_provider(tmp_path, proxy.url, json_mode=json_mode, extra_body=extra, schema_retries=0)
+        assert all(r.ok for r in p.generate_batch(reqs))
+
+        async def via_create() -> None:
+            client = AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+            for r in reqs:
+                kw = {"model": "fake", "messages": list(r.messages), "temperature": r.temperature,
+                      "max_tokens": r.max_tokens}
+                if r.seed is not None:
+                    kw["seed"] = r.seed
+                if r.stop:
+                    kw["stop"] = list(r.stop)
+                if r.n > 1:
+                    kw["n"] = r.n
+                if r.schema is not None and json_mode == "schema":
+                    kw["response_format"] = {"type": "json_schema", "json_schema": {
+                        "name": "Verdict", "schema": Verdict.model_json_schema(), "strict": False}}
+                elif r.schema is not None and json_mode == "json_object":
+                    kw["response_format"] = {"type": "json_object", "schema": Verdict.model_json_schema()}
+                await client.chat.completions.create(**kw, extra_body=extra)
+            await client.close()
+
+        asyncio.run(via_create())
+    for i in range(4):
+        ours, sdk = proxy.bodies[str(i)]
+        assert ours == sdk
 
 
 def test_retry_after_and_backoff():
@@ -136,6 +176,66 @@ def test_openai_batch_order_cache_and_key_never_stored(tmp_path, monkeypatch, ca
     captured = capfd.readouterr()
     assert FAKE_KEY not in caplog.text + captured.out + captured.err
     assert "127.0.0.1" in caplog.text  # the HTTP client did log at DEBUG: the check had something to see
+
+
+def test_cache_writer_commits_once_per_window_not_once_per_answer(tmp_path):
+    """Answers arriving 2 ms apart (a fast server) are grouped: a commit costs about as much CPU as a
+    whole echo request, so one per answer was most of the provider's overhead (bench_llm.py). ``close``
+    still puts every answer on disk at once, without waiting out the window."""
+    import time
+
+    from datagen.llm.cache import CacheWriter
+
+    cache = open_cache(tmp_path / "w.sqlite")
+    commits = []
+    real = cache.put_many
+    cache.put_many = lambda rows: (commits.append(len(rows)), real(rows))[1]
+    w = CacheWriter(cache, linger_s=0.2)
+    t0 = time.monotonic()
+    for i in range(60):
+        w.put(f"k{i}", provider="openai", model="m", text=f"a{i}")
+        time.sleep(0.002)
+    w.close()
+    took = time.monotonic() - t0
+    assert sum(commits) == 60 and len(cache) == 60  # nothing lost
+    assert len(commits) <= 2 + took / 0.2, commits  # one per 0.2 s window (+ the last, cut short)
+    assert took < 0.6  # close did not sit out a window per put
+
+
+def test_a_key_claimed_by_a_live_run_is_waited_for_and_a_dead_runs_claim_is_taken_over(tmp_path):
+    """Two runs sharing one response cache: what the other (live) run is asking right now is not asked
+    twice; a claim left by a process that died is taken over at once."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with FaultProxy() as proxy:
+        p = openai_provider(tmp_path, proxy.url, concurrency=4)
+        cache = p.cache
+        keys = p.batch_keys([req(i) for i in range(4)])
+        mine, theirs = cache.claim_many(keys[:2], "other-run")  # a live run (this pid) is asking 0 and 1
+        assert mine == keys[:2] and theirs == []
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        cache._conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                            (keys[2], "dead-run", __import__("socket").gethostname(), int(dead), time.time() + 900))
+
+        def other_run_answers():  # the other run's answers land 0.7 s later
+            time.sleep(0.7)
+            for k, i in zip(keys[:2], (0, 1)):
+                cache.put(k, provider="openai", model="fake", text=f"theirs {i}")
+            cache.release(keys[:2], "other-run")
+
+        t = threading.Thread(target=other_run_answers)
+        t.start()
+        out = p.generate_batch([req(i) for i in range(4)], desc="shared")
+        t.join()
+        assert [r.text for r in out] == ["theirs 0", "theirs 1", "echo 2", "echo 3"]
+        assert [r.cached for r in out] == [True, True, False, False]
+        assert proxy.received == {"2": 1, "3": 1}  # 0 and 1 were not paid for twice; 2's dead claim was taken
+        assert p.usage.calls == 2 and p.usage.cache_hits == 2
+        assert cache.claim_many(keys, "third-run") == (keys, [])  # our claims were released at the end
 
 
 def test_openai_schema_feedback_then_success_and_final_failure(tmp_path):

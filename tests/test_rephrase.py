@@ -307,13 +307,14 @@ def test_openai_provider_asks_for_n_choices_and_returns_them_all():
     assert p.request_body(msgs, req)["n"] == 3 and "n" not in p.request_body(msgs, ChatRequest(messages=msgs))
     assert p.request_key(req) != p.request_key(ChatRequest(messages=msgs, temperature=0.9, seed=1))
 
-    class Completions:
-        async def create(self, **kw):
+    class Client:  # the SDK client's ``post``, answering the choices out of order
+        async def post(self, path, *, body, cast_to):
+            assert path == "/chat/completions"
             return SimpleNamespace(choices=[SimpleNamespace(index=i, message=SimpleNamespace(content=f"c{i}"))
-                                            for i in (1, 0, 2)][:kw["n"]],
+                                            for i in (1, 0, 2)][:body["n"]],
                                    usage=SimpleNamespace(prompt_tokens=5, completion_tokens=9))
 
-    client = SimpleNamespace(chat=SimpleNamespace(completions=Completions()))
+    client = Client()
     reply = asyncio.run(p._acall(client, msgs, req))
     out = unpack_candidates([LLMResult(ok=True, text=reply.text)])[0]
     assert out.texts == ["c0", "c1", "c2"] and out.text == "c0" and reply.completion_tokens == 9
