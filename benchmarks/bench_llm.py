@@ -16,7 +16,8 @@ run with prompts of its own (none in a server's prompt cache). ``ratio_median_ru
 run time / median provider run time over >= 5 runs each (goal >= 0.97); ``ratio_median_paired`` the
 median over rounds of raw / provider within the round; ``ratio`` the same over summed times;
 ``vs_raw_post`` the three against ``raw_post`` (what the provider's cache, retries and accounting
-cost). Then the provider's batch is rerun fully cached and timed.
+cost); ``<side>_cpu_ms_per_request`` this process's CPU time per request (all its threads, median
+run). Then the provider's batch is rerun fully cached and timed.
 Run it alone: the ratio is a difference of a few percent.
 
     .venv/bin/python benchmarks/bench_llm.py            # writes benchmarks/results/llm.json
@@ -92,11 +93,12 @@ def bench_server(base_url: str, model: str, *, n: int, concurrency: int, max_tok
     pcfg = ProviderConfig(kind="openai", model=model, base_url=base_url, concurrency=concurrency,
                           timeout_s=120)
     runs: dict[str, list[float]] = {s: [] for s in SIDES}
+    cpu: dict[str, list[float]] = {s: [] for s in SIDES}  # this process's CPU seconds per run, all threads
     # warm-up (server prompt path, client imports)
     asyncio.run(raw_run(base_url, model, requests_for(2, max_tokens, "w"), concurrency))
     last = None
     for r in range(rounds):
-        order = SIDES[r % 3:] + SIDES[:r % 3]  # each side first, second and third in turn
+        order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]  # each side first, second and third in turn
         for which in order:
             # prompts of their own per run: with one set per round, the second run found the first's
             # prompts in llama-server's slot cache and ran ~20% faster, whichever side it was
@@ -104,16 +106,18 @@ def bench_server(base_url: str, model: str, *, n: int, concurrency: int, max_tok
             if which == "provider":
                 cache = open_cache(workdir / f"cache-{base_url.split(':')[-1].split('/')[0]}-{r}.sqlite")
                 prov = make_provider("bench", pcfg, cache)
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 out = prov.generate_batch(reqs, desc="bench")
                 runs[which].append(time.perf_counter() - t)
+                cpu[which].append(time.process_time() - c)
                 assert all(x.ok for x in out), [x.error for x in out if not x.ok][:3]
                 last = (prov, reqs)
             else:
-                t = time.perf_counter()
                 via = "create" if which == "raw" else "post"
+                c, t = time.process_time(), time.perf_counter()
                 texts = asyncio.run(raw_run(base_url, model, reqs, concurrency, via=via))
                 runs[which].append(time.perf_counter() - t)
+                cpu[which].append(time.process_time() - c)
                 assert all(isinstance(x, str) for x in texts)
     prov, reqs = last
     t = time.perf_counter()
@@ -133,6 +137,8 @@ def bench_server(base_url: str, model: str, *, n: int, concurrency: int, max_tok
         "requests_per_run": n, "concurrency": concurrency, "max_tokens": max_tokens, "runs_each": len(prov_s),
         **{f"{s}_s": [round(x, 3) for x in v] for s, v in runs.items()},
         **{f"{s}_req_per_s": round(n / med[s], 2) for s in SIDES},
+        # the client's own CPU per request (median run): where a per-request overhead shows first
+        **{f"{s}_cpu_ms_per_request": round(1000 * statistics.median(cpu[s]) / n, 3) for s in SIDES},
         **ratios("raw"),  # the goal: provider vs ``chat.completions.create``
         "vs_raw_post": ratios("raw_post"),  # the provider's own machinery: vs the same wire call, bare
         "cached_rerun_s": round(cached_s, 4),

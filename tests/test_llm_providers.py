@@ -179,9 +179,9 @@ def test_openai_batch_order_cache_and_key_never_stored(tmp_path, monkeypatch, ca
 
 
 def test_cache_writer_commits_once_per_window_not_once_per_answer(tmp_path):
-    """Answers arriving 2 ms apart (a fast server) are grouped: a commit costs ~0.25 ms of CPU, ~6% of
-    a whole echo request, so one per answer was most of the provider's overhead (docs/providers.md). ``close``
-    still puts every answer on disk at once, without waiting out the window."""
+    """Answers arriving 2 ms apart (a fast server) are grouped into one commit per window instead of
+    one per answer (docs/providers.md). ``close`` still puts every answer on disk at once, without
+    waiting out the window."""
     import time
 
     from datagen.llm.cache import CacheWriter

@@ -186,8 +186,7 @@ class CacheWriter:
     """Stores answers off the caller's thread: ``put`` queues an answer the moment it arrives, and one
     writer thread commits what has queued up in one transaction (group commit), at most once per
     ``linger_s``. An event loop serving many concurrent calls never waits on SQLite, and a fast server
-    costs one commit per window rather than one per answer (a commit costs ~0.25 ms of CPU here, ~6%
-    of a whole request to an instant server: docs/providers.md). A killed run loses, and a resumed run
+    costs one commit per window rather than one per answer (docs/providers.md). A killed run loses, and a resumed run
     repeats, at most the answers of the last window. ``close`` writes everything still queued and
     waits for it, without waiting out the window."""
 

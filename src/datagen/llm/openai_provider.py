@@ -19,9 +19,9 @@ backoff and the timeout are the engine's.
 The body is built here (:meth:`OpenAIProvider.request_body`, plain JSON) and sent with the SDK's
 ``client.post``; the response is parsed into the SDK's ``ChatCompletion`` and its errors are the
 SDK's, as with ``chat.completions.create``. What this skips is ``create``'s per-request walk of its
-typed parameters, which leaves plain JSON unchanged and cost ~1 ms of CPU per request here, a
-quarter of the client's time against an instant server (``benchmarks/bench_llm.py``). The body is
-byte-for-byte what ``create`` sends (tests/test_llm_providers.py).
+typed parameters, which leaves plain JSON unchanged and cost ~1.1 ms of CPU per request here
+(``benchmarks/results/llm.json``: ``raw`` vs ``raw_post`` on echo). The body is the same JSON that
+``create`` sends (tests/test_llm_providers.py).
 """
 
 from __future__ import annotations
