@@ -79,8 +79,9 @@ def test_metric_count_repetition_and_copy_filters():
         "2.1%", "6.5%", "+250bp", "usd80m", "1.6x"]
     assert count_metrics("The company is doing badly, rated BB.") == []
     assert repetition_ratio("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
-    examples = few_shot_texts()
-    assert len(examples) == 2 and examples[0].startswith("A European airline")
+    examples = few_shot_texts()  # the chat prompt's two, then the base document's two
+    assert len(examples) == 4 and examples[0].startswith("A European airline")
+    assert examples[2].startswith("A borrower in the airlines sector in the Euro area, rated BBB-")
     ok = scenario_output(GOOD_TASK, {})
     assert check_task(ok, examples) is None
     task = {"cluster": "fx_crisis", "slot": 1, "sector": "chemicals", "geography": "South Africa"}
@@ -103,6 +104,61 @@ def test_metric_count_repetition_and_copy_filters():
     copy = scenario_output(load_prompt("scenario_synthesis").render(scenario="a", sector="b", geography="c")
                            .split("<<assistant>>\n")[1].split("<<user>>")[0], {})
     assert check_task(copy, examples) == "copies_example"
+
+
+def test_base_format_continues_the_opening_stops_at_the_blank_line_and_keeps_the_best_of_n():
+    """The base document ends inside the instruction naming the sector and geography; the model's
+    continuation is read as the whole task; n candidates in one request, the same checks on each."""
+    from datagen.augmentation.scenarios import STOP_BASE, synthesize_scenarios
+
+    cfg = ScenarioSynthConfig(clusters=["fx_crisis"], per_cluster=2, max_attempts=1, prompt_format="auto",
+                              candidates=3)
+    plan = plan_tasks(cfg)
+    msgs = scenario_input(plan[0], 0, "base")
+    assert [m["role"] for m in msgs] == ["text"]
+    where = {"United States": "the United States", "United Kingdom": "the United Kingdom",
+             "Euro area": "the Euro area"}.get(plan[0]["geography"], plan[0]["geography"])
+    assert msgs[0]["content"].endswith(f"Scenario: FX crisis. Sector: {plan[0]['sector']}. Geography: "
+                                       f"{plan[0]['geography']}.\nInstruction: A borrower in the "
+                                       f"{plan[0]['sector']} sector in {where},")
+    rest = ("rated BB-, has 60% of its debt in USD as the currency falls 35%. Estimate the PD change and the loss on "
+            "a USD 80m loan with LGD 55%.\nResponse: Downgrade to B within a quarter: PD rises from 2.1% to 6.5%, "
+            "expected loss = 6.5% x 55% x USD 80m = USD 2.9m. Spreads widen by 250bp; cut the line by half.")
+    answers = {plan[0]["sector"]: ["I cannot.", rest, rest.replace("250bp", "260bp")],  # bad, good, a near twin
+               plan[1]["sector"]: ["no response line in this answer", "x\nResponse: too short", "y\nResponse: short"]}
+    seen = []
+
+    class Local(FunctionProvider):
+        kind = "local"
+
+        def generate_batch(self, requests, *, desc="llm"):
+            seen.extend(requests)
+            return super().generate_batch(requests, desc=desc)
+
+    calls = {k: iter(v) for k, v in answers.items()}
+
+    def fn(messages):
+        last_task = messages[-1]["content"].rsplit("Scenario:", 1)[1]
+        return next(calls[next(s for s in calls if f"Sector: {s}. Geography" in last_task)])
+
+    from datagen.augmentation.scenarios import continued
+
+    def embedded(text):  # what the diversity check embeds: "instruction response"
+        p = scenario_output(continued(text, plan[0]), plan[0])
+        return f"{p['instruction']} {p['response']}"
+
+    emb = AnchorEmbedder({embedded(rest)}, {embedded(rest.replace("250bp", "260bp")): 0.99})
+    res = synthesize_scenarios(cfg, Local(fn, name="local", model="scripted"), emb)
+    assert [r.n for r in seen] == [3, 3] and all(r.stop == STOP_BASE for r in seen)
+    assert res.prompt["name"] == "scenario_synthesis_base"
+    assert len(res.rows) == 1 and res.rows[0]["question"].startswith(
+        f"A borrower in the {plan[0]['sector']} sector in {where}, rated BB-, has 60%")
+    assert res.rows[0]["answer"].startswith("Downgrade to B within a quarter")
+    assert res.rejected_reasons == {"malformed_output": 2, "not_diverse": 1, "too_short": 2}
+    assert res.missing_reasons == {"too_short": 1}
+    with pytest.raises(ValueError, match="augment.scenario.prompt_format=base"):
+        synthesize_scenarios(cfg.model_copy(update={"prompt_format": "base"}),
+                             type("Api", (FunctionProvider,), {"kind": "openai"})(fn), emb)
 
 
 # ----------------------------------------------------------------------------- stage end to end
@@ -164,7 +220,8 @@ def _script():
 def stage_cfg(tmp_path: Path):
     cfg = load_config(profile="demo", root=tmp_path, overrides=[
         "augment.k=2", "augment.max_attempts=2", "augment.limit=null", "augment.scenario.clusters=[fx_crisis]",
-        "augment.candidates=1", "augment.prompt_format=chat",
+        "augment.candidates=1", "augment.prompt_format=chat", "augment.scenario.candidates=1",
+        "augment.scenario.prompt_format=chat",
         "augment.scenario.per_cluster=2", "augment.scenario.max_attempts=2"])
     fetch = cfg.paths.stage_dir("fetch")
     write_jsonl(fetch / "samples.jsonl", [QA, CLS, INJ])

@@ -483,3 +483,23 @@ def test_base_arm_answers_are_cached_across_runs_tuned_never(tmp_path, monkeypat
     generated.clear()
     g.generate_arms(ModelConfig(), tmp_path / "a2", convs, max_new_tokens=9, cache=cache)  # other settings
     assert len(generated) == 4
+
+
+def test_small_fewshot_families_are_pooled_into_full_batches_big_ones_share_their_head():
+    from training.generate import plan_batches
+
+    head = list(range(100, 160))  # a 60-token exemplar head
+    big = [head + [1, 2, i] for i in range(9)]  # one family of 9 at batch size 8: two batches sharing the head
+    small = [[7] * 40 + [i] * (3 + i) for i in range(10)]  # ten families of one (the demo's few-shot arm)
+    enc = big + small
+    groups = ["big"] * 9 + [f"s{i}" for i in range(10)]
+    batches = plan_batches(enc, 8, groups)
+    assert sorted(i for b, _ in batches for i in b) == list(range(19))  # every prompt once
+    shared = [(b, h) for b, h in batches if set(b) <= set(range(9))]
+    assert [len(b) for b, _ in shared] == [8, 1] and all(h == 62 for _, h in shared)
+    loose = [(b, h) for b, h in batches if set(b) >= {9} or set(b) & set(range(9, 19))]
+    assert [len(b) for b, _ in loose] == [8, 2] and all(h == 0 for _, h in loose)  # 2 batches, not 10
+    lens = [len(enc[i]) for b, _ in loose for i in b]
+    assert lens == sorted(lens, reverse=True)  # longest first: least padding
+    plain = plan_batches(enc, 8)  # no groups: one pool, longest first, no head
+    assert [len(b) for b, _ in plain] == [8, 8, 3] and all(h == 0 for _, h in plain)

@@ -209,6 +209,10 @@ class ScenarioSynthConfig(_Strict):
     max_tokens: int = Field(320, ge=16)
     diversity_threshold: float = Field(0.92, gt=0, le=1)  # drop if cosine to a kept one >= this
     seed: int = 5
+    # chat: few-shot chat turns (instruct models, APIs); base: a few-shot document whose last instruction opens
+    # with the sector and geography, stopped at the blank line after the response; auto: base on the local provider
+    prompt_format: Literal["auto", "chat", "base"] = "chat"
+    candidates: int = Field(1, ge=1, le=16)  # best-of-n per open slot, one request (one prefill on the local provider)
 
 
 class AugmentConfig(_Strict):

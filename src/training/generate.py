@@ -66,6 +66,22 @@ def fewshot_messages(row: dict[str, Any], exemplars: Sequence[dict[str, Any]],
     return head + shots + item[len(head):]
 
 
+def plan_batches(enc: Sequence[Sequence[int]], batch_size: int,
+                 groups: Sequence[str] | None = None) -> list[tuple[list[int], int]]:
+    """``[(prompt indices, shared head length)]`` for :func:`answer_prompts`: longest prompts first; with
+    ``groups``, one family's batches share its head, and families smaller than ``batch_size`` are pooled."""
+    keys = list(groups) if groups is not None else [""] * len(enc)
+    families: dict[str, list[int]] = {k: [] for k in keys}  # in order of first appearance
+    for i in sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i)):
+        families[keys[i]].append(i)
+    pooled = sorted((i for m in families.values() if len(m) < batch_size for i in m), key=lambda i: (-len(enc[i]), i))
+    batches: list[tuple[list[int], int]] = []
+    for members in [m for m in families.values() if len(m) >= batch_size] + ([pooled] if pooled else []):
+        head = shared_head_len([enc[i] for i in members]) if groups is not None and members is not pooled else 0
+        batches += [(members[i:i + batch_size], head) for i in range(0, len(members), batch_size)]
+    return batches
+
+
 def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
                    batch_size: int = 8, seed: int = 0, desc: str = "generate",
                    groups: Sequence[str] | None = None) -> list[str]:
@@ -74,16 +90,9 @@ def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, t
 
     ``groups`` (one key per prompt, e.g. the few-shot turns before the item): batches are formed within a
     group, and a group's common token head (its exemplars) is prefilled once for all its batches
-    (:func:`datagen.causal_lm.decode`)."""
-    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    keys = list(groups) if groups is not None else [""] * len(prompts)
-    families: dict[str, list[int]] = {k: [] for k in keys}  # in order of first appearance
-    for i in sorted(range(len(prompts)), key=lambda i: (-len(enc[i]), i)):
-        families[keys[i]].append(i)
-    batches: list[tuple[list[int], int]] = []  # (prompt indices, shared head length)
-    for members in families.values():
-        head = shared_head_len([enc[i] for i in members]) if groups is not None else 0
-        batches += [(members[i:i + batch_size], head) for i in range(0, len(members), batch_size)]
+    (:func:`datagen.causal_lm.decode`). A group too small to fill one batch is pooled with the other small
+    ones, without a shared head: a batch of its own would cost a whole decode loop to save a prefill."""
+    batches = plan_batches([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], batch_size, groups)
     out = [""] * len(prompts)
     heads: dict = {}
     for k, (batch, head) in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):

@@ -38,7 +38,7 @@ import numpy as np
 from datagen.augmentation.validators import RephraseChecks, check_near_copy, validate_rephrasing
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
-from datagen.llm.tasks import Reject, Task, Turn, llm_error, run_task, temperature_at
+from datagen.llm.tasks import Reject, Task, Turn, llm_error, resolve_prompt_format, run_task, temperature_at
 from datagen.prompts import Prompt, load_prompt, split_turns
 from datagen.schema import stable_id
 
@@ -189,11 +189,7 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
     for that many candidates per open slot in one request per row (best-of-n). ``early_stop`` False
     sends no stop strings (the model generates to ``max_tokens``; the answer is cut afterwards).
     """
-    if prompt_format == "auto":  # a base model continues a document; an API serves chat
-        prompt_format = "base" if getattr(provider, "kind", None) == "local" else "chat"
-    if prompt_format == "base" and getattr(provider, "kind", "local") != "local":
-        raise ValueError(f"augment.prompt_format=base sends raw text, which only the local provider takes; "
-                         f"provider {provider.name!r} is {getattr(provider, 'kind', '?')!r}: use prompt_format=chat")
+    prompt_format = resolve_prompt_format(prompt_format, provider, "augment.prompt_format")
     prompts = [prompt_for(a, prompt_format) for a in range(max_attempts)]
     kept_text: dict[str, list[str]] = defaultdict(list)  # row id -> kept questions (for duplicates)
     best_of_n = candidates > 1

@@ -43,6 +43,19 @@ def llm_error(result: LLMResult) -> Reject:
     return Reject("llm_error", str(result.error or "")[:200])
 
 
+def resolve_prompt_format(prompt_format: str, provider: LLMProvider, setting: str) -> str:
+    """``chat`` or ``base`` for ``prompt_format`` (``auto``: base, a few-shot document to continue, on the
+    local provider, which runs a base model by default; chat on an API). Base sends raw text, which only
+    the local provider takes: asking an API for it is an error naming ``setting``."""
+    kind = getattr(provider, "kind", None)
+    if prompt_format == "auto":
+        return "base" if kind == "local" else "chat"
+    if prompt_format == "base" and kind not in ("local", None):
+        raise ValueError(f"{setting}=base sends raw text, which only the local provider takes; "
+                         f"provider {provider.name!r} is {kind!r}: use {setting}=chat")
+    return prompt_format
+
+
 def temperature_at(start: float, attempt: int, step: float = 0.0, cap: float = math.inf) -> float:
     """Retries sample hotter, bounded: ``start + step * attempt``, at most ``cap``."""
     return round(min(start + step * attempt, cap), 3)
