@@ -106,6 +106,25 @@ def test_metric_count_repetition_and_copy_filters():
     assert check_task(copy, examples) == "copies_example"
 
 
+def test_written_out_arithmetic_and_moves_must_agree_with_themselves():
+    """Seen from the packaged Gemma on the demo's tasks: products whose result is not the product, and
+    spreads that 'widen' to a lower figure. The prompts' own examples are consistent."""
+    from datagen.augmentation.scenarios import inconsistent_numbers
+
+    assert [inconsistent_numbers(t) for t in few_shot_texts()] == [[], [], [], []]
+    assert inconsistent_numbers("expected loss = 2.4% x 60% x EUR 50m = EUR 0.72m; PD rises from 0.9% to 2.4%") == []
+    assert inconsistent_numbers("EL = 4.8% x 45% x USD 120m = USD 2.6m (rounded)") == []  # 2.592: within 5%
+    assert inconsistent_numbers("expected loss = 0.5% x 120m = EUR 6m (2.4% loss)") == ["0.5% x 120m = EUR 6m"]
+    assert inconsistent_numbers("expected loss = 1.7% x 30m = 4.5% (1.4% loss)") == ["1.7% x 30m = 4.5%"]
+    assert inconsistent_numbers("It sees its 5-year CDS spread widen from 400bp to 175bp as peers fall.") == [
+        "It sees its 5-year CDS spread widen from 400bp to 175bp"]
+    assert inconsistent_numbers("PD falls from 5.1% to 7.5%.") == ["PD falls from 5.1% to 7.5%"]
+    assert inconsistent_numbers("PD falls from 5.1% to 2.5%; spreads tighten from 300bp to 250bp") == []
+    assert inconsistent_numbers("coverage from 2.8x to 1.6x; 5 to 7 years") == []  # no verb: no direction to check
+    bad = scenario_output(GOOD_TASK.replace("USD 2.9m", "USD 29m"), {})
+    assert check_task(bad, few_shot_texts()) == "inconsistent_numbers"
+
+
 def test_base_format_continues_the_opening_stops_at_the_blank_line_and_keeps_the_best_of_n():
     """The base document ends inside the instruction naming the sector and geography; the model's
     continuation is read as the whole task; n candidates in one request, the same checks on each."""

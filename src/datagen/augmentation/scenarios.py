@@ -3,7 +3,9 @@
 For every configured cluster (``cfg.augment.scenario.clusters``) a teacher model writes
 ``per_cluster`` instruction -> response pairs, each for a (sector, geography) drawn evenly and seeded
 from :data:`SECTORS` and :data:`GEOGRAPHIES`. Outputs are kept only if they parse ("Instruction: ...",
-"Response: ..."), carry >= 2 explicit numeric metrics with units, are not repetitive (3-gram
+"Response: ..."), carry >= 2 explicit numeric metrics with units, whose written-out arithmetic holds
+(a product ``a x b = c`` within 5%, a move ``widens from a to b`` in its verb's direction: the
+teacher's numbers are checked by code, as the market answers are computed by it), are not repetitive (3-gram
 repetition inside the text), do not copy a few-shot example, and are not too close to an already kept
 task (embedding cosine >= ``diversity_threshold``). Missing tasks are retried (other seed, hotter)
 up to ``max_attempts`` rounds; one ``generate_batch`` per round.
@@ -16,14 +18,16 @@ for instruct models and APIs) and ``base`` (``prompts/scenario_synthesis_base.ji
 for a base model to continue). The base document ends inside the next instruction, whose opening names
 the sector and geography ("A borrower in the utilities sector in Japan,"), and generation stops at the
 blank line after the response; ``candidates`` asks for best-of-n per slot in one request. On the packaged
-Gemma-3-270M base the chat format kept 0 of the demo's 8 tasks (mostly ``off_topic``: the model wrote
-about another sector or country, then ran to ``max_tokens``), the base format with 2 candidates keeps most
-of them with the same checks (docs/augment.md). What a tiny model writes still has the right shape more
-often than the right numbers; the counts per reason go to the manifest so that is visible, not hidden.
+Gemma-3-270M base and the demo's 8 tasks, the chat format kept 0 or 1 (mostly ``off_topic``: the model
+wrote about another sector or country, then ran to ``max_tokens``), the base format with 4 candidates 7,
+with the same checks (docs/augment.md). What a tiny model writes has the right shape more often than the
+right numbers (``inconsistent_numbers`` is its commonest rejection); the counts per reason go to the
+manifest so that is visible, not hidden.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter, defaultdict
@@ -37,7 +41,7 @@ from datagen.config import ScenarioSynthConfig
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
 from datagen.llm.tasks import Reject, Task, Turn, llm_error, resolve_prompt_format, run_task
-from datagen.numbers import find_numbers
+from datagen.numbers import Figure, find_numbers
 from datagen.prompts import load_prompt, split_turns
 from datagen.schema import SCENARIO_SOURCE as SOURCE
 from datagen.schema import stable_id
@@ -183,12 +187,56 @@ def credit_terms(text: str) -> set[str]:
     return words | {m.group(0) for m in _RATINGS.finditer(text)}
 
 
+_TIMES = re.compile(r"\s*[x×*]\s*")
+_EQUALS = re.compile(r"\s*=\s*")
+_TO = re.compile(r"\s+to\s+")
+_UP = re.compile(r"(?<![a-z])(?:widen\w*|ris(?:e|es|ing)|rose|climb\w*|increas\w*|jump\w*|grow\w*|up)(?![a-z])"
+                 r"[^.;]{0,25}\bfrom\s+$", re.I)
+_DOWN = re.compile(r"(?<![a-z])(?:fall\w*|fell|drop\w*|declin\w*|narrow\w*|tighten\w*|decreas\w*|shrink\w*|down)"
+                   r"(?![a-z])[^.;]{0,25}\bfrom\s+$", re.I)
+
+
+def _plain(f: Figure) -> float:
+    """A figure as a plain number: 2.4% -> 0.024, 310bp -> 0.031, EUR 50m -> 5e7, 1.6x -> 1.6."""
+    return f.value / 100 if f.is_percent else f.value / 10_000 if f.unit == "bp" else f.value
+
+
+def inconsistent_numbers(text: str, rel_tol: float = 0.05) -> list[str]:
+    """The figures in ``text`` that contradict themselves: a product written out (``2.4% x 60% x EUR 50m =
+    EUR 0.72m``) whose result is off by more than ``rel_tol``, and a move (``widens from 400bp to 175bp``)
+    whose direction contradicts its verb. Each as the text that shows it; [] when none (or none written)."""
+    figs = find_numbers(text)
+    gap = [text[a.end:b.start] for a, b in zip(figs, figs[1:])]  # what lies between figure i and i + 1
+    bad: list[str] = []
+    i = 0
+    while i < len(figs) - 1:
+        j = i
+        while j < len(gap) and _TIMES.fullmatch(gap[j]):
+            j += 1
+        if j > i and j < len(gap) and _EQUALS.fullmatch(gap[j]):  # figs[i..j] multiplied, = figs[j + 1]
+            want, got = math.prod(_plain(f) for f in figs[i:j + 1]), _plain(figs[j + 1])
+            if not math.isclose(want, got, rel_tol=rel_tol):
+                bad.append(text[figs[i].start:figs[j + 1].end])
+            i = j + 1
+            continue
+        a, b = figs[i], figs[i + 1]
+        if _TO.fullmatch(gap[i]) and a.unit == b.unit and a.value != b.value:
+            before = text[max(0, a.start - 40):a.start]
+            if (b.value < a.value and _UP.search(before)) or (b.value > a.value and _DOWN.search(before)):
+                clause = max(max(text.rfind(c, 0, a.start) for c in ".;\n") + 1, a.start - 80)
+                bad.append(text[clause:b.end].strip())
+        i += 1
+    return bad
+
+
 def check_task(parsed: dict[str, Any], examples: list[str], max_repetition: float = 0.25,
                task: dict[str, Any] | None = None) -> str | None:
     """A reason to drop a parsed task, or None. (Diversity against kept tasks is checked separately.)"""
     response = parsed["response"]
     if len(count_metrics(response)) < 2:
         return "missing_metrics"
+    if inconsistent_numbers(parsed["instruction"]) or inconsistent_numbers(response):
+        return "inconsistent_numbers"
     if not is_question(parsed["instruction"]):
         return "not_a_task"
     if len(credit_terms(response)) < 2:
