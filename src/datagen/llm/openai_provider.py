@@ -19,7 +19,7 @@ backoff and the timeout are the engine's.
 The body is built here (:meth:`OpenAIProvider.request_body`, plain JSON) and sent with the SDK's
 ``client.post``; the response is parsed into the SDK's ``ChatCompletion`` and its errors are the
 SDK's, as with ``chat.completions.create``. What this skips is ``create``'s per-request walk of its
-typed parameters, which leaves plain JSON unchanged and cost ~1.1 ms of CPU per request here
+typed parameters, which leaves plain JSON unchanged and cost 0.5 to 1.1 ms of CPU per request, by host
 (``benchmarks/results/llm.json``: ``raw`` vs ``raw_post`` on echo). The body is the same JSON that
 ``create`` sends (tests/test_llm_providers.py).
 """
