@@ -179,7 +179,7 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
 
 
 def _stage_flow(name: str):
-    @flow(name=f"{name}", log_prints=True)
+    @flow(name=f"{name}")
     def stage_flow(profile: str | None = "demo", config_path: str | None = None,
                    overrides: list[str] | None = None, root: str | None = None,
                    refresh: bool = False, allow_stale: bool = False) -> dict[str, Any]:
@@ -204,7 +204,7 @@ STAGE_FLOWS = {"fetch": fetch_flow, "augment": augment_flow, "dedup": dedup_flow
                "format": format_flow, "train": train_flow, "evaluate": evaluate_flow}
 
 
-@flow(name="finsynth-pipeline", log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="finsynth-pipeline", persist_result=True, result_serializer="json")
 def pipeline(profile: str | None = "demo", config_path: str | None = None,
              overrides: list[str] | None = None, root: str | None = None,
              only: str | None = None, start: str | None = None, refresh: bool = False,

@@ -134,7 +134,7 @@ def plot(table: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-@flow(name="finsynth-sweep", log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="finsynth-sweep", persist_result=True, result_serializer="json")
 def sweep(profile: str | None = "quality", config_path: str | None = None, overrides: list[str] | None = None,
           root: str | None = None, grid: list[str] | None = None, name: str = "sweep",
           refresh: bool = False) -> dict[str, Any]:

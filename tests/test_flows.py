@@ -30,7 +30,7 @@ def _cli_run(env: dict, root: Path, *args: str) -> dict:
     return json.loads(out[out.index("{"): out.rindex("}") + 1])
 
 
-def test_deployment_runs_the_whole_pipeline(first_run, project):
+def test_deployment_runs_the_whole_pipeline(first_run, prefect_env, project):
     assert first_run["state"] == "COMPLETED", first_run.get("message")
     result = first_run["result"]
     assert result["executed"] == list(STAGE_NAMES) and result["cached"] == []
@@ -43,6 +43,12 @@ def test_deployment_runs_the_whole_pipeline(first_run, project):
     assert report  # a report with content
     for stage in ("fetch", "augment", "dedup", "split", "dataset"):
         assert (project / "data" / "processed" / stage / "manifest.json").exists(), stage
+    # print() is not rerouted into the run log: dill (datasets' fingerprinting of TRL's map functions) reads
+    # its own dis.dis output through a stdout capture, and a rerouted print spilled ~600 bytecode lines per
+    # run into the log and left dill with nothing to read
+    worker_log = (Path(prefect_env["PREFECT_HOME"]) / "logs" / "worker.log").read_text(errors="replace")
+    assert "Task run 'train'" in worker_log
+    assert "Disassembly of" not in worker_log and "LOAD_FAST" not in worker_log
 
 
 def test_unchanged_rerun_executes_nothing_and_only_augment_reruns_augment(first_run, prefect_env, project):
