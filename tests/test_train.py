@@ -158,6 +158,44 @@ def test_packed_loss_equals_separate_sequences(tmp_path, tiny_model_dir, tok):
     assert packed == pytest.approx(nll / n, rel=1e-5)
 
 
+def test_cpu_training_scores_each_packed_conversation_alone(tmp_path, tiny_model_dir, tok, monkeypatch):
+    """On CPU the trainer's attention is SDPA one packed conversation at a time: the same loss and LoRA
+    gradients as transformers' SDPA over the block-diagonal mask (conversations longer than the tiny model's
+    16-token sliding window included), from one SDPA call per conversation and layer instead of one per layer
+    over the whole row."""
+    from datagen.causal_lm import VARLEN_SDPA
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.packing=true")
+    ds = load_split(write_dataset(tmp_path / "ds", 3, 0), "train")
+    trainer = build_trainer(cfg, ds, None, tmp_path / "ck", tokenizer=tok)
+    assert trainer.model.config._attn_implementation == VARLEN_SDPA
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    lengths = batch["cu_seq_lens_q"].diff().tolist()
+    assert len(lengths) == 3 and min(lengths) > 16  # longer than the sliding window
+
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[2]) or sdpa(q, *a, **k))
+
+    def loss_and_grads(attn: str) -> tuple[float, dict[str, torch.Tensor]]:
+        trainer.model.set_attn_implementation(attn)
+        calls.clear()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    loss, grads = loss_and_grads(VARLEN_SDPA)
+    assert sorted(calls) == sorted(lengths * 2)  # 2 layers, one call per conversation
+    ref_loss, ref_grads = loss_and_grads("sdpa")
+    assert calls == [sum(lengths)] * 2
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
 # ----------------------------------------------------------------------------- training
 @pytest.mark.slow
 def test_lora_trains_and_base_is_frozen(tmp_path, tiny_model_dir, tok):

@@ -6,8 +6,9 @@ The ``local`` LLM provider, training, evaluation and ``finsynth chat`` all load 
 - :func:`load_causal_lm` loads ``model.name_or_path`` (``packaged:gemma3-270m`` resolves to its cached
   safetensors directory): safetensors only, ``trust_remote_code`` only when the config sets it, dtype
   ``model.dtype`` (``auto``: fp32 on CPU, bf16 or fp16 on a GPU), optionally 4-bit (a ``BitsAndBytesConfig``)
-  and a LoRA adapter on top. ``for_training=True`` allows flash attention and Liger kernels on a GPU;
-  inference always uses PyTorch SDPA (what transformers picked before, so generated text did not change).
+  and a LoRA adapter on top. ``for_training=True`` picks the training attention (flash attention when
+  installed, else SDPA one packed conversation at a time) and Liger kernels on a GPU; inference always uses
+  PyTorch SDPA (what transformers picked before, so generated text did not change).
 - :func:`generate` completes rendered prompts as one left-padded batch, greedy or sampled, with EOS,
   end-of-turn tokens and stop strings ending each row *during* generation, and ``n`` candidates per prompt
   from one prefill. Callers choose the batches (the provider groups requests, evaluation sorts by length).
@@ -75,17 +76,72 @@ def model_dtype(model_cfg: ModelConfig, device: str) -> torch.dtype:
     return compute_dtype(device) if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
 
 
-def attn_implementation(device: str, dtype: torch.dtype) -> str:
-    """``flash_attention_2`` on a GPU in half precision when flash-attn is installed, else PyTorch SDPA.
+VARLEN_SDPA = "finsynth_varlen_sdpa"  # registered with transformers by register_varlen_sdpa()
 
-    Both handle padding-free packed batches: flash attention through ``cu_seq_lens``, SDPA through the
-    block-diagonal mask transformers builds from the restarting ``position_ids``.
+
+def attn_implementation(device: str, dtype: torch.dtype) -> str:
+    """Training attention: ``flash_attention_2`` on a GPU in half precision when flash-attn is installed,
+    else PyTorch SDPA one packed sequence at a time (:func:`varlen_sdpa_attention`).
+
+    Both score each conversation of a padding-free packed batch on its own, from the ``cu_seq_lens`` TRL's
+    collator passes.
     """
     import torch
 
     if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16) and is_installed("flash_attn"):
         return "flash_attention_2"
-    return "sdpa"
+    return register_varlen_sdpa()
+
+
+def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                          dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                          **kwargs: Any) -> tuple[Any, None]:
+    """PyTorch SDPA over a padding-free batch, one packed sequence at a time.
+
+    TRL's padding-free collator puts a batch's conversations end to end in one row and passes their
+    boundaries (``cu_seq_lens_q``). Plain SDPA scores that row as one sequence under a block-diagonal mask:
+    ``(sum n)^2`` query-key pairs of which only ``sum n^2`` count (about 8x the work for 8 conversations of
+    one row; measured in docs/training.md). Here each conversation is scored alone (causal, and within
+    ``sliding_window`` on sliding layers, as the mask would have it), like flash attention's varlen kernel.
+    Anything else (no boundaries, padded rows, decoding with a cache) is transformers' own SDPA.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if (cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu.tolist()
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        n = end - start
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if sliding_window is not None and n > sliding_window:
+            i = torch.arange(n, device=query.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                                 scale=scaling)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                                 is_causal=n > 1)
+        out.append(o)
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_sdpa() -> str:
+    """Register :func:`varlen_sdpa_attention` (with SDPA's mask builder, for its fallback) under
+    :data:`VARLEN_SDPA`; returns the name to pass as ``attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if VARLEN_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+        AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    return VARLEN_SDPA
 
 
 def apply_liger(model: Any) -> bool:
@@ -132,6 +188,8 @@ def load_causal_lm(model_cfg: ModelConfig, *, device: str = "auto", quantization
         "trust_remote_code": model_cfg.trust_remote_code,
         "attn_implementation": attn or (attn_implementation(device, dtype) if for_training else "sdpa"),
     }
+    if kwargs["attn_implementation"] == VARLEN_SDPA:
+        register_varlen_sdpa()
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if cuda:
