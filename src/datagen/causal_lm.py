@@ -90,7 +90,7 @@ def attn_implementation(device: str, dtype: torch.dtype) -> str:
 
     if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16) and is_installed("flash_attn"):
         return "flash_attention_2"
-    return register_varlen_sdpa()
+    return VARLEN_SDPA
 
 
 def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -100,8 +100,8 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
 
     TRL's padding-free collator puts a batch's conversations end to end in one row and passes their
     boundaries (``cu_seq_lens_q``). Plain SDPA scores that row as one sequence under a block-diagonal mask:
-    ``(sum n)^2`` query-key pairs of which only ``sum n^2`` count (about 8x the work for 8 conversations of
-    one row; measured in docs/training.md). Here each conversation is scored alone (causal, and within
+    ``(sum n)^2`` query-key pairs of which only ``sum n^2`` count (8x the pairs for 8 equal conversations;
+    ``benchmarks/bench_train_attention.py`` times both). Here each conversation is scored alone (causal, and within
     ``sliding_window`` on sliding layers, as the mask would have it), like flash attention's varlen kernel.
     Anything else (no boundaries, padded rows, decoding with a cache) is transformers' own SDPA.
     """
@@ -134,7 +134,7 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
 
 def register_varlen_sdpa() -> str:
     """Register :func:`varlen_sdpa_attention` (with SDPA's mask builder, for its fallback) under
-    :data:`VARLEN_SDPA`; returns the name to pass as ``attn_implementation``."""
+    :data:`VARLEN_SDPA` (once per process; :func:`load_causal_lm` calls it); returns the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
@@ -412,3 +412,56 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
                            torch.tensor([mask.shape[1] - 1], device=dev))
             logits = step.logits[:, -1, :].float()
     return [out[b * n:(b + 1) * n] for b in range(len(prompts))]
+
+
+# ----------------------------------------------------------------------------- log-likelihood scoring
+def continuation_logprobs(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
+                          end_of_turn: bool = True) -> list[tuple[float, int]]:
+    """``(sum of log-probabilities, token count)`` of each continuation given its rendered prompt.
+
+    The ``loglikelihood`` request of lm-evaluation-harness: prompt and continuation are tokenized apart
+    (a chat prompt ends with the assistant header, so the boundary is a turn boundary), and only the
+    continuation's tokens are scored. With ``end_of_turn`` the tokenizer's end-of-turn token (or EOS) is
+    appended and scored too, so ``Paris`` is scored as the whole answer, not as the start of
+    ``Paris, France``. Rows are left-padded in batches of ``batch_size`` (longest first) and the LM head
+    runs on the continuation positions only.
+    """
+    import torch
+
+    if not pairs:
+        return []
+    eot = [i for t in END_OF_TURN if (i := tok.get_vocab().get(t)) is not None][:1] or (
+        [tok.eos_token_id] if tok.eos_token_id is not None else [])
+    enc = []
+    for prompt, cont in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(cont, add_special_tokens=False)["input_ids"] + (eot if end_of_turn else [])
+        if not c:
+            raise ValueError(f"empty continuation for prompt {prompt[-40:]!r}")
+        enc.append((p, c))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(enc)
+    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
+    dev = model.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            batch = order[s:s + batch_size]
+            seqs = [enc[i][0] + enc[i][1] for i in batch]
+            width = max(len(x) for x in seqs)
+            keep = max(len(enc[i][1]) for i in batch) + 1  # logits at the positions that predict the continuation
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, x in enumerate(seqs):
+                ids[b, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                mask[b, width - len(x):] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           logits_to_keep=keep).logits.float()
+            logp = logits.log_softmax(-1)  # (batch, keep, vocab); position j predicts token width - keep + j + 1
+            for b, i in enumerate(batch):
+                cont = enc[i][1]
+                n = len(cont)
+                rows = logp[b, keep - 1 - n:keep - 1]  # the n positions that predict the continuation
+                target = torch.tensor(cont, device=dev)
+                out[i] = (float(rows.gather(1, target.unsqueeze(1)).sum()), n)
+    return out

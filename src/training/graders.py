@@ -313,3 +313,16 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str | None],
         "per_class": per_class,
         "confusion": {g: dict(sorted(row.items())) for g, row in sorted(confusion.items())},
     }
+
+
+def pick_by_loglik(scores: Sequence[tuple[float, int]], normalise: bool = True) -> int:
+    """Index of the choice the model finds most likely, from :func:`datagen.causal_lm.continuation_logprobs`.
+
+    ``normalise``: rank by mean log-probability per token where the choices differ in token count (a
+    sum favours short choices); with equal counts the two rankings agree. Ties go to the first choice.
+    """
+    if not scores:
+        raise ValueError("no choices to rank")
+    uneven = len({n for _, n in scores}) > 1
+    keys = [s / max(n, 1) if normalise and uneven else s for s, n in scores]
+    return max(range(len(keys)), key=lambda i: (keys[i], -i))
