@@ -2,6 +2,8 @@
 
     finsynth sweep --profile quality --grid augment.k=0,3
     finsynth sweep --profile quality --grid train.lora.r=8,16 --grid train.learning_rate=1e-4,2e-4
+    finsynth sweep --profile knowledge --set split.strategy=knowledge --grid augment.k=0,3 \
+        --point augment.k=0,train.repeat=4     # + the exposure-matched k=0 arm
 
 Each point is the profile plus the point's overrides, with its own ``train.run_name`` and
 ``evaluate.run_name`` (``<base>-<point>``), so adapters and reports of all points stay side by side.
@@ -24,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from datagen.config import Config, ConfigError, load_config
 from datagen.io import atomic_write_text, read_json, write_json
+from datagen.render import md_cell, md_text, plot_text
 from flows.pipeline import pipeline
 
 ARMS = ("base", "fewshot", "tuned")
@@ -40,6 +43,17 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError(f"--grid {spec!r} must look like key.path=v1,v2")
         grid.append((key.strip(), vals))
     return grid
+
+
+def parse_point(spec: str) -> dict[str, str]:
+    """``"augment.k=0,train.repeat=4"`` -> ``{"augment.k": "0", "train.repeat": "4"}``: one point."""
+    point = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--point {spec!r} must look like key.path=v,other.key=w")
+        point[key.strip()] = value.strip()
+    return point
 
 
 def grid_points(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
@@ -89,12 +103,12 @@ def render_markdown(table: dict[str, Any]) -> str:
              "| point | category | n | base zero-shot | base few-shot | tuned | tuned - base | tuned - few-shot |",
              "|---|---|---:|---|---|---|---|---|"]
     for r in table["rows"]:
-        lines.append(f"| {r['point']} | {r['category']} | {r['n']} | " + " | ".join(
+        lines.append(f"| {md_cell(r['point'])} | {md_cell(r['category'])} | {r['n']} | " + " | ".join(
             _cell(r[k]) for k in (*ARMS, *DIFFS)) + " |")
     lines += ["", "Stages per point (executed / served from cache):", ""]
     for p in table["points"]:
-        over = ", ".join(f"{k}={v}" for k, v in p["overrides"].items())
-        lines.append(f"- {p['name']} ({over}): executed {', '.join(p['executed']) or 'none'}; "
+        over = ", ".join(md_text(f"{k}={v}") for k, v in p["overrides"].items())
+        lines.append(f"- {md_text(p['name'])} ({over}): executed {', '.join(p['executed']) or 'none'}; "
                      f"cached {', '.join(p['cached']) or 'none'}")
     return "\n".join(lines) + "\n"
 
@@ -123,9 +137,9 @@ def plot(table: dict[str, Any], path: Path) -> None:
             ys.append(s["mean"])
             err[0].append(s["mean"] - s["ci"][0])
             err[1].append(s["ci"][1] - s["mean"])
-        ax.bar(xs, ys, width=width, yerr=err, capsize=3, label=name)
+        ax.bar(xs, ys, width=width, yerr=err, capsize=3, label=plot_text(name))
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cats))], [plot_text(c) for c in cats], rotation=30, ha="right")
     ax.set_ylabel(key.replace("_", " "))
     ax.legend()
     fig.tight_layout()
@@ -137,12 +151,15 @@ def plot(table: dict[str, Any], path: Path) -> None:
 @flow(name="finsynth-sweep", persist_result=True, result_serializer="json")
 def sweep(profile: str | None = "quality", config_path: str | None = None, overrides: list[str] | None = None,
           root: str | None = None, grid: list[str] | None = None, name: str = "sweep",
-          refresh: bool = False) -> dict[str, Any]:
-    """Run the pipeline once per grid point; write and return the comparison table."""
+          refresh: bool = False, points: list[str] | None = None) -> dict[str, Any]:
+    """Run the pipeline once per grid point (and per ``points`` entry); write and return the comparison."""
     overrides = list(overrides or [])
     cfg = load_config(config_path, profile=profile, overrides=overrides, root=Path(root) if root else None)
+    todo = (grid_points(parse_grid(grid)) if grid else []) + [parse_point(p) for p in points or []]
+    if not todo:
+        raise ConfigError("sweep needs --grid or --point")
     points = []
-    for point in grid_points(parse_grid(grid or [])):
+    for point in todo:
         over = overrides + point_overrides(cfg, point)
         summary = pipeline(profile=profile, config_path=config_path, overrides=over, root=root, refresh=refresh)
         pcfg = load_config(config_path, profile=profile, overrides=over, root=Path(root) if root else None)

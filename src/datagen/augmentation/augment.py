@@ -113,7 +113,9 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     # 2. rephrasings of the first `limit` originals (deterministic order)
     pool = originals + scenario_rows
     chosen = select_for_rephrasing(pool, aug.limit)
-    reph = rephrase_rows(chosen, provider, embedder, k=aug.k, max_attempts=aug.max_attempts,
+    # a knowledge split asks each trained fact in one rephrasing kept out of train: one slot more
+    slots = aug.k + (1 if aug.k > 0 and cfg.split.strategy == "knowledge" else 0)
+    reph = rephrase_rows(chosen, provider, embedder, k=slots, max_attempts=aug.max_attempts,
                          temperature=aug.temperature, max_tokens=aug.max_tokens,
                          checks=RephraseChecks.from_config(aug), candidates=aug.candidates,
                          prompt_format=aug.prompt_format, early_stop=aug.early_stop)
@@ -155,6 +157,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
         },
         "rephrase": {
             "k": aug.k,
+            "heldout_slot": slots > aug.k,  # split.strategy: knowledge
             "max_attempts": aug.max_attempts,
             "slots": reph.slots,
             "kept": len(reph.kept),
@@ -201,4 +204,4 @@ def _providers(c: Config) -> tuple[str, ...]:
 
 
 STAGE = StageSpec("augment", run_augment, lambda c: c.paths.stage_dir("augment"), __name__,
-                  ("augment", "llm", "dedup.embedder"), upstream=("fetch",), prompts=_prompts, providers=_providers)
+                  ("augment", "llm", "dedup.embedder", "split.strategy"), upstream=("fetch",), prompts=_prompts, providers=_providers)

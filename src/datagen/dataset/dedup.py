@@ -138,19 +138,28 @@ def content_words(text: str) -> list[str]:
     return [w for w in normalise_text(text).split() if w not in STOP_WORDS and not w.replace(".", "").isdigit()]
 
 
+def names(text: str) -> frozenset[str]:
+    """Words written with a capital letter after the first word (``Norbrook``, ``ACME``): names of
+    entities, normalised like :func:`content_words`."""
+    words = text.split()[1:]
+    return frozenset(w for raw in words if any(c.isupper() for c in raw) for w in normalise_text(raw).split())
+
+
 def term_difference(qa: str, qb: str) -> tuple[list[str], list[str]]:
     """Content words of each question with no counterpart in the other (matched one to one; a typo,
-    plural or stem counts as a counterpart). ``"... change in net income"`` vs ``"... change in net
-    sales"`` gives ``(["income"], ["sales"])``; a reordering or a stop-word change gives ``([], [])``.
-    Sentence embeddings see paraphrases well and one-word meaning changes badly, so a question that
-    adds, drops or swaps a content word is another question, however close the embeddings are."""
+    plural or stem counts as a counterpart, except for a name: :func:`names` must match exactly, since
+    ``Norbrook Capital`` and ``Corbrook Capital`` are two companies). ``"... change in net income"`` vs
+    ``"... change in net sales"`` gives ``(["income"], ["sales"])``; a reordering or a stop-word change
+    gives ``([], [])``. Sentence embeddings see paraphrases well and one-word meaning changes badly, so a
+    question that adds, drops or swaps a content word is another question, however close the embeddings are."""
     wa, wb = content_words(qa), content_words(qb)
+    exact = names(qa) | names(qb)
     left = list(wb)
     only_a = []
     for w in wa:
         k = next((k for k, x in enumerate(left) if x == w), None)
         if k is None:
-            k = next((k for k, x in enumerate(left) if _close(w, x)), None)
+            k = next((k for k, x in enumerate(left) if x not in exact and w not in exact and _close(w, x)), None)
         if k is None:
             only_a.append(w)
         else:

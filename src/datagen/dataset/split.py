@@ -42,6 +42,7 @@ import numpy as np
 
 from datagen.config import Config
 from datagen.dataset.cluster import assign_clusters
+from datagen.dataset.knowledge import knowledge_leakage, knowledge_leakage_failure, knowledge_split
 from datagen.dataset.dedup import UnionFind, context_key, number_overlap, numbers, similar_pairs
 from datagen.embed import Embedder, embed_samples, load_embedder, sample_text
 from datagen.io import (
@@ -293,6 +294,8 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
     texts = [sample_text(r, cfg.dedup.context_chars) for r in rows]
     clus = assign_clusters(rows, vecs, texts, sc.cluster_by, sc.k_range, sc.seed)
     rows = [{**r, "metadata": {**(r.get("metadata") or {}), "cluster": lab}} for r, lab in zip(rows, clus.labels)]
+    if sc.strategy == "knowledge":
+        return _knowledge(rows, vecs, cfg, clus)
     unit = split_units(rows)
     market = {u for u, r in zip(unit, rows) if sc.walk_forward and is_market(r)}
     by_unit: dict[str, list[int]] = {}
@@ -340,6 +343,26 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
     leak = leakage_check({s: vecs[index[s]] for s in SPLITS}, cfg.dedup.threshold, cfg.dedup.method,
                          cfg.dedup.partition_min_rows, splits, cfg.dedup.min_number_overlap)
     leak.update(overlap_report(splits))
+    drops.sort(key=lambda d: d["row_id"])
+    return {"splits": splits, "drops": drops, "clusters": cluster_table(rows, splits, cfg, clus), "leakage": leak,
+            "where": where, "walk_forward": wf, "units": len(by_unit)}
+
+
+def _knowledge(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config, clus: Any) -> dict[str, Any]:
+    """``split.strategy: knowledge`` (:func:`datagen.dataset.knowledge.knowledge_split`): a held-out
+    phrasing shares its fact's group with train by design, so the leak check is the knowledge one."""
+    sc = cfg.split
+    ks = knowledge_split(rows, controls=sc.knowledge_controls, validation=sc.knowledge_validation, seed=sc.seed)
+    splits = {s: sorted(ks[s], key=lambda r: r["id"]) for s in SPLITS}
+    leak = knowledge_leakage(splits)
+    return {"splits": splits, "drops": [], "clusters": cluster_table(rows, splits, cfg, clus), "leakage": leak,
+            "where": {}, "walk_forward": None, "units": len({r["group_id"] for r in rows})}
+
+
+def cluster_table(rows: list[dict[str, Any]], splits: dict[str, list[dict[str, Any]]], cfg: Config,
+                  clus: Any) -> dict[str, Any]:
+    """Rows, groups and proportion of each scenario cluster in each split."""
+    sc = cfg.split
     names = sorted({r["metadata"]["cluster"] for r in rows})
     clusters = {"cluster_by": sc.cluster_by, "kmeans": clus.kmeans, "clusters": []}
     for c in names:
@@ -351,9 +374,7 @@ def split_rows(rows: list[dict[str, Any]], vecs: np.ndarray, cfg: Config) -> dic
             entry["groups"][s] = len({r["group_id"] for r in splits[s] if r["metadata"]["cluster"] == c})
             entry["proportion"][s] = round(n / len(splits[s]), 4) if splits[s] else 0.0
         clusters["clusters"].append(entry)
-    drops.sort(key=lambda d: d["row_id"])
-    return {"splits": splits, "drops": drops, "clusters": clusters, "leakage": leak, "where": where,
-            "walk_forward": wf, "units": len(by_unit)}
+    return clusters
 
 
 def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
@@ -362,7 +383,7 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
     vecs = embed_samples(cfg, rows, embedder)
     res = split_rows(rows, vecs, cfg)
-    failure = leakage_failure(res["leakage"])
+    failure = (knowledge_leakage_failure if cfg.split.strategy == "knowledge" else leakage_failure)(res["leakage"])
     if failure and not cfg.split.allow_leakage:
         raise ValueError(f"split: {failure}")
     out = cfg.paths.stage_dir("split")
