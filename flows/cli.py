@@ -11,10 +11,12 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from datagen.config import ConfigError, load_config
+from datagen.faults import find
 from datagen.io import run_lock
 from flows.stages import STAGE_NAMES, execute
 
@@ -59,8 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=None,
                         help="output folder (default: data/models/exports/<train.run_name>/<format>)")
     sweep = sub.add_parser("sweep", parents=[common], help="run the pipeline once per grid point and compare them")
-    sweep.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="a config key and its values, e.g. augment.k=0,3 (repeatable: the product is run)")
+    sweep.add_argument("--point", action="append", default=[], metavar="KEY=V[,KEY=V]",
+                       help="one more point with several settings, e.g. the exposure-matched k=0 arm of a k=3 "
+                            "comparison: --point augment.k=0,train.repeat=4")
     sweep.add_argument("--name", default="sweep", help="the comparison goes to data/reports/sweep-NAME/")
     sweep.add_argument("--refresh", action="store_true", help="ignore Prefect's cache and rerun the stages")
     return p
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg = load_config(args.config, profile=args.profile, overrides=args.overrides, root=args.root)
         if args.allow_stale:
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = sweep(profile=args.profile, config_path=str(args.config) if args.config else None,
                            overrides=args.overrides, root=str(args.root) if args.root else None, grid=args.grid,
-                           name=args.name, refresh=args.refresh)
+                           points=args.point, name=args.name, refresh=args.refresh)
             print(json.dumps(result, indent=2, default=str))
         elif args.command == "ui":
             from flows.ui import default_home, serve
@@ -129,12 +135,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finsynth: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError, OSError, sqlite3.DatabaseError) as e:
+        # a fault of the machine (full disk, read-only root, corrupt or locked cache): one line naming
+        # the stage, the path and what to do; another OSError or SQLite error is a bug: its traceback
+        stage = args.command if args.command in STAGE_NAMES else None
+        fault = find(e, stage=stage, path=_where(cfg, stage, args.root))
+        if fault is None and isinstance(e, (OSError, sqlite3.DatabaseError)) and not isinstance(e, FileNotFoundError):
+            raise
         if args.debug:
             raise
-        print(f"finsynth: error: {e}", file=sys.stderr)
+        print(f"finsynth: error: {fault or _one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _where(cfg, stage: str | None, root: Path | None) -> Path | None:
+    """Where a command was writing, for an error that names no file: the stage's folder, else the root."""
+    if cfg is not None and stage is not None:
+        from flows.stages import get_stage
+
+        return get_stage(stage).output(cfg)
+    return cfg.paths.root if cfg is not None else root
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")) if str(e) else type(e).__name__
 
 
 def _summary(manifest: dict) -> dict:

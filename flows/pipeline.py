@@ -44,6 +44,7 @@ from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
 from datagen.io import RUN_INFO, STALE, run_lock, write_json
+from datagen.render import md_cell, md_code
 from flows.stages import cache_inputs, execute, get_stage, inputs_key, output_matches, probe_providers, select
 
 
@@ -128,14 +129,12 @@ def _card_for_ui(card: str) -> str:
     if isinstance(meta, dict):
         def value(v: Any) -> str:
             if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
-                text = ", ".join(str(x) for x in v)
-            elif isinstance(v, (dict, list)):
-                text = "`" + json.dumps(v, separators=(", ", ": "), default=str) + "`"
-            else:
-                text = str(v)
-            return text.replace("|", "\\|").replace("\n", " ")
+                return ", ".join(md_cell(x) for x in v)
+            if isinstance(v, (dict, list)):
+                return md_code(json.dumps(v, separators=(", ", ": "), default=str), in_table=True)
+            return md_cell(v)
         table = "\n".join(["| Hub metadata | value |", "|---|---|"]
-                           + [f"| {k} | {value(v)} |" for k, v in meta.items()])
+                           + [f"| {md_cell(k)} | {value(v)} |" for k, v in meta.items()])
     else:
         table = "```yaml\n" + m.group(1) + "\n```"
     body = card[m.end():].lstrip("\n")

@@ -18,6 +18,7 @@ from typing import Any
 from datagen.augmentation import augment
 from datagen.config import Config
 from datagen.dataset import chat_format, dedup, split
+from datagen.faults import find
 from datagen.io import RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, require_stage, verify_outputs
 from datagen.prompts import PROMPTS_DIR
 from datagen.sources import fetch
@@ -65,9 +66,15 @@ def execute(cfg: Config, name: str) -> dict[str, Any]:
         require_stage(get_stage(u).output(cfg), u)
     probe_providers(cfg, [stage])
     out = stage.output(cfg)
-    before = manifest_hash(out)
-    begin_stage(out)
-    manifest = stage.run(cfg)
+    try:
+        before = manifest_hash(out)
+        begin_stage(out)
+        manifest = stage.run(cfg)
+    except Exception as e:  # a full disk, a read-only root, a corrupt cache: one line naming this stage
+        fault = find(e, stage=name, path=out)
+        if fault is None or fault is e:
+            raise
+        raise fault from e
     if manifest_hash(out) != before:
         mark_downstream_stale(cfg, name)
     return manifest

@@ -139,7 +139,8 @@ def plot(table: dict[str, Any], path: Path) -> None:
             err[1].append(s["ci"][1] - s["mean"])
         ax.bar(xs, ys, width=width, yerr=err, capsize=3, label=plot_text(name))
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cats))], [plot_text(c) for c in cats], rotation=30, ha="right")
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cats))], [plot_text(c) for c in cats],
+                  rotation=30, ha="right")
     ax.set_ylabel(key.replace("_", " "))
     ax.legend()
     fig.tight_layout()

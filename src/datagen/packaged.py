@@ -49,11 +49,23 @@ def gemma_path() -> Path:
     target = model_cache_dir() / "gemma3-270m-safetensors"
     done = target / ".complete"
     if done.exists():
-        return target
+        return _check_converted(target)
     with FileLock(str(target) + ".lock"):
         if done.exists():
             return target
         _convert_gguf(gemma_gguf_path(), target)
+    return target
+
+
+def _check_converted(target: Path) -> Path:
+    """The converted folder, or a one-line fault when a file of it went missing since it was made."""
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json") if not (target / f).is_file()]
+    if missing:
+        from datagen.faults import EnvironmentFault
+
+        raise EnvironmentFault(f"the converted packaged Gemma in {target} is missing {', '.join(missing)}", None,
+                               f"delete that folder (rm -r '{target}'); the next run rebuilds it from the packaged "
+                               "GGUF (~75 s)")
     return target
 
 
@@ -81,6 +93,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def resolve_model_path(name_or_path: str) -> str:
     """Map ``packaged:<name>`` to a local directory; anything else is returned unchanged."""
     if not name_or_path.startswith(PACKAGED_PREFIX):
+        if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+            from datagen.faults import EnvironmentFault
+
+            raise EnvironmentFault(f"the model folder {name_or_path} does not exist", None,
+                                   "set model.name_or_path to an existing folder, a Hub id or packaged:gemma3-270m")
         return name_or_path
     name = name_or_path[len(PACKAGED_PREFIX):]
     if name == GEMMA:

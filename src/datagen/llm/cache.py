@@ -19,8 +19,12 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from datagen.faults import cache_fault
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +64,54 @@ def cache_key(*, kind: str, model: str, base_url: str | None, params: dict[str, 
 
 
 class ResponseCache:
-    """Thread-safe SQLite cache; several processes may share the file (WAL, busy timeout)."""
+    """Thread-safe SQLite cache; several processes may share the file (WAL, busy timeout).
 
-    def __init__(self, path: Path | str):
+    A file that is not a readable SQLite database, or one that stays locked past ``timeout_s``, raises
+    :class:`datagen.faults.CacheFault` naming the file and what to do. A corrupt cache is never deleted
+    or replaced here: finished LLM work is data, and the person decides (move it aside, restore it)."""
+
+    def __init__(self, path: Path | str, timeout_s: float = 30.0):
         self.path = Path(path)
+        self.timeout_s = timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False,
-                                     isolation_level=None)
-        with self._lock:
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            # switching to WAL (once per file) takes an exclusive lock and does not wait on the busy
-            # timeout: two processes opening a new cache file at once retry instead of failing
-            for attempt in range(100):
-                try:
-                    self._conn.execute("PRAGMA journal_mode=WAL")
-                    self._conn.execute("PRAGMA synchronous=NORMAL")
-                    self._conn.executescript(_SCHEMA)
-                    break
-                except sqlite3.OperationalError as e:
-                    if "locked" not in str(e) or attempt == 99:
-                        raise
-                    time.sleep(0.05 + 0.05 * (attempt % 4))
+        with self._guard():
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, check_same_thread=False,
+                                         isolation_level=None)
+        try:
+            with self._lock, self._guard():
+                self._conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+                # switching to WAL (once per file) takes an exclusive lock and does not wait on the busy
+                # timeout: two processes opening a new cache file at once retry instead of failing
+                deadline, attempt = time.monotonic() + timeout_s, 0
+                while True:
+                    try:
+                        self._conn.execute("PRAGMA journal_mode=WAL")
+                        self._conn.execute("PRAGMA synchronous=NORMAL")
+                        self._conn.executescript(_SCHEMA)
+                        break
+                    except sqlite3.OperationalError as e:
+                        if "locked" not in str(e) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05 + 0.05 * (attempt % 4))
+                        attempt += 1
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite errors about the file itself (corrupt, locked, full, read-only) as a CacheFault."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            fault = cache_fault(e, self.path, timeout_s=self.timeout_s)
+            if fault is None:
+                raise
+            raise fault from e
 
     def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
+        with self._lock, self._guard():
             row = self._conn.execute(
                 "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)
             ).fetchone()
@@ -95,7 +122,7 @@ class ResponseCache:
     def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         uniq = list(dict.fromkeys(keys))
-        with self._lock:
+        with self._lock, self._guard():
             for i in range(0, len(uniq), 500):
                 chunk = uniq[i:i + 500]
                 rows = self._conn.execute(
@@ -108,7 +135,7 @@ class ResponseCache:
     def put(self, key: str, *, provider: str, model: str, text: str, prompt_tokens: int = 0,
             completion_tokens: int = 0) -> None:
         """Store one success (committed immediately)."""
-        with self._lock:
+        with self._lock, self._guard():
             self._conn.execute(
                 "INSERT OR REPLACE INTO responses (key, provider, model, text, prompt_tokens, "
                 "completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -118,7 +145,7 @@ class ResponseCache:
         """Store several successes in one transaction: ``[(key, {provider, model, text, prompt_tokens,
         completion_tokens}), ...]``."""
         now = time.time()
-        with self._lock:
+        with self._lock, self._guard():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(
@@ -139,7 +166,7 @@ class ResponseCache:
         dead pid) or older than ``CLAIM_TTL_S`` is taken over."""
         mine, theirs = [], []
         host, pid, now = socket.gethostname(), os.getpid(), time.time()
-        with self._lock:
+        with self._lock, self._guard():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 held: dict[str, tuple] = {}
@@ -163,22 +190,22 @@ class ResponseCache:
         return mine, theirs
 
     def release(self, keys: list[str], owner: str) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             for i in range(0, len(keys), 500):
                 chunk = keys[i:i + 500]
                 self._conn.execute(f"DELETE FROM claims WHERE owner = ? AND key IN ({','.join('?' * len(chunk))})",
                                    [owner, *chunk])
 
     def delete(self, key: str) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             self._conn.execute("DELETE FROM responses WHERE key = ?", (key,))
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._guard():
             return self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             self._conn.close()
 
 
