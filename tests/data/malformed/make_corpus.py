@@ -131,6 +131,11 @@ def main() -> None:
          jl(q(1, answer="up", task_type="classification", labels=["up", "down"]),
             q(2, answer=["up", "down"], task_type="classification", labels=["up", "down"])),
          **rows(2, 1, [[2, "answer", "wrong_type"]]))
+    # strings that break Markdown and HTML: kept as data (the card and report escape them when they render)
+    case("jsonl_hostile_strings.jsonl", jl(q(1, category="banking | retail"), q(2, category="a\nb"),
+                                          q(3, category="<script>alert(1)</script>"),
+                                          q(4, category="<img src=x onerror=alert(1)>", question="`x` | <b>?")),
+         **rows(4, 4))
     case("jsonl_scaled_numbers.jsonl", jl(*(q(i, answer=a, task_type="numeric_qa") for i, a in enumerate(
         ["14.16 percent", "-7 million", "$1.2bn", "(3.4)", "1,234.5", "12%"], start=1))), **rows(6, 6))
 
