@@ -11,6 +11,13 @@ machine load. Writes benchmarks/results/quality.json. Run it alone: it takes the
 
 Top-level keys: ``overall.tuned_minus_fewshot.ci`` (the k=3 point), ``categories.<name>.n`` and
 ``categories.<name>.tuned_minus_fewshot.ci``; ``points.<k0|k3>`` hold each point's full figures.
+Classification items are scored by label log-likelihood in every arm (the evaluation's headline
+scoring), so ``overall`` uses it too. A classification category also has ``macro_f1.{base, fewshot,
+majority, tuned}`` (``mean``, ``ci``: clustered bootstrap), ``tuned_minus_fewshot_f1`` /
+``tuned_minus_majority_f1`` / ``tuned_minus_base_f1`` (paired), ``collapse.{arm}`` (> 80% of its
+predictions on one label) and ``claims`` (a collapsed tuned arm's gain never counts).
+``overall_without_collapsed`` is the overall paired comparison over the categories where tuned did not
+collapse. ``test_sets.<name>`` holds the same figures for each external test set (``evaluate.test_sets``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from training.aggregate import bootstrap_ci  # noqa: E402
+from training.aggregate import F1_ARMS, F1_DIFFS, bootstrap_ci, summarize_split  # noqa: E402
 
 ARMS = ("base", "fewshot", "tuned")
 DIFFS = ("tuned_minus_base", "tuned_minus_fewshot")
@@ -38,9 +45,31 @@ def _stat(block: dict | None) -> dict:
     return {"mean": block.get("mean"), "ci": block.get("ci")}
 
 
+def classification_figures(entry: dict) -> dict:
+    """A category's macro-F1 block of ``report["macro_f1"]`` in quality.json's shape."""
+    return {"macro_f1": {a: _stat(entry.get(a)) for a in F1_ARMS},
+            **{f"{d}_f1": _stat(entry.get(d)) for d in F1_DIFFS},
+            "collapse": dict(entry.get("collapse") or {}), "claims": entry.get("claims"),
+            "scoring": entry.get("scoring"), "majority_label": entry.get("majority_label"),
+            "class_prior": entry.get("class_prior")}
+
+
+def overall_without_collapsed(report: dict, items: list[dict], split: str = "test", n_boot: int = 2000,
+                              seed: int = 17) -> dict:
+    """Overall (micro) arms and paired differences over the split's categories where tuned did not collapse:
+    a collapsed arm's gain counts toward no claim."""
+    flagged = sorted(k.split("/", 1)[1] for k, e in (report.get("macro_f1") or {}).items()
+                     if k.startswith(f"{split}/") and (e.get("collapse") or {}).get("tuned"))
+    kept = [i for i in items if i.get("split", "test") == split and i["category"] not in flagged]
+    o = summarize_split(kept, n_boot=n_boot, seed=seed, split=split)["overall"] if kept else {}
+    return {"excluded_categories": flagged, "n": o.get("n"), **{k: _stat(o.get(k)) for k in (*ARMS, *DIFFS)}}
+
+
 def point_figures(report: dict, split: str = "test") -> dict:
     summary = report["summary"][split]
-    cats = {c: {"n": b.get("n"), **{k: _stat(b.get(k)) for k in (*ARMS, *DIFFS)}}
+    f1 = report.get("macro_f1") or {}
+    cats = {c: {"n": b.get("n"), **{k: _stat(b.get(k)) for k in (*ARMS, *DIFFS)},
+                **(classification_figures(f1[f"{split}/{c}"]) if f"{split}/{c}" in f1 else {})}
             for c, b in sorted(summary["categories"].items())}
     o = summary["overall"]
     return {"overall": {"n": o.get("n"), **{k: _stat(o.get(k)) for k in (*ARMS, *DIFFS)}}, "categories": cats}
@@ -94,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         items[p["name"]] = [json.loads(line) for line in (rep_path.parent / "items.jsonl").read_text().splitlines()
                             if line.strip()]
         train_m = json.loads((root / "data/models" / f"adapter-{p['name']}" / "manifest.json").read_text())
-        points[p["name"]] = {**point_figures(report), "overrides": p["overrides"], "executed": p["executed"],
+        sets = [s for s in report.get("summary", {}) if s not in ("test", "gold")]
+        points[p["name"]] = {**point_figures(report),
+                             "overall_without_collapsed": overall_without_collapsed(report, items[p["name"]]),
+                             "test_sets": {s: point_figures(report, s) for s in sets},
+                             "overrides": p["overrides"], "executed": p["executed"],
                              "cached": p["cached"], "stage_seconds": table["stage_seconds"][p["name"]],
                              "train": {k: train_m.get(k) for k in ("train_tokens", "steps", "wall_time_s",
                                                                    "tokens_per_s", "best_eval_loss", "counts")},
@@ -104,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quality", "grid": args.grid, "proof_point": best,
         "overall": points[best]["overall"], "categories": points[best]["categories"],
+        "overall_without_collapsed": points[best]["overall_without_collapsed"],
+        "test_sets": points[best]["test_sets"], "scoring": {"classification": "loglik"},
         "points": points,
         "tuned_last_minus_tuned_first": paired_between_points(items[names[0]], items[best]) if len(names) > 1
         else None,

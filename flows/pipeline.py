@@ -170,6 +170,14 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
                                       key="score-differences",
                                       description="paired differences per category, mean [95% bootstrap CI]; "
                                                   "an interval that excludes 0 is a difference the sample supports")
+        f1_rows = manifest.get("classification_rows") or []
+        if f1_rows:  # classification: macro-F1 of every arm incl. the majority baseline, and collapse flags
+            create_table_artifact(table=f1_rows, key="classification-f1",
+                                  description="classification per category: macro-F1 [95% clustered CI] of base "
+                                              "zero-shot, base few-shot, tuned and the majority-label baseline "
+                                              "(log-likelihood scoring), tuned's paired gains, and the arms flagged "
+                                              "as collapsed (> 80% one label; a collapsed tuned arm's gain is no "
+                                              "claim)")
         if (out / "report.md").exists():
             md = _inline_images((out / "report.md").read_text(encoding="utf-8"), out)
             if "data:image/png" not in md:

@@ -151,13 +151,15 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     assert (out / "manifest.json").exists()
 
     items = read_jsonl(out / "items.jsonl")
-    assert len(items) == 24  # 8 test items x 3 arms: base zero-shot, base few-shot, tuned
+    # 8 test items x 3 arms (base zero-shot, base few-shot, tuned) + the majority baseline on the 2 classification items
+    assert len(items) == 26
     by = {(i["id"], i["model"]): i for i in items}
     # numeric: "went up 3.2%" has the wrong sign; "fell 3.2%" is right
     assert (by["n1", "base"]["score"], by["n1", "fewshot"]["score"], by["n1", "tuned"]["score"]) == (0.0, 1.0, 1.0)
     assert by["n1", "base"]["grader"] == "numeric"
     assert by["n2", "base"]["group_id"] == "g-bolt-crux" and by["n1", "tuned"]["group_id"] == "g-n1"
-    assert by["c1", "base"]["detail"] == {"gold": "high", "pred": "medium"}
+    assert by["c1", "base"]["detail"] == {"gold": "high", "pred": "medium", "scoring": "generated"}  # no loglik scores
+    assert by["c1", "majority"]["answer"] == "low"  # train's risk labels tie (medium, low): the first alphabetically
     assert by["o1", "tuned"]["grader"] == "judge" and by["o1", "tuned"]["passed"] is True
     assert by["o1", "base"]["passed"] is False
     assert by["o1", "tuned"]["judge"]["judge_model"] == "scripted:ref-words"
@@ -289,7 +291,7 @@ def test_fewshot_k_zero_disables_the_arm(eval_cfg):
     r = report["summary"]["test"]["categories"]["returns"]
     assert r["fewshot"]["n"] == 0 and r["tuned_minus_fewshot"]["ci"] is None
     assert r["tuned_minus_base"]["mean"] == pytest.approx(2 / 3)
-    assert {i["model"] for i in read_jsonl(Path(m["items_jsonl"]))} == {"base", "tuned"}
+    assert {i["model"] for i in read_jsonl(Path(m["items_jsonl"]))} == {"base", "tuned", "majority"}  # majority: no model
     assert m["table_rows"][1]["fewshot_mean"] is None
     assert "base few-shot" not in Path(m["report_md"]).read_text()
 

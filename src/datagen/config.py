@@ -350,6 +350,9 @@ class TrainConfig(_Strict):
     save_total_limit: int = Field(2, ge=1)  # checkpoints kept while training (the best one is always kept)
     keep_checkpoints: bool = False  # keep <run>/checkpoints after a finished run (else removed)
     compact_lm_head: bool = True  # CPU: score only labelled positions in TRL's fused LM head
+    # classification rows of the train split oversampled (deterministically) so each label of a category
+    # has as many rows as its most frequent one; validation and test are never touched
+    balance_labels: bool = True
 
     @field_validator("max_steps")
     @classmethod
@@ -379,6 +382,21 @@ class EvaluateConfig(_Strict):
     judge_min_kappa: float = Field(0.4, ge=-1, le=1)  # kappa vs grader / humans below this: unreliable
     seed: int = 17
     run_name: str = "eval"
+    # external test sets: source-QA files (the same fields and column mapping as sources.source_qa), evaluated
+    # with every arm and reported as a split named after each (`name`, else the file stem); never trained on
+    test_sets: list[SourceQAFile] = []
+
+    @field_validator("test_sets")
+    @classmethod
+    def _test_set_names(cls, v: list[SourceQAFile]) -> list[SourceQAFile]:
+        names = [s.name or Path(s.path).stem for s in v]
+        bad = sorted({n for n in names if n in ("train", "validation", "test", "gold")})
+        if bad:
+            raise ValueError(f"test set names must not be a split's name: {bad} (set `name`)")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"test set names must be unique: {dup} (set `name`)")
+        return v
 
 
 class PrefectConfig(_Strict):

@@ -32,6 +32,9 @@ ARMS = ("base", "fewshot", "tuned")
 DIFFS: dict[str, tuple[str, str]] = {"tuned_minus_base": ("tuned", "base"),
                                      "tuned_minus_fewshot": ("tuned", "fewshot")}
 KEYS = (*ARMS, *DIFFS)
+MAJORITY = "majority"  # classification's baseline arm: the train split's most frequent label of the category
+F1_ARMS = (*ARMS, MAJORITY)  # the arms of the macro-F1 summary (classification items)
+F1_DIFFS: dict[str, tuple[str, str]] = {**DIFFS, "tuned_minus_majority": ("tuned", MAJORITY)}
 ALPHA = 0.05
 EMPTY = {"n": 0, "mean": None, "ci": None, "pass_rate": None, "pass_ci": None}
 
@@ -181,3 +184,63 @@ def cohen_kappa(a: Sequence[bool | str], b: Sequence[bool | str]) -> float | Non
     if abs(1 - p_e) < 1e-12:
         return None
     return (p_o - p_e) / (1 - p_e)
+
+
+# ----------------------------------------------------------------------------- macro-F1, clustered
+NONE_LABEL = "<none>"  # an unrecognised prediction (as training.graders writes it): a miss, never a class
+
+
+def _macro_f1_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Macro-F1 from confusion counts ``(..., L, L + 1)`` (gold x pred, the last pred column ``<none>``),
+    averaged over the classes present (in gold or predicted) in each replicate; 0 where none is."""
+    n_lab = counts.shape[-2]
+    tp = np.diagonal(counts[..., :n_lab], axis1=-2, axis2=-1)
+    fn = counts.sum(axis=-1) - tp
+    fp = counts[..., :n_lab].sum(axis=-2) - tp
+    present = (tp + fn + fp) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp, dtype=float), where=denom > 0)
+    k = present.sum(axis=-1)
+    return np.divide((f1 * present).sum(axis=-1), k, out=np.zeros(k.shape, dtype=float), where=k > 0)
+
+
+def macro_f1_cis(gold: Sequence[str], preds: dict[str, Sequence[str | None]], groups: Sequence[Hashable], *,
+                 n_boot: int, seed: int | Sequence[int], diffs: dict[str, tuple[str, str]] | None = None,
+                 alpha: float = ALPHA) -> dict[str, dict[str, Any]]:
+    """Macro-F1 of each arm's predictions ``preds[arm]`` against ``gold`` with a clustered bootstrap CI,
+    and the paired differences ``diffs`` (``{name: (a, b)}``: a - b) with theirs.
+
+    Every arm and difference uses the same draws of groups (``groups``: one key per item), so a
+    difference is paired: a replicate recomputes each arm's confusion counts over the rows of the drawn
+    groups. Macro-F1 averages per-class F1 over the classes present in gold or predicted (as
+    :func:`training.graders.classification_metrics`); ``<none>``/None is a miss, not a class.
+    Two arms with the same predictions have the difference 0 in every replicate, CI ``[0, 0]``.
+    """
+    arms = list(preds)
+    n = len(gold)
+    if any(len(p) != n for p in preds.values()) or len(groups) != n:
+        raise ValueError("gold, predictions and groups differ in length")
+    if n == 0:
+        return {k: {"mean": None, "ci": None} for k in [*arms, *(diffs or {})]}
+    norm = {a: [NONE_LABEL if p is None else str(p) for p in preds[a]] for a in arms}
+    labels = sorted((set(gold) | {p for a in arms for p in norm[a]}) - {NONE_LABEL})
+    pos = {lab: i for i, lab in enumerate(labels)}
+    n_lab = len(labels)
+    width = n_lab * (n_lab + 1)
+    onehot = np.zeros((n, len(arms) * width))
+    for j, a in enumerate(arms):
+        for i, (g, p) in enumerate(zip(gold, norm[a], strict=True)):
+            onehot[i, j * width + pos[g] * (n_lab + 1) + pos.get(p, n_lab)] = 1.0
+    point = _macro_f1_from_counts(onehot.sum(axis=0).reshape(len(arms), n_lab, n_lab + 1))
+    sums, _ = cluster_sums(onehot, groups)
+    idx = np.random.default_rng(seed).integers(0, sums.shape[0], size=(n_boot, sums.shape[0]))
+    boot = _macro_f1_from_counts(sums[idx].sum(axis=1).reshape(n_boot, len(arms), n_lab, n_lab + 1))
+    out: dict[str, dict[str, Any]] = {a: {"mean": float(point[j]), "ci": percentile_ci(boot[:, j], alpha)}
+                                      for j, a in enumerate(arms)}
+    for name, (a, b) in (diffs or {}).items():
+        if a in arms and b in arms:
+            ja, jb = arms.index(a), arms.index(b)
+            out[name] = {"mean": float(point[ja] - point[jb]), "ci": percentile_ci(boot[:, ja] - boot[:, jb], alpha)}
+        else:
+            out[name] = {"mean": None, "ci": None}
+    return out

@@ -40,15 +40,18 @@ from datagen.io import (
 from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.prompts import load_prompt
 from datagen.stage import StageSpec
-from training.aggregate import ARMS, aggregate
+from training.aggregate import ARMS, F1_ARMS, F1_DIFFS, MAJORITY, aggregate, group_seed, macro_f1_cis
 from training.graders import (
     Grade,
     answer_label,
     classification_metrics,
+    collapse,
     expected_values,
     grade_classification,
     grade_extractive,
     grade_numeric,
+    majority_labels,
+    pick_by_loglik,
     span_answers,
 )
 from training.judge import (
@@ -136,6 +139,41 @@ def load_gold(path: Path) -> list[dict[str, Any]]:
     return [decode_row(r) for r in read_jsonl(path)]
 
 
+RESERVED_SPLITS = ("train", "validation", "test", "gold")
+
+
+def test_set_name(spec: Any) -> str:
+    """The split name an external test set is reported under: its ``name``, else the file stem."""
+    return spec.name or Path(spec.path).stem
+
+
+def load_test_set(cfg: Config, spec: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """An ``evaluate.test_sets`` entry read and validated like a ``sources.source_qa`` file
+    (:func:`datagen.sources.source_qa.load_source_qa`, the same column mapping), each row rendered into
+    the chat the training rows had (system prompt + ``sft_user``, labels listed) and tagged with the set's
+    name as its ``split``. Returns the rows and ``{file, rows, quarantined}``; a file with no valid row
+    fails. Evaluation only: nothing here is written where the data stages, training or few-shot
+    exemplars read."""
+    from datagen.dataset.chat_format import USER_PROMPT, build_messages
+    from datagen.sources.source_qa import load_source_qa
+
+    name = test_set_name(spec)
+    path = cfg.paths.resolve(spec.path)
+    res = load_source_qa(spec.model_copy(update={"path": path}), path)
+    if not res.samples:
+        raise ValueError(f"evaluate.test_sets: {path} has no valid row ({len(res.quarantine)} quarantined)")
+    system, user = load_prompt(cfg.format.system_prompt), load_prompt(USER_PROMPT)
+    rows = []
+    for s in res.samples:
+        row = decode_row(dict(s))
+        row["messages"] = build_messages(row, system, user)
+        rows.append({**row, "split": name})
+    rows.sort(key=lambda r: r["id"])
+    if res.quarantine:
+        log.warning("evaluate.test_sets %s: %d rows quarantined (invalid)", name, len(res.quarantine))
+    return rows, {"file": str(path), "rows": len(rows), "quarantined": len(res.quarantine)}
+
+
 def select_items(rows: Sequence[dict[str, Any]], max_items: int | None) -> list[dict[str, Any]]:
     """Rows sorted by id; with ``max_items``, taken round-robin over categories so each is represented."""
     rows = sorted(rows, key=lambda r: r["id"])
@@ -175,6 +213,24 @@ def grade_programmatic(row: dict[str, Any], answer: str, rel_tol: float) -> Grad
     return grade_classification(answer, row["answer"], row.get("labels"))
 
 
+def grade_by_loglik(row: dict[str, Any], scores: Sequence[tuple[float, int]], generated: Grade) -> Grade:
+    """A classification item graded by label log-likelihood: the label among ``row["labels"]`` whose
+    continuation the model finds most likely (:func:`training.graders.pick_by_loglik`, mean log-probability
+    per token where the labels differ in token count) is the prediction; ``generated`` (the grade of the
+    generated answer) is kept in the detail as ``generated_pred`` / ``generated_passed``."""
+    labels = [str(x) for x in row["labels"]]
+    if len(scores) != len(labels):
+        raise ValueError(f"{row['id']}: {len(scores)} scores for {len(labels)} labels")
+    pred = labels[pick_by_loglik(scores, normalise=True)]
+    gold = generated.detail["gold"]
+    ok = pred == gold
+    return Grade(score=1.0 if ok else 0.0, passed=ok, grader="classification",
+                 detail={"gold": gold, "pred": pred, "scoring": "loglik",
+                         "normalised": len({n for _, n in scores}) > 1,
+                         "loglik": [[round(float(x), 4), int(n)] for x, n in scores],
+                         "generated_pred": generated.detail["pred"], "generated_passed": generated.passed})
+
+
 def _pick(seq: Sequence[Any], n: int, seed: int) -> list[Any]:
     idx = sorted(random.Random(seed).sample(range(len(seq)), min(n, len(seq))))
     return [seq[i] for i in idx]
@@ -184,9 +240,16 @@ def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[
                      judge: LLMProvider | None = None, *, model_refs: dict[str, str] | None = None,
                      judge_factory: Callable[[], LLMProvider] | None = None,
                      conversations: dict[str, Sequence[Any]] | None = None,
-                     fewshot_ids: Sequence[list[str]] | None = None) -> dict[str, Any]:
+                     fewshot_ids: Sequence[list[str]] | None = None,
+                     loglik: dict[str, Sequence[Any]] | None = None,
+                     train_rows: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Grade every arm's answers (``answers[arm][i]`` for ``rows[i]``, each row with a ``split``) and
     build the report dict.
+
+    ``loglik[arm][i]``: the label scores of a classification item (``generate_arms``' ``loglik``); where
+    given, the item's score is the log-likelihood choice (:func:`grade_by_loglik`) and the generated
+    answer's grade stays in its detail. ``train_rows``: the training split, for the ``majority`` arm (the
+    most frequent training label of the item's category, on every classification item) and the class prior.
 
     ``conversations[arm][i]`` is the prompt an arm saw (hashed into ``prompt_hash``; default the row's
     messages) and ``fewshot_ids[i]`` the exemplars of the few-shot arm. ``judge`` is used when some
@@ -212,6 +275,11 @@ def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[
                 rec["fewshot_ids"] = list(fewshot_ids[i])
             if g != "judge":
                 grade = grade_programmatic(row, answers[m][i], ev.rel_tolerance)
+                scores = (loglik or {}).get(m)
+                if g == "classification" and scores is not None and scores[i] and row.get("labels"):
+                    grade = grade_by_loglik(row, scores[i], grade)
+                elif g == "classification":
+                    grade = Grade(grade.score, grade.passed, grade.grader, {**grade.detail, "scoring": "generated"})
                 rec.update(score=grade.score, passed=grade.passed, unparsable=False, detail=grade.detail)
             records.append(rec)
 
@@ -254,6 +322,18 @@ def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[
             judge_info["pairwise_prompt"] = load_prompt(PAIRWISE_PROMPT).ref
         judge_info["usage"] = judge.usage.as_dict()
 
+    majority = majority_labels(train_rows or [])
+    for r in [r for r in records if r["grader"] == "classification" and r["model"] == arms[0]]:
+        row = r["_row"]
+        if row["category"] not in majority:
+            continue
+        label = majority[row["category"]]["majority"]
+        grade = grade_classification(label, row["answer"], row.get("labels"))
+        records.append({**{k: r[k] for k in ("split", "id", "group_id", "category", "task_type", "grader", "reference",
+                                             "seed", "_row")},
+                        "model": MAJORITY, "model_ref": "majority label of the train split", "answer": label,
+                        "prompt_hash": None, "judge": None, "score": grade.score, "passed": grade.passed,
+                        "unparsable": False, "detail": {**grade.detail, "scoring": "constant"}})
     for r in records:
         r.pop("_row")
     records.sort(key=lambda r: (r["split"], r["category"], r["id"], r["model"]))
@@ -268,7 +348,8 @@ def evaluate_answers(cfg: Config, rows: Sequence[dict[str, Any]], answers: dict[
         "counts": _counts(records),
         "summary": summary,
         "graders": {k: "+".join(sorted(v)) for k, v in sorted(graders.items())},
-        "classification": _classification(records, arms),
+        "classification": _classification(records, [*arms, MAJORITY]),
+        "macro_f1": macro_f1_report(records, n_boot=ev.bootstrap_samples, seed=ev.seed, prior=majority),
         "judge": judge_info,
         "rests_on_judge": [f"{s}/{c}" for s, c in judged_cats] + (["pairwise"] if pairwise_rows else []),
         "pairwise": _pairwise_summary(pairwise_rows) if pairwise_rows else None,
@@ -289,13 +370,61 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _classification(records: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
+    """Per ``split/category`` and arm: accuracy, macro-F1, confusion matrix and the collapse flag of the
+    headline predictions (log-likelihood where scored), and under ``generated`` the same for the
+    generated answers."""
     out: dict[str, Any] = {}
     for key in sorted({(r["split"], r["category"]) for r in records if r["grader"] == "classification"}):
         for m in arms:
             rs = [r for r in records if (r["split"], r["category"]) == key and r["model"] == m]
+            if not rs:
+                continue
             gold = [r["detail"]["gold"] for r in rs]
             pred = [r["detail"]["pred"] for r in rs]
-            out.setdefault(f"{key[0]}/{key[1]}", {})[m] = classification_metrics(gold, pred)
+            met = {**classification_metrics(gold, pred), **collapse(pred, gold),
+                   "scoring": rs[0]["detail"].get("scoring", "generated")}
+            if any("generated_pred" in r["detail"] for r in rs):
+                gen = [r["detail"].get("generated_pred", r["detail"]["pred"]) for r in rs]
+                met["generated"] = {**classification_metrics(gold, gen), **collapse(gen, gold)}
+            out.setdefault(f"{key[0]}/{key[1]}", {})[m] = met
+    return out
+
+
+def macro_f1_report(records: Sequence[dict[str, Any]], *, n_boot: int, seed: int,
+                    prior: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per ``split/category`` of classification items: macro-F1 of every arm (``base``, ``fewshot``,
+    ``tuned``, ``majority``) with a clustered (``group_id``) bootstrap 95% CI, the paired differences
+    ``tuned_minus_{base,fewshot,majority}``, the collapse flag per arm, and ``claims``: whether each of
+    tuned's gains may count (never when tuned collapsed) and is supported (CI above 0).
+
+    An arm missing from the records has ``mean``/``ci`` None; ``prior`` (:func:`training.graders.majority_labels`)
+    adds the category's class prior and majority label from the train split."""
+    out: dict[str, Any] = {}
+    for split, cat in sorted({(r["split"], r["category"]) for r in records if r["grader"] == "classification"}):
+        rs = [r for r in records if (r["split"], r["category"]) == (split, cat) and r["grader"] == "classification"]
+        by = {m: {r["id"]: r for r in rs if r["model"] == m} for m in F1_ARMS}
+        present = [m for m in F1_ARMS if by[m]]
+        ids = sorted(set.intersection(*(set(by[m]) for m in present)))
+        first = by[present[0]]
+        gold = [first[i]["detail"]["gold"] for i in ids]
+        groups = [str(first[i].get("group_id") or i) for i in ids]
+        preds = {m: [by[m][i]["detail"]["pred"] for i in ids] for m in present}
+        f1 = macro_f1_cis(gold, preds, groups, n_boot=n_boot, seed=group_seed(seed, split, cat, "macro_f1"),
+                          diffs=F1_DIFFS)
+        flags = {m: collapse(preds[m], gold)["collapsed"] for m in present}
+        entry: dict[str, Any] = {
+            "n": len(ids), "n_groups": len(set(groups)), "labels": sorted(set(gold)),
+            "scoring": {m: by[m][ids[0]]["detail"].get("scoring", "generated") for m in present} if ids else {},
+            **{m: f1.get(m, {"mean": None, "ci": None}) for m in F1_ARMS},
+            **{d: f1[d] for d in F1_DIFFS},
+            "collapse": {m: flags.get(m) for m in F1_ARMS},
+            "majority_label": (prior or {}).get(cat, {}).get("majority"),
+            "class_prior": (prior or {}).get(cat, {}).get("prior"),
+        }
+        entry["claims"] = {d: {"counts": not flags.get("tuned", False),
+                               "supported": bool(not flags.get("tuned", False) and f1[d]["ci"] is not None
+                                                 and f1[d]["ci"][0] > 0)} for d in F1_DIFFS}
+        out[f"{split}/{cat}"] = entry
     return out
 
 
@@ -341,8 +470,8 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
                  ) -> dict[str, Any]:
     """Evaluate base zero-shot, base few-shot and the trained adapter; returns the manifest (with
     ``table_rows`` and report paths)."""
-    from training.generate import fewshot_messages, generate_arms, prompt_messages
-    from training.report import plot_scores, render_markdown, table_rows
+    from training.generate import LOGLIK, fewshot_messages, generate_arms, prompt_messages
+    from training.report import classification_rows, plot_scores, render_markdown, table_rows
 
     ev = cfg.evaluate
     rows, ds_hash = load_test_rows(cfg)
@@ -352,19 +481,23 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
                                                          key=lambda r: r["id"])]
     if not rows:
         raise ValueError(f"no test items in {cfg.paths.stage_dir('dataset') / 'test.parquet'}")
+    test_set_counts: dict[str, Any] = {}
+    for spec in ev.test_sets:
+        ext, test_set_counts[test_set_name(spec)] = load_test_set(cfg, spec)
+        rows += ext
     adapter_dir = cfg.paths.models_dir / cfg.train.run_name
     system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
     zero_shot = [prompt_messages(r, system) for r in rows]
     conversations: dict[str, list[Any]] = {"base": zero_shot}
     shots: list[list[str]] | None = None
+    train = load_split_rows(cfg, "train")  # exemplars and the majority label come from train only, never from test
     if ev.fewshot_k > 0:
-        train = load_split_rows(cfg, "train")  # exemplars come from train only, never from test
         picked = [fewshot_exemplars(r, train, ev.fewshot_k, ev.seed) for r in rows]
         shots = [[t["id"] for t in p] for p in picked]
         conversations["fewshot"] = [fewshot_messages(r, p, system) for r, p in zip(rows, picked, strict=True)]
     conversations["tuned"] = zero_shot
     log.info("evaluate: %d items (%s), arms %s: base %s, adapter %s", len(rows),
-             ", ".join(f"{s}={sum(r['split'] == s for r in rows)}" for s in ("test", "gold")),
+             ", ".join(f"{s}={sum(r['split'] == s for r in rows)}" for s in dict.fromkeys(r["split"] for r in rows)),
              "/".join(conversations), cfg.model.name_or_path, adapter_dir)
     if judge is None and (ev.judge_all or ev.pairwise or any(r.get("task_type") == "open_qa" for r in rows)):
         from datagen.llm import probe_provider
@@ -372,9 +505,14 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         judge = probe_provider(cfg, ev.judge_provider)  # a missing key or dead judge fails before generation
     from datagen.llm import open_cache
 
-    answers = (generator or generate_arms)(
+    # classification items are also scored by label log-likelihood, in every arm
+    choices = [list(r["labels"]) if r.get("task_type") == "classification" and r.get("labels") else None
+               for r in rows]
+    answers = dict((generator or generate_arms)(
         cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-        batch_size=ev.batch_size, seed=ev.seed, cache=open_cache(cfg.paths.resolve(cfg.llm.cache_file)))
+        batch_size=ev.batch_size, seed=ev.seed, cache=open_cache(cfg.paths.resolve(cfg.llm.cache_file)),
+        choices=choices if any(choices) else None))
+    loglik = answers.pop(LOGLIK, None)
     refs = {"base": cfg.model.name_or_path, "fewshot": f"{cfg.model.name_or_path} ({ev.fewshot_k}-shot)",
             "tuned": f"{cfg.model.name_or_path}+{adapter_dir.name}"}
     refs = {a: refs[a] for a in conversations}
@@ -385,8 +523,9 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         return get_provider(cfg, ev.judge_provider)
 
     result = evaluate_answers(cfg, rows, answers, judge, model_refs=refs, judge_factory=factory,
-                              conversations=conversations, fewshot_ids=shots)
+                              conversations=conversations, fewshot_ids=shots, loglik=loglik, train_rows=train)
     result["fewshot"] = {"k": ev.fewshot_k, "split": "train"}
+    result["test_sets"] = test_set_counts
 
     out = cfg.paths.reports_dir / ev.run_name
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +551,7 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         "rests_on_judge": result["rests_on_judge"],
         "llm_usage": judge_info.get("usage", {}),
         "table_rows": rows_t,
+        "classification_rows": classification_rows(report),
         "report_md": str(out / "report.md"),
         "report_json": str(out / "report.json"),
         "scores_png": str(out / "scores.png"),

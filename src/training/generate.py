@@ -24,7 +24,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from datagen.causal_lm import attach_adapter, generate, load_causal_lm, render_prompt, shared_head_len
+from datagen.causal_lm import (
+    attach_adapter,
+    continuation_logprobs,
+    generate,
+    load_causal_lm,
+    render_prompt,
+    shared_head_len,
+)
 from datagen.config import ModelConfig
 from datagen.schema import render_context
 from datagen.tokenizer import load_tokenizer
@@ -104,18 +111,46 @@ def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, t
     return out
 
 
+def score_choices(model, tok, prompts: Sequence[str], choices: Sequence[Sequence[str] | None], *,
+                  batch_size: int = 8, desc: str = "loglik") -> list[list[tuple[float, int]] | None]:
+    """Per rendered prompt, the ``(sum log-probability, token count)`` of each of its ``choices`` as the
+    assistant's whole answer (the label followed by the end-of-turn token,
+    :func:`datagen.causal_lm.continuation_logprobs`); None where a prompt has no choices.
+    :func:`training.graders.pick_by_loglik` turns a row of scores into the chosen label."""
+    if len(prompts) != len(choices):
+        raise ValueError("prompts and choices differ in length")
+    pairs = [(p, str(c)) for p, cs in zip(prompts, choices, strict=True) for c in (cs or [])]
+    scores = continuation_logprobs(model, tok, pairs, batch_size=batch_size, end_of_turn=True) if pairs else []
+    out: list[list[tuple[float, int]] | None] = []
+    k = 0
+    for cs in choices:
+        if not cs:
+            out.append(None)
+            continue
+        out.append([(float(s), int(n)) for s, n in scores[k:k + len(cs)]])
+        k += len(cs)
+    log.debug("%s: %d prompts, %d continuations scored", desc, len(prompts), len(pairs))
+    return out
+
+
+LOGLIK = "loglik"  # generate_arms' extra key: {arm: [per item: [(sum logprob, n tokens) per choice] | None]}
 ADAPTER_ARMS = ("tuned",)  # arms generated with the adapter on; every other arm is the base model
 
 
 def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
                   conversations: dict[str, Sequence[list[dict[str, str]]]], *, max_new_tokens: int,
-                  temperature: float = 0.0, batch_size: int = 8, seed: int = 0, cache=None) -> dict[str, list[str]]:
+                  temperature: float = 0.0, batch_size: int = 8, seed: int = 0, cache=None,
+                  choices: Sequence[Sequence[str] | None] | None = None) -> dict[str, Any]:
     """``{arm: [answer, ...]}`` for ``{arm: conversations}``: the base is loaded once, generates every
     base arm (``base``, ``fewshot``), and is then wrapped with the adapter for ``tuned``.
 
-    With ``cache`` (a :class:`datagen.llm.ResponseCache`), base-model answers are looked up and stored by
-    (model, rendered prompt, generation settings): the base arms do not change between runs that train
-    different adapters (a sweep), so only the first run pays for them. Tuned answers are never cached."""
+    ``choices`` (one entry per item, the same for every arm: a classification item's labels, else None):
+    each arm also scores every choice as its answer (:func:`score_choices`, the same prompt the arm
+    generates from), returned under :data:`LOGLIK` as ``{arm: [scores | None per item]}``.
+
+    With ``cache`` (a :class:`datagen.llm.ResponseCache`), base-model answers and choice scores are looked
+    up and stored by (model, rendered prompt, settings / choices): the base arms do not change between runs
+    that train different adapters (a sweep), so only the first run pays for them. Tuned ones never are."""
     import gc
 
     from datagen.llm.cache import cache_key
@@ -124,7 +159,10 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     tok = load_tokenizer(model_cfg)
     prompts = {arm: [render_prompt(tok, c) for c in convs] for arm, convs in conversations.items()}
     out: dict[str, list[str | None]] = {arm: [None] * len(p) for arm, p in prompts.items()}
+    want = [bool(c) for c in choices] if choices is not None else []
+    scored: dict[str, list[Any]] = {arm: [None] * len(p) for arm, p in prompts.items()}
     keys: dict[str, list[str]] = {}
+    lkeys: dict[str, dict[int, str]] = {}
     if cache is not None and temperature == 0.0:
         params = {**kw, "dtype": model_cfg.dtype, "batch_size": None}
         for arm, ps in prompts.items():
@@ -134,10 +172,41 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
                                    messages=[{"role": "prompt", "content": p}]) for p in ps]
             hits = cache.get_many(keys[arm])
             out[arm] = [hits[k]["text"] if k in hits else None for k in keys[arm]]
+    if cache is not None and want:
+        for arm, ps in prompts.items():
+            if arm in ADAPTER_ARMS:
+                continue
+            lkeys[arm] = {i: cache_key(kind="eval-loglik", model=model_cfg.name_or_path, base_url=None,
+                                       params={"dtype": model_cfg.dtype, "choices": list(choices[i])},
+                                       messages=[{"role": "prompt", "content": ps[i]}])
+                          for i in range(len(ps)) if want[i]}
+            hits = cache.get_many(list(lkeys[arm].values()))
+            for i, k in lkeys[arm].items():
+                if k in hits:
+                    scored[arm][i] = [tuple(x) for x in json.loads(hits[k]["text"])]
     todo = {arm: [i for i, a in enumerate(out[arm]) if a is None] for arm in prompts}
-    if not any(todo.values()):
-        return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
+    ltodo = {arm: [i for i in range(len(prompts[arm])) if want and want[i] and scored[arm][i] is None]
+             for arm in prompts}
+
+    def result() -> dict[str, Any]:
+        res: dict[str, Any] = {arm: list(out[arm]) for arm in conversations}
+        if want:
+            res[LOGLIK] = {arm: list(scored[arm]) for arm in conversations}
+        return res
+
+    def score(m, arm: str, idx: list[int]) -> None:
+        got = score_choices(m, tok, [prompts[arm][i] for i in idx], [choices[i] for i in idx],
+                            batch_size=batch_size, desc=f"loglik {arm}")
+        for i, sc in zip(idx, got, strict=True):
+            scored[arm][i] = sc
+            if arm in lkeys:
+                cache.put(lkeys[arm][i], provider="eval-loglik", model=model_cfg.name_or_path, text=json.dumps(sc))
+
+    if not any(todo.values()) and not any(ltodo.values()):
+        return result()
     model = load_causal_lm(model_cfg)
+    for arm in [a for a in prompts if a not in ADAPTER_ARMS and ltodo[a]]:
+        score(model, arm, ltodo[arm])
     # a prompt's family: the turns before the item (the few-shot arm's exemplars)
     families = {arm: [json.dumps(c[:-1]) for c in convs] for arm, convs in conversations.items()}
     for arm in [a for a in prompts if a not in ADAPTER_ARMS and todo[a]]:
@@ -147,15 +216,17 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
             out[arm][i] = text
             if arm in keys:
                 cache.put(keys[arm][i], provider="eval-generate", model=model_cfg.name_or_path, text=text)
-    if any(todo[a] for a in prompts if a in ADAPTER_ARMS):
+    if any(todo[a] or ltodo[a] for a in prompts if a in ADAPTER_ARMS):
         tuned_model = attach_adapter(model, adapter_dir)
         for arm in [a for a in prompts if a in ADAPTER_ARMS]:
             out[arm] = answer_prompts(tuned_model, tok, prompts[arm], desc=f"generate {arm}", groups=families[arm],
                                       **kw)
+            if ltodo[arm]:
+                score(tuned_model, arm, ltodo[arm])
         del tuned_model
     del model
     gc.collect()
-    return {arm: list(out[arm]) for arm in conversations}  # type: ignore[misc]
+    return result()
 
 
 def chat(model_cfg: ModelConfig, adapter_dir: str | Path | None, system_prompt: str | None, *,

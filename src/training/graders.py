@@ -326,3 +326,37 @@ def pick_by_loglik(scores: Sequence[tuple[float, int]], normalise: bool = True) 
     uneven = len({n for _, n in scores}) > 1
     keys = [s / max(n, 1) if normalise and uneven else s for s, n in scores]
     return max(range(len(keys)), key=lambda i: (keys[i], -i))
+
+
+COLLAPSE_SHARE = 0.8  # an arm putting more than this share of a category's predictions on one label has collapsed
+
+
+def collapse(pred: Sequence[str | None], gold: Sequence[str], threshold: float = COLLAPSE_SHARE) -> dict[str, Any]:
+    """Whether an arm's predictions on one category collapsed onto one label.
+
+    Collapsed: the category has at least 2 gold labels and more than ``threshold`` of the predictions
+    (unrecognised ones, ``<none>``, included in the count but never the top label) are one label. A
+    collapsed arm is the majority-class baseline in disguise; its gain over another arm is no claim.
+    """
+    n = len(pred)
+    counts = Counter(p for p in pred if p is not None and p != NONE_LABEL)
+    top, k = (sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else (None, 0))
+    share = k / n if n else 0.0
+    n_gold = len(set(gold))
+    return {"collapsed": bool(n_gold >= 2 and share > threshold), "top_label": top, "top_share": share,
+            "n_gold_labels": n_gold, "threshold": threshold}
+
+
+def majority_labels(train_rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per category of the training rows' classification items: the most frequent label (``majority``;
+    ties: the label first in alphabetical order) and the class prior ``{label: share}``."""
+    by_cat: dict[str, Counter] = {}
+    for r in train_rows:
+        if r.get("task_type") == "classification":
+            by_cat.setdefault(r["category"], Counter())[str(r["answer"]).strip()] += 1
+    out = {}
+    for cat, c in sorted(by_cat.items()):
+        n = sum(c.values())
+        out[cat] = {"majority": sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0], "n": n,
+                    "prior": {lab: k / n for lab, k in sorted(c.items())}}
+    return out

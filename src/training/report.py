@@ -16,7 +16,7 @@ from typing import Any
 from datagen.config import Config
 from datagen.io import atomic_path, read_json
 from datagen.render import md_cell, md_code, md_text, plot_text
-from training.aggregate import ARMS, DIFFS
+from training.aggregate import ARMS, DIFFS, F1_ARMS, F1_DIFFS, MAJORITY
 
 ARM_LABELS = {"base": "base zero-shot", "fewshot": "base few-shot", "tuned": "tuned"}
 DIFF_LABELS = {"tuned_minus_base": "tuned - base", "tuned_minus_fewshot": "tuned - few-shot"}
@@ -58,6 +58,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     row[f"{key}_pass_lo"], row[f"{key}_pass_hi"] = [_r(x) for x in (st["pass_ci"] or (None, None))]
             row["rests_on_judge"] = "judge" in grader
             row["judge_unreliable"] = bool(unreliable and "judge" in grader)
+            flags = ((report.get("macro_f1") or {}).get(f"{split}/{cat}") or {}).get("collapse") or {}
+            row["collapsed"] = ", ".join(m for m in ARMS if flags.get(m))  # classification: see classification_rows
             rows.append(row)
     return rows
 
@@ -117,6 +119,7 @@ def render_markdown(report: dict[str, Any]) -> str:
            f"{cfg['bootstrap_samples']} resamples, seed {cfg['seed']}; n (groups) counts items (groups); "
            "macro = unweighted mean of categories (stratified bootstrap).", "",
            markdown_table(rows, arms), "", "![scores](scores.png)", ""]
+    out += classification_section(report)
     if report.get("classification"):
         out += ["## Classification", ""]
         for key, per_model in report["classification"].items():
@@ -219,4 +222,71 @@ def scores_table(cfg: Config, run: str | None = None) -> str:
         raise ValueError(f"{path} was written before the few-shot arm and clustered CIs (no 'overall' "
                          "summary); rerun `finsynth evaluate` to rebuild it")
     return "\n".join([f"Evaluation {report.get('run', '')} ({path.parent})", "",
-                      markdown_table(table_rows(report), _arms(report)), "", judge_banner(report)])
+                      markdown_table(table_rows(report), _arms(report)), "",
+                      *([classification_table(report), ""] if report.get("macro_f1") else []), judge_banner(report)])
+
+
+# ----------------------------------------------------------------------------- classification: macro-F1
+F1_LABELS = {**ARM_LABELS, MAJORITY: "majority"}
+F1_DIFF_LABELS = {**DIFF_LABELS, "tuned_minus_majority": "tuned - majority"}
+
+
+def classification_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per (split, category) of classification items (``report["macro_f1"]``): ``n``,
+    ``n_groups``, ``scoring`` (``loglik`` when every model arm was scored by label log-likelihood), per arm
+    (``base``, ``fewshot``, ``tuned``, ``majority``) and difference (``tuned_minus_{base,fewshot,majority}``)
+    ``<key>_f1``, ``<key>_f1_lo``, ``<key>_f1_hi``; ``collapsed`` (the flagged model arms, comma-joined;
+    the majority baseline is constant by construction and not listed) and ``tuned_gain_counts`` (False
+    when tuned collapsed: its gains count toward no claim)."""
+    rows = []
+    for key, e in (report.get("macro_f1") or {}).items():
+        split, cat = key.split("/", 1)
+        scoring = {v for m, v in (e.get("scoring") or {}).items() if m != MAJORITY}
+        row: dict[str, Any] = {"split": split, "category": cat, "n": e["n"], "n_groups": e["n_groups"],
+                               "scoring": "+".join(sorted(scoring)) or "-"}
+        for k in (*F1_ARMS, *F1_DIFFS):
+            st = e.get(k) or {}
+            row[f"{k}_f1"] = _r(st.get("mean"))
+            row[f"{k}_f1_lo"], row[f"{k}_f1_hi"] = [_r(x) for x in (st.get("ci") or (None, None))]
+        row["collapsed"] = ", ".join(m for m in ARMS if (e.get("collapse") or {}).get(m))
+        row["tuned_gain_counts"] = not (e.get("collapse") or {}).get("tuned", False)
+        rows.append(row)
+    return rows
+
+
+def classification_table(report: dict[str, Any]) -> str:
+    """Macro-F1 per classification category, every arm with its 95% CI, the tuned gains, and the
+    collapse flags, as Markdown ("" without classification items)."""
+    rows = classification_rows(report)
+    if not rows:
+        return ""
+    arms = [a for a in F1_ARMS if any(r[f"{a}_f1"] is not None for r in rows)]
+    diffs = [d for d, (_, b) in F1_DIFFS.items() if b in arms]
+    head = (["split", "category", "n (groups)", "scoring"] + [f"{F1_LABELS[a]} [95% CI]" for a in arms]
+            + [f"{F1_DIFF_LABELS[d]} [95% CI]" for d in diffs] + ["collapsed (> 80% one label)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [md_cell(r["split"]), md_cell(r["category"]), f"{r['n']} ({r['n_groups']})", r["scoring"]]
+        cells += [_fmt(r[f"{a}_f1"], r[f"{a}_f1_lo"], r[f"{a}_f1_hi"]) for a in arms]
+        cells += [_fmt(r[f"{d}_f1"], r[f"{d}_f1_lo"], r[f"{d}_f1_hi"], signed=True)
+                  + ("" if r["tuned_gain_counts"] else " (no claim)") for d in diffs]
+        cells.append(f"**{r['collapsed']}**" if r["collapsed"] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def classification_section(report: dict[str, Any]) -> list[str]:
+    """The report's macro-F1 section (Markdown lines; none without classification items)."""
+    table = classification_table(report)
+    if not table:
+        return []
+    return ["## Classification: macro-F1", "",
+            "Each arm's label on a classification item is the one whose continuation it finds most likely "
+            "among the item's labels (`scoring: loglik`; mean log-probability per token where the labels differ "
+            "in token count), so an answer in another format is not a miss; the generated answer's label is "
+            "kept in `items.jsonl` (`generated_pred`) and in `report.json` "
+            "(`classification.<key>.<arm>.generated`). `majority` answers the train split's most "
+            "frequent label of the category on every item. Macro-F1 averages per-label F1; CIs resample "
+            "groups, and the differences are paired (the same draws for both arms). An arm that puts more than "
+            "80% of a category's predictions on one label (with at least 2 gold labels) is flagged as "
+            "**collapsed**; a collapsed tuned arm's gains count toward no claim (`no claim`).", "", table, ""]

@@ -74,6 +74,61 @@ def load_split(dataset_dir: str | Path, split: str) -> Dataset | None:
     return ds.select_columns(["messages"])
 
 
+def balance_labels(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Oversample the classification rows of each category so every label it has in ``rows`` counts as
+    many rows as its most frequent one; other rows are kept as they are.
+
+    Deterministic: a label short of the target repeats its rows in a seeded order (``seed``, category,
+    label), whole passes first, so no row is copied twice before every row of its label was copied once.
+    Returns the rows (the originals in their order, then the copies) and ``{category: {"before": {label:
+    n}, "after": {label: n}}}``. Meant for the *train* split only: validation and test keep their
+    distribution, so their loss and scores stay comparable across runs."""
+    import random
+    from collections import Counter
+
+    by: dict[str, dict[str, list[int]]] = {}
+    for i, r in enumerate(rows):
+        if r.get("task_type") == "classification":
+            by.setdefault(str(r["category"]), {}).setdefault(str(r["answer"]).strip(), []).append(i)
+    extra: list[dict[str, Any]] = []
+    info: dict[str, Any] = {}
+    for cat in sorted(by):
+        labels = by[cat]
+        target = max(len(v) for v in labels.values())
+        for lab in sorted(labels):
+            idx = sorted(labels[lab], key=lambda i: str(rows[i].get("id", i)))
+            random.Random(f"{seed}:balance_labels:{cat}:{lab}").shuffle(idx)
+            need = target - len(idx)
+            extra += [rows[idx[k % len(idx)]] for k in range(need)]
+        after = Counter({lab: len(v) for lab, v in labels.items()})
+        info[cat] = {"before": {lab: len(v) for lab, v in sorted(labels.items())},
+                     "after": {lab: target for lab in sorted(after)}}
+    return list(rows) + extra, info
+
+
+def load_training_data(cfg: Config, dataset_dir: str | Path) -> tuple[Dataset | None, Dataset | None, dict[str, Any]]:
+    """The ``train`` and ``validation`` splits as training reads them (``messages`` only), and the label
+    balancing applied: with ``train.balance_labels`` the train split's classification rows are balanced per
+    label (:func:`balance_labels`); the validation split is read as it is, and test is never read."""
+    from datasets import Dataset
+
+    train_ds = load_split(dataset_dir, "train")
+    eval_ds = load_split(dataset_dir, "validation")
+    info: dict[str, Any] = {"enabled": cfg.train.balance_labels, "categories": {}, "rows_added": 0}
+    if cfg.train.balance_labels and train_ds is not None and len(train_ds):
+        import pandas as pd
+
+        df = pd.read_parquet(Path(dataset_dir) / "train.parquet")
+        if {"task_type", "category", "answer"} <= set(df.columns):
+            rows = df.to_dict(orient="records")
+            balanced, info["categories"] = balance_labels(rows, cfg.train.seed)
+            info["rows_added"] = len(balanced) - len(rows)
+            if info["rows_added"]:
+                train_ds = Dataset.from_dict({"messages": [[{"role": str(m["role"]), "content": str(m["content"])}
+                                                            for m in r["messages"]] for r in balanced]})
+    return train_ds, eval_ds, info
+
+
 def tokenize_conversations(ds: Dataset, tokenizer: Any, *, desc: str = "tokenizing") -> Dataset:
     """``messages`` -> ``input_ids`` + ``assistant_masks`` (1 on assistant tokens), as TRL's own tokenization does.
 
@@ -294,10 +349,9 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is being rewritten: not finished
 
-    train_ds = load_split(dataset_dir, "train")
+    train_ds, eval_ds, balance = load_training_data(cfg, dataset_dir)
     if train_ds is None or len(train_ds) == 0:
         raise FileNotFoundError(f"no training rows in {dataset_dir / 'train.parquet'}")
-    eval_ds = load_split(dataset_dir, "validation")
     if eval_ds is None or len(eval_ds) == 0:
         log.warning("no validation rows: training without evaluation, early stopping or best-checkpoint selection")
         eval_ds = None
@@ -349,7 +403,9 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
         "torch_threads": torch.get_num_threads(),
         "precision": "4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."),
         "attn_implementation": attn_implementation(device, dtype),
-        "counts": {"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0},
+        "counts": {"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0,
+                   "train_rows_added_by_balancing": balance["rows_added"]},
+        "balance_labels": balance,
         "parameters": params,
         "resumed_from": str(resume.name) if resume else None,
         "steps": state.global_step,

@@ -155,6 +155,23 @@ def metadata(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def label_distribution(by_split: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    """The card's lines on classification labels: per category and label, rows in each split (what the
+    files hold; ``train.balance_labels`` oversamples train's rarer labels only when training reads them)."""
+    cats = sorted({c for per in by_split.values() for c in per})
+    if not cats:
+        return []
+    rows = []
+    for c in cats:
+        labels = sorted({lab for s in SPLITS for lab in (by_split.get(s) or {}).get(c, {})})
+        rows += [[c, lab, *[(by_split.get(s) or {}).get(c, {}).get(lab, 0) for s in SPLITS]] for lab in labels]
+    note = ("With `train.balance_labels` (on by default) finsynth's training oversamples each category's rarer "
+            "labels of the train split to the most frequent one's count; validation and test are evaluated with "
+            "the counts above.")
+    return ["Classification labels per split (rows):", "", _table(["category", "label", *SPLITS], rows), "",
+            note, ""]
+
+
 def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     """The card's Markdown text (YAML header + body) from the format summary and the upstream manifests."""
     fetch = read_manifest(cfg.paths.stage_dir("fetch"))
@@ -195,6 +212,7 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     per_cat = _sum(data.get("by_category"))
     if per_cat:
         lines += ["Categories: " + ", ".join(f"{md_text(k)} ({v})" for k, v in per_cat.items()) + ".", ""]
+    lines += label_distribution(data.get("labels_by_category") or {})
     q = _get(fetch, "quarantine", "total")
     if q is not None:
         fd = _reasons(_get(fetch, "counts")) or _get(fetch, "quarantine", "by_reason", default={}) or {}

@@ -259,6 +259,10 @@ def dataset_stats(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     reph = {s: [r for r in records[s] if r["is_rephrase"]] for s in SPLITS}
     return {"by_task_type": count("task_type"), "by_source": count("source"), "by_cluster": count("cluster"),
             "by_category": count("category"),
+            "labels_by_category": {s: {c: dict(sorted(Counter(str(r["answer"]).strip() for r in records[s]
+                                                              if r["category"] == c).items()))
+                                       for c in sorted({r["category"] for r in records[s]
+                                                        if r["task_type"] == "classification"})} for s in SPLITS},
             "groups": {s: len({r["group_id"] for r in records[s]}) for s in SPLITS},
             "rephrasings": {s: len(reph[s]) for s in SPLITS},
             "rephrased_groups": {s: len({r["group_id"] for r in reph[s]}) for s in SPLITS},
