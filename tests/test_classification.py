@@ -66,11 +66,13 @@ def test_loglik_scoring_picks_the_gold_label_on_a_hand_set_model():
     from training.graders import pick_by_loglik
 
     tok, model = word_tokenizer(), HandSetLM()
-    prompts = [f"shares {cue}\n" for cue in CUE] + ["no label here\n"]
-    scores = score_choices(model, tok, prompts, [LABELS, LABELS, LABELS, None], batch_size=2)
+    prompts = [f"shares {cue}\n" for cue in CUE] + ["no label here\n", "shares held\n"]
+    prefixed = ["neutral held", "neutral"]  # one label a token prefix of the other: the end of turn decides
+    scores = score_choices(model, tok, prompts, [LABELS, LABELS, LABELS, None, prefixed], batch_size=2)
     assert scores[3] is None
     assert [LABELS[pick_by_loglik(s)] for s in scores[:3]] == list(CUE.values())
-    assert all(n == 2 for s in scores[:3] for _, n in s)  # the label and <end_of_turn>
+    assert all(n == 1 for s in scores[:3] for _, n in s)  # the label's own token; no <end_of_turn>
+    assert [n for _, n in scores[4]] == [3, 2] and prefixed[pick_by_loglik(scores[4])] == "neutral"
 
 
 # ----------------------------------------------------------------------------- evaluation, end to end

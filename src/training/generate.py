@@ -111,26 +111,38 @@ def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, t
     return out
 
 
+def _prefix_ambiguous(tok, choices: Sequence[str]) -> bool:
+    """Whether one choice's tokens are a proper prefix of another's ("high" / "high risk"): only then does
+    the end of the answer need scoring to tell them apart."""
+    ids = [tuple(tok(str(c), add_special_tokens=False)["input_ids"]) for c in choices]
+    return any(a != b and b[:len(a)] == a for a in ids for b in ids)
+
+
 def score_choices(model, tok, prompts: Sequence[str], choices: Sequence[Sequence[str] | None], *,
                   batch_size: int = 8, desc: str = "loglik") -> list[list[tuple[float, int]] | None]:
     """Per rendered prompt, the ``(sum log-probability, token count)`` of each of its ``choices`` as the
-    assistant's whole answer (the label followed by the end-of-turn token,
-    :func:`datagen.causal_lm.continuation_logprobs`); None where a prompt has no choices.
-    :func:`training.graders.pick_by_loglik` turns a row of scores into the chosen label."""
+    start of the assistant's answer (:func:`datagen.causal_lm.continuation_logprobs`); None where a prompt
+    has no choices. :func:`training.graders.pick_by_loglik` turns a row of scores into the chosen label.
+
+    The end-of-turn token is scored too only for an item whose choices are token prefixes of one another
+    (else the shorter one would win by being a prefix): a base model never learned ``<end_of_turn>`` after
+    a label (measured on the packaged Gemma-3-270M: about -32 nats, varying by up to 2.3 between labels,
+    more than the labels' own differences), so scoring it would rank the labels by noise. As in
+    lm-evaluation-harness' multiple choice, the label's own tokens decide."""
     if len(prompts) != len(choices):
         raise ValueError("prompts and choices differ in length")
-    pairs = [(p, str(c)) for p, cs in zip(prompts, choices, strict=True) for c in (cs or [])]
-    scores = continuation_logprobs(model, tok, pairs, batch_size=batch_size, end_of_turn=True) if pairs else []
-    out: list[list[tuple[float, int]] | None] = []
-    k = 0
-    for cs in choices:
-        if not cs:
-            out.append(None)
-            continue
-        out.append([(float(s), int(n)) for s, n in scores[k:k + len(cs)]])
-        k += len(cs)
-    log.debug("%s: %d prompts, %d continuations scored", desc, len(prompts), len(pairs))
-    return out
+    flat = [(i, j, p, str(c)) for i, (p, cs) in enumerate(zip(prompts, choices, strict=True))
+            for j, c in enumerate(cs or [])]
+    eot = {i: _prefix_ambiguous(tok, cs) for i, cs in enumerate(choices) if cs}
+    got: dict[tuple[int, int], tuple[float, int]] = {}
+    for with_eot in (False, True):
+        part = [x for x in flat if eot[x[0]] == with_eot]
+        if part:
+            res = continuation_logprobs(model, tok, [(p, c) for _, _, p, c in part], batch_size=batch_size,
+                                        end_of_turn=with_eot)
+            got.update({(i, j): (float(s), int(n)) for (i, j, _, _), (s, n) in zip(part, res, strict=True)})
+    log.debug("%s: %d prompts, %d continuations scored", desc, len(prompts), len(flat))
+    return [[got[i, j] for j in range(len(cs))] if cs else None for i, cs in enumerate(choices)]
 
 
 LOGLIK = "loglik"  # generate_arms' extra key: {arm: [per item: [(sum logprob, n tokens) per choice] | None]}
@@ -177,7 +189,8 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
             if arm in ADAPTER_ARMS:
                 continue
             lkeys[arm] = {i: cache_key(kind="eval-loglik", model=model_cfg.name_or_path, base_url=None,
-                                       params={"dtype": model_cfg.dtype, "choices": list(choices[i])},
+                                       params={"dtype": model_cfg.dtype, "choices": list(choices[i]),
+                                               "end_of_turn": "when-prefix"},
                                        messages=[{"role": "prompt", "content": ps[i]}])
                           for i in range(len(ps)) if want[i]}
             hits = cache.get_many(list(lkeys[arm].values()))
