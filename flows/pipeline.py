@@ -144,6 +144,12 @@ def _card_for_ui(card: str) -> str:
     return f"{table}\n\n{body}"
 
 
+def _ui_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for a Prefect table artifact: the UI renders each string cell as Markdown (and drops raw
+    HTML), so a string from data goes through :func:`datagen.render.md_cell` to show as it is."""
+    return [{k: md_cell(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+
+
 def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
     """Prefect artifacts for what a person inspects: the dataset card, judge scores, plots."""
     out = get_stage(name).output(cfg)
@@ -162,11 +168,12 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
 
         rows = manifest.get("table_rows") or []
         if rows:  # two narrow tables rather than one that scrolls sideways in the UI
-            create_table_artifact(table=score_table(rows, part="scores", ci_in_header=False), key="judge-scores",
+            create_table_artifact(table=_ui_table(score_table(rows, part="scores", ci_in_header=False)),
+                                  key="judge-scores",
                                   description="per-category mean score [95% bootstrap CI] of each arm; LLM judge: "
                                               "whether the row rests on the judge, and the judge's self-check verdict")
             if any(is_difference(a) for a in arms(rows)):
-                create_table_artifact(table=score_table(rows, part="differences", ci_in_header=False),
+                create_table_artifact(table=_ui_table(score_table(rows, part="differences", ci_in_header=False)),
                                       key="score-differences",
                                       description="paired differences per category, mean [95% bootstrap CI]; "
                                                   "an interval that excludes 0 is a difference the sample supports")

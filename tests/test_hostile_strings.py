@@ -181,3 +181,12 @@ def test_render_functions_exact():
     assert yaml_scalar("yes") == "'yes'" and yaml_scalar(3) == "3"
     assert plot_text("$5\n$6") == "\\$5 \\$6"
     assert slug("evil|src\n<img>") == "evil-src-img-" and slug("../../etc") == "././etc"
+
+
+def test_table_artifact_cells_show_as_text():
+    """The Prefect UI renders each string cell of a table artifact as Markdown (raw HTML dropped)."""
+    from flows.pipeline import _ui_table
+
+    (row,) = _ui_table([{"category": CAT, "n": 3, "tuned": "0.50 [0.25, 0.75]"}])
+    assert row["n"] == 3 and row["tuned"] == "0.50 [0.25, 0.75]"
+    assert_safe(row["category"], one_line(CAT))

@@ -148,3 +148,131 @@ def test_ui_shows_the_card_the_score_table_and_the_plots(finished_tiny, ui, tmp_
     for shot in ("dataset-card", "judge-scores"):
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000, f"{shot} screenshot is blank"
     print(f"screenshots in {tmp_path}")  # noqa: T201
+
+
+# ----------------------------------------------------------------------------- slow: hostile strings in the real UI
+HOSTILE_CAT = "banking | retail\n<script>window.pwned=1</script>"
+HOSTILE_SRC = "feed|x\n<img src=x onerror=window.pwned=2>"
+
+HOSTILE_FLOW = r'''
+import json, sys
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow
+from prefect.runtime import flow_run
+
+from datagen.config import load_config
+from datagen.io import write_manifest
+from flows.pipeline import STAGE_FLOWS, _publish
+from training.evaluate import run_evaluate
+
+config, root = sys.argv[1], sys.argv[2]
+
+
+def scripted(model_cfg, adapter_dir, conversations, **kw):
+    """The tuned arm answers each headline's gold label, the base arms "neutral"."""
+    ds = cfg.paths.stage_dir("dataset")
+    rows = pd.concat([pd.read_parquet(p) for p in ds.glob("*.parquet")])
+    gold = {json.loads(c)["text"]: a for c, a in zip(rows["context"], rows["answer"])}
+
+    def label(conv):
+        user = conv[-1]["content"]
+        return next((a for t, a in gold.items() if t and t in user), "neutral")
+    return {arm: [label(c) if arm == "tuned" else "neutral" for c in convs] for arm, convs in conversations.items()}
+
+
+@flow(name="hostile-strings")
+def hostile() -> str:
+    for name in ("fetch", "augment", "dedup", "split", "format"):
+        STAGE_FLOWS[name](None, config, None, root)
+    adapter = cfg.paths.models_dir / cfg.train.run_name
+    adapter.mkdir(parents=True, exist_ok=True)
+    write_manifest(adapter, {"stage": "train"})  # evaluation's arms are scripted: no model is loaded
+    _publish(cfg, "evaluate", run_evaluate(cfg, generator=scripted))
+    return flow_run.id
+
+
+cfg = load_config(Path(config), root=Path(root))
+print("FLOW_RUN", hostile())
+'''
+
+
+@pytest.mark.slow
+def test_ui_shows_hostile_strings_as_text(tmp_path):
+    """A source QA file whose category and source name hold ``|``, a newline, ``<script>`` and
+    ``<img onerror>``: the data stages run for real in Prefect flows (fetch to format: the dataset card),
+    the evaluation with scripted answers (no model), and the card, score table and report artifacts are
+    opened in headless chromium: each table keeps its columns, the strings show as text, and no script or
+    ``on*`` handler element comes from them."""
+    import json
+
+    import yaml
+    from html_check import Page
+
+    from flows.ui import links
+
+    exe = chromium()
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "raw").symlink_to(Path(__file__).resolve().parents[1] / "data" / "raw")
+    src = [json.loads(x) for x in (root / "data" / "raw" / "headline_sentiment.jsonl").read_text().splitlines()[:40]]
+    for i, r in enumerate(src):
+        r["category"] = HOSTILE_CAT if i % 2 else "retail"
+    qa = tmp_path / "hostile.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in src))
+    config = tmp_path / "hostile.yaml"
+    config.write_text(yaml.safe_dump({
+        "extends": "tiny", "sources": {"market": None, "source_qa": [{"path": str(qa), "name": HOSTILE_SRC}]},
+        "augment": {"k": 0}, "evaluate": {"max_items": 8, "fewshot_k": 1}}))
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    ui_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--home", str(home), "--port", "0"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        while True:
+            line = ui_proc.stdout.readline()
+            if not line:
+                pytest.fail("finsynth ui did not start:\n" + "\n".join(lines[-30:]))
+            lines.append(line.rstrip("\n"))
+            if line.startswith("serving until Ctrl-C"):
+                break
+        ui_url = re.search(r"Prefect UI: (\S+)", "\n".join(lines)).group(1)
+        api = f"{ui_url}/api"
+        run_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(home)}
+        r = subprocess.run([sys.executable, "-c", HOSTILE_FLOW, str(config), str(root)], env=run_env,
+                           capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        flow_run_id = re.search(r"^FLOW_RUN (\S+)$", r.stdout, re.M).group(1)
+        arts = {a["key"]: a["url"] for a in links(ui_url, api, flow_run_id)["artifacts"]}
+        assert {"dataset-card", "judge-scores", "evaluation-report"} <= set(arts), arts
+
+        card = (root / "data" / "processed" / "dataset" / "README.md").read_text(encoding="utf-8")
+        assert HOSTILE_SRC.split("\n")[0] in card.replace("\\|", "|")  # the data reached the card
+        shown = {"dataset-card": [" ".join(HOSTILE_CAT.split("\n")), " ".join(HOSTILE_SRC.split("\n"))],
+                 "judge-scores": [" ".join(HOSTILE_CAT.split("\n"))],
+                 "evaluation-report": [" ".join(HOSTILE_CAT.split("\n"))]}
+        profile = tmp_path / "chromium-profile"
+        for key, strings in shown.items():
+            dom = browse(exe, arts[key], profile, tmp_path / f"hostile-{key}.png")
+            page = Page(dom)
+            assert not page.handler_elements(), (key, page.handler_elements())
+            # an element made from the data would be in the DOM as markup; as text it is escaped
+            assert not re.search(r"<script[^>]*>\s*window\.pwned", dom), f"{key}: a script element from the data"
+            assert not re.search(r"<img[^>]*onerror", dom), f"{key}: an img[onerror] element from the data"
+            body = re.sub(r"\s+", " ", "".join(page.text))
+            for s in strings:
+                assert s in body, f"{key}: {s!r} not shown as text"
+            for i, table in enumerate(page.tables):
+                widths = {n for _, n in table}
+                assert len(widths) == 1, f"{key}: table {i} has rows of {sorted(widths)} cells"
+            assert page.tables, f"{key}: no table rendered"
+    finally:
+        ui_proc.send_signal(signal.SIGINT)
+        try:
+            ui_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ui_proc.kill()
