@@ -13,7 +13,11 @@ fault-injecting OpenAI-compatible proxy of tests/llm_fakes.py on 127.0.0.1, and 
   at most the concurrency), stale data is refused;
 - two runs on different roots sharing one LLM cache at the same time (no key paid twice), and two runs
   on one root (the second refused);
-- the malformed-input corpus (tests/data/malformed/): every row kept or quarantined.
+- the malformed-input corpus (tests/data/malformed/): every row kept or quarantined (with a source QA
+  file whose category holds ``|``, a newline, ``<script>`` and ``<img onerror>``);
+- faults of the machine: a full disk and a read-only root (a 1 MiB tmpfs, when run as root), a corrupt
+  response cache: exit non-zero with one ``finsynth: error:`` line naming the stage and the path, no
+  traceback, no manifest, and the corrupt cache left byte for byte.
 
 Each case records ``rows_in``, ``rows_out``, ``rows_quarantined``, ``rows_unaccounted``, ``repeated_calls``,
 ``secret_hits`` and ``exit_code``. Writes benchmarks/results/reliability.json.
@@ -288,7 +292,10 @@ def case_corpus(work: Path) -> list[dict]:
         config.write_text(yaml.safe_dump({"extends": "tiny", "sources": {"market": None, "source_qa": [spec]}}))
         code = main(["fetch", "--config", str(config), "--root", str(root)])
         m = root / "data/processed/fetch/manifest.json"
-        counts = json.loads(m.read_text())["counts"] if m.exists() else {}
+        # per-file row accounting is under source_files (the manifest's counts hold no rows_in)
+        files = json.loads(m.read_text()).get("source_files") or {} if m.exists() else {}
+        counts = {k: sum(f.get(k) or 0 for f in files.values())
+                  for k in ("rows_in", "rows_out", "rows_quarantined", "rows_unaccounted")} if files else {}
         out.append({"case": f"corpus {name}", "kind": exp["kind"], "rows_in": counts.get("rows_in"),
                     "rows_out": counts.get("rows_out"), "rows_quarantined": counts.get("rows_quarantined"),
                     "rows_unaccounted": counts.get("rows_unaccounted", 0), "repeated_calls": 0,
@@ -297,41 +304,114 @@ def case_corpus(work: Path) -> list[dict]:
     return out
 
 
-def main() -> int:
+def _tmpfs(where: Path) -> Path | None:
+    """A 1 MiB tmpfs mounted at ``where`` (root only), or None where mount is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return None
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    return where if r.returncode == 0 else None
+
+
+def _fault_case(name: str, stage: str, root: Path, r: subprocess.CompletedProcess, **extra) -> dict:
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("finsynth:")]
+    return {"case": name, "rows_unaccounted": 0, "repeated_calls": 0, "exit_code": r.returncode,
+            "one_line": len(lines) == 1 and f"error: {stage}: " in lines[0] and str(root) in lines[0],
+            "traceback": "Traceback" in r.stderr,
+            "manifest": (root / "data/processed" / stage / "manifest.json").exists(),
+            "secret_hits": secret_hits(root, r.stdout, r.stderr),
+            "message": lines[-1][:300] if lines else r.stderr.strip()[-300:], **extra}
+
+
+def case_environment(work: Path) -> list[dict]:
+    out = []
+    for name in ("full disk", "read-only root"):
+        mnt = _tmpfs(work / name.replace(" ", "-"))
+        if mnt is None:
+            out.append({"case": name, "skipped": "needs root and mount", "rows_unaccounted": 0,
+                        "repeated_calls": 0, "secret_hits": 0})
+            continue
+        try:
+            root = mnt / "proj"
+            (root / "data").mkdir(parents=True)
+            (root / "data/raw").symlink_to(ROOT / "data/raw")
+            config = write_config(work / f"{name}-config", "http://127.0.0.1:9/v1", cache=root / "cache.sqlite")
+            if name == "full disk":
+                st = os.statvfs(mnt)
+                (mnt / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - 8192))
+            else:
+                subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            out.append(_fault_case(name, "fetch", root, cli(root, config, "fetch")))
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    root = work / "corrupt-cache"
+    config = write_config(root, f"http://127.0.0.1:{_closed_port()}/v1")
+    fetched(root, config)
+    cache = root / "data/cache/llm_cache.sqlite"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    junk = b"not an SQLite file\n" * 100
+    cache.write_bytes(junk)
+    r = cli(root, config, "augment")
+    out.append(_fault_case("corrupt cache", "augment", root, r, cache_kept=cache.read_bytes() == junk))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--only environment,corpus``: run those parts only and keep the other parts' cases from the last
+    full run in reliability.json (the summary is recomputed over all of them; ``partial_runs`` says so)."""
+    argv = sys.argv[1:] if argv is None else argv
+    only = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv else None
+    out = ROOT / "benchmarks" / "results" / "reliability.json"
+    prev = json.loads(out.read_text()) if only and out.exists() else {}
     t0 = time.time()
     load0 = os.getloadavg()
     cases: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="finsynth-reliability-") as tmp:
         work = Path(tmp)
-        for kind in ("429", "500", "hang", "truncate", "garbage"):
+        if only is not None:
+            cases = prev.get("llm_cases", []) if "llm" not in only else []
+        for kind in ("429", "500", "hang", "truncate", "garbage") if only is None or "llm" in only else ():
             cases.append(case_faults(work, kind))
             print(json.dumps(cases[-1]), flush=True)
-        for name in ("dead", "401", "500"):
-            cases.append(case_failing(work, name))
-            print(json.dumps(cases[-1]), flush=True)
-        for point in ("mid-llm-calls", "augment-before-manifest", "dedup-before-manifest"):
-            cases.append(case_kill(work, point))
-            print(json.dumps(cases[-1]), flush=True)
-        cases += case_concurrent(work)
-        print(json.dumps(cases[-2:]), flush=True)
-        corpus = case_corpus(work)
+        if only is None or "llm" in only:
+            for name in ("dead", "401", "500"):
+                cases.append(case_failing(work, name))
+                print(json.dumps(cases[-1]), flush=True)
+            for point in ("mid-llm-calls", "augment-before-manifest", "dedup-before-manifest"):
+                cases.append(case_kill(work, point))
+                print(json.dumps(cases[-1]), flush=True)
+            cases += case_concurrent(work)
+            print(json.dumps(cases[-2:]), flush=True)
+        if only is None or "environment" in only:
+            env_cases = case_environment(work)
+            print(json.dumps(env_cases), flush=True)
+        else:
+            env_cases = prev.get("environment_cases", [])
+        corpus = case_corpus(work) if only is None or "corpus" in only else prev.get("corpus_cases", [])
     llm_cases = [c for c in cases]
     summary = {
-        "cases": len(llm_cases) + len(corpus),
-        "rows_unaccounted": sum(c.get("rows_unaccounted") or 0 for c in llm_cases + corpus),
+        "cases": len(llm_cases) + len(corpus) + len(env_cases),
+        "rows_unaccounted": sum(c.get("rows_unaccounted") or 0 for c in llm_cases + corpus + env_cases),
         "repeated_calls_after_kill": sum(c["repeated_calls"] for c in llm_cases if c["case"].startswith("kill")),
         "repeated_calls": sum(c["repeated_calls"] for c in llm_cases),
-        "secret_hits": sum(c["secret_hits"] for c in llm_cases + corpus),
+        "secret_hits": sum(c["secret_hits"] for c in llm_cases + corpus + env_cases),
         "failing_teacher_exit_codes": {c["case"]: c["exit_code"] for c in llm_cases
                                        if c["case"] in ("dead server", "401 on every call", "500 on every call")},
         "corpus_cases": len(corpus),
         "corpus_exit_codes_as_expected": all(c["exit_code"] == c["expected_exit"] for c in corpus),
+        "environment_faults_one_line": {c["case"]: (c["exit_code"] != 0 and c["one_line"] and not c["traceback"]
+                                                    and not c["manifest"]) if "skipped" not in c else "skipped"
+                                        for c in env_cases},
     }
     result = {"benchmark": "reliability", "summary": summary, "llm_cases": llm_cases, "corpus_cases": corpus,
+              "environment_cases": env_cases,
               "wall_s": round(time.time() - t0, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = ROOT / "benchmarks" / "results" / "reliability.json"
+    if only is not None:
+        result["partial_runs"] = [*prev.get("partial_runs", []),
+                                  {"only": sorted(only), "date": result["date"], "wall_s": result["wall_s"]}]
+        result["wall_s"], result["date"] = prev.get("wall_s"), prev.get("date")  # of the last full run
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
