@@ -342,3 +342,24 @@ def test_quality_profile_trains_on_generated_sentences_and_tests_on_headlines():
     assert "finance_sentiment.jsonl" in [Path(s.path).name for s in cfg.sources.source_qa]
     assert "headline_sentiment.jsonl" not in [Path(s.path).name for s in cfg.sources.source_qa]
     assert [(Path(s.path).name, s.name) for s in cfg.evaluate.test_sets] == [("headline_sentiment.jsonl", "headlines")]
+
+
+def test_quality_json_fields_from_a_report(cls_cfg):
+    """benchmarks/bench_quality.py's figures per category: macro-F1 of every arm with CIs, tuned's paired
+    gains, the collapse flags, and the overall comparison without the categories where tuned collapsed."""
+    import importlib.util
+
+    from training.evaluate import decode_row, evaluate_answers
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{**decode_row(r), "split": "test"} for r in TEST]
+    answers = {"base": ["positive"] * 6, "fewshot": [r["answer"] for r in rows], "tuned": ["negative"] * 6}
+    rep = evaluate_answers(cls_cfg, rows, answers, train_rows=[decode_row(r) for r in TRAIN])
+    cat = bench.point_figures(rep)["categories"]["sentiment"]
+    assert set(cat["macro_f1"]) == {"base", "fewshot", "majority", "tuned"}
+    assert cat["macro_f1"]["fewshot"]["mean"] == 1.0 and len(cat["macro_f1"]["tuned"]["ci"]) == 2
+    assert cat["tuned_minus_majority_f1"]["ci"] == [0.0, 0.0] and cat["tuned_minus_fewshot_f1"]["mean"] < 0
+    assert cat["collapse"] == {"base": True, "fewshot": False, "tuned": True, "majority": True}
+    assert bench.overall_without_collapsed(rep, rep["items"], n_boot=200)["excluded_categories"] == ["sentiment"]
