@@ -179,7 +179,7 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
                                                   "an interval that excludes 0 is a difference the sample supports")
         f1_rows = manifest.get("classification_rows") or []
         if f1_rows:  # classification: macro-F1 of every arm incl. the majority baseline, and collapse flags
-            create_table_artifact(table=f1_rows, key="classification-f1",
+            create_table_artifact(table=_ui_table(f1_rows), key="classification-f1",
                                   description="classification per category: macro-F1 [95% clustered CI] of base "
                                               "zero-shot, base few-shot, tuned and the majority-label baseline "
                                               "(log-likelihood scoring), tuned's paired gains, and the arms flagged "
