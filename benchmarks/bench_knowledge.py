@@ -16,8 +16,8 @@ Gemma-3-270M with the project's chat template, assistant-only loss and trainer
 - ``k3``: the original and 3 rephrasings; ``k1`` and ``k2`` with ``--arms``.
 
 Scoring, the same for every arm and for the base model: log-likelihood ranking of the gold answer among
-its 4 candidates of the same pool (:func:`datagen.causal_lm.continuation_logprobs`, end-of-turn scored;
-chance 0.25), and greedy exact match after normalisation. After every epoch the test, validation and
+its 4 candidates of the same pool (:func:`training.generate.score_choices`, the rule evaluation uses for
+classification labels; chance 0.25), and greedy exact match after normalisation. After every epoch the test, validation and
 control sets are scored (the learning curve). CIs are bootstraps clustered by company; arm differences are
 paired per fact, with McNemar's exact test. Writes ``benchmarks/results/knowledge.json`` and
 ``knowledge.png``. Run it alone (~1 h on 2 cores).
@@ -45,13 +45,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 
-from datagen.causal_lm import continuation_logprobs, generate, render_prompt  # noqa: E402
+from datagen.causal_lm import generate, render_prompt  # noqa: E402
 from datagen.config import load_config  # noqa: E402
 from datagen.dataset.chat_format import USER_PROMPT, build_messages  # noqa: E402
 from datagen.dataset.knowledge import arm_rows, knowledge_split  # noqa: E402
 from datagen.io import read_jsonl  # noqa: E402
 from datagen.prompts import load_prompt  # noqa: E402
 from training.aggregate import bootstrap_ci  # noqa: E402
+from training.generate import score_choices  # noqa: E402
 from training.graders import normalise_answer, pick_by_loglik  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,14 +77,9 @@ class Scorer:
         self.prompts = [render_prompt(tok, build_messages(r, system, user)[:-1]) for r in items]
 
     def loglik(self, model) -> list[int]:
-        pairs = [(p, c) for p, r in zip(self.prompts, self.items, strict=True) for c in r["metadata"]["candidates"]]
-        lp = continuation_logprobs(model, self.tok, pairs, batch_size=self.batch_size)
-        out, i = [], 0
-        for r in self.items:
-            cands = r["metadata"]["candidates"]
-            out.append(int(cands[pick_by_loglik(lp[i:i + len(cands)])] == r["answer"]))
-            i += len(cands)
-        return out
+        cands = [r["metadata"]["candidates"] for r in self.items]
+        scores = score_choices(model, self.tok, self.prompts, cands, batch_size=self.batch_size)
+        return [int(c[pick_by_loglik(s)] == r["answer"]) for c, s, r in zip(cands, scores, self.items, strict=True)]
 
     def exact(self, model, max_new_tokens: int = 10) -> tuple[list[int], list[str]]:
         texts: list[str] = []
@@ -100,6 +96,8 @@ class Scorer:
 
 
 def summary(correct: list[int], items: list[dict]) -> dict:
+    if not correct:
+        return {"n": 0, "acc": None, "ci": None}
     groups = [r["metadata"]["entity"] for r in items]
     return {"n": len(correct), "acc": round(float(np.mean(correct)), 4) if correct else None,
             "ci": bootstrap_ci(correct, N_BOOT, SEED, groups=groups)}
@@ -176,7 +174,9 @@ def run_arm(cfg, tok, system, user, train_rows: list[dict], scorers: dict[str, S
 
 
 def best_epoch(record: list[dict]) -> dict:
-    """The epoch with the highest validation accuracy (the earliest at a tie)."""
+    """The epoch with the highest validation accuracy (the earliest at a tie); the last without validation."""
+    if not record[-1]["validation"]:
+        return record[-1]
     return max(record, key=lambda r: (float(np.mean(r["validation"])), -r["epoch"]))
 
 
@@ -195,7 +195,7 @@ def plot(result: dict, path: Path) -> None:
     hi = [result["arms"][a]["heldout"]["ci"][1] - acc[i] for i, a in enumerate(arms)]
     ax1.bar(xs, acc, yerr=[lo, hi], capsize=4, color=["#999", "#58a", "#7a5", "#8b4", "#3a3"][:len(arms)])
     ax1.axhline(0.25, ls=":", color="k", lw=1, label="chance (4 candidates)")
-    ax1.axhline(result["controls"]["acc"], ls="--", color="r", lw=1, label="controls (never trained)")
+    ax1.axhline(result["controls"]["acc"] or 0.0, ls="--", color="r", lw=1, label="controls (never trained)")
     ax1.set_xticks(xs, [f"{a}\n({result['arms'][a]['steps']} steps)" for a in arms], fontsize=8)
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("held-out phrasing accuracy (log-likelihood)")
@@ -294,8 +294,9 @@ def main() -> None:
         "model": cfg.model.name_or_path,
         "facts": {"trained": len(trained), "test": len(test), "validation": len(validation),
                   "controls": len(controls), "file": str(a.facts.relative_to(ROOT)) if a.facts.is_relative_to(ROOT) else str(a.facts)},
-        "scoring": "log-likelihood rank of the gold answer among 4 candidates of its pool (sum of token "
-                   "log-probs incl. <end_of_turn>, mean per token where candidates differ in length); chance 0.25. "
+        "scoring": "log-likelihood rank of the gold answer among 4 candidates of its pool (training.generate."
+                   "score_choices: the answer's tokens, mean log-prob per token where candidates differ in "
+                   "length); chance 0.25. "
                    "EM: greedy, normalised exact match. CIs: 95% bootstrap clustered by company.",
         "selection": "each arm is read at the epoch with the best validation accuracy (held-out phrasings of "
                      "other trained facts), the earliest at a tie; last_epoch gives the final epoch",

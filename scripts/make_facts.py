@@ -17,7 +17,7 @@ Companies are ``trained`` or ``control`` (never trained: their accuracy must sta
 companies are ``test`` or ``validation`` (hyperparameters are chosen on the validation companies'
 held-out phrasings only). Rows are source-QA rows (closed-book: no context), one per fact, grouped by fact.
 
-    python scripts/make_facts.py [--companies 40] [--controls 8] [--validation 8] [--out data/raw/knowledge_facts.jsonl]
+    python scripts/make_facts.py [--companies 24] [--controls 6] [--validation 4] [--out data/raw/knowledge_facts.jsonl]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def assign(pool: list[str], k: int, rng: random.Random, counts: dict[str, int]) 
     return picked
 
 
-def make_facts(n_companies: int = 40, n_controls: int = 8, n_validation: int = 8, seed: int = SEED) -> list[dict]:
+def make_facts(n_companies: int = 24, n_controls: int = 6, n_validation: int = 4, seed: int = SEED) -> list[dict]:
     rng = random.Random(seed)
     cos = companies(n_companies + n_controls, rng)
     roles = ["control"] * n_controls + ["validation"] * n_validation + ["test"] * (n_companies - n_validation)
@@ -149,9 +149,9 @@ def make_facts(n_companies: int = 40, n_controls: int = 8, n_validation: int = 8
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--companies", type=int, default=40, help="trained companies (test + validation)")
-    ap.add_argument("--controls", type=int, default=8, help="control companies, never trained")
-    ap.add_argument("--validation", type=int, default=8, help="trained companies whose held-out phrasings choose hyperparameters")
+    ap.add_argument("--companies", type=int, default=24, help="trained companies (test + validation)")
+    ap.add_argument("--controls", type=int, default=6, help="control companies, never trained")
+    ap.add_argument("--validation", type=int, default=4, help="trained companies whose held-out phrasings choose hyperparameters")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data/raw/knowledge_facts.jsonl")
     a = ap.parse_args()
     rows = make_facts(a.companies, a.controls, a.validation)

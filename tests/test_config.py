@@ -64,7 +64,7 @@ def test_public_dump_holds_no_secret(monkeypatch):
     ("sources.market.risk_vol_thresholds=[0.4,0.2]",
      r"sources\.market: risk_vol_thresholds must be ordered low < high"),
     ("augment.length_ratio=[2.0,0.5]", r"augment: length_ratio must be ordered low < high"),
-    ("augment.temperature=50", r"augment\.temperature: Input should be less than or equal to 2"),
+    ("augment.temperature=50", r"augment\.temperature: Input should be less than or equal to 1\.2"),
     ("evaluate.temperature=3", r"evaluate\.temperature: Input should be less than or equal to 2"),
     ("train.max_steps=-5", r"train\.max_steps: Input should be greater than or equal to -1"),
     ("train.max_steps=0", r"train\.max_steps: max_steps must be positive, or -1"),
@@ -85,3 +85,14 @@ def test_unquoted_yaml_date_gets_a_hint(tmp_path):
         load_config(f)
     f.write_text("sources:\n  market:\n    start: '2024-01-02'\n")
     assert load_config(f).sources.market.start == "2024-01-02"
+
+
+def test_a_temperature_above_the_retry_cap_is_refused_not_clipped(tmp_path):
+    """What the configuration validates is what is sent: augment.temperature 1.5 was sent as 1.2."""
+    from datagen.config import ConfigError
+
+    with pytest.raises(ConfigError, match="augment.temperature"):
+        load_config(profile="demo", root=tmp_path, overrides=["augment.temperature=1.5"])
+    with pytest.raises(ConfigError, match="augment.scenario.temperature"):
+        load_config(profile="demo", root=tmp_path, overrides=["augment.scenario.temperature=1.5"])
+    assert load_config(profile="demo", root=tmp_path, overrides=["augment.temperature=1.2"]).augment.temperature == 1.2

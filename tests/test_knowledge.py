@@ -139,3 +139,4 @@ def test_split_stage_knowledge_strategy(facts, tmp_path):
     n_train = sum(f["metadata"]["role"] != "control" for f in facts)
     assert len(res["splits"]["train"]) == 4 * n_train
     json.dumps(res["clusters"])  # the card's cluster table is built
+

@@ -63,6 +63,10 @@ def _date(value: str | None, what: str) -> str | None:
 
 
 MAX_TEMPERATURE = 2.0  # the range OpenAI-compatible servers and Gemini accept
+# retries sample hotter, up to a cap: a first temperature above the cap would be sent as the cap, so the
+# configuration refuses it instead (what is validated is what is sent)
+REPHRASE_MAX_TEMPERATURE = 1.2
+SCENARIO_MAX_TEMPERATURE = 1.3
 
 
 # ----------------------------------------------------------------------------- paths
@@ -205,7 +209,7 @@ class ScenarioSynthConfig(_Strict):
         "liquidity_squeeze", "sector_default_cluster", "real_estate_correction", "sovereign_stress"]
     per_cluster: int = Field(4, ge=0)
     max_attempts: int = Field(3, ge=1)
-    temperature: float = Field(0.8, ge=0, le=MAX_TEMPERATURE)
+    temperature: float = Field(0.8, ge=0, le=SCENARIO_MAX_TEMPERATURE)
     max_tokens: int = Field(320, ge=16)
     diversity_threshold: float = Field(0.92, gt=0, le=1)  # drop if cosine to a kept one >= this
     seed: int = 5
@@ -219,7 +223,7 @@ class AugmentConfig(_Strict):
     provider: str = "local"
     k: int = Field(3, ge=0)
     max_attempts: int = Field(3, ge=1)  # per missing rephrasing
-    temperature: float = Field(0.7, ge=0, le=MAX_TEMPERATURE)
+    temperature: float = Field(0.7, ge=0, le=REPHRASE_MAX_TEMPERATURE)
     max_tokens: int = Field(96, ge=8)
     sim_low: float = Field(0.71, ge=-1, le=1)  # calibrated: scripts/calibrate_rephrase.py, docs/augment.md
     sim_high: float = Field(0.98, ge=-1, le=1)
@@ -273,6 +277,12 @@ class DedupConfig(_Strict):
 
 
 class SplitConfig(_Strict):
+    # grouped: train/validation/test by group and context (open-book items, the default);
+    # knowledge: closed-book facts, trained in every phrasing but one, asked in the held-out one, with
+    # never-trained control facts (datagen.dataset.knowledge)
+    strategy: Literal["grouped", "knowledge"] = "grouped"
+    knowledge_controls: float = Field(0.2, ge=0, lt=1)  # share of facts (by entity) never trained
+    knowledge_validation: float = Field(0.2, ge=0, lt=1)  # share asked in validation instead of test
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     test_originals_only: bool = True
     balance_train: bool = False
@@ -334,6 +344,9 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
     epochs: float = Field(3.0, gt=0)
+    # each training row this many times per epoch: the exposure-matched k=0 arm of a k=3 comparison is
+    # augment.k=0 with train.repeat=4 (the same steps and answer exposures, one wording)
+    repeat: int = Field(1, ge=1)
     max_steps: int = Field(-1, ge=-1)  # -1: run the epochs; else a positive step count
     eval_steps: int = Field(50, ge=1)
     save_steps: int | None = None  # default: eval_steps

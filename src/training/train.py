@@ -352,6 +352,10 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     train_ds, eval_ds, balance = load_training_data(cfg, dataset_dir)
     if train_ds is None or len(train_ds) == 0:
         raise FileNotFoundError(f"no training rows in {dataset_dir / 'train.parquet'}")
+    if cfg.train.repeat > 1:  # exposure matching: every row `repeat` times per epoch
+        from datasets import concatenate_datasets
+
+        train_ds = concatenate_datasets([train_ds] * cfg.train.repeat)
     if eval_ds is None or len(eval_ds) == 0:
         log.warning("no validation rows: training without evaluation, early stopping or best-checkpoint selection")
         eval_ds = None

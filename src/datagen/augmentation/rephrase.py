@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from datagen.augmentation.validators import RephraseChecks, check_near_copy, validate_rephrasing
+from datagen.config import REPHRASE_MAX_TEMPERATURE
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
 from datagen.llm.tasks import Reject, Task, Turn, llm_error, resolve_prompt_format, run_task, temperature_at
@@ -48,7 +49,7 @@ PROMPT_FIRST = "rephrase"
 PROMPT_RETRY = "rephrase_retry"
 PROMPT_BASE = "rephrase_base"
 STOP = ("\n", "<end_of_turn>")
-HEAT, MAX_TEMPERATURE = 0.2, 1.2  # each retry samples this much hotter, up to the cap
+HEAT = 0.2  # each retry samples this much hotter, up to the cap the configuration enforces
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -105,7 +106,7 @@ def format_output(text: str | None, row: dict[str, Any]) -> dict[str, Any]:
 
 def attempt_temperature(base: float, attempt: int) -> float:
     """Retries sample hotter (bounded): 0.7 -> 0.9 -> 1.1."""
-    return temperature_at(base, attempt, HEAT, MAX_TEMPERATURE)
+    return temperature_at(base, attempt, HEAT, REPHRASE_MAX_TEMPERATURE)
 
 
 def max_tokens_for(question: str, cap: int) -> int:
@@ -233,7 +234,7 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
 
     task = Task(
         name="rephrase", format_input=lambda it, a: format_input(it.row, a, prompt_format), format_output=parse,
-        temperature=temperature, heat=HEAT, max_temperature=MAX_TEMPERATURE,
+        temperature=temperature, heat=HEAT, max_temperature=REPHRASE_MAX_TEMPERATURE,
         seed_by=lambda it: (it.row["id"], 0 if best_of_n else it.slots[0]),
         max_tokens=lambda it: max_tokens_for(str(it.row["question"]), max_tokens), stop=STOP if early_stop else (),
         wanted=lambda it: len(it.slots), candidates=candidates,

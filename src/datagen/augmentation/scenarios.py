@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from datagen.augmentation.validators import char_ratio, is_question
-from datagen.config import ScenarioSynthConfig
+from datagen.config import SCENARIO_MAX_TEMPERATURE, ScenarioSynthConfig
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
 from datagen.llm.tasks import Reject, Task, Turn, llm_error, resolve_prompt_format, run_task
@@ -323,7 +323,7 @@ def synthesize_scenarios(cfg: ScenarioSynthConfig, provider: LLMProvider,
                 "geography": task["geography"], "rephrase_index": None, "prompt": prompt.ref}
 
     spec = Task(name="scenarios", format_input=lambda t, a: format_input(t, a, fmt), format_output=parse,
-                temperature=cfg.temperature, heat=0.15, max_temperature=1.3,
+                temperature=cfg.temperature, heat=0.15, max_temperature=SCENARIO_MAX_TEMPERATURE,
                 seed_by=lambda t: (cfg.seed, t["cluster"], t["slot"]), max_tokens=cfg.max_tokens,
                 stop=STOP_BASE if fmt == "base" else (), candidates=cfg.candidates,
                 key=lambda t, a, _: f"{t['cluster']}#{t['slot']}@{a}", record=record, review=diverse)
