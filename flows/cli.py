@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from datagen.config import ConfigError, load_config
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     card.add_argument("--path", type=Path, default=None, help="a dataset folder (default: the config's)")
     scores = sub.add_parser("scores", parents=[common], help="print per-category evaluation scores")
     scores.add_argument("run", nargs="?", default=None, help="an evaluation run folder or name")
+    form = scores.add_mutually_exclusive_group()
+    form.add_argument("--markdown", dest="fmt", action="store_const", const="markdown", default="text",
+                      help="the Markdown tables of report.md (with pass rates)")
+    form.add_argument("--json", dest="fmt", action="store_const", const="json", help="the table rows as JSON")
     sub.add_parser("config", parents=[common], help="print the validated configuration")
     ui = sub.add_parser("ui", parents=[common], help="the Prefect UI on the main command's database, until Ctrl-C")
     ui.add_argument("--home", type=Path, default=None,
@@ -82,24 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["FINSYNTH_ALLOW_STALE"] = "1"
         if args.command == "config":
             print(json.dumps(cfg.dump_public(), indent=2))
-        elif args.command == "run":
+        elif args.command in ("run", "sweep"):
             # without PREFECT_API_URL Prefect starts a temporary local server; give it time on 2 busy cores
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-            from flows.pipeline import pipeline
-
-            result = pipeline(profile=args.profile, config_path=str(args.config) if args.config else None,
-                              overrides=args.overrides, root=str(args.root) if args.root else None,
-                              only=args.only, start=args.start, refresh=args.refresh,
-                              allow_stale=args.allow_stale)
-            print(json.dumps(result, indent=2, default=str))
-        elif args.command == "sweep":
-            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-            from flows.sweep import sweep
-
-            result = sweep(profile=args.profile, config_path=str(args.config) if args.config else None,
-                           overrides=args.overrides, root=str(args.root) if args.root else None, grid=args.grid,
-                           points=args.point, name=args.name, refresh=args.refresh)
-            print(json.dumps(result, indent=2, default=str))
+            with _terminal(args, cfg) as out:
+                result = _run_flow(args)
+            print(json.dumps(result, indent=2, default=str), file=out or sys.stdout, flush=True)
         elif args.command == "ui":
             from flows.ui import default_home, serve
 
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "scores":
             from training.report import scores_table
 
-            print(scores_table(cfg, args.run))
+            print(scores_table(cfg, args.run, args.fmt))
         else:
             with run_lock(cfg.paths.root):
                 manifest = execute(cfg, args.command)
@@ -145,8 +138,42 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"finsynth: error: {fault or _one_line(e)}", file=sys.stderr)
+        if _LOG["path"] is not None:
+            print(f"  full log: {_LOG['path']} (--debug prints it here)", file=sys.stderr)
         return 2
     return 0
+
+
+_LOG: dict[str, Path | None] = {"path": None}  # the log file of this command's run, once there is one
+
+
+@contextmanager
+def _terminal(args: argparse.Namespace, cfg):
+    """A Prefect run in this process: with ``--debug`` everything reaches the terminal; otherwise the
+    terminal shows the stage and progress lines (:mod:`flows.progress`) and the rest (library warnings,
+    Prefect's records and temporary server, handled tracebacks) goes to a log file. Yields the terminal's
+    stdout (None with ``--debug``)."""
+    if args.debug:
+        yield None
+        return
+    from flows.progress import log_file, quiet_terminal
+
+    path = _LOG["path"] = log_file(cfg.paths.root, args.command)
+    with quiet_terminal(path) as (out, terminal):
+        terminal.line(f"finsynth {args.command}: full log in {path}")
+        yield out
+
+
+def _run_flow(args: argparse.Namespace) -> dict:
+    common = dict(profile=args.profile, config_path=str(args.config) if args.config else None,
+                  overrides=args.overrides, root=str(args.root) if args.root else None, refresh=args.refresh)
+    if args.command == "run":
+        from flows.pipeline import pipeline
+
+        return pipeline(**common, only=args.only, start=args.start, allow_stale=args.allow_stale)
+    from flows.sweep import sweep
+
+    return sweep(**common, grid=args.grid, points=args.point, name=args.name)
 
 
 def _where(cfg, stage: str | None, root: Path | None) -> Path | None:

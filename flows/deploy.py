@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -138,37 +139,69 @@ def local_prefect(home: Path, port: int = 0):
 
 
 def deploy_and_run(*, deployment: str, parameters: dict, home: Path, port: int = 0,
-                   timeout_s: float = 3600) -> dict:
-    """Start server and worker, deploy, run ``deployment`` with ``parameters``; return a summary."""
+                   timeout_s: float = 3600, on_line: Callable[[dict], None] | None = None) -> dict:
+    """Start server and worker, deploy, run ``deployment`` with ``parameters`` (its stage and progress
+    lines to ``on_line`` while it runs); return a summary."""
     t0 = time.monotonic()
     with local_prefect(home, port) as env:
         name = f"{FLOW_NAME}/{deployment}"
         print(f"[deploy] running {name} with {parameters}", flush=True)
         summary = {"deployment": name, "api_url": env["PREFECT_API_URL"],
-                   **run_deployment_in(env, name, parameters, timeout_s)}
+                   **run_deployment_in(env, name, parameters, timeout_s, on_line)}
     summary["total_s"] = round(time.monotonic() - t0, 1)
     return summary
 
 
-def run_deployment_in(env: dict[str, str], name: str, parameters: dict, timeout_s: float) -> dict:
+def run_deployment_in(env: dict[str, str], name: str, parameters: dict, timeout_s: float,
+                      on_line: Callable[[dict], None] | None = None) -> dict:
     """Run in a child process (``python -m flows.deploy --child``) so this process's Prefect settings
-    stay untouched; the child prints one ``@@RESULT@@`` JSON line."""
-    r = subprocess.run([sys.executable, "-m", "flows.deploy", "--child", name, json.dumps(parameters), str(timeout_s)],
-                       env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    raise RuntimeError(f"run_deployment failed ({r.returncode}): {r.stderr[-3000:]}")
+    stay untouched. While the flow run runs, the child reads its stage and progress lines from Prefect's
+    logs API (:func:`flows.progress.follow`) and prints each as one ``@@LINE@@`` JSON line, which goes to
+    ``on_line`` as it arrives (``received``: this machine's clock; ``timestamp``: the record's); at the end
+    it prints one ``@@RESULT@@`` JSON line. The summary lists the lines under ``progress``; the child's
+    stderr goes to ``<PREFECT_HOME>/logs/run.log``."""
+    log = Path(env.get("PREFECT_HOME", PROJECT_ROOT / ".prefect")) / "logs" / "run.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[dict] = []
+    result = None
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--child", name, json.dumps(parameters),
+                                 str(timeout_s)], env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=err,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            if raw.startswith(LINE_MARK):
+                rec = json.loads(raw[len(LINE_MARK):])
+                rec["received"] = time.time()
+                lines.append(rec)
+                if on_line is not None:
+                    on_line(rec)
+            elif raw.startswith(RESULT_MARK):
+                result = json.loads(raw[len(RESULT_MARK):])
+        proc.wait()
+    if result is None:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"run_deployment failed ({proc.returncode}); {log} ends with: {tail}")
+    return {**result, "progress": lines}
 
 
 RESULT_MARK = "@@RESULT@@"
+LINE_MARK = "@@LINE@@"
 
 
 def _child_run(name: str, parameters: str, timeout_s: str) -> int:
-    """The child side of :func:`run_deployment_in`: run the deployment, wait, print its summary."""
+    """The child side of :func:`run_deployment_in`: start the deployment's run, print its lines while it
+    runs, then its summary."""
     from prefect.deployments import run_deployment
 
-    fr = run_deployment(name, parameters=json.loads(parameters), timeout=float(timeout_s))
+    from flows.progress import follow
+
+    def line(lg) -> None:
+        print(LINE_MARK + json.dumps({"name": lg.name, "level": lg.level, "message": lg.message,
+                                      "timestamp": lg.timestamp.timestamp()}), flush=True)
+
+    fr = run_deployment(name, parameters=json.loads(parameters), timeout=0)  # created: now follow it
+    fr = follow(fr.id, line, timeout_s=float(timeout_s))
     res = None
     if fr.state and fr.state.is_completed():
         try:
@@ -178,7 +211,9 @@ def _child_run(name: str, parameters: str, timeout_s: str) -> int:
     st = fr.state
     print(RESULT_MARK + json.dumps({"flow_run_id": str(fr.id), "flow_run_name": fr.name,
                                     "state": st.type.value if st else None, "state_name": st.name if st else None,
-                                    "message": st.message if st else None, "result": res}, default=str))
+                                    "message": st.message if st else None, "result": res,
+                                    "start_time": fr.start_time.timestamp() if fr.start_time else None,
+                                    "end_time": fr.end_time.timestamp() if fr.end_time else None}, default=str))
     return 0
 
 
@@ -200,24 +235,61 @@ def main(argv: list[str] | None = None) -> int:
         params["root"] = str(Path(args.root).resolve())
     if args.overrides:
         params["overrides"] = args.overrides
+    from datagen.progress import PROGRESS_LOGGER
+    from flows.progress import Terminal
+
+    terminal = Terminal(sys.stdout)
+    home = args.home.resolve()
     try:
-        summary = deploy_and_run(deployment=args.deployment, parameters=params, home=args.home.resolve(),
-                                 port=args.port, timeout_s=args.timeout)
+        summary = deploy_and_run(deployment=args.deployment, parameters=params, home=home,
+                                 port=args.port, timeout_s=args.timeout,
+                                 on_line=lambda r: terminal.line(r["message"], progress=r["name"] == PROGRESS_LOGGER,
+                                                                 when=r["timestamp"]))
     except (RuntimeError, OSError) as e:
+        terminal.end()
         print(f"finsynth deploy: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
-    ok = summary.get("state") == "COMPLETED"
-    res = summary.get("result") or {}
-    print(f"\nflow run {summary.get('flow_run_name')}: {summary.get('state_name')}")
-    if ok and isinstance(res, dict):
-        print(f"  executed stages: {', '.join(res.get('executed', [])) or '(none: all cached)'}")
-        for k in ("dataset_card", "adapter", "report"):
-            if k in res:
-                print(f"  {k.replace('_', ' ')}: {res[k]}")
-    else:
-        print(f"  logs: {args.home / 'logs'} (server.log, worker.log); message: {summary.get('message')}")
-    return 0 if ok else 1
+    terminal.end()
+    print(outcome(summary, home), flush=True)
+    return 0 if summary.get("state") == "COMPLETED" else 1
+
+
+def outcome(summary: dict, home: Path) -> str:
+    """What the main command prints once the run ended: its state, the score tables and a few test
+    questions with base and tuned answers, and where everything is; the summary itself goes to
+    ``<home>/last-run.json``."""
+    from datagen.progress import seconds
+
+    saved = home / "last-run.json"
+    saved.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    res = summary.get("result") if isinstance(summary.get("result"), dict) else {}
+    took = summary.get("total_s")
+    out = ["", f"flow run {summary.get('flow_run_name')}: {summary.get('state_name')}"
+           + (f" after {seconds(took)}" if took else "")]
+    logs = home / "logs"
+    if summary.get("state") != "COMPLETED":
+        out += [f"  {summary.get('message') or ''}".rstrip(),
+                f"  logs: {logs / 'worker.log'} (the run's whole output), {logs / 'server.log'}",
+                f"  run summary (JSON): {saved}"]
+        return "\n".join(out)
+    out.append(f"  stages run: {', '.join(res.get('executed', [])) or 'none'}; "
+               f"cached: {', '.join(res.get('cached', [])) or 'none'}")
+    report = Path(res["report"]).parent if res.get("report") else None
+    if report is not None and (report / "report.json").exists():
+        from training.report import run_summary_text
+
+        dataset = Path(res["dataset_card"]).parent if res.get("dataset_card") else None
+        try:
+            out += ["", run_summary_text(report, dataset)]
+        except (OSError, ValueError, KeyError) as e:  # an old report: the paths below still say where it is
+            out += ["", f"(no score table: {e})"]
+    out += ["", "Outputs:"]
+    named = [("dataset card", res.get("dataset_card")), ("adapter", res.get("adapter")),
+             ("report", res.get("report")), ("run summary (JSON)", str(saved)),
+             ("logs", f"{logs} (worker.log: the run's whole output)")]
+    w = max(len(k) for k, _ in named)
+    out += [f"  {k.ljust(w)}  {v}" for k, v in named if v]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

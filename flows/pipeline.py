@@ -44,7 +44,9 @@ from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
 from datagen.io import RUN_INFO, STALE, run_lock, write_json
+from datagen.progress import stage_log
 from datagen.render import md_cell, md_code
+from flows.progress import to_run_log
 from flows.stages import cache_inputs, execute, get_stage, inputs_key, output_matches, probe_providers, select
 
 
@@ -88,6 +90,7 @@ def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     cached = state.name == "Cached"
     if cached:  # made from the current upstream content: not stale, whatever ran in between
         (stage.output(cfg) / STALE).unlink(missing_ok=True)
+        stage_log.info("%s: cached (same config, upstream content, prompts and code): not rerun", name)
     _publish(cfg, name, manifest)
     return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg)),
             "seconds": round(time.monotonic() - t0, 1)}
@@ -200,7 +203,7 @@ def _stage_flow(name: str):
         if allow_stale:
             os.environ["FINSYNTH_ALLOW_STALE"] = "1"
         cfg = _load(profile, config_path, overrides, root)
-        with run_lock(cfg.paths.root):
+        with to_run_log(), run_lock(cfg.paths.root):
             return _run_one(cfg, name, refresh)
 
     stage_flow.__name__ = f"{name}_flow"
@@ -227,7 +230,7 @@ def pipeline(profile: str | None = "demo", config_path: str | None = None,
     if allow_stale:
         os.environ["FINSYNTH_ALLOW_STALE"] = "1"
     cfg = _load(profile, config_path, overrides, root)
-    with run_lock(cfg.paths.root):
+    with to_run_log(), run_lock(cfg.paths.root):
         return _pipeline(cfg, profile, config_path, overrides, root, only, start, refresh, allow_stale)
 
 
@@ -237,7 +240,7 @@ def _pipeline(cfg: Config, profile, config_path, overrides, root, only, start, r
     stages = select(only, start)
     probed = probe_providers(cfg, stages)  # a missing key or dead server fails before any stage runs
     if probed:
-        logger.info("providers answering: %s", ", ".join(probed))
+        stage_log.info("providers answering: %s", ", ".join(probed))
     progress = create_progress_artifact(progress=0.0, key="pipeline-progress",
                                         description="stages finished / stages selected")
     results = []

@@ -12,6 +12,7 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from datagen.config import Config
 from datagen.dataset import chat_format, dedup, split
 from datagen.faults import find
 from datagen.io import RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, require_stage, verify_outputs
+from datagen.progress import rows_out, seconds, stage_done_line, stage_log
 from datagen.prompts import PROMPTS_DIR
 from datagen.sources import fetch
 from datagen.stage import StageSpec
@@ -62,19 +64,25 @@ def execute(cfg: Config, name: str) -> dict[str, Any]:
     then its folder is marked in progress (old manifest removed) and the stage function writes it.
     Marks later stages STALE when its output content changed. Returns the new manifest."""
     stage = get_stage(name)
-    for u in stage.upstream:
-        require_stage(get_stage(u).output(cfg), u)
-    probe_providers(cfg, [stage])
+    t0 = time.monotonic()
+    stage_log.info("%s: started", name)
     out = stage.output(cfg)
     try:
+        ups = [require_stage(get_stage(u).output(cfg), u) for u in stage.upstream]
+        probe_providers(cfg, [stage])
         before = manifest_hash(out)
         begin_stage(out)
         manifest = stage.run(cfg)
     except Exception as e:  # a full disk, a read-only root, a corrupt cache: one line naming this stage
         fault = find(e, stage=name, path=out)
+        stage_log.error("%s: failed after %s: %s", name, seconds(time.monotonic() - t0),
+                        " ".join(str(fault or e).split()) or type(e).__name__)
         if fault is None or fault is e:
             raise
         raise fault from e
+    ins = [rows_out(m) for m in ups]
+    stage_log.info("%s", stage_done_line(name, manifest, time.monotonic() - t0,
+                                         sum(ins) if ins and None not in ins else None))
     if manifest_hash(out) != before:
         mark_downstream_stale(cfg, name)
     return manifest

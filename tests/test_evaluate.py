@@ -224,6 +224,47 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     assert "| test | returns | numeric | 3 (2) |" in text
     assert "base few-shot" in text
     assert "passed its self-check" in text
+    # the terminal form (what `finsynth scores` prints): aligned columns, no Markdown pipes or escapes
+    plain = scores_table(eval_cfg, fmt="text")
+    lines = plain.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("split"))
+    table = lines[head:lines.index("", head)]
+    assert "|" not in plain and set(table[1]) == {"-", " "}
+    starts = [i for i in range(1, len(table[1])) if table[1][i] == "-" and table[1][i - 1] == " "]
+    for ln in table[2:]:  # every cell starts where its header's rule starts
+        assert all(ln[i - 2:i] == "  " for i in starts), ln
+    assert any(ln.split()[:4] == ["test", "returns", "numeric", "3"] for ln in table)
+    assert "passed its self-check" in plain and "`" not in plain
+    rows = json.loads(scores_table(eval_cfg, fmt="json"))["scores"]
+    assert {r["category"] for r in rows} >= {"returns", "overall (micro)"}
+
+
+def test_the_main_commands_end_shows_tables_and_answers_side_by_side(eval_cfg, tmp_path):
+    from flows.deploy import outcome
+
+    run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge, name="scripted", model="ref-words"),
+                 generator=fake_generator)
+    report = eval_cfg.paths.reports_dir / eval_cfg.evaluate.run_name
+    dataset = eval_cfg.paths.stage_dir("dataset")
+    res = {"executed": ["evaluate"], "cached": [], "dataset_card": str(dataset / "README.md"),
+           "adapter": str(eval_cfg.paths.models_dir / "adapter"), "report": str(report / "report.md")}
+    text = outcome({"flow_run_name": "calm-fox", "state": "COMPLETED", "state_name": "Completed", "total_s": 75.0,
+                    "result": res}, tmp_path)
+    assert "flow run calm-fox: Completed after 1 min 15 s" in text
+    assert "base zero-shot [95% CI]" in text and "tuned - few-shot [95% CI]" in text and "|" not in text
+    assert "passed its self-check" in text
+    # 3 questions, one per category first, where tuned beats few-shot first; reference and every arm's answer
+    examples = [ln for ln in text.splitlines() if ln.startswith("[")]
+    assert len(examples) == 3 and len({ln.split(" (")[0].split("] ")[1] for ln in examples}) == 3
+    for arm in ("reference", "base zero-shot", "base few-shot", "tuned"):
+        assert sum(ln.startswith(f"    {arm} ") for ln in text.splitlines()) == 3, arm
+    assert "fell 3.2%" in text or "Net interest" in text
+    for path in (dataset / "README.md", report / "report.md", tmp_path / "last-run.json"):
+        assert str(path) in text
+    assert json.loads((tmp_path / "last-run.json").read_text())["flow_run_name"] == "calm-fox"
+    failed = outcome({"flow_run_name": "x", "state": "FAILED", "state_name": "Failed", "message": "fetch: boom"},
+                     tmp_path)
+    assert "fetch: boom" in failed and "worker.log" in failed and "Mean score" not in failed
 
 
 def test_fewshot_prompts_are_training_exemplars_of_the_same_category(eval_cfg):

@@ -100,3 +100,21 @@ def slug(name: Any) -> str:
     no ``..`` path step survives."""
     s = re.sub(r"[^A-Za-z0-9_./-]+", "-", "" if name is None else str(name))
     return re.sub(r"\.{2,}", ".", s)
+
+
+def text_table(header: list[Any], rows: list[list[Any]], *, right: tuple[int, ...] = ()) -> str:
+    """An aligned plain-text table for a terminal: each cell on one line (:func:`one_line`, so no
+    control character or line break from data reaches the terminal), columns padded to their widest
+    cell and separated by two spaces, a dashed rule under the header; ``right``: column indexes
+    aligned right. A row shorter or longer than the header is an error."""
+    cells = [[one_line(c) for c in header]]
+    for r in rows:
+        if len(r) != len(header):
+            raise ValueError(f"row has {len(r)} cells, header {len(header)}: {r!r}")
+        cells.append([one_line(c) for c in r])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths), *(fmt(r) for r in cells[1:])])

@@ -33,6 +33,7 @@ from datagen.causal_lm import (
     shared_head_len,
 )
 from datagen.config import ModelConfig
+from datagen.progress import Progress
 from datagen.schema import render_context
 from datagen.tokenizer import load_tokenizer
 
@@ -102,12 +103,14 @@ def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, t
     batches = plan_batches([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], batch_size, groups)
     out = [""] * len(prompts)
     heads: dict = {}
+    progress = Progress(desc, len(batches), "batches", every_s=0)
     for k, (batch, head) in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         gens = generate(model, tok, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=None, top_p=1.0, seed=seed + k,  # sampling: whole vocabulary
                         shared=head, heads=heads)
         for i, g in zip(batch, gens, strict=True):
             out[i] = g.texts[0]
+        progress.update(1)
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from datagen.config import Config
 from datagen.io import atomic_path, read_json
-from datagen.render import md_cell, md_code, md_text, plot_text
+from datagen.render import md_cell, md_code, md_text, one_line, plot_text, text_table
 from training.aggregate import ARMS, DIFFS, F1_ARMS, F1_DIFFS, MAJORITY
 
 ARM_LABELS = {"base": "base zero-shot", "fewshot": "base few-shot", "tuned": "tuned"}
@@ -71,32 +71,54 @@ def _fmt(mean: float | None, lo: float | None = None, hi: float | None = None, s
     return f.format(mean) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None else "")
 
 
-def markdown_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...] = ARMS) -> str:
+def _score_grid(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...], cell: Any, *,
+                with_pass: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the score table; ``cell`` renders a string from data (Markdown or terminal)."""
     diffs = [d for d, (_, other) in DIFFS.items() if other in arms]
     head = (["split", "category", "grader", "n (groups)"] + [f"{ARM_LABELS[a]} [95% CI]" for a in arms]
-            + [f"{DIFF_LABELS[d]} [95% CI]" for d in diffs] + [f"pass: {' / '.join(ARM_LABELS[a] for a in arms)}"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + [f"{DIFF_LABELS[d]} [95% CI]" for d in diffs]
+            + ([f"pass: {' / '.join(ARM_LABELS[a] for a in arms)}"] if with_pass else []))
+    body = []
     for r in rows:
-        grader = md_cell(r["grader"]) + (" (!)" if r["judge_unreliable"] else "")
-        cells = [md_cell(r["split"]), md_cell(r["category"]), grader, f"{r['n']} ({r['n_groups']})"]
+        grader = cell(r["grader"]) + (" (!)" if r["judge_unreliable"] else "")
+        cells = [cell(r["split"]), cell(r["category"]), grader, f"{r['n']} ({r['n_groups']})"]
         cells += [_fmt(r[f"{a}_mean"], r[f"{a}_lo"], r[f"{a}_hi"]) for a in arms]
         cells += [_fmt(r[f"{d}_mean"], r[f"{d}_lo"], r[f"{d}_hi"], signed=True) for d in diffs]
-        cells.append(" / ".join(_fmt(r[f"{a}_pass"]) for a in arms))
-        lines.append("| " + " | ".join(cells) + " |")
+        if with_pass:
+            cells.append(" / ".join(_fmt(r[f"{a}_pass"]) for a in arms))
+        body.append(cells)
+    return head, body
+
+
+def markdown_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...] = ARMS) -> str:
+    head, body = _score_grid(rows, arms, md_cell)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def judge_banner(report: dict[str, Any]) -> str:
+def text_score_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...] = ARMS) -> str:
+    """The score table aligned for a terminal (no pass-rate column: ``--markdown`` has it); ``(!)``
+    marks a grader that rests on a judge that failed its self-check."""
+    head, body = _score_grid(rows, arms, one_line, with_pass=False)
+    return text_table(head, body, right=tuple(range(3, len(head))))
+
+
+def judge_banner(report: dict[str, Any], *, markdown: bool = True) -> str:
+    """Whether scores rest on the LLM judge and whether it passed its self-check (Markdown, or plain text
+    for a terminal)."""
     j = report["judge"]
     if not j.get("used"):
         return "No score in this report rests on the LLM judge: every item was graded programmatically."
-    rests = ", ".join(md_text(x) for x in report.get("rests_on_judge") or []) or "none of the headline scores"
-    who = md_code(f"{j.get('provider')}:{j.get('model')}")
+    text, code = (md_text, md_code) if markdown else (one_line, one_line)
+    rests = ", ".join(text(x) for x in report.get("rests_on_judge") or []) or "none of the headline scores"
+    who = code(f"{j.get('provider')}:{j.get('model')}")
     if j.get("reliable"):
         return f"The LLM judge {who} passed its self-check. Scores that rest on it: {rests}."
-    reasons = "; ".join(md_text(x) for x in j.get("reasons") or [])
-    return (f"**WARNING: the LLM judge {who} is UNRELIABLE** ({reasons}). Scores that rest on it "
-            f"({rests}; marked `(!)`) must not be trusted; treat them as placeholders until a stronger "
+    reasons = "; ".join(text(x) for x in j.get("reasons") or [])
+    strong, mark = ("**", "`(!)`") if markdown else ("", "(!)")
+    return (f"{strong}WARNING: the LLM judge {who} is UNRELIABLE{strong} ({reasons}). Scores that rest on it "
+            f"({rests}; marked {mark}) must not be trusted; treat them as placeholders until a stronger "
             f"judge passes the self-check.")
 
 
@@ -214,16 +236,119 @@ def find_report(cfg: Config, run: str | None = None) -> Path:
                             f"(looked in {', '.join(map(str, candidates))}); run `finsynth evaluate` first")
 
 
-def scores_table(cfg: Config, run: str | None = None) -> str:
-    """The per-category table for the terminal (``finsynth scores [RUN]``)."""
+def load_report(cfg: Config, run: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """``(path, report)`` of a run's ``report.json`` (:func:`find_report`); one that predates the summary
+    this module reads is an error naming the command that rebuilds it."""
     path = find_report(cfg, run)
     report = read_json(path)
     if any("overall" not in summ for summ in report.get("summary", {}).values()):
         raise ValueError(f"{path} was written before the few-shot arm and clustered CIs (no 'overall' "
                          "summary); rerun `finsynth evaluate` to rebuild it")
+    return path, report
+
+
+def scores_table(cfg: Config, run: str | None = None, fmt: str = "markdown") -> str:
+    """The per-category tables of a run (``finsynth scores [RUN]``): ``text`` (aligned for a terminal,
+    what the command prints), ``markdown`` (as in report.md, with pass rates) or ``json`` (the rows)."""
+    path, report = load_report(cfg, run)
+    if fmt == "json":
+        import json
+
+        judge = {k: report["judge"].get(k) for k in ("used", "reliable", "reasons", "provider", "model")}
+        return json.dumps({"report": str(path), "run": report.get("run"), "judge": judge,
+                           "scores": table_rows(report), "classification": classification_rows(report)}, indent=2)
+    if fmt == "text":
+        return scores_text(path, report)
+    if fmt != "markdown":
+        raise ValueError(f"unknown format {fmt!r}: text, markdown or json")
     return "\n".join([f"Evaluation {report.get('run', '')} ({path.parent})", "",
                       markdown_table(table_rows(report), _arms(report)), "",
                       *([classification_table(report), ""] if report.get("macro_f1") else []), judge_banner(report)])
+
+
+def scores_text(path: Path, report: dict[str, Any]) -> str:
+    """The tables of a report aligned for a terminal, with the judge's verdict."""
+    return "\n".join([f"Evaluation {one_line(report.get('run', ''))} ({path.parent})", "",
+                      "Mean score per category [95% clustered bootstrap CI]:", "",
+                      text_score_table(table_rows(report), _arms(report)), "",
+                      *(["Classification, macro-F1 [95% CI]:", "", text_classification_table(report), ""]
+                        if report.get("macro_f1") else []),
+                      judge_banner(report, markdown=False)])
+
+
+def pick_examples(items: list[dict[str, Any]], n: int = 3) -> list[dict[str, dict[str, Any]]]:
+    """Up to ``n`` test items to show with each arm's answer (``items.jsonl`` records, by arm): first where
+    tuned scored above base few-shot (else base zero-shot), then where their answers differ, then any;
+    one per category while there are other categories; in id order within each kind."""
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in items:
+        if r.get("split", "test") == "test" and r.get("model") in ARMS:
+            by.setdefault(r["id"], {})[r["model"]] = r
+    full = [arms for _, arms in sorted(by.items()) if "tuned" in arms and len(arms) > 1]
+
+    def kind(arms: dict[str, dict[str, Any]]) -> int:
+        other = arms.get("fewshot") or arms.get("base")
+        if (arms["tuned"].get("score") or 0) > (other.get("score") or 0):
+            return 0
+        return 1 if one_line(arms["tuned"].get("answer")) != one_line(other.get("answer")) else 2
+
+    ranked = sorted(full, key=kind)
+    picked: list[dict[str, dict[str, Any]]] = []
+    for pass_ in range(2):  # first one per category, then fill up
+        for arms in ranked:
+            if len(picked) >= n:
+                break
+            cat = arms["tuned"].get("category")
+            if arms not in picked and (pass_ or cat not in {p["tuned"].get("category") for p in picked}):
+                picked.append(arms)
+    return picked
+
+
+def examples_text(items: list[dict[str, Any]], questions: dict[str, str], n: int = 3, width: int = 100) -> str:
+    """``n`` test questions (:func:`pick_examples`) with the reference and each arm's answer and score,
+    one line each (answers clipped to ``width`` characters)."""
+    def clip(text: Any) -> str:
+        t = one_line(text).strip()
+        return t if len(t) <= width else t[:width - 3] + "..."
+
+    out = []
+    for k, arms in enumerate(pick_examples(items, n), start=1):
+        t = arms["tuned"]
+        out.append(f"[{k}] {one_line(t.get('category'))} ({one_line(t.get('grader'))}): "
+                   f"{clip(questions.get(t['id'], t['id']))}")
+        labels = ["reference", *(ARM_LABELS[a] for a in ARMS if a in arms)]
+        w = max(len(x) for x in labels)
+        out.append(f"    {'reference'.ljust(w)}  {'':5}  {clip(t.get('reference'))}")
+        for a in ARMS:
+            if a in arms:
+                score = arms[a].get("score")
+                mark = "  -  " if score is None else f"{score:5.2f}"
+                out.append(f"    {ARM_LABELS[a].ljust(w)}  {mark}  {clip(arms[a].get('answer')) or '(empty)'}")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def run_summary_text(report_dir: Path, dataset_dir: Path | None = None, examples: int = 3) -> str:
+    """What the main command prints at the end: the aligned score tables, the judge's verdict, and a
+    few test questions with base and tuned answers (questions from ``<dataset_dir>/test.parquet``)."""
+    path = report_dir / "report.json"
+    report = read_json(path)
+    parts = [scores_text(path, report)]
+    items_path = report_dir / "items.jsonl"
+    if examples and items_path.exists():
+        from datagen.io import read_jsonl
+
+        questions: dict[str, str] = {}
+        test = dataset_dir / "test.parquet" if dataset_dir is not None else None
+        if test is not None and test.exists():
+            import pandas as pd
+
+            df = pd.read_parquet(test, columns=["id", "question"])
+            questions = dict(zip(df["id"].astype(str), df["question"].astype(str)))
+        text = examples_text(read_jsonl(items_path), questions, examples)
+        if text:
+            parts += ["", f"Test questions with each arm's answer and score (all items: {items_path}):", "", text]
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- classification: macro-F1
@@ -254,25 +379,40 @@ def classification_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def classification_table(report: dict[str, Any]) -> str:
-    """Macro-F1 per classification category, every arm with its 95% CI, the tuned gains, and the
-    collapse flags, as Markdown ("" without classification items)."""
+def _classification_grid(report: dict[str, Any], cell: Any, strong: str) -> tuple[list[str], list[list[str]]]:
     rows = classification_rows(report)
-    if not rows:
-        return ""
     arms = [a for a in F1_ARMS if any(r[f"{a}_f1"] is not None for r in rows)]
     diffs = [d for d, (_, b) in F1_DIFFS.items() if b in arms]
     head = (["split", "category", "n (groups)", "scoring"] + [f"{F1_LABELS[a]} [95% CI]" for a in arms]
             + [f"{F1_DIFF_LABELS[d]} [95% CI]" for d in diffs] + ["collapsed (> 80% one label)"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
-        cells = [md_cell(r["split"]), md_cell(r["category"]), f"{r['n']} ({r['n_groups']})", r["scoring"]]
+        cells = [cell(r["split"]), cell(r["category"]), f"{r['n']} ({r['n_groups']})", r["scoring"]]
         cells += [_fmt(r[f"{a}_f1"], r[f"{a}_f1_lo"], r[f"{a}_f1_hi"]) for a in arms]
         cells += [_fmt(r[f"{d}_f1"], r[f"{d}_f1_lo"], r[f"{d}_f1_hi"], signed=True)
                   + ("" if r["tuned_gain_counts"] else " (no claim)") for d in diffs]
-        cells.append(f"**{r['collapsed']}**" if r["collapsed"] else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append(f"{strong}{r['collapsed']}{strong}" if r["collapsed"] else "-")
+        body.append(cells)
+    return head, body
+
+
+def classification_table(report: dict[str, Any]) -> str:
+    """Macro-F1 per classification category, every arm with its 95% CI, the tuned gains, and the
+    collapse flags, as Markdown ("" without classification items)."""
+    if not classification_rows(report):
+        return ""
+    head, body = _classification_grid(report, md_cell, "**")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
+
+
+def text_classification_table(report: dict[str, Any]) -> str:
+    """:func:`classification_table` aligned for a terminal ("" without classification items)."""
+    if not classification_rows(report):
+        return ""
+    head, body = _classification_grid(report, one_line, "")
+    return text_table(head, body, right=tuple(range(4, len(head) - 1)))
 
 
 def classification_section(report: dict[str, Any]) -> list[str]:

@@ -37,6 +37,7 @@ from datagen.io import (
     write_json,
     write_manifest,
 )
+from datagen.progress import progress_log, seconds
 from datagen.stage import StageSpec
 from datagen.tokenizer import load_tokenizer
 from training.models import (
@@ -240,6 +241,38 @@ def throughput_callback() -> Any:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_seconds += time.perf_counter() - self._t0
+def progress_callback() -> Any:
+    """A callback that logs each logged training step (loss, seconds per step) and each validation loss on
+    ``finsynth.progress`` (:mod:`datagen.progress`): the lines the main command's terminal and the run log
+    show while training runs."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not control.should_log:  # a step without a loss to show (set by the default flow callback, first)
+                step = state.global_step
+                progress_log.info("train step %d/%d (%s, %.1f s/step)", step, state.max_steps,
+                                  seconds(time.perf_counter() - self._t0), (time.perf_counter() - self._t0) / step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            step, total = state.global_step, state.max_steps
+            per_step = (time.perf_counter() - self._t0) / step if step else 0.0
+            if "loss" in logs:
+                progress_log.info("train step %d/%d, loss %.4f (%s, %.1f s/step)", step, total, logs["loss"],
+                                  seconds(time.perf_counter() - self._t0), per_step)
+            if "eval_loss" in logs:
+                progress_log.info("train step %d/%d, validation loss %.4f", step, total, logs["eval_loss"])
+
+    return ProgressCallback()
+
+
             self.steps += 1
 
     return ThroughputCallback()
@@ -365,7 +398,7 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     resume = _prepare_checkpoints(ckpt_dir, config_hash + ":" + str(manifest_hash(dataset_dir)))
     meter = throughput_callback()
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg, train_ds, eval_ds, ckpt_dir, device=device, callbacks=[meter])
+    trainer = build_trainer(cfg, train_ds, eval_ds, ckpt_dir, device=device, callbacks=[meter, progress_callback()])
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

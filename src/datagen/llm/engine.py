@@ -37,6 +37,7 @@ from datagen.config import ProviderConfig
 from datagen.llm.base import ChatRequest, LLMResult, LLMUnavailable, Message, Usage, parse_structured
 from datagen.llm.cache import CacheWriter, ResponseCache, cache_key
 from datagen.llm.keys import redact
+from datagen.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,8 @@ class BaseProvider:
         if not requests:
             return []
         keys, bad = self._safe_keys(requests)
-        bar = tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+        bar = _Bar(tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5),
+                   Progress(desc, len(requests), "requests"))
         writer = CacheWriter(self.cache) if self.cache is not None else None
         try:
             hits = self.cache.get_many([k for k in keys if k]) if self.cache is not None else {}
@@ -525,3 +527,19 @@ class AsyncProvider(BaseProvider):
             log.debug("%s: %s; retry %d in %.2fs", self.name, err.kind, attempt + 1, delay)
             await asyncio.sleep(delay)
         return None, "unreachable"
+
+
+class _Bar:
+    """A tqdm bar (the worker's own output) and a :class:`~datagen.progress.Progress` (log lines that reach
+    the run log and the main command's terminal), moved together."""
+
+    def __init__(self, bar: Any, progress: Progress):
+        self.bar, self.progress = bar, progress
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.progress.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.progress.close()

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel
 
 from datagen.llm.base import ChatRequest, LLMProvider, LLMResult, Message
+from datagen.progress import progress_log
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,9 @@ def run_task(provider: LLMProvider, items: Sequence[Any], task: Task, *, max_att
             task.review(turns)
         for t, req in zip(turns, reqs):
             _settle(run, task, t, open_[t.index], req.n, last)
+        filled = sum(min(len(o), w) for o, w in zip(run.outputs, wanted))
+        progress_log.info("%s: round %d/%d: %d requests, %d of %d outputs kept so far", task.name, attempt + 1,
+                          max_attempts, len(reqs), filled, sum(wanted))
     for i, outs in enumerate(run.outputs):
         for pos in range(len(outs), wanted[i]):
             if (rec := last.get((i, pos))) is not None:
