@@ -4,7 +4,8 @@
 
 - GPU: 4-bit NF4 + double quantization, bf16 compute where supported (else fp16), paged 8-bit AdamW,
   gradient checkpointing, flash attention when installed (else SDPA), Liger layer kernels when installed.
-- CPU: fp32 LoRA (bf16 is ~12x slower on this kind of CPU), NF4 on request (``train.quantization: nf4``).
+- CPU: fp32 LoRA, under bf16 autocast where the CPU has AMX-BF16 (:func:`datagen.causal_lm.cpu_autocast_dtype`;
+  without AMX bf16 is ~12x slower), NF4 on request (``train.quantization: nf4``).
 - Both: loss on assistant tokens only (the assistant mask from the ``{% generation %}`` markers of the chat
   template, computed as TRL's ``assistant_only_loss`` does; see :func:`tokenize_conversations`), padding-free
   BFD packing (``train.packing``), evaluation every ``eval_steps`` on the
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from datagen.causal_lm import attn_implementation, compute_dtype, load_causal_lm, resolve_device
+from datagen.causal_lm import attn_implementation, compute_dtype, cpu_autocast_dtype, load_causal_lm, resolve_device
 from datagen.config import Config
 from datagen.io import (
     atomic_write_text,
@@ -171,7 +172,8 @@ def build_sft_config(cfg: Config, output_dir: str | Path, device: str, *, has_ev
 
     t = cfg.train
     cuda = device.startswith("cuda")
-    half = compute_dtype(device) if cuda else None
+    # a GPU's half dtype; on a CPU with AMX-BF16, bf16 autocast over fp32 weights (Trainer's bf16 on CPU)
+    half = compute_dtype(device) if cuda else cpu_autocast_dtype() if device == "cpu" else None
     save_steps = t.save_steps or t.eval_steps
     if has_eval and save_steps % t.eval_steps:
         raise ValueError(f"train.save_steps ({save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}) "
@@ -438,7 +440,8 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
         "libraries": library_versions(),
         "device": device,
         "torch_threads": torch.get_num_threads(),
-        "precision": "4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."),
+        "precision": ("4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."))
+        + (" (bf16 autocast: AMX)" if device == "cpu" and cpu_autocast_dtype() is not None else ""),
         "attn_implementation": attn_implementation(device, dtype),
         "counts": {"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0,
                    "train_rows_added_by_balancing": balance["rows_added"]},
