@@ -125,4 +125,9 @@ def stage_done_line(name: str, manifest: Mapping[str, Any], s: float, rows_in: i
     text = ": ".join(parts[:2]) + "".join(f", {p}" for p in parts[2:])
     if d:
         text += "; dropped: " + ", ".join(f"{k} {v}" for k, v in d.items())
+    q = manifest.get("quarantine") if isinstance(manifest.get("quarantine"), Mapping) else {}
+    if q.get("total"):
+        reasons = q.get("by_reason") or {}
+        text += f"; quarantined {q['total']}" + (": " + ", ".join(f"{k} {v}" for k, v in sorted(
+            reasons.items(), key=lambda kv: (-kv[1], kv[0]))) if reasons else "")
     return text
