@@ -239,7 +239,8 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     assert {r["category"] for r in rows} >= {"returns", "overall (micro)"}
 
 
-def test_the_main_commands_end_shows_tables_and_answers_side_by_side(eval_cfg, tmp_path):
+def test_the_main_commands_end_shows_tables_and_answers_side_by_side(eval_cfg, tmp_path, capsys):
+    from flows.cli import main
     from flows.deploy import outcome
 
     run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge, name="scripted", model="ref-words"),
@@ -262,6 +263,14 @@ def test_the_main_commands_end_shows_tables_and_answers_side_by_side(eval_cfg, t
     for path in (dataset / "README.md", report / "report.md", tmp_path / "last-run.json"):
         assert str(path) in text
     assert json.loads((tmp_path / "last-run.json").read_text())["flow_run_name"] == "calm-fox"
+    # `finsynth scores` prints the aligned table; --markdown and --json the other forms
+    where = ["--profile", "tiny", "--root", str(eval_cfg.paths.root)]
+    capsys.readouterr()
+    assert main(["scores", *where]) == 0
+    assert "Mean score per category" in (out := capsys.readouterr().out) and "|" not in out
+    assert main(["scores", "--markdown", *where]) == 0
+    assert "| test | returns | numeric | 3 (2) |" in capsys.readouterr().out
+    assert main(["scores", "--json", *where]) == 0 and json.loads(capsys.readouterr().out)["scores"]
     failed = outcome({"flow_run_name": "x", "state": "FAILED", "state_name": "Failed", "message": "fetch: boom"},
                      tmp_path)
     assert "fetch: boom" in failed and "worker.log" in failed and "Mean score" not in failed
