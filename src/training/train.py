@@ -137,27 +137,22 @@ def tokenize_conversations(ds: Dataset, tokenizer: Any, *, desc: str = "tokenizi
     Done here rather than inside ``SFTTrainer`` because ``datasets`` fingerprints every ``map`` by pickling
     its arguments, and pickling a 262k-vocabulary tokenizer costs ~30 s per split on this machine. TRL
     builds the labels (-100 outside the assistant mask), truncates and packs the pre-tokenized rows.
-    The template must have ``{% generation %}`` markers; one without (an instruct model's own) is
-    swapped for TRL's training variant when TRL knows it, as ``assistant_only_loss=True`` would.
+    Each row goes through :func:`datagen.dataset.chat_format.render_conversation`, the path the format stage
+    used for its token counts and drops, so training's loss mask is the one the dataset was filtered with.
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-    template = None
-    if not has_generation_markers(tokenizer.chat_template):
-        template = get_training_chat_template(tokenizer)
-        if template is None:
-            raise ValueError("the chat template has no {% generation %} markers and TRL has no training variant "
-                             "for it: set model.chat_template to a template with markers")
+    from datagen.dataset.chat_format import render_conversation, training_template
+
+    template = training_template(tokenizer)
     ids, masks = [], []
     for i, messages in enumerate(tqdm(ds["messages"], desc=desc, disable=len(ds) < 500)):
-        enc = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        if 1 not in enc["assistant_masks"]:
+        row_ids, mask = render_conversation(tokenizer, messages, template)
+        if 1 not in mask:
             raise ValueError(f"row {i} has no assistant tokens: the chat template marks no assistant turn")
-        ids.append(list(enc["input_ids"]))
-        masks.append(list(enc["assistant_masks"]))
+        ids.append(row_ids)
+        masks.append(mask)
     return Dataset.from_dict({"input_ids": ids, "assistant_masks": masks})
 
 
@@ -243,6 +238,11 @@ def throughput_callback() -> Any:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_seconds += time.perf_counter() - self._t0
+            self.steps += 1
+
+    return ThroughputCallback()
+
+
 def progress_callback() -> Any:
     """A callback that logs each logged training step (loss, seconds per step) and each validation loss on
     ``finsynth.progress`` (:mod:`datagen.progress`): the lines the main command's terminal and the run log
@@ -273,11 +273,6 @@ def progress_callback() -> Any:
                 progress_log.info("train step %d/%d, validation loss %.4f", step, total, logs["eval_loss"])
 
     return ProgressCallback()
-
-
-            self.steps += 1
-
-    return ThroughputCallback()
 
 
 def build_trainer(cfg: Config, train_ds: Dataset, eval_ds: Dataset | None, output_dir: str | Path, *,

@@ -76,9 +76,27 @@ def build_messages(row: dict[str, Any], system: Prompt, user: Prompt) -> list[di
     ]
 
 
-def render_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids and the assistant (loss) mask of a conversation, from the tokenizer's chat template."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+def training_template(tokenizer) -> str | None:
+    """The chat template that marks the assistant turns: None when the tokenizer's own has ``{% generation %}``
+    markers, else TRL's training variant of it (what ``assistant_only_loss=True`` would use)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return None
+    template = get_training_chat_template(tokenizer)
+    if template is None:
+        raise ValueError("the chat template has no {% generation %} markers and TRL has no training variant "
+                         "for it: set model.chat_template to a template with markers")
+    return template
+
+
+def render_conversation(tokenizer, messages: list[dict[str, str]], template: str | None = None
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids and the assistant (loss) mask of a conversation: the one path from messages to training
+    tokens, used by the format stage and by training. ``template``: :func:`training_template` (pass it
+    when rendering many rows; computed here when omitted)."""
+    template = template if template is not None else training_template(tokenizer)
+    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
     ids = list(out["input_ids"])
     mask = list(out.get("assistant_masks") or [0] * len(ids))
@@ -200,15 +218,16 @@ def format_rows(rows: list[dict[str, Any]], tokenizer, system: Prompt, user: Pro
     from tqdm.auto import tqdm
 
     where = {"split": split} if split else {}
+    template = training_template(tokenizer)
     kept, drops = [], []
     for row in tqdm(rows, desc="format", unit="row", disable=len(rows) < 500):
         msgs = build_messages(row, system, user)
-        ids, mask = render_conversation(tokenizer, msgs)
+        ids, mask = render_conversation(tokenizer, msgs, template)
         why = None
         if len(ids) > max_tokens and long_context == "truncate":
             def fits(ctx: dict[str, Any], row=row) -> bool:
                 msgs = build_messages({**row, "context": ctx}, system, user)
-                return len(render_conversation(tokenizer, msgs)[0]) <= max_tokens
+                return len(render_conversation(tokenizer, msgs, template)[0]) <= max_tokens
 
             ctx, why = truncate_context(row, fits)
             if ctx is not None:
@@ -219,7 +238,7 @@ def format_rows(rows: list[dict[str, Any]], tokenizer, system: Prompt, user: Pro
                        "paragraphs": [len(_paragraphs(ctx["text"])[0]), n_paras]}
                 row = {**row, "context": ctx, "metadata": {**(row.get("metadata") or {}), "truncated": cut}}
                 msgs = build_messages(row, system, user)
-                ids, mask = render_conversation(tokenizer, msgs)
+                ids, mask = render_conversation(tokenizer, msgs, template)
         n_asst = sum(mask)
         if len(ids) > max_tokens:
             detail = f"{len(ids)} tokens > {max_tokens}" + (f"; not truncatable: {why}" if why else "")
