@@ -123,11 +123,14 @@ def paired(a: list[int], b: list[int], items: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- one arm
-def epoch_callback(scorers: dict[str, Scorer], record: list[dict]):
+def epoch_callback(scorers: dict[str, Scorer], record: list[dict], score_from: int = 1):
+    """Scores every epoch from ``score_from`` on (earlier epochs are trained, not scored: saves eval time)."""
     from transformers import TrainerCallback
 
     class EpochScores(TrainerCallback):
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            if round(state.epoch) < score_from:
+                return
             t0 = time.perf_counter()
             was_training = model.training
             model.eval()
@@ -146,7 +149,7 @@ def epoch_callback(scorers: dict[str, Scorer], record: list[dict]):
     return EpochScores()
 
 
-def run_arm(cfg, tok, system, user, train_rows: list[dict], scorers: dict[str, Scorer]) -> dict:
+def run_arm(cfg, tok, system, user, train_rows: list[dict], scorers: dict[str, Scorer], score_from: int = 1) -> dict:
     from datasets import Dataset
 
     from training.models import load_model
@@ -158,7 +161,7 @@ def run_arm(cfg, tok, system, user, train_rows: list[dict], scorers: dict[str, S
     model = load_model(cfg, "cpu")
     with tempfile.TemporaryDirectory(prefix="finsynth-knowledge-") as tmp:
         trainer = build_trainer(cfg, ds, None, tmp, device="cpu", model=model, tokenizer=tok,
-                                callbacks=[epoch_callback(scorers, record)])
+                                callbacks=[epoch_callback(scorers, record, score_from)])
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
@@ -224,6 +227,9 @@ def main() -> None:
     ap.add_argument("--companies", type=int, default=None, help="use the first N companies (a smoke run)")
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. train.epochs=4")
     ap.add_argument("--out", type=Path, default=RESULTS / "knowledge.json")
+    ap.add_argument("--keep-earlier", action="store_true",
+                    help="keep the headline figures of the JSON this run replaces under earlier_runs")
+    ap.add_argument("--score-from", type=int, default=1, help="score epochs from this one on (default: every epoch)")
     a = ap.parse_args()
     import torch
 
@@ -266,7 +272,7 @@ def main() -> None:
         k, repeat = ARMS[name]
         rows = arm_rows(trained, k, repeat=repeat)
         print(f"arm {name}: {len(rows)} training rows (k={k}, each phrasing x{repeat})", flush=True)
-        r = run_arm(cfg, tok, system, user, rows, scorers)
+        r = run_arm(cfg, tok, system, user, rows, scorers, a.score_from)
         pick = best_epoch(r["epochs"])
         finals[name], ctrl_final[name] = pick["test"], pick["controls"]
         arms[name] = {
@@ -302,7 +308,8 @@ def main() -> None:
                      "other trained facts), the earliest at a tie; last_epoch gives the final epoch",
         "settings": {"learning_rate": cfg.train.learning_rate, "epochs": cfg.train.epochs,
                      "batch_rows": cfg.train.per_device_batch_size, "lora": cfg.train.lora.model_dump(),
-                     "system_prompt": cfg.format.system_prompt, "overrides": a.set},
+                     "system_prompt": cfg.format.system_prompt, "overrides": a.set,
+                     "scored_from_epoch": a.score_from},
         "base_before_training": {**summary(base_test, test), "em": summary(base_em, test)},
         "controls": summary(all_ctrl, controls * len(finals)),
         "controls_base": summary(base_ctrl, controls),
@@ -322,6 +329,14 @@ def main() -> None:
         result["k3_minus_k0_plain"] = paired(finals["k0_plain"], finals["k3"], test)
     if "k0_matched" in finals and "k0_plain" in finals:
         result["k0_matched_minus_k0_plain"] = paired(finals["k0_plain"], finals["k0_matched"], test)
+    if a.keep_earlier and a.out.exists():  # an earlier run's headline figures, kept next to this one
+        old = json.loads(a.out.read_text())
+        result["earlier_runs"] = [*old.get("earlier_runs", []), {
+            "date": old.get("date"), "settings": old.get("settings"),
+            "arms": {n: {"steps": v["steps"], "chosen_epoch": v["chosen_epoch"], "heldout": v["heldout"]}
+                     for n, v in old.get("arms", {}).items()},
+            **{k: old[k] for k in ("k3_minus_k0_matched", "k3_minus_k0_plain", "k0_matched_minus_k0_plain")
+               if k in old}}]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
