@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("run", "sweep"):
             # without PREFECT_API_URL Prefect starts a temporary local server; give it time on 2 busy cores
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-            with _terminal(args, cfg) as out:
+            with _terminal(args, cfg) as out:  # `out` (the terminal's stdout) is closed once this ends
                 result = _run_flow(args)
-            print(json.dumps(result, indent=2, default=str), file=out or sys.stdout, flush=True)
+                print(json.dumps(result, indent=2, default=str), file=out or sys.stdout, flush=True)
         elif args.command == "ui":
             from flows.ui import default_home, serve
 
