@@ -17,6 +17,12 @@ Sections (each merged into ``benchmarks/results/dedup.json`` as it finishes, so 
   search recall on these real embeddings.
 - ``calibrate``: cosine of hand-written duplicate and non-duplicate question pairs under MiniLM; the
   threshold that separates them (the ``dedup.threshold`` default).
+- ``templated``: n credit applicants under three phrasings of one question (the normal case for
+  classification data: every question pair is above the threshold), with planted exact copies, copies
+  with one field changed and copies with the other label. Question embeddings precomputed (MiniLM), as
+  in ``search``; timed: dedup's candidate search and pair checks (:func:`dedup_rows`) and the split's
+  :func:`leakage_check` over a random 80/10/10 split of the kept rows. At the smallest size the
+  decisions are also compared with checking every pair. ``templated_100k_s`` is the 100,000-row total.
 """
 
 from __future__ import annotations
@@ -42,12 +48,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "dedup.json"
 THRESHOLD = 0.9
 
 
-def _save(section: str, key: str, value) -> None:
+def _save(section: str, key: str | None, value) -> None:
+    """``data[section][key] = value`` in the results file (``data[section] = value`` without a key)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.setdefault("machine", {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "note": "shared by 6 engineers; timings are under load"})
-    data.setdefault(section, {})[key] = value
+    if key is None:
+        data[section] = value
+    else:
+        data.setdefault(section, {})[key] = value
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, RESULTS)
@@ -315,6 +325,86 @@ def bench_calibrate_source_qa() -> None:
         "reworded_copy_cosine_min": round(float(dsim.min()), 4), "grid": grid})
 
 
+# ----------------------------------------------------------------------------- templated questions
+def templated_rows(n: int, seed: int = 0) -> list[dict]:
+    """``n`` applicants (the realistic credit row with its amount, duration and age redrawn) under three
+    phrasings of one question, then n/20 copies: exact, one field changed, the other label."""
+    import copy
+
+    from datagen.io import read_jsonl
+
+    base = read_jsonl(ROOT / "tests" / "data" / "realistic" / "credit_table.jsonl")[0]
+    rng = random.Random(seed)
+    qs = ["Based on the applicant's record, is the credit risk good or bad?",
+          "Is this applicant a good or a bad credit risk?", "Would you rate this applicant's credit risk good or bad?"]
+    rows = []
+    for i in range(n + n // 20):
+        if i < n:
+            r = copy.deepcopy(base)
+            cells = r["context"]["table"]["rows"][0]
+            cells[1], cells[4], cells[9] = str(rng.randint(4, 72)), str(rng.randint(250, 20000)), str(rng.randint(19, 75))
+            r["question"], label = rng.choice(qs), rng.choice(["good", "bad"])
+        else:
+            r = copy.deepcopy(rows[rng.randrange(n)])
+            label = r["answer"]
+            if i % 3 == 1:
+                r["context"]["table"]["rows"][0][10] = "rent" if r["context"]["table"]["rows"][0][10] != "rent" else "own"
+            elif i % 3 == 2:
+                label = "bad" if label == "good" else "good"
+        r["id"] = r["group_id"] = f"t{i:07d}"
+        r["answer"], r["metadata"] = label, {**r["metadata"], "answer_label": label}
+        rows.append(r)
+    return rows
+
+
+def bench_templated(sizes: list[int]) -> None:
+    from datagen.config import EmbedderConfig
+    from datagen.dataset import dedup as dd
+    from datagen.dataset.split import leakage_check
+    from datagen.embed import load_embedder
+
+    emb = load_embedder(EmbedderConfig())
+    thr, within, ctx, overlap = 0.92, 0.985, 0.98, 0.8
+    for n in sorted(sizes):
+        rows = templated_rows(n)
+        texts = [dd.question_text(r) for r in rows]
+        uniq = sorted(set(texts))
+        vu = emb.encode(uniq)
+        vecs = vu[[uniq.index(t) for t in texts]]
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        res = dd.dedup_rows(rows, vecs, thr, within, context_threshold=ctx)
+        t_dedup = time.perf_counter() - t0
+        alive = {r["id"] for r in res.kept}
+        keep = [k for k, r in enumerate(rows) if r["id"] in alive]
+        rng = np.random.default_rng(0)
+        side = rng.choice(3, size=len(keep), p=[0.8, 0.1, 0.1])
+        names = ("train", "validation", "test")
+        split_rows = {s: [rows[keep[k]] for k in np.flatnonzero(side == i)] for i, s in enumerate(names)}
+        split_vecs = {s: vecs[[keep[k] for k in np.flatnonzero(side == i)]] for i, s in enumerate(names)}
+        t0 = time.perf_counter()
+        leak = leakage_check(split_vecs, thr, rows=split_rows, min_number_overlap=overlap)
+        t_leak = time.perf_counter() - t0
+        out = {"rows": len(rows), "every_pair": len(rows) * (len(rows) - 1) // 2, "candidate_pairs": res.pairs,
+               "drops": res.counts, "dedup_s": round(t_dedup, 2), "leakage_check_s": round(t_leak, 2),
+               "total_s": round(t_dedup + t_leak, 2), "leakage": leak,
+               "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+        if n == min(sizes) and n <= 2000:  # the same decisions as checking every pair
+            every = {(a, b) for a in range(len(rows)) for b in range(a + 1, len(rows))}
+            real = dd._candidates
+            dd._candidates = lambda *a, **k: (every, "exact")
+            try:
+                t0 = time.perf_counter()
+                slow = dd.dedup_rows(rows, vecs, thr, within, context_threshold=ctx)
+                out["every_pair_dedup_s"] = round(time.perf_counter() - t0, 2)
+            finally:
+                dd._candidates = real
+            out["same_decisions_as_every_pair"] = slow.kept == res.kept and slow.drops == res.drops
+        _save("templated", str(n), out)
+        if n == 100_000:
+            _save("templated_100k_s", None, out["total_s"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", nargs="+", default=["calibrate", "embed", "search"])
@@ -331,6 +421,8 @@ def main() -> None:
     if "search" in args.sections:
         for n in args.sizes:
             bench_search(n, args.nprobe, args.exact_max)
+    if "templated" in args.sections:
+        bench_templated(args.sizes)
 
 
 if __name__ == "__main__":

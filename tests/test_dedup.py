@@ -4,6 +4,7 @@ agreement between exact and partitioned search, the stage's files, and one slow 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,58 @@ def test_conflict_quarantines_the_rephrasings_of_its_original_and_swapped_terms_
                          "What was the net sales as a percentage of cost of sales?")
     assert not swapped_terms("What was the percentage change in net income?",
                              "How much did net income change in percent?")
+
+
+def _templated_credit(n: int, seed: int = 0) -> list[dict]:
+    """``n`` credit applicants under three phrasings of one question (a public credit table as users bring
+    it), then exact copies, copies with one field changed, and copies with the other label."""
+    import copy
+    import random
+
+    base = _load("credit_table.jsonl")[0]
+    rng = random.Random(seed)
+    qs = ["Based on the applicant's record, is the credit risk good or bad?",
+          "Is this applicant a good or a bad credit risk?", "Would you rate this applicant's credit risk good or bad?"]
+
+    def relabel(r, label):
+        r["answer"] = label
+        r["metadata"] = {**r["metadata"], "answer_label": label}
+
+    rows = []
+    for i in range(n):
+        r = copy.deepcopy(base)
+        r["id"] = r["group_id"] = f"c{i:05d}"
+        cells = r["context"]["table"]["rows"][0]
+        cells[1], cells[4], cells[9] = str(rng.randint(4, 60)), str(rng.randint(250, 15000)), str(rng.randint(19, 75))
+        r["question"] = rng.choice(qs)
+        relabel(r, rng.choice(["good", "bad"]))
+        rows.append(r)
+    for i in range(n // 10):
+        r = copy.deepcopy(rows[rng.randrange(n)])
+        r["id"] = r["group_id"] = f"d{i:05d}"
+        if i % 3 == 1:
+            r["context"]["table"]["rows"][0][10] = "rent" if r["context"]["table"]["rows"][0][10] != "rent" else "own"
+        elif i % 3 == 2:
+            relabel(r, "bad" if r["answer"] == "good" else "good")
+        rows.append(r)
+    return rows
+
+
+def test_templated_questions_make_few_candidates_and_the_same_decisions_as_every_pair(monkeypatch):
+    """Issue 30.0: one question template over 1,000 applicants made every pair a candidate (499,500). The
+    blocked candidates give the decisions of checking every pair, from a small share of the pairs."""
+    from datagen.dataset import dedup as dd
+
+    rows = _templated_credit(300)
+    vecs = _fooled_vecs(rows, cos=0.97)  # the three phrasings: cosine 0.97, above both thresholds
+    fast = dedup_rows(rows, vecs, threshold=0.92, within_group_threshold=0.985, method="exact")
+    n = len(rows)
+    every = {(a, b) for a in range(n) for b in range(a + 1, n)}
+    monkeypatch.setattr(dd, "_candidates", lambda *a, **k: (every, "exact"))
+    slow = dedup_rows(rows, vecs, threshold=0.92, within_group_threshold=0.985, method="exact")
+    assert fast.pairs < len(every) / 100, fast.pairs
+    assert slow.pairs == len(every)
+    assert [r["id"] for r in fast.kept] == [r["id"] for r in slow.kept]
+    assert fast.drops == slow.drops
+    reasons = Counter(d["reason"] for d in fast.drops)  # the planted copies are found
+    assert reasons["exact_duplicate"] >= 8 and reasons["conflicting_answers"] >= 16, reasons

@@ -310,3 +310,27 @@ def test_run_split_fails_on_leakage_unless_allowed(demo_cfg):
     assert m["leakage"]["price_rows_in_two_splits"] > 0 and m["allow_leakage"] is True
     m = run_split(demo_cfg, embedder=HashEmbedder())  # walk-forward: no leakage
     assert m["leakage"]["price_rows_in_two_splits"] == 0 and m["walk_forward"]["gap_days"] == 20
+
+
+def test_leakage_check_on_templated_questions_counts_duplicates_without_every_pair():
+    """Issue 30.0: one question template over every row puts every cross-split pair above the threshold.
+    Beyond ``max_pairs`` the count above it is estimated, but the duplicates (same figures) are still
+    counted exactly, the same as the all-pairs path."""
+    import random
+
+    rng = random.Random(0)
+    mk = lambda i, ctx: {"id": i, "question": "Is the credit risk good or bad?",  # noqa: E731
+                         "context": {"text": ctx, "table": None}}
+    rows = {s: [mk(f"{s}{k}", f"amount {rng.randint(250, 90000)}, age {rng.randint(19, 75)}, "
+                              f"months {rng.randint(4, 60)}") for k in range(n)]
+            for s, n in (("train", 400), ("validation", 60), ("test", 80))}
+    rows["test"][:5] = [{**r, "id": f"leak{k}"} for k, r in enumerate(rows["train"][:5])]  # 5 applicants leaked
+    rows["validation"][0] = {**rows["train"][7], "id": "leak-v"}
+    v = {s: np.tile(np.array([[1, 0, 0]], np.float32), (len(r), 1)) for s, r in rows.items()}
+    exact = leakage_check(v, 0.9, rows=rows, min_number_overlap=0.8)
+    fast = leakage_check(v, 0.9, rows=rows, min_number_overlap=0.8, max_pairs=1000, sample=5000)
+    every = 400 * 60 + 400 * 80 + 60 * 80
+    assert exact["cross_split_pairs_above_threshold"] == every and exact["pair_counts"] == "exact"
+    assert exact["cross_split_duplicates"] == fast["cross_split_duplicates"] == 6
+    assert fast["cross_split_pairs_above_threshold"] == every  # all pairs are alike: the estimate is exact
+    assert fast["pair_counts"].startswith("above-threshold count estimated")

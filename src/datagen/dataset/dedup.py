@@ -39,6 +39,7 @@ time and pair recall of both.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import re
@@ -378,33 +379,187 @@ class DedupResult:
     method: str
 
 
-def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, within_group_threshold: float,
-           context_threshold: float, method: str, partition_min_rows: int, nlist: int | None,
-           nprobe: int) -> tuple[list[tuple[int, int, float]], list[tuple[int, int]], int, str]:
-    """(duplicate pairs with their context similarity, conflicting pairs, candidates examined, search
-    method). Candidates: question-embedding pairs >= the lower threshold, and exact-key pairs."""
-    keys = [exact_key(r) for r in rows]
-    pairs, used = similar_pairs(vecs, min(threshold, within_group_threshold), method, partition_min_rows,
-                                nlist, nprobe)
-    cand: dict[tuple[int, int], float] = dict(zip(zip(pairs.i.tolist(), pairs.j.tolist()), pairs.sim.tolist()))
-    by_key: dict[str, list[int]] = {}
+# ----------------------------------------------------------------------------- candidate blocking
+def context_id(row: dict[str, Any]) -> str:
+    """The row's context as canonical JSON: rows with one id have one context (:func:`context_similarity`
+    reads nothing else of a row)."""
+    return json.dumps(row.get("context") or {}, sort_keys=True, default=str)
+
+
+def context_candidates(tokens: list[list[str]], threshold: float) -> set[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of token lists that may reach :func:`context_similarity` >= ``threshold``
+    (the share of the smaller list's tokens, as a multiset, found in the larger one). Exact, not
+    approximate: a prefix filter (AllPairs / PPJoin). Tokens are ordered rarest first; if the larger
+    list holds none of the smaller's rarest distinct tokens whose occurrences add up to more than
+    ``(1 - threshold)`` of its tokens, more than that share is missing and the pair cannot reach the
+    threshold. So each list probes an inverted index with its short prefix only; when contexts differ
+    in a rare value (an amount, a name, a figure) the prefix is that value and the work is near-linear."""
+    df: Counter = Counter(t for toks in tokens for t in set(toks))
+    post: dict[str, list[int]] = {}
+    for k, toks in enumerate(tokens):
+        for t in set(toks):
+            post.setdefault(t, []).append(k)
+    out: set[tuple[int, int]] = set()
+    for k, toks in enumerate(tokens):
+        s = len(toks)
+        if not s:
+            continue
+        count = Counter(toks)
+        bound = (1.0 - threshold) * s + 1e-9
+        acc = 0
+        for t in sorted(count, key=lambda t: (df[t], t)):
+            for j in post[t]:
+                if j != k and len(tokens[j]) >= s:
+                    out.add((k, j) if k < j else (j, k))
+            acc += count[t]
+            if acc > bound:
+                break
+    return out
+
+
+def _block_pairs(rows: list[dict[str, Any]], vecs: np.ndarray, low: float, method: str, partition_min_rows: int,
+                 nlist: int | None, nprobe: int) -> tuple[list[list[int]], dict[tuple[int, int], tuple[float, bool]],
+                                                        str]:
+    """Question blocks (rows with one question text and one vector) and the block pairs that can hold a
+    candidate: ``(P, Q) -> (cosine, exact_only)``, ``P <= Q``. A block with itself; blocks whose questions
+    have the same signed figures and cosine >= ``low`` (a question near-copy needs both, so the vector
+    search runs within each figures bucket); blocks whose questions are equal after normalisation
+    (``exact_only`` when their cosine is below ``low``: then only exact-key rows are candidates, as before).
+    Returns the blocks, the pairs and the search method used."""
+    index: dict[tuple[str, bytes], int] = {}
+    blocks: list[list[int]] = []
+    for i, r in enumerate(rows):
+        k = (r["question"], np.ascontiguousarray(vecs[i]).tobytes())
+        if k not in index:
+            index[k] = len(blocks)
+            blocks.append([])
+        blocks[index[k]].append(i)
+    rep = np.ascontiguousarray(vecs[[b[0] for b in blocks]], dtype=np.float32) if blocks else vecs[:0]
+    qs = [rows[b[0]]["question"] for b in blocks]
+    out: dict[tuple[int, int], tuple[float, bool]] = {}
+    for p in range(len(blocks)):
+        s = float(rep[p] @ rep[p])
+        out[(p, p)] = (s, s < low)
+    by_figures: dict[tuple[float, ...], list[int]] = {}
+    for p, q in enumerate(qs):
+        by_figures.setdefault(signed_numbers(q), []).append(p)
+    methods = set()
+    for members in by_figures.values():
+        if len(members) < 2:
+            continue
+        m = method
+        if m == "auto":
+            m = "partitioned" if len(members) >= partition_min_rows else "exact"
+        pairs, used = similar_pairs(rep[members], low, m, partition_min_rows,
+                                    None if nlist is None else min(nlist, len(members)), nprobe)
+        methods.add(used)
+        for i, j, s in zip(pairs.i.tolist(), pairs.j.tolist(), pairs.sim.tolist()):
+            out[(members[i], members[j])] = (s, False)
+    by_norm: dict[str, list[int]] = {}
+    for p, q in enumerate(qs):
+        by_norm.setdefault(normalise_text(q), []).append(p)
+    for members in by_norm.values():
+        for x, p in enumerate(members):
+            for q in members[x + 1:]:
+                if (p, q) not in out:
+                    s = float(rep[p] @ rep[q])
+                    out[(p, q)] = (s, s < low)
+    if method == "auto":
+        method = "partitioned" if "partitioned" in methods else "exact"
+    return blocks, out, method
+
+
+def _candidates(rows: list[dict[str, Any]], vecs: np.ndarray, keys: list[str], threshold: float,
+                within_group_threshold: float, context_threshold: float, method: str, partition_min_rows: int,
+                nlist: int | None, nprobe: int, direct_max: int = 4096) -> tuple[set[tuple[int, int]], str]:
+    """Row pairs ``(a, b)``, ``a < b``, that can be duplicates: every pair whose questions could be near-copies
+    (:func:`_block_pairs`) and whose contexts could be near-shared (identical, or a
+    :func:`context_candidates` pair), plus exact-key pairs. Near-linear when one question template
+    covers many rows over distinct contexts; the same pairs as comparing every question pair above the
+    threshold, less those the rule would reject anyway."""
+    low = min(threshold, within_group_threshold)
+    blocks, bpairs, used = _block_pairs(rows, vecs, low, method, partition_min_rows, nlist, nprobe)
+    cids = [context_id(r) for r in rows]
+    cand: set[tuple[int, int]] = set()
+
+    def add(a: int, b: int) -> None:
+        if a != b:
+            cand.add((a, b) if a < b else (b, a))
+
+    for (p, q), (sim, exact_only) in bpairs.items():
+        rp, rq = blocks[p], blocks[q]
+        if p == q and len(rp) < 2:
+            continue
+        if exact_only:
+            by_key: dict[str, list[int]] = {}
+            for b in rq:
+                by_key.setdefault(keys[b], []).append(b)
+            for a in rp:
+                for b in by_key.get(keys[a], ()):
+                    add(a, b)
+            continue
+        qa, qb = rows[rp[0]]["question"], rows[rq[0]]["question"]
+        if not (question_near_copy(qa, qb, sim, threshold) or question_near_copy(qa, qb, sim, within_group_threshold)):
+            continue  # no pair of these blocks can match (an exact-key pair has normalised-equal questions)
+        cp: dict[str, list[int]] = {}
+        cq: dict[str, list[int]] = {}
+        for a in rp:
+            cp.setdefault(cids[a], []).append(a)
+        for b in rq:
+            cq.setdefault(cids[b], []).append(b)
+        if len(cp) * len(cq) <= direct_max:
+            ctx_pairs = [(x, y) for x in cp for y in cq]
+        else:
+            names_ = sorted(set(cp) | set(cq))
+            norm = [normalise_text(render_context(json.loads(c))) for c in names_]
+            uniq = sorted(set(norm))
+            at = {t: k for k, t in enumerate(uniq)}
+            members: dict[int, list[str]] = {}
+            for c, t in zip(names_, norm):
+                members.setdefault(at[t], []).append(c)
+            near = context_candidates([t.split() for t in uniq], context_threshold)
+            near |= {(k, k) for k in members}
+            ctx_pairs = [(x, y) for i, j in near for x in members[i] for y in members[j]]
+            ctx_pairs += [(y, x) for x, y in ctx_pairs]
+        for x, y in ctx_pairs:
+            if x in cp and y in cq:
+                for a in cp[x]:
+                    for b in cq[y]:
+                        add(a, b)
+    by_key = {}
     for idx, k in enumerate(keys):
         by_key.setdefault(k, []).append(idx)
     for m in by_key.values():
         # every pair of a small bucket; a large one (thousands of copies) against its first row only
         for x in range(len(m) if len(m) <= 64 else 1):
             for y in m[x + 1:]:
-                cand.setdefault((m[x], y), float(vecs[m[x]] @ vecs[y]))
+                add(m[x], y)
+    return cand, used
+
+
+def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, within_group_threshold: float,
+           context_threshold: float, method: str, partition_min_rows: int, nlist: int | None,
+           nprobe: int) -> tuple[list[tuple[int, int, float]], list[tuple[int, int]], int, str]:
+    """(duplicate pairs with their context similarity, conflicting pairs, candidates examined, search
+    method). Candidates: :func:`_candidates`."""
+    keys = [exact_key(r) for r in rows]
+    cand, used = _candidates(rows, vecs, keys, threshold, within_group_threshold, context_threshold, method,
+                             partition_min_rows, nlist, nprobe)
+    cids = [context_id(r) for r in rows]
+    ctx_sim: dict[tuple[str, str], float] = {}
     dup, conflict = [], []
-    for (a, b), sim in sorted(cand.items()):
+    for a, b in sorted(cand):
         ra, rb = rows[a], rows[b]
         thr = within_group_threshold if ra["group_id"] == rb["group_id"] else threshold
         if keys[a] == keys[b]:
             csim = 1.0
-        elif not question_near_copy(ra["question"], rb["question"], sim, thr):
+        elif not question_near_copy(ra["question"], rb["question"], float(vecs[a] @ vecs[b]), thr):
             continue
         else:
-            csim = context_similarity(ra, rb)
+            ck = (cids[a], cids[b])
+            if ck not in ctx_sim:
+                ctx_sim[ck] = context_similarity(ra, rb)
+            csim = ctx_sim[ck]
             if csim < context_threshold:
                 continue
         if answers_agree(ra, rb):

@@ -106,41 +106,142 @@ def _balance(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]
     return kept, dropped
 
 
-def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "auto",
-                  partition_min_rows: int = 50_000, rows: dict[str, list[dict[str, Any]]] | None = None,
-                  min_number_overlap: float = 0.0) -> dict[str, Any]:
-    """Largest cross-split cosine (exact, faiss flat search), cross-split pairs with cosine >= threshold,
-    and of those the duplicates by dedup's rule (figures overlap >= ``min_number_overlap``; needs ``rows``).
-    After dedup the duplicates count is 0; similar pairs that differ in their figures may remain."""
+def _max_cross_cosine(va: np.ndarray, vb: np.ndarray, exact_max: int, nprobe: int) -> tuple[float, str]:
+    """Largest cosine of a row of ``va`` to a row of ``vb``: exact (faiss flat) while ``len(va) * len(vb)``
+    is at most ``exact_max``, else a faiss IVF search of ``nprobe`` cells (approximate: a lower bound)."""
     import faiss
 
+    from datagen.dataset.dedup import default_nlist
+
+    va = np.ascontiguousarray(va, dtype=np.float32)
+    vb = np.ascontiguousarray(vb, dtype=np.float32)
+    d = vb.shape[1]
+    if len(va) * len(vb) <= exact_max or len(vb) < 2 * 39:
+        index = faiss.IndexFlatIP(d)
+        index.add(vb)
+        found, _ = index.search(va, 1)
+        return float(found.max()), "exact"
+    nlist = default_nlist(len(vb))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0
+    index.train(vb[:: max(1, len(vb) // (nlist * 64))])
+    index.add(vb)
+    index.nprobe = min(nprobe, nlist)
+    found, _ = index.search(va, 1)
+    return float(found.max()), "partitioned"
+
+
+def figure_pairs(sets: list[frozenset[str]], min_overlap: float) -> set[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of non-empty figure sets that may have Jaccard >= ``min_overlap`` (> 0):
+    exact, by a prefix filter (two sets with Jaccard >= t share one of the rarest ``|x| - ceil(t |x|) + 1``
+    figures of each); near-linear when rows carry their own figures (one question template over other
+    data)."""
+    df: Counter = Counter(f for s in sets for f in s)
+    post: dict[str, list[int]] = {}
+    prefixes = []
+    for k, s in enumerate(sets):
+        order = sorted(s, key=lambda f: (df[f], f))
+        pre = order[:len(order) - int(np.ceil(min_overlap * len(order) - 1e-9)) + 1] if order else []
+        prefixes.append(pre)
+        for f in pre:
+            post.setdefault(f, []).append(k)
+    out: set[tuple[int, int]] = set()
+    for k, pre in enumerate(prefixes):
+        for f in pre:
+            for j in post[f]:
+                if j > k:
+                    out.add((k, j))
+    return out
+
+
+def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "auto",
+                  partition_min_rows: int = 50_000, rows: dict[str, list[dict[str, Any]]] | None = None,
+                  min_number_overlap: float = 0.0, max_pairs: int = 2_000_000, sample: int = 200_000,
+                  exact_max: int = 200_000_000, nprobe: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Largest cross-split cosine, cross-split pairs with cosine >= threshold, and of those the duplicates
+    by figures (Jaccard of :func:`datagen.dataset.dedup.numbers` >= ``min_number_overlap``; needs ``rows``).
+    After dedup the duplicates count is 0; similar pairs that differ in their figures may remain.
+
+    Near-linear when one question template covers many rows (their embeddings are all alike, so nearly
+    every pair is above the threshold): a probe of 20,000 random pairs estimates how many pairs are above
+    it. Up to ``max_pairs`` they are all found (``similar_pairs``) and counted exactly, as before. Beyond,
+    the count above the threshold is estimated from ``sample`` random cross-split pairs (``pair_counts``
+    says which), while the duplicates are still counted exactly: candidate pairs come from the figures
+    (:func:`figure_pairs`), then their cosine and splits are checked; only rows without figures (which
+    all share the empty figure set) fall back to the sampled estimate. The largest cosine is exact (faiss
+    flat) while the split pair's product of sizes is at most ``exact_max``, else from an IVF search."""
     names = [s for s in SPLITS if len(vecs.get(s, ())) > 0]
     max_cos: dict[str, float] = {}
+    searches = set()
     for a in names:
         for b in names:
             if a >= b:
                 continue
-            index = faiss.IndexFlatIP(vecs[b].shape[1])
-            index.add(np.ascontiguousarray(vecs[b], dtype=np.float32))
-            d, _ = index.search(np.ascontiguousarray(vecs[a], dtype=np.float32), 1)
-            max_cos[f"{a}|{b}"] = round(float(d.max()), 6)
+            m, how = _max_cross_cosine(vecs[a], vecs[b], exact_max, nprobe)
+            max_cos[f"{a}|{b}"] = round(m, 6)
+            searches.add(how)
     above = dups = 0
+    how_counted = "exact"
     if names:
-        allv = np.concatenate([vecs[s] for s in names])
+        allv = np.ascontiguousarray(np.concatenate([vecs[s] for s in names]), dtype=np.float32)
         label = np.concatenate([np.full(len(vecs[s]), i) for i, s in enumerate(names)])
-        pairs, _ = similar_pairs(allv, threshold, method, partition_min_rows)
-        if len(pairs):
-            cross = np.flatnonzero(label[pairs.i] != label[pairs.j])
-            above = len(cross)
-            if rows is not None:
-                flat = [r for s in names for r in rows[s]]
-                dups = sum(number_overlap(numbers(flat[pairs.i[k]]), numbers(flat[pairs.j[k]]))
-                           >= min_number_overlap for k in cross.tolist())
-            else:
+        flat = [r for s in names for r in rows[s]] if rows is not None else None
+        n = len(allv)
+        rng = np.random.default_rng(seed)
+        probe_i, probe_j = rng.integers(0, n, 20_000), rng.integers(0, n, 20_000)
+        ok = probe_i != probe_j
+        share = float(((allv[probe_i[ok]] * allv[probe_j[ok]]).sum(1) >= threshold).mean()) if ok.any() else 0.0
+        if share * n * (n - 1) / 2 <= max_pairs:
+            pairs, _ = similar_pairs(allv, threshold, method, partition_min_rows)
+            if len(pairs):
+                cross = np.flatnonzero(label[pairs.i] != label[pairs.j])
+                above = len(cross)
+                if flat is not None:
+                    nums: dict[int, frozenset[str]] = {}
+
+                    def num(k: int) -> frozenset[str]:
+                        if k not in nums:
+                            nums[k] = numbers(flat[k])
+                        return nums[k]
+                    dups = sum(number_overlap(num(int(pairs.i[k])), num(int(pairs.j[k]))) >= min_number_overlap
+                               for k in cross.tolist())
+                else:
+                    dups = above
+        else:
+            def estimate(idx: np.ndarray) -> int:
+                """Cross-split pairs among ``idx`` with cosine >= threshold, from ``sample`` random pairs."""
+                lab = label[idx]
+                m = len(idx)
+                total = (m * m - int((np.bincount(lab, minlength=len(names)) ** 2).sum())) // 2
+                if total == 0:
+                    return 0
+                i, j = idx[rng.integers(0, m, 4 * sample)], idx[rng.integers(0, m, 4 * sample)]
+                keep = np.flatnonzero(label[i] != label[j])[:sample]
+                i, j = i[keep], j[keep]
+                hit = (np.einsum("ij,ij->i", allv[i], allv[j]) >= threshold).mean() if len(i) else 0.0
+                return int(round(float(hit) * total))
+
+            above = estimate(np.arange(n))
+            how_counted = f"above-threshold count estimated from {sample} random cross-split pairs"
+            if flat is None or min_number_overlap <= 0:
                 dups = above
+                how_counted += "; duplicates = that estimate"
+            else:
+                sets = [numbers(r) for r in flat]
+                full = [k for k, s in enumerate(sets) if s]
+                empty = np.array([k for k, s in enumerate(sets) if not s], dtype=np.int64)
+                for x, y in figure_pairs([sets[k] for k in full], min_number_overlap):
+                    a, b = full[x], full[y]
+                    if (label[a] != label[b] and number_overlap(sets[a], sets[b]) >= min_number_overlap
+                            and float(allv[a] @ allv[b]) >= threshold):
+                        dups += 1
+                if len(empty) > 1:
+                    dups += estimate(empty)
+                    how_counted += "; duplicates among rows without figures estimated the same way"
     return {"max_cross_split_cosine": max(max_cos.values(), default=None), "by_split_pair": max_cos,
+            "max_cosine_search": "partitioned" if "partitioned" in searches else "exact",
             "threshold": threshold, "cross_split_pairs_above_threshold": above,
-            "min_number_overlap": min_number_overlap, "cross_split_duplicates": dups}
+            "min_number_overlap": min_number_overlap, "cross_split_duplicates": dups, "pair_counts": how_counted}
 
 
 def split_units(rows: list[dict[str, Any]]) -> list[str]:
