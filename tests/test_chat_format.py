@@ -4,6 +4,7 @@ Gemma tokenizer, length filtering with reasons, the Parquet round-trip, and TRL 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -263,3 +264,41 @@ def test_trl_sft_trainer_takes_the_dataset_as_is(demo_cfg, tokenizer, tmp_path):
     assert first["input_ids"] == ids and first["assistant_masks"] == mask
     assert sum(mask) == ds["train"][0]["n_assistant_tokens"] == 3
     assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "high<end_of_turn>\n"
+
+
+@pytest.mark.slow
+def test_format_and_training_share_one_mask_path(tokenizer):
+    """The format stage's (ids, mask) of a conversation are exactly what training tokenizes."""
+    from datasets import Dataset
+
+    from training.train import tokenize_conversations
+
+    rows = [_row(), _row("x2", task_type="open_qa", answer="Volatility is 45%.", labels=None, context={})]
+    msgs = [build_messages(r, SYS, load_prompt("sft_user")) for r in rows]
+    trained = tokenize_conversations(Dataset.from_dict({"messages": msgs}), tokenizer)
+    for m, ids, mask in zip(msgs, trained["input_ids"], trained["assistant_masks"], strict=True):
+        assert (ids, mask) == render_conversation(tokenizer, m)
+    kept, drops = format_rows(rows, tokenizer, SYS, load_prompt("sft_user"), max_tokens=512)
+    assert [k["n_tokens"] for k in kept] == [len(x) for x in trained["input_ids"]]
+    assert [k["n_assistant_tokens"] for k in kept] == [sum(x) for x in trained["assistant_masks"]]
+
+
+@pytest.mark.slow
+def test_a_template_without_generation_markers_fails_format_and_training_alike(tokenizer):
+    """Format used the tokenizer's own template and dropped every row of a marker-less template as
+    no_assistant_tokens, while training swapped in a training variant: now both take one path, and a
+    template TRL cannot patch is refused by both with the config key to change."""
+    import copy
+
+    from datasets import Dataset
+
+    from training.train import tokenize_conversations
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template)
+    assert not re.search(r"\{%-?\s*(end)?generation", plain.chat_template)
+    with pytest.raises(ValueError, match="model.chat_template"):
+        format_rows([_row()], plain, SYS, load_prompt("sft_user"), max_tokens=512)
+    msgs = [build_messages(_row(), SYS, load_prompt("sft_user"))]
+    with pytest.raises(ValueError, match="model.chat_template"):
+        tokenize_conversations(Dataset.from_dict({"messages": msgs}), plain)

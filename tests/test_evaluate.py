@@ -449,8 +449,10 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
 
     report = read_json(Path(m["report_json"]))
     items = read_jsonl(Path(m["items_jsonl"]))
-    assert len(items) == 12
-    assert {i["model"] for i in items} == {"base", "fewshot", "tuned"}
+    n_cls = sum(r["task_type"] == "classification" for r in rows)
+    assert n_cls == 1 and len(items) == 3 * len(rows) + n_cls  # three arms, and the majority label per label item
+    assert {i["model"] for i in items} == {"base", "fewshot", "tuned", "majority"}
+    assert {i["grader"] for i in items if i["model"] == "majority"} == {"classification"}
     assert all(isinstance(i["answer"], str) for i in items)
     assert {i["grader"] for i in items} == {"numeric", "classification", "judge"}
     assert all(0.0 <= i["score"] <= 1.0 for i in items)

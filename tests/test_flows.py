@@ -51,6 +51,52 @@ def test_deployment_runs_the_whole_pipeline(first_run, prefect_env, project):
     assert "Disassembly of" not in worker_log and "LOAD_FAST" not in worker_log
 
 
+def test_the_main_commands_reader_streams_stage_lines_while_the_run_runs(first_run, prefect_env):
+    """flows.deploy's reader (flows.progress.follow over Prefect's logs API) got each stage's lines while
+    the flow run was still running, and only finsynth's lines: no library warning, no traceback."""
+    assert first_run["state"] == "COMPLETED", first_run.get("message")
+    lines = first_run["progress"]
+    msgs = [ln["message"] for ln in lines]
+    assert {ln["name"] for ln in lines} <= {"finsynth.stage", "finsynth.progress"}, msgs
+    for stage in STAGE_NAMES:
+        assert f"{stage}: started" in msgs, msgs
+        assert any(m.startswith(f"{stage}: done in ") for m in msgs), msgs
+    fetch_done = next(ln for ln in lines if ln["message"].startswith("fetch: done in "))
+    assert " rows" in fetch_done["message"]
+    # it arrived while later stages still ran: before the flow run ended, by the server's clock
+    assert fetch_done["received"] < first_run["end_time"], (fetch_done, first_run["end_time"])
+    train_done = next(ln for ln in lines if ln["message"].startswith("train: done in "))
+    assert train_done["received"] < first_run["end_time"]
+    # live progress of the long parts: rephrasing requests, training steps with their loss, evaluation batches
+    assert any(m.startswith("rephrase") and " requests (" in m for m in msgs), msgs
+    assert any(m.startswith("train step ") and ", loss " in m for m in msgs), msgs
+    assert any(m.startswith("generate tuned ") and " batches (" in m for m in msgs), msgs
+    assert not any("Traceback" in m or "Warning" in m for m in msgs)
+    # the same lines are the flow run's log in Prefect (what the UI's run page shows)
+    code = ("import json, sys; from prefect import get_client; from prefect.client.schemas.filters import LogFilter, "
+            "LogFilterFlowRunId\nwith get_client(sync_client=True) as c:\n    logs = c.read_logs(LogFilter(flow_run_id="
+            "LogFilterFlowRunId(any_=[sys.argv[1]])), limit=200)\nprint(json.dumps([lg.message for lg in logs]))")
+    r = subprocess.run([sys.executable, "-c", code, first_run["flow_run_id"]], env=prefect_env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert fetch_done["message"] in json.loads(r.stdout)
+
+
+def test_a_failing_run_ends_with_the_stage_and_one_line(tmp_path, prefect_env):
+    """``finsynth run --only fetch`` on an empty root: the terminal shows the stage line and the one-line
+    error, the rest is in the log file whose path it prints."""
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--only", "fetch", "--root",
+                        str(tmp_path)], env=prefect_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    err = r.stderr.splitlines()
+    assert len(err) <= 6 and "Traceback" not in r.stderr and "HTTP Request" not in r.stderr, r.stderr
+    assert any(ln.endswith("  fetch: started") for ln in err), r.stderr
+    assert any("fetch: failed after " in ln and "source QA file not found" in ln for ln in err), r.stderr
+    assert err[-2] == f"finsynth: error: source QA file not found: {tmp_path}/data/raw/sample_source_qa.jsonl"
+    log = err[-1].removeprefix("  full log: ").split(" (--debug")[0]
+    assert "Traceback" in Path(log).read_text()  # the whole story is kept, in the file
+
+
 def test_unchanged_rerun_executes_nothing_and_only_augment_reruns_augment(first_run, prefect_env, project):
     assert first_run["state"] == "COMPLETED"
     again = _cli_run(prefect_env, project)

@@ -83,7 +83,10 @@ def training_template(tokenizer) -> str | None:
 
     if has_generation_markers(tokenizer.chat_template):
         return None
-    template = get_training_chat_template(tokenizer)
+    try:
+        template = get_training_chat_template(tokenizer)
+    except ValueError:  # TRL refuses a template it cannot patch
+        template = None
     if template is None:
         raise ValueError("the chat template has no {% generation %} markers and TRL has no training variant "
                          "for it: set model.chat_template to a template with markers")
