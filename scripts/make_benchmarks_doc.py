@@ -43,7 +43,13 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
       ("k3 - k0_plain (paired per fact)", "k3_minus_k0_plain", "diff"),
       ("McNemar p, k3 vs k0_matched", "k3_minus_k0_matched.mcnemar_p", "num"),
       ("steps k0_plain / k0_matched / k3", "arms.k0_plain.steps|arms.k0_matched.steps|arms.k3.steps", "multi"),
-      ("wall time (s)", "wall_s", "num")]),
+      ("epochs (each arm read at the epoch its validation facts chose)", "settings.epochs", "num"),
+      ("held-out accuracy at the last epoch, k0_matched / k3",
+       "arms.k0_matched.last_epoch.heldout.acc|arms.k3.last_epoch.heldout.acc", "multi"),
+      ("wall time (s)", "wall_s", "num"),
+      ("previous run (`earlier_runs[0]`): epochs", "earlier_runs.0.settings.epochs", "num"),
+      ("previous run: k3 - k0_matched", "earlier_runs.0.k3_minus_k0_matched", "diff"),
+      ("previous run: k3 - k0_plain", "earlier_runs.0.k3_minus_k0_plain", "diff")]),
     ("quality.json", "Open-book grounded QA: does finsynth make the model better? (`bench_quality.py`)",
      "`finsynth sweep --profile quality --grid augment.k=0,3`: base zero-shot, base few-shot and tuned on "
      "held-out *new* questions whose answer is in the prompt's context. Clustered bootstrap CIs.",
@@ -74,6 +80,10 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
       ("1M rows, sampled recall", "search.1000000.partitioned.recall", "num"),
       ("100k rows: partitioned / exact speed-up", "search.100000.speedup_vs_exact", "ratio"),
       ("templated questions, 100k rows: dedup + leakage check (s)", "templated_100k_s", "num"),
+      ("templated questions, 10k rows: dedup + leakage check (s)", "templated.10000.total_s", "num"),
+      ("templated, 1,050 rows: dedup checking every pair / blocked (s)",
+       "templated.1000.every_pair_dedup_s|templated.1000.dedup_s", "multi"),
+      ("templated, 1,050 rows: same decisions as every pair", "templated.1000.same_decisions_as_every_pair", "num"),
       ("embedding cache, dedup then split: ratio", "embed.2000.pipeline_dedup_then_split.ratio", "ratio")]),
     ("dedup_calibration.json", "Dedup's pair rule on labelled pairs (`bench_dedup_calibration.py`)",
      "Duplicates, distinct pairs and conflicts written for this project.",
@@ -99,9 +109,12 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
 
 def get(d: Any, path: str) -> Any:
     for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
+        if isinstance(d, list) and part.isdigit() and int(part) < len(d):
+            d = d[int(part)]
+        elif isinstance(d, dict) and part in d:
+            d = d[part]
+        else:
             return None
-        d = d[part]
     return d
 
 

@@ -131,27 +131,44 @@ def _max_cross_cosine(va: np.ndarray, vb: np.ndarray, exact_max: int, nprobe: in
     return float(found.max()), "partitioned"
 
 
-def figure_pairs(sets: list[frozenset[str]], min_overlap: float) -> set[tuple[int, int]]:
-    """Pairs ``(i, j)``, ``i < j``, of non-empty figure sets that may have Jaccard >= ``min_overlap`` (> 0):
-    exact, by a prefix filter (two sets with Jaccard >= t share one of the rarest ``|x| - ceil(t |x|) + 1``
-    figures of each); near-linear when rows carry their own figures (one question template over other
-    data)."""
-    df: Counter = Counter(f for s in sets for f in s)
-    post: dict[str, list[int]] = {}
-    prefixes = []
-    for k, s in enumerate(sets):
-        order = sorted(s, key=lambda f: (df[f], f))
-        pre = order[:len(order) - int(np.ceil(min_overlap * len(order) - 1e-9)) + 1] if order else []
-        prefixes.append(pre)
-        for f in pre:
+def figure_duplicates(sets: list[frozenset[str]], label: np.ndarray, vecs: np.ndarray, threshold: float,
+                      min_overlap: float) -> int:
+    """Pairs of rows with other ``label`` (split), figure-set Jaccard >= ``min_overlap`` (> 0) and cosine >=
+    ``threshold``; rows with no figures are not counted. Exact, by a prefix filter (two sets with Jaccard >= t
+    share one of the rarest ``|x| - ceil(t |x|) + 1`` figures of each): each row's candidates come from the
+    postings of its prefix and are checked at once, vectorised (a sparse row-by-figure matrix), so memory
+    stays linear when many rows share common figures (one question template over tabular data)."""
+    from scipy import sparse
+
+    vocab: dict[str, int] = {}
+    cols = [np.fromiter((vocab.setdefault(f, len(vocab)) for f in x), np.int64, len(x)) for x in sets]
+    n = len(sets)
+    size = np.array([len(c) for c in cols], np.int64)
+    m = sparse.csr_matrix((np.ones(int(size.sum()), np.float32), np.concatenate(cols) if n else np.zeros(0, np.int64),
+                           np.concatenate([[0], np.cumsum(size)])), shape=(n, len(vocab)))
+    df = np.asarray((m > 0).sum(0)).ravel()
+    prefix = []
+    for c in cols:
+        order = c[np.lexsort((c, df[c]))]  # rarest first, ties by id
+        prefix.append(order[:len(order) - int(np.ceil(min_overlap * len(order) - 1e-9)) + 1] if len(order) else order)
+    post: dict[int, list[int]] = {}
+    for k, pre in enumerate(prefix):
+        for f in pre.tolist():
             post.setdefault(f, []).append(k)
-    out: set[tuple[int, int]] = set()
-    for k, pre in enumerate(prefixes):
-        for f in pre:
-            for j in post[f]:
-                if j > k:
-                    out.add((k, j))
-    return out
+    posting = {f: np.array(v, np.int64) for f, v in post.items()}
+    found = 0
+    for k, pre in enumerate(prefix):
+        if not len(pre):
+            continue
+        js = np.unique(np.concatenate([posting[f] for f in pre.tolist()]))
+        js = js[(js > k) & (label[js] != label[k])]
+        if not len(js):
+            continue
+        inter = (m[js] @ m[k].T).toarray().ravel()
+        ok = js[inter / (size[js] + size[k] - inter) >= min_overlap - 1e-12]
+        if len(ok):
+            found += int((vecs[ok] @ vecs[k] >= threshold).sum())
+    return found
 
 
 def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "auto",
@@ -167,7 +184,7 @@ def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "
     it. Up to ``max_pairs`` they are all found (``similar_pairs``) and counted exactly, as before. Beyond,
     the count above the threshold is estimated from ``sample`` random cross-split pairs (``pair_counts``
     says which), while the duplicates are still counted exactly: candidate pairs come from the figures
-    (:func:`figure_pairs`), then their cosine and splits are checked; only rows without figures (which
+    (:func:`figure_duplicates`), then their cosine and splits are checked; only rows without figures (which
     all share the empty figure set) fall back to the sampled estimate. The largest cosine is exact (faiss
     flat) while the split pair's product of sizes is at most ``exact_max``, else from an IVF search."""
     names = [s for s in SPLITS if len(vecs.get(s, ())) > 0]
@@ -228,13 +245,8 @@ def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "
                 how_counted += "; duplicates = that estimate"
             else:
                 sets = [numbers(r) for r in flat]
-                full = [k for k, s in enumerate(sets) if s]
                 empty = np.array([k for k, s in enumerate(sets) if not s], dtype=np.int64)
-                for x, y in figure_pairs([sets[k] for k in full], min_number_overlap):
-                    a, b = full[x], full[y]
-                    if (label[a] != label[b] and number_overlap(sets[a], sets[b]) >= min_number_overlap
-                            and float(allv[a] @ allv[b]) >= threshold):
-                        dups += 1
+                dups = figure_duplicates(sets, label, allv, threshold, min_number_overlap)
                 if len(empty) > 1:
                     dups += estimate(empty)
                     how_counted += "; duplicates among rows without figures estimated the same way"
