@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-ours", type=int, default=4, help="packed rows of --seq tokens per step")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="write a torch.profiler table of one finsynth step (after warm-up) to this file")
     ap.add_argument("--dry-run", action="store_true", help="no training: print shapes, data and the FLOP plan")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
@@ -152,6 +154,32 @@ class StepClock:
                 "mfu": round(tps * flops_per_token / (peak * 1e12), 4) if peak else None}
 
 
+def profile_one_step(step: int, out: Path):
+    """A callback that runs ``torch.profiler`` over optimizer step ``step`` + 1 and writes the operators by
+    total CUDA time to ``out`` (where the time of a step goes)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class ProfileStep(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == step:
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+                self.prof = None
+
+    return ProfileStep()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = model_config(args.shape)
@@ -222,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     clock = StepClock()
-    trainer = build_trainer(cfg, ds, None, tmp / "ours", device="cuda", tokenizer=tok, callbacks=[clock.callback])
+    callbacks = [clock.callback] + ([profile_one_step(args.warmup, args.profile)] if args.profile else [])
+    trainer = build_trainer(cfg, ds, None, tmp / "ours", device="cuda", tokenizer=tok, callbacks=callbacks)
     trainer.args.disable_tqdm = True
     clock.trainer = trainer
     trainer.train()
