@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--profile", type=Path, default=None,
-                    help="write a torch.profiler table of one finsynth step (after warm-up) to this file")
+                    help="write a torch.profiler table of one finsynth step (after warm-up) to this file; "
+                         "the profiler slows that timed step: profile in a run of its own")
     ap.add_argument("--dry-run", action="store_true", help="no training: print shapes, data and the FLOP plan")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)

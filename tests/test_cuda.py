@@ -103,3 +103,37 @@ def test_qlora_trains_saves_reloads_merges_and_generates(tmp_path, model_dir):
     assert torch.nn.functional.cosine_similarity(m.flatten(), ref.flatten(), dim=0) > 0.9
     gen = merged.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert gen.shape[1] > ids.shape[1] and torch.equal(gen[0, :ids.shape[1]], ids[0])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the fused varlen kernel is CUDA's")
+@pytest.mark.parametrize("window", [None, 24])
+def test_packed_attention_is_one_varlen_call_and_equals_per_conversation_sdpa(window):
+    """On CUDA the packed row's conversations go through one flash-attention varlen call; the result equals
+    scoring each conversation alone with SDPA (causal, within the sliding window), GQA included."""
+    from types import SimpleNamespace
+
+    from datagen.causal_lm import _flash_varlen, varlen_sdpa_attention
+
+    torch.manual_seed(0)
+    lens = [40, 7, 64, 1, 33]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    t, h, kvh, d = sum(lens), 8, 2, 64
+    q = torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, kvh, t, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, kvh, t, d, device="cuda", dtype=torch.bfloat16)
+    module = SimpleNamespace(num_key_value_groups=h // kvh)
+    kr, vr = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
+    if window is not None and _flash_varlen(q, kr, vr, cu, 0.0, None, window) is None:
+        pytest.skip("this torch's varlen kernel takes no window")
+    out, _ = varlen_sdpa_attention(module, q, k, v, None, scaling=d ** -0.5, sliding_window=window, cu_seq_lens_q=cu)
+    assert _flash_varlen(q, kr, vr, cu, 0.0, d ** -0.5, window) is not None  # the fused path ran
+    ref = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n = b - a
+        i = torch.arange(n, device="cuda")
+        mask = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - window) if window else True)
+        ref.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b].float(), kr[:, :, a:b].float(), vr[:, :, a:b].float(), attn_mask=mask, scale=d ** -0.5))
+    ref = torch.cat(ref, dim=2).transpose(1, 2)
+    assert out.shape == ref.shape
+    assert (out.float() - ref).abs().max() < 2e-2

@@ -173,6 +173,9 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    fused = _flash_varlen(query, key, value, cu, dropout, scaling, sliding_window)
+    if fused is not None:
+        return fused, None
     bounds = cu.tolist()
     out = []
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -188,6 +191,37 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
                                                                  is_causal=n > 1)
         out.append(o)
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _flash_varlen(query: Any, key: Any, value: Any, cu: Any, dropout: float, scaling: float | None,
+                  sliding_window: int | None) -> Any:
+    """On CUDA, every conversation of the packed row in one call of PyTorch's flash-attention varlen kernel
+    (``torch.nn.attention.varlen.varlen_attn``) instead of one SDPA call per conversation, whose launches
+    bound the GPU step (``benchmarks/results/train_gpu_profile.txt``). Returns ``(1, T, H, D)``, or None
+    where it does not apply (CPU, dropout, a sliding window the installed kernel cannot take, no kernel)."""
+    import inspect
+
+    import torch
+
+    if not query.is_cuda or dropout or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    kw: dict[str, Any] = {"scale": scaling}
+    if "window_size" in params:
+        kw["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+    elif "is_causal" in params and not sliding_window:
+        kw["is_causal"] = True
+    else:
+        return None
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
+    return out.unsqueeze(0)
 
 
 def register_varlen_sdpa() -> str:
