@@ -342,13 +342,15 @@ def templated_rows(n: int, seed: int = 0) -> list[dict]:
         if i < n:
             r = copy.deepcopy(base)
             cells = r["context"]["table"]["rows"][0]
-            cells[1], cells[4], cells[9] = str(rng.randint(4, 72)), str(rng.randint(250, 20000)), str(rng.randint(19, 75))
+            cells[1], cells[4] = str(rng.randint(4, 72)), str(rng.randint(250, 20000))
+            cells[9] = str(rng.randint(19, 75))
             r["question"], label = rng.choice(qs), rng.choice(["good", "bad"])
         else:
             r = copy.deepcopy(rows[rng.randrange(n)])
             label = r["answer"]
             if i % 3 == 1:
-                r["context"]["table"]["rows"][0][10] = "rent" if r["context"]["table"]["rows"][0][10] != "rent" else "own"
+                cells = r["context"]["table"]["rows"][0]
+                cells[10] = "rent" if cells[10] != "rent" else "own"
             elif i % 3 == 2:
                 label = "bad" if label == "good" else "good"
         r["id"] = r["group_id"] = f"t{i:07d}"
@@ -392,7 +394,7 @@ def bench_templated(sizes: list[int]) -> None:
         if n == min(sizes) and n <= 2000:  # the same decisions as checking every pair
             every = {(a, b) for a in range(len(rows)) for b in range(a + 1, len(rows))}
             real = dd._candidates
-            dd._candidates = lambda *a, **k: (every, "exact")
+            dd._candidates = lambda *a, every=every, **k: (every, "exact")
             try:
                 t0 = time.perf_counter()
                 slow = dd.dedup_rows(rows, vecs, thr, within, context_threshold=ctx)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 
-from datagen.causal_lm import generate, render_prompt  # noqa: E402
+from datagen.causal_lm import generate, render_prompt, vector_flags  # noqa: E402
 from datagen.config import load_config  # noqa: E402
 from datagen.dataset.chat_format import USER_PROMPT, build_messages  # noqa: E402
 from datagen.dataset.knowledge import arm_rows, knowledge_split  # noqa: E402
@@ -58,14 +58,6 @@ from training.graders import normalise_answer, pick_by_loglik  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = {"k0_plain": (0, 1), "k0_matched": (0, 4), "k1": (1, 1), "k2": (2, 1), "k3": (3, 1)}  # name: (k, repeat)
 N_BOOT, SEED = 2000, 17
-
-
-def cpu_flags() -> list[str]:
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -318,7 +310,7 @@ def main() -> None:
                           list(zip(test, base_texts, strict=True))[:3]],
         "stage_s": stage_s,
         "wall_s": round(time.perf_counter() - t_start, 1),
-        "machine": {"cpu_flags": cpu_flags(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu_flags": vector_flags(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())},
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),

@@ -19,7 +19,7 @@ recorded too: it is what to compare when the load average changed between the tw
 runs first, before finsynth's process-wide CPU switch for the LM head is applied.
 Writes ``benchmarks/results/train_cpu.json``.
 
-    .venv/bin/python benchmarks/bench_train_cpu.py [--steps-baseline 3] [--steps-ours 3] [--rows 64]
+    .venv/bin/python benchmarks/bench_train_cpu.py [--steps-baseline 11] [--steps-ours 11] [--rows 64]
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def rss_gb() -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps-baseline", type=int, default=3)
-    ap.add_argument("--steps-ours", type=int, default=3)
+    ap.add_argument("--steps-baseline", type=int, default=11)
+    ap.add_argument("--steps-ours", type=int, default=11)
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from datagen.causal_lm import vector_flags
     from datagen.config import load_config
     from datagen.tokenizer import load_tokenizer
     from training.models import get_peft_config, load_model
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "train_cpu", "model": cfg.model.name_or_path, "lora": {"r": 16, "alpha": 32, "targets": 7},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(),
-                    "torch": torch.__version__, "trl": trl.__version__, "load_avg_start": os.getloadavg()},
+                    "torch": torch.__version__, "trl": trl.__version__, "load_avg_start": os.getloadavg(),
+                    "cpu_flags": vector_flags(),
+                    "date": time.strftime("%Y-%m-%d")},
         "data": {"rows": len(convs), "tokens_mean": round(statistics.mean(lengths), 1), "tokens_min": min(lengths),
                  "tokens_max": max(lengths)},
     }

@@ -99,6 +99,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def vector_flags() -> list[str]:
+    """The CPU's vector and matrix flags (AVX*, AMX*, FMA, F16C): what decides CPU training speed, recorded
+    with every benchmark."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+
+
 def cpu_autocast_dtype() -> torch.dtype | None:
     """The autocast dtype for training and generation on this CPU: bf16 where the CPU has AMX-BF16
     (2048x2048 matmul 506 vs 81 GFLOP/s fp32; a LoRA step of Gemma-3-270M 1.36x faster, ../shared/NOTES.md),
