@@ -260,13 +260,14 @@ def main() -> None:
     arms: dict[str, dict] = {}
     finals: dict[str, list[int]] = {}
     ctrl_final: dict[str, list[int]] = {}
+    em_finals: dict[str, list[int]] = {}
     for name in a.arms.split(","):
         k, repeat = ARMS[name]
         rows = arm_rows(trained, k, repeat=repeat)
         print(f"arm {name}: {len(rows)} training rows (k={k}, each phrasing x{repeat})", flush=True)
         r = run_arm(cfg, tok, system, user, rows, scorers, a.score_from)
         pick = best_epoch(r["epochs"])
-        finals[name], ctrl_final[name] = pick["test"], pick["controls"]
+        finals[name], ctrl_final[name], em_finals[name] = pick["test"], pick["controls"], pick["em_test"]
         arms[name] = {
             "k": k, "repeat": repeat, "rows": r["rows"], "steps": r["steps"],
             "answer_exposures_per_fact": (k + 1) * repeat * cfg.train.epochs,
@@ -280,6 +281,7 @@ def main() -> None:
                        "controls": round(float(np.mean(e["controls"])), 4),
                        "test_em": round(float(np.mean(e["em_test"])), 4)} for e in r["epochs"]],
             "last_epoch": {"heldout": summary(r["epochs"][-1]["test"], test)},
+            "per_fact": {"heldout": pick["test"], "heldout_em": pick["em_test"]},  # in test_ids order: pair runs later
             **{key: r[key] for key in ("wall_s", "train_s", "eval_s", "train_tokens", "train_tokens_per_s",
                                        "first_loss", "final_loss")},
         }
@@ -306,6 +308,7 @@ def main() -> None:
         "controls": summary(all_ctrl, controls * len(finals)),
         "controls_base": summary(base_ctrl, controls),
         "arms": arms,
+        "test_ids": [r["id"] for r in test],
         "examples_base": [{"q": r["question"], "gold": r["answer"], "base": t} for r, t in
                           list(zip(test, base_texts, strict=True))[:3]],
         "stage_s": stage_s,
@@ -317,6 +320,7 @@ def main() -> None:
     }
     if "k3" in finals and "k0_matched" in finals:
         result["k3_minus_k0_matched"] = paired(finals["k0_matched"], finals["k3"], test)
+        result["k3_minus_k0_matched_em"] = paired(em_finals["k0_matched"], em_finals["k3"], test)
     if "k3" in finals and "k0_plain" in finals:
         result["k3_minus_k0_plain"] = paired(finals["k0_plain"], finals["k3"], test)
     if "k0_matched" in finals and "k0_plain" in finals:

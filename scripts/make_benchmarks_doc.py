@@ -42,6 +42,7 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
       ("**k3 - k0_matched** (paired per fact)", "k3_minus_k0_matched", "diff"),
       ("k3 - k0_plain (paired per fact)", "k3_minus_k0_plain", "diff"),
       ("McNemar p, k3 vs k0_matched", "k3_minus_k0_matched.mcnemar_p", "num"),
+      ("k3 - k0_matched, greedy exact match (paired per fact)", "k3_minus_k0_matched_em", "diff"),
       ("steps k0_plain / k0_matched / k3", "arms.k0_plain.steps|arms.k0_matched.steps|arms.k3.steps", "multi"),
       ("epochs (each arm read at the epoch its validation facts chose)", "settings.epochs", "num"),
       ("held-out accuracy at the last epoch, k0_matched / k3",
