@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with run_lock(cfg.paths.root):
                 manifest = execute(cfg, args.command)
-            print(json.dumps(_summary(manifest), indent=2, default=str))
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote the outputs and reports
+                print(json.dumps(_summary(manifest), indent=2, default=str))
     except KeyboardInterrupt:
         print("finsynth: interrupted", file=sys.stderr)
         return 130

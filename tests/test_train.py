@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -283,3 +284,40 @@ def test_loss_series_and_plot(tmp_path):
     assert loss_series(hist) == {"train": [(1, 2.0), (2, 1.5)], "eval": [(2, 1.7)]}
     p = plot_loss_curves(hist, tmp_path / "loss.png", best_step=2)
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_match_one(tmp_path, tiny_model_dir):
+    """Issue 30.5: ``torchrun --standalone --nproc_per_node 2 -m flows.cli train`` on CPU (gloo): world size 2,
+    each rank collates half of the rows, rank 0 alone writes (one summary, one manifest), and the loss of each
+    step matches one process with the same global batch (4 rows: 2 per rank vs 4 in one)."""
+    import subprocess
+    import sys
+
+    def run(root: Path, launcher: list[str], per_device: int) -> dict:
+        write_dataset(root / "data" / "processed" / "dataset", 16, 4)
+        args = ["train", "--profile", "tiny", "--root", str(root), "--set", f"model.name_or_path={tiny_model_dir}",
+                "--set", "train.device=cpu", "--set", "train.max_length=128", "--set", "train.packing=false",
+                "--set", f"train.per_device_batch_size={per_device}", "--set", "train.gradient_accumulation_steps=1",
+                "--set", "train.max_steps=4", "--set", "train.eval_steps=1000", "--set", "train.learning_rate=0.01",
+                "--set", "train.lora.dropout=0.0", "--set", "train.run_name=ddp", "--set", "train.logging_steps=1"]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, *launcher, "-m", "flows.cli", *args], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count('"stage": "train"') == 1, r.stdout  # one summary: rank 0's
+        out = root / "data" / "models" / "ddp"
+        m = read_manifest(out)
+        assert m is not None
+        return {**m, "losses": [r["loss"] for r in json.loads((out / "log_history.json").read_text()) if "loss" in r]}
+
+    two = run(tmp_path / "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 2)
+    one = run(tmp_path / "one", [], 4)
+    assert two["distributed"]["world_size"] == 2 and one["distributed"]["world_size"] == 1
+    assert two["distributed"]["backend"] == "gloo"
+    assert two["steps"] == one["steps"] == 4
+    seen = two["distributed"]["rows_seen_by_rank"]
+    assert len(seen) == 2 and seen[0] == seen[1] and sum(seen) == one["distributed"]["rows_seen_by_rank"][0]
+    l1, l2 = one["losses"], two["losses"]
+    assert len(l1) == len(l2) >= 2
+    assert all(abs(a - b) <= 0.02 * abs(a) for a, b in zip(l1, l2)), (l1, l2)

@@ -237,9 +237,13 @@ def mark_stale(stage_dir: str | Path, reason: str) -> bool:
 @contextmanager
 def run_lock(root: str | Path) -> Iterator[None]:
     """One run per project root at a time: a second ``finsynth`` run on the same root fails at once
-    with who holds it, instead of paying for every LLM call twice. Re-entrant in one thread."""
+    with who holds it, instead of paying for every LLM call twice. Re-entrant in one thread. Under
+    ``torchrun`` only rank 0 takes it (the other ranks are the same run)."""
     from filelock import FileLock, Timeout
 
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 of the same launch holds the lock
+        yield
+        return
     path = Path(root) / "data" / ".finsynth-run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _LOCKS.setdefault(str(path), FileLock(str(path)))

@@ -369,6 +369,30 @@ def merge_adapter(cfg: Config, adapter_dir: Path, target: Path, device: str = "c
     return target
 
 
+def _count_rows(trainer) -> dict[str, int]:
+    """Count the rows this process's batches carry (its share under DDP): wraps the trainer's collator."""
+    seen = {"rows": 0}
+    collate = trainer.data_collator
+
+    def counting(features):
+        seen["rows"] += len(features)
+        return collate(features)
+
+    trainer.data_collator = counting
+    return seen
+
+
+def _gather(value: int, world: int) -> list[int]:
+    """``value`` of every rank, in rank order (``[value]`` in one process)."""
+    if world <= 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def train(cfg: Config, dataset_dir: str | Path) -> Path:
     """Fine-tune ``cfg.model`` on ``<dataset_dir>/{train,validation}.parquet``; returns the adapter folder."""
     import torch
@@ -398,10 +422,17 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     trainer = build_trainer(cfg, train_ds, eval_ds, ckpt_dir, device=device, callbacks=[meter, progress_callback()])
     if resume:
         log.info("resuming from %s", resume)
+    collate, seen = trainer.data_collator, _count_rows(trainer)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.data_collator = collate
     wall = time.perf_counter() - t0
     state = trainer.state
 
+    world = trainer.args.world_size
+    per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    distributed = {"world_size": world, "backend": trainer.args.ddp_backend or ("gloo" if device == "cpu" else "nccl")
+                   if world > 1 else None, "rows_per_rank_per_step": per_step, "rows_per_step": per_step * world,
+                   "rows_seen_by_rank": _gather(seen["rows"], world)}
     if not trainer.is_world_process_zero():
         return out_dir
     tokenizer = trainer.processing_class
@@ -438,6 +469,7 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
         "precision": ("4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."))
         + (" (bf16 autocast: AMX)" if device == "cpu" and cpu_autocast_dtype() is not None else ""),
         "attn_implementation": attn_implementation(device, dtype),
+        "distributed": distributed,
         "counts": {"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0,
                    "train_rows_added_by_balancing": balance["rows_added"]},
         "balance_labels": balance,
