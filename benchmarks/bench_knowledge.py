@@ -17,7 +17,8 @@ Gemma-3-270M with the project's chat template, assistant-only loss and trainer
 
 Scoring, the same for every arm and for the base model: log-likelihood ranking of the gold answer among
 its 4 candidates of the same pool (:func:`training.generate.score_choices`, the rule evaluation uses for
-classification labels; chance 0.25), and greedy exact match after normalisation. After every epoch the test, validation and
+classification labels; chance 0.25), and greedy exact match after normalisation. After every epoch the test,
+validation and
 control sets are scored (the learning curve). CIs are bootstraps clustered by company; arm differences are
 paired per fact, with McNemar's exact test. Writes ``benchmarks/results/knowledge.json`` and
 ``knowledge.png``. Run it alone (~1 h on 2 cores).
@@ -164,7 +165,8 @@ def run_arm(cfg, tok, system, user, train_rows: list[dict], scorers: dict[str, S
     del trainer, model
     return {"rows": len(train_rows), "steps": state.global_step, "epochs": record, "wall_s": round(wall, 1),
             "train_s": round(wall - eval_s, 1), "eval_s": round(eval_s, 1), "train_tokens": tokens,
-            "train_tokens_per_s": round(tokens / max(wall - eval_s, 1e-9), 1), "first_loss": losses[0] if losses else None,
+            "train_tokens_per_s": round(tokens / max(wall - eval_s, 1e-9), 1),
+            "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None}
 
 
@@ -255,7 +257,8 @@ def main() -> None:
     base_em, base_texts = scorers["test"].exact(base)
     del base
     stage_s = {"base_eval": round(time.perf_counter() - t0, 1)}
-    print(f"base: test {np.mean(base_test):.3f}  controls {np.mean(base_ctrl):.3f}  EM {np.mean(base_em):.3f}", flush=True)
+    print(f"base: test {np.mean(base_test):.3f}  controls {np.mean(base_ctrl):.3f}  EM {np.mean(base_em):.3f}",
+          flush=True)
 
     arms: dict[str, dict] = {}
     finals: dict[str, list[int]] = {}
@@ -293,7 +296,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "model": cfg.model.name_or_path,
         "facts": {"trained": len(trained), "test": len(test), "validation": len(validation),
-                  "controls": len(controls), "file": str(a.facts.relative_to(ROOT)) if a.facts.is_relative_to(ROOT) else str(a.facts)},
+                  "controls": len(controls),
+                  "file": str(a.facts.relative_to(ROOT) if a.facts.is_relative_to(ROOT) else a.facts)},
         "scoring": "log-likelihood rank of the gold answer among 4 candidates of its pool (training.generate."
                    "score_choices: the answer's tokens, mean log-prob per token where candidates differ in "
                    "length); chance 0.25. "

@@ -97,7 +97,8 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
     ("dedup_calibration.json", "Dedup's pair rule on labelled pairs (`bench_dedup_calibration.py`)",
      "Duplicates, distinct pairs and conflicts written for this project.",
      [("precision", "default.precision", "num"), ("recall", "default.recall", "num"),
-      ("conflict recall", "default.conflict_recall", "num"), ("the first wave's rule: precision", "old_rule.precision", "num")]),
+      ("conflict recall", "default.conflict_recall", "num"),
+      ("the first wave's rule: precision", "old_rule.precision", "num")]),
     ("augment.json", "Rephrasing yield on the packaged Gemma (`bench_augment.py`)",
      "The demo's rephrasing workload: best-of-n with a base-model prompt and early stop, against one "
      "candidate with the chat prompt.",
@@ -135,7 +136,9 @@ def fmt_num(x: Any) -> str:
     if isinstance(x, int):
         return str(x)
     if isinstance(x, float):
-        return f"{x:.3g}" if abs(x) < 0.001 and x != 0 else f"{x:.3f}".rstrip("0").rstrip(".") if abs(x) < 1000 else f"{x:.0f}"
+        if abs(x) < 0.001 and x != 0:
+            return f"{x:.3g}"
+        return f"{x:.3f}".rstrip("0").rstrip(".") if abs(x) < 1000 else f"{x:.0f}"
     return str(x)
 
 

@@ -151,7 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--companies", type=int, default=24, help="trained companies (test + validation)")
     ap.add_argument("--controls", type=int, default=6, help="control companies, never trained")
-    ap.add_argument("--validation", type=int, default=4, help="trained companies whose held-out phrasings choose hyperparameters")
+    ap.add_argument("--validation", type=int, default=4,
+                    help="trained companies whose held-out phrasings choose hyperparameters")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data/raw/knowledge_facts.jsonl")
     a = ap.parse_args()
     rows = make_facts(a.companies, a.controls, a.validation)

@@ -341,7 +341,8 @@ def test_fewshot_k_zero_disables_the_arm(eval_cfg):
     r = report["summary"]["test"]["categories"]["returns"]
     assert r["fewshot"]["n"] == 0 and r["tuned_minus_fewshot"]["ci"] is None
     assert r["tuned_minus_base"]["mean"] == pytest.approx(2 / 3)
-    assert {i["model"] for i in read_jsonl(Path(m["items_jsonl"]))} == {"base", "tuned", "majority"}  # majority: no model
+    # the majority arm loads no model
+    assert {i["model"] for i in read_jsonl(Path(m["items_jsonl"]))} == {"base", "tuned", "majority"}
     assert m["table_rows"][1]["fewshot_mean"] is None
     assert "base few-shot" not in Path(m["report_md"]).read_text()
 

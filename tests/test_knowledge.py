@@ -86,7 +86,8 @@ def test_leak_check_fails_when_a_heldout_phrasing_is_trained(facts):
 
 def test_teacher_rephrasing_is_held_out_only_without_a_shared_ngram():
     """User data: no given held-out question; the last rephrasing that shares no 6-token run is asked."""
-    base = {"group_id": "f1", "answer": "Oslo", "task_type": "open_qa", "category": "facts", "metadata": {"role": "test"}}
+    base = {"group_id": "f1", "answer": "Oslo", "task_type": "open_qa", "category": "facts",
+            "metadata": {"role": "test"}}
     rows = [
         {**base, "id": "f1", "question": "In which city does the Nordic Bank keep its head office?"},
         {**base, "id": "f1-r1", "is_rephrase": True, "rephrase_index": 1,

@@ -25,7 +25,8 @@ def test_stage_done_line_names_rows_and_drops_by_reason():
         "train: done in 2 min 41 s: 6 steps, final loss 2.346"
     assert stage_done_line("x", {"counts": {"splits": {"train": 3, "test": 2}}}, 0.25) == "x: done in 0.2 s: 5 rows"
     fetch = {"counts": {"samples": 170}, "quarantine": {"total": 3, "by_reason": {"bad_date": 1, "empty_answer": 2}}}
-    assert stage_done_line("fetch", fetch, 1.0) == "fetch: done in 1.0 s: 170 rows; quarantined 3: empty_answer 2, bad_date 1"
+    assert stage_done_line("fetch", fetch, 1.0) == (
+        "fetch: done in 1.0 s: 170 rows; quarantined 3: empty_answer 2, bad_date 1")
     assert seconds(0.44) == "0.4 s" and seconds(41.2) == "41 s" and seconds(185) == "3 min 05 s"
 
 

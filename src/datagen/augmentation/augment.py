@@ -204,4 +204,5 @@ def _providers(c: Config) -> tuple[str, ...]:
 
 
 STAGE = StageSpec("augment", run_augment, lambda c: c.paths.stage_dir("augment"), __name__,
-                  ("augment", "llm", "dedup.embedder", "split.strategy"), upstream=("fetch",), prompts=_prompts, providers=_providers)
+                  ("augment", "llm", "dedup.embedder", "split.strategy"), upstream=("fetch",), prompts=_prompts,
+                  providers=_providers)
