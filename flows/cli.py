@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datagen.config import ConfigError, load_config
 from datagen.faults import find
-from datagen.io import run_lock
+from datagen.io import is_rank_zero, run_lock
 from flows.stages import STAGE_NAMES, execute
 
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with run_lock(cfg.paths.root):
                 manifest = execute(cfg, args.command)
-            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote the outputs and reports
+            if is_rank_zero():  # under torchrun, rank 0 wrote the outputs and reports
                 print(json.dumps(_summary(manifest), indent=2, default=str))
     except KeyboardInterrupt:
         print("finsynth: interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ did with ``model.generate``, and passes that explicitly.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -199,35 +200,40 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
+@functools.cache
+def _varlen_kernel() -> tuple[Any, str | None]:
+    """PyTorch's flash-attention varlen kernel and how it takes causality (``window_size`` or ``is_causal``;
+    None if neither), or ``(None, None)`` where this torch has none. Looked up once, off the hot path."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, next((p for p in ("window_size", "is_causal") if p in params), None)
+
+
 def _flash_varlen(query: Any, key: Any, value: Any, cu: Any, dropout: float, scaling: float | None,
                   sliding_window: int | None) -> Any:
     """On CUDA, every conversation of the packed row in one call of PyTorch's flash-attention varlen kernel
     (``torch.nn.attention.varlen.varlen_attn``) instead of one SDPA call per conversation, whose launches
     bound the GPU step (``benchmarks/results/train_gpu_profile.txt``). Returns ``(1, T, H, D)``, or None
     where it does not apply (CPU, dropout, a sliding window the installed kernel cannot take, no kernel)."""
-    import inspect
-
     import torch
 
     if not query.is_cuda or dropout or query.dtype not in (torch.float16, torch.bfloat16):
         return None
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
+    kernel, causal = _varlen_kernel()
     kw: dict[str, Any] = {"scale": scaling}
-    if "window_size" in params:
+    if causal == "window_size":
         kw["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
-    elif "is_causal" in params and not sliding_window:
+    elif causal == "is_causal" and not sliding_window:
         kw["is_causal"] = True
     else:
         return None
     cu = cu.to(device=query.device, dtype=torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
-    return out.unsqueeze(0)
+    return kernel(q, k, v, cu, cu, longest, longest, **kw).unsqueeze(0)
 
 
 def register_varlen_sdpa() -> str:

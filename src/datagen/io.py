@@ -234,6 +234,12 @@ def mark_stale(stage_dir: str | Path, reason: str) -> bool:
     return True
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of a ``torchrun`` launch (or not launched by it): the one that takes
+    the run lock and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def run_lock(root: str | Path) -> Iterator[None]:
     """One run per project root at a time: a second ``finsynth`` run on the same root fails at once
@@ -241,7 +247,7 @@ def run_lock(root: str | Path) -> Iterator[None]:
     ``torchrun`` only rank 0 takes it (the other ranks are the same run)."""
     from filelock import FileLock, Timeout
 
-    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 of the same launch holds the lock
+    if not is_rank_zero():  # a torchrun worker: rank 0 of the same launch holds the lock
         yield
         return
     path = Path(root) / "data" / ".finsynth-run.lock"

@@ -393,6 +393,13 @@ def _gather(value: int, world: int) -> list[int]:
     return out
 
 
+def _backend() -> str | None:
+    """The process group's backend (``gloo``, ``nccl``), None in one process."""
+    import torch.distributed as dist
+
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
+
+
 def train(cfg: Config, dataset_dir: str | Path) -> Path:
     """Fine-tune ``cfg.model`` on ``<dataset_dir>/{train,validation}.parquet``; returns the adapter folder."""
     import torch
@@ -429,10 +436,7 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     state = trainer.state
 
     world = trainer.args.world_size
-    per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-    distributed = {"world_size": world, "backend": trainer.args.ddp_backend or ("gloo" if device == "cpu" else "nccl")
-                   if world > 1 else None, "rows_per_rank_per_step": per_step, "rows_per_step": per_step * world,
-                   "rows_seen_by_rank": _gather(seen["rows"], world)}
+    distributed = {"world_size": world, "backend": _backend(), "rows_seen_by_rank": _gather(seen["rows"], world)}
     if not trainer.is_world_process_zero():
         return out_dir
     tokenizer = trainer.processing_class

@@ -30,6 +30,10 @@ the keeper policy (originals over rephrasings, then richer context, then lowest 
 quarantine is one :func:`datagen.io.drop_record` in ``drops.jsonl`` (kept id, question cosine,
 context similarity) and counted by :func:`datagen.io.drop_counts` in the manifest.
 
+Candidates are blocked: rows with one question text share a block, a vector search pairs blocks whose
+questions have the same signed figures, and within a block pair only rows whose contexts can be
+near-shared (an exact prefix filter on context tokens) are paired, so one question template over many
+tables stays near-linear (:func:`_candidates`; the same decisions as checking every pair).
 Pair search (question embeddings): an exact blocked matrix product (torch) up to
 ``partition_min_rows`` rows; above it a partitioned search (faiss IVF: k-means cells, then pairs within
 the ``nprobe`` nearest cells of each query, as SemDeDup does). ``benchmarks/bench_dedup.py`` measures
@@ -469,7 +473,7 @@ def _block_pairs(rows: list[dict[str, Any]], vecs: np.ndarray, low: float, metho
     return blocks, out, method
 
 
-def _candidates(rows: list[dict[str, Any]], vecs: np.ndarray, keys: list[str], threshold: float,
+def _candidates(rows: list[dict[str, Any]], vecs: np.ndarray, keys: list[str], cids: list[str], threshold: float,
                 within_group_threshold: float, context_threshold: float, method: str, partition_min_rows: int,
                 nlist: int | None, nprobe: int, direct_max: int = 4096) -> tuple[set[tuple[int, int]], str]:
     """Row pairs ``(a, b)``, ``a < b``, that can be duplicates: every pair whose questions could be near-copies
@@ -479,7 +483,6 @@ def _candidates(rows: list[dict[str, Any]], vecs: np.ndarray, keys: list[str], t
     threshold, less those the rule would reject anyway."""
     low = min(threshold, within_group_threshold)
     blocks, bpairs, used = _block_pairs(rows, vecs, low, method, partition_min_rows, nlist, nprobe)
-    cids = [context_id(r) for r in rows]
     cand: set[tuple[int, int]] = set()
 
     def add(a: int, b: int) -> None:
@@ -510,12 +513,12 @@ def _candidates(rows: list[dict[str, Any]], vecs: np.ndarray, keys: list[str], t
         if len(cp) * len(cq) <= direct_max:
             ctx_pairs = [(x, y) for x in cp for y in cq]
         else:
-            names_ = sorted(set(cp) | set(cq))
-            norm = [normalise_text(render_context(json.loads(c))) for c in names_]
+            ids = sorted(set(cp) | set(cq))
+            norm = [normalise_text(render_context(json.loads(c))) for c in ids]
             uniq = sorted(set(norm))
             at = {t: k for k, t in enumerate(uniq)}
             members: dict[int, list[str]] = {}
-            for c, t in zip(names_, norm):
+            for c, t in zip(ids, norm):
                 members.setdefault(at[t], []).append(c)
             near = context_candidates([t.split() for t in uniq], context_threshold)
             near |= {(k, k) for k in members}
@@ -543,9 +546,9 @@ def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, withi
     """(duplicate pairs with their context similarity, conflicting pairs, candidates examined, search
     method). Candidates: :func:`_candidates`."""
     keys = [exact_key(r) for r in rows]
-    cand, used = _candidates(rows, vecs, keys, threshold, within_group_threshold, context_threshold, method,
-                             partition_min_rows, nlist, nprobe)
     cids = [context_id(r) for r in rows]
+    cand, used = _candidates(rows, vecs, keys, cids, threshold, within_group_threshold, context_threshold, method,
+                             partition_min_rows, nlist, nprobe)
     ctx_sim: dict[tuple[str, str], float] = {}
     dup, conflict = [], []
     for a, b in sorted(cand):

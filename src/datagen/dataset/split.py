@@ -116,7 +116,7 @@ def _max_cross_cosine(va: np.ndarray, vb: np.ndarray, exact_max: int, nprobe: in
     va = np.ascontiguousarray(va, dtype=np.float32)
     vb = np.ascontiguousarray(vb, dtype=np.float32)
     d = vb.shape[1]
-    if len(va) * len(vb) <= exact_max or len(vb) < 2 * 39:
+    if len(va) * len(vb) <= exact_max or len(vb) < 2 * 39:  # faiss wants >= 39 training points a cell
         index = faiss.IndexFlatIP(d)
         index.add(vb)
         found, _ = index.search(va, 1)
