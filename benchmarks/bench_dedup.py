@@ -360,6 +360,7 @@ def templated_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def bench_templated(sizes: list[int]) -> None:
+    from datagen.causal_lm import vector_flags
     from datagen.config import EmbedderConfig
     from datagen.dataset import dedup as dd
     from datagen.dataset.split import leakage_check
@@ -390,7 +391,8 @@ def bench_templated(sizes: list[int]) -> None:
         out = {"rows": len(rows), "every_pair": len(rows) * (len(rows) - 1) // 2, "candidate_pairs": res.pairs,
                "drops": res.counts, "dedup_s": round(t_dedup, 2), "leakage_check_s": round(t_leak, 2),
                "total_s": round(t_dedup + t_leak, 2), "leakage": leak,
-               "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "cpu_flags": vector_flags(),
+               "date": time.strftime("%Y-%m-%d")}
         if n == min(sizes) and n <= 2000:  # the same decisions as checking every pair
             every = {(a, b) for a in range(len(rows)) for b in range(a + 1, len(rows))}
             real = dd._candidates
