@@ -412,6 +412,18 @@ class EvaluateConfig(_Strict):
         return v
 
 
+class RunConfig(_Strict):
+    """Where row-parallel work runs (docs/scale.md). It never changes a stage's output, so no stage's
+    config hash includes it."""
+
+    executor: Literal["local", "ray"] = "local"
+    # ray: None starts a local Ray with ``ray_workers`` CPUs; "auto" joins the cluster this machine is in;
+    # "ray://host:10001" a remote one
+    ray_address: str | None = None
+    ray_workers: int = Field(2, ge=1)  # actors per stage (each holds its own models and providers)
+    shard_rows: int = Field(256, ge=1)  # rows per shard (the unit of resume and of Ray's retries)
+
+
 class PrefectConfig(_Strict):
     result_storage: Path = Path("data/cache/prefect-results")
 
@@ -436,6 +448,7 @@ class Config(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     prefect: PrefectConfig = PrefectConfig()
     card: CardConfig = CardConfig()
+    run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
     def _providers_exist(self) -> Config:
@@ -454,9 +467,16 @@ class Config(_Strict):
         return data
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some config sections, for provenance and cache keys."""
+        """Stable hash of some config sections (dotted: ``dedup.embedder``), for provenance and cache keys."""
         data = self.dump_public()
-        blob = json.dumps({s: data[s] for s in sections}, sort_keys=True)
+
+        def at(dotted: str) -> Any:
+            node = data
+            for part in dotted.split("."):
+                node = node[part]
+            return node
+
+        blob = json.dumps({s: at(s) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def hash(self) -> str:

@@ -20,11 +20,14 @@ The model key includes the model name and ``max_seq_length`` (both change the ve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import re
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -206,6 +209,44 @@ def load_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedde
     """The configured sentence-transformers embedder; ``cache_dir`` (e.g. ``paths.cache_dir /
     "embeddings"``) turns on the on-disk cache."""
     return SentenceTransformerEmbedder(cfg, cache_dir)
+
+
+def _encode_shard(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
+    before = dict(getattr(embedder, "stats", {}))
+    vecs = embedder.encode(texts)
+    return {"vectors": vecs, "stats": {k: v - before[k] for k, v in getattr(embedder, "stats", {}).items()}}
+
+
+def encode_worker(cfg: EmbedderConfig, cache_dir: Path | None) -> Callable[[list[str]], dict[str, Any]]:
+    """What a Ray actor holds for embedding: the model (and its on-disk cache), loaded once."""
+    return functools.partial(_encode_shard, load_embedder(cfg, cache_dir))
+
+
+def encode_sharded(run_cfg: Any, cfg: EmbedderConfig, cache_dir: Path | None, texts: list[str], scratch: Path,
+                   embedder: Embedder | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """``encode(texts)`` on the configured executor (``run_cfg``: the config's ``run`` section): here
+    with ``embedder`` (or the configured one), or in shards on Ray workers that each load the model
+    once. Returns the vectors and the embedder's counts (requested, cache hits, encoded)."""
+    from datagen import executor
+
+    if run_cfg.executor == "local":
+        emb = embedder or load_embedder(cfg, cache_dir)
+        part = _encode_shard(emb, texts)
+        return part["vectors"], part["stats"]
+    if embedder is not None:
+        raise ValueError("run.executor: ray loads the configured embedder on each worker; "
+                         "run with run.executor: local to pass your own")
+    key = f"embed|{model_key(cfg)}"
+    shards = executor.plan(key, texts, run_cfg.shard_rows, run_cfg.ray_workers)
+    parts = executor.map_shards(run_cfg, functools.partial(encode_worker, cfg, cache_dir), shards, scratch,
+                                what="embed shards")
+    stats: Counter = Counter()
+    for p in parts:
+        stats.update(p["stats"])
+    dim = parts[0]["vectors"].shape[1] if parts else 0
+    vecs = np.concatenate([p["vectors"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+    executor.clear(scratch)
+    return vecs.astype(np.float32, copy=False), dict(stats)
 
 
 def embed_samples(cfg: Config, rows: list[dict], embedder: Embedder | None = None) -> np.ndarray:

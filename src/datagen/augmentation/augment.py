@@ -19,11 +19,14 @@ request. (Marking later stages stale is the orchestration's job: ``flows.stages.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
-from datagen.augmentation.rephrase import rephrase_id, rephrase_rows
+from datagen import executor
+from datagen.augmentation.rephrase import merge_results, rephrase_id, rephrase_rows
 from datagen.augmentation.scenarios import synthesize_scenarios
 from datagen.augmentation.validators import RephraseChecks
 from datagen.config import Config
@@ -58,6 +61,14 @@ def _usage_delta(provider: LLMProvider, before: dict[str, int]) -> dict[str, Any
             **{k: after[k] - before.get(k, 0) for k in after}}
 
 
+def _add_usage(usage: dict[str, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Sum a provider's usage over the stage's parts (scenario synthesis, each rephrase shard)."""
+    have = usage.setdefault(delta["provider"], {"provider": delta["provider"], "model": delta["model"]})
+    for k, v in delta.items():
+        if k not in ("provider", "model"):
+            have[k] = have.get(k, 0) + v
+
+
 def rejection_drop(rec: dict[str, Any]) -> dict[str, Any]:
     """A rejected candidate, as the rephrase or scenario loop recorded it, as the one drop record of
     every stage: ``row_id`` is the id the candidate would have had (the rephrasing's id for its slot,
@@ -75,51 +86,87 @@ def _sort_key(r: dict[str, Any]) -> tuple:
     return (r["group_id"], -1 if r.get("rephrase_index") is None else r["rephrase_index"], r["id"])
 
 
+def rephrase_shard(cfg: Config, slots: int, provider: LLMProvider, embedder: Embedder | None,
+                   rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One shard of the rephrasing: :func:`rephrase_rows` over ``rows`` as plain data, with the provider's
+    usage for it (a shard that mostly failed to reach its model raises, as the stage would)."""
+    aug = cfg.augment
+    before = provider.usage.snapshot()
+    res = rephrase_rows(rows, provider, embedder, k=slots, max_attempts=aug.max_attempts,
+                        temperature=aug.temperature, max_tokens=aug.max_tokens,
+                        checks=RephraseChecks.from_config(aug), candidates=aug.candidates,
+                        prompt_format=aug.prompt_format, early_stop=aug.early_stop)
+    check_failure_rate("augment (rephrase)", provider, before, cfg.llm.max_failure_rate)
+    return {"result": res.as_dict(), "usage": _usage_delta(provider, before)}
+
+
+def rephrase_worker(cfg: Config, slots: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """What a Ray actor holds for the rephrasing: the provider and the embedder, loaded once."""
+    from datagen.embed import load_embedder
+    from datagen.llm import get_provider
+
+    return functools.partial(rephrase_shard, cfg, slots, get_provider(cfg, cfg.augment.provider),
+                             load_embedder(cfg.dedup.embedder))
+
+
 def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provider: LLMProvider | None = None,
                 embedder: Embedder | None = None) -> dict[str, Any]:
+    """``provider`` / ``embedder`` replace the configured ones (tests); on Ray, each worker loads the
+    configured ones itself."""
     aug = cfg.augment
     fetch_dir = cfg.paths.stage_dir("fetch")
     originals = read_jsonl(fetch_dir / "samples.jsonl")
     out_dir = cfg.paths.stage_dir("augment")
+    on_ray = cfg.run.executor == "ray"
+    if on_ray and (provider is not None or embedder is not None):
+        raise ValueError("run.executor: ray loads the configured provider and embedder on each worker; "
+                         "run with run.executor: local to pass your own")
 
-    if provider is None:
+    def the_provider(name: str) -> LLMProvider:
         from datagen.llm import get_provider
 
-        provider = get_provider(cfg, aug.provider)
-    if scenario_provider is None:
-        if aug.scenario.provider == aug.provider:
-            scenario_provider = provider
-        else:
-            from datagen.llm import get_provider
+        return provider if provider is not None and name == aug.provider else get_provider(cfg, name)
 
-            scenario_provider = get_provider(cfg, aug.scenario.provider)
-    if embedder is None:
-        from datagen.embed import load_embedder
+    def the_embedder() -> Embedder:
+        nonlocal embedder
+        if embedder is None:
+            from datagen.embed import load_embedder
 
-        embedder = load_embedder(cfg.dedup.embedder)
-    providers = {id(p): p for p in (provider, scenario_provider)}
-    before = {pid: p.usage.snapshot() for pid, p in providers.items()}
+            embedder = load_embedder(cfg.dedup.embedder)
+        return embedder
 
-    # 1. scenario tasks (new originals, rephrased like the rest)
+    usage: dict[str, dict[str, Any]] = {}
+
+    # 1. scenario tasks (new originals, rephrased like the rest), here: one request per cluster slot
     scen = None
     scenario_rows: list[dict[str, Any]] = []
     if aug.scenario.enabled and aug.scenario.clusters and aug.scenario.per_cluster:
-        scen = synthesize_scenarios(aug.scenario, scenario_provider, embedder)
+        sp = scenario_provider or the_provider(aug.scenario.provider)
+        before = sp.usage.snapshot()
+        scen = synthesize_scenarios(aug.scenario, sp, the_embedder())
         scenario_rows = scen.rows
-        check_failure_rate("augment (scenario synthesis)", scenario_provider, before[id(scenario_provider)],
-                           cfg.llm.max_failure_rate)
+        check_failure_rate("augment (scenario synthesis)", sp, before, cfg.llm.max_failure_rate)
+        _add_usage(usage, _usage_delta(sp, before))
         log.info("augment: %d/%d scenario tasks kept", len(scen.rows), scen.planned)
 
-    # 2. rephrasings of the first `limit` originals (deterministic order)
+    # 2. rephrasings of the first `limit` originals (deterministic order), shard by shard
     pool = originals + scenario_rows
     chosen = select_for_rephrasing(pool, aug.limit)
     # a knowledge split asks each trained fact in one rephrasing kept out of train: one slot more
     slots = aug.k + (1 if aug.k > 0 and cfg.split.strategy == "knowledge" else 0)
-    reph = rephrase_rows(chosen, provider, embedder, k=slots, max_attempts=aug.max_attempts,
-                         temperature=aug.temperature, max_tokens=aug.max_tokens,
-                         checks=RephraseChecks.from_config(aug), candidates=aug.candidates,
-                         prompt_format=aug.prompt_format, early_stop=aug.early_stop)
-    check_failure_rate("augment (rephrase)", provider, before[id(provider)], cfg.llm.max_failure_rate)
+    key = f"augment|{cfg.section_hash(*STAGE.config_sections)}|{manifest_hash(fetch_dir)}"
+    shards = executor.plan(key, chosen, cfg.run.shard_rows, cfg.run.ray_workers if on_ray else 1)
+    if on_ray:
+        make = functools.partial(rephrase_worker, cfg, slots)
+    else:
+        prov, emb = the_provider(aug.provider), the_embedder()
+        make = lambda: functools.partial(rephrase_shard, cfg, slots, prov, emb)  # noqa: E731
+    pcfg = cfg.llm.providers[aug.provider]
+    parts = executor.map_shards(cfg.run, make, shards, out_dir / ".shards", what="augment: rephrase shards",
+                                rpm={aug.provider: pcfg.rpm} if pcfg.rpm else None)
+    for p in parts:
+        _add_usage(usage, p["usage"])
+    reph = merge_results([p["result"] for p in parts], chosen, slots)
     log.info("augment: %d/%d rephrasings kept for %d items", len(reph.kept), reph.slots, len(chosen))
 
     rows = sorted(pool + reph.kept, key=_sort_key)
@@ -134,16 +181,13 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     prompts = dict(reph.prompts)
     if scen:
         prompts[scen.prompt["name"]] = scen.prompt
-    usage: dict[str, dict[str, Any]] = {}
-    for pid, p in providers.items():
-        usage[p.name if p.name not in usage else f"{p.name}#{len(usage)}"] = _usage_delta(p, before[pid])
     kept_first = sum(1 for r in reph.kept if r["metadata"]["rephrase_attempt"] == 0)
     manifest = {
         "stage": "augment",
         "config_hash": cfg.section_hash("augment", "llm"),
         "upstream": {"fetch": manifest_hash(fetch_dir)},
         "prompts": dict(sorted(prompts.items())),
-        "embedder": getattr(embedder, "name", type(embedder).__name__),
+        "embedder": getattr(embedder, "name", type(embedder).__name__) if embedder else cfg.dedup.embedder.model,
         "counts": {
             "originals": len(originals),
             "scenario_tasks": len(scenario_rows),
@@ -188,6 +232,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
         "llm_calls": sum(u["calls"] for u in usage.values()),
         "llm_cache_hits": sum(u["cache_hits"] for u in usage.values()),
     }
+    executor.clear(out_dir / ".shards")  # the stage's output is written: its shards are done with
     return write_manifest(out_dir, manifest)
 
 

@@ -30,7 +30,7 @@ import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -153,6 +153,33 @@ class RephraseResult:
     surplus: int = 0  # valid candidates left over once their row's slots were full
     prompts: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (``dataclasses.asdict`` would turn a Counter's items into keys)."""
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v for f in fields(self)}
+
+
+def merge_results(parts: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], k: int) -> RephraseResult:
+    """One :class:`RephraseResult` from the results of :func:`rephrase_rows` over shards of ``rows`` (each
+    as :meth:`RephraseResult.as_dict`): the same result as one call over all of ``rows``."""
+    res = RephraseResult()
+    for p in parts:
+        res.kept += p["kept"]
+        res.rejections += p["rejections"]
+        res.missing_reasons.update(p["missing_reasons"])
+        res.rejected_reasons.update(p["rejected_reasons"])
+        res.prompts.update(p["prompts"])
+        res.rounds = max(res.rounds, p["rounds"])
+        for f in ("slots", "requests", "candidates", "surplus"):
+            setattr(res, f, getattr(res, f) + p[f])
+    _tally(res, rows, k)
+    _sort(res)
+    return res
+
+
+def _sort(res: RephraseResult) -> None:
+    res.kept.sort(key=lambda x: (x["group_id"], x["rephrase_index"], x["id"]))
+    res.rejections.sort(key=lambda x: (x["group_id"], x["source_id"], x["rephrase_index"], x["attempt"]))
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -253,8 +280,7 @@ def rephrase_rows(rows: Sequence[dict[str, Any]], provider: LLMProvider, embedde
             res.kept.append(make_rephrasing(it.row, value["question"], it.slots[pos], attempt, prompts[attempt],
                                             value["cosine"]))
     _tally(res, rows, k)
-    res.kept.sort(key=lambda x: (x["group_id"], x["rephrase_index"], x["id"]))
-    res.rejections.sort(key=lambda x: (x["group_id"], x["source_id"], x["rephrase_index"], x["attempt"]))
+    _sort(res)
     return res
 
 

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from datagen.config import Config
-from datagen.embed import Embedder, load_embedder
+from datagen.embed import Embedder, encode_sharded
 from datagen.io import (
     drop_counts,
     drop_record,
@@ -656,14 +656,14 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     dc = cfg.dedup
     t0 = time.perf_counter()
-    embedder = embedder or load_embedder(dc.embedder, cfg.paths.cache_dir / "embeddings")
-    vecs = embedder.encode([question_text(r) for r in rows])
+    out = cfg.paths.stage_dir("dedup")
+    vecs, embed_stats = encode_sharded(cfg.run, dc.embedder, cfg.paths.cache_dir / "embeddings",
+                                       [question_text(r) for r in rows], out / ".shards", embedder)
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = dedup_rows(rows, vecs, dc.threshold, dc.within_group_threshold, dc.method, dc.partition_min_rows,
                      dc.nlist, dc.nprobe, dc.context_threshold)
     t_pairs = time.perf_counter() - t0
-    out = cfg.paths.stage_dir("dedup")
     write_jsonl(out / "samples.jsonl", res.kept)
     write_jsonl(out / "drops.jsonl", res.drops)
     quarantined = sum(d["reason"] == "conflicting_answers" for d in res.drops)
@@ -676,7 +676,7 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
         "stage": "dedup",
         "config_hash": cfg.section_hash("dedup"),
         "upstream": {"augment": manifest_hash(src)},
-        "embedder": {"name": embedder.name, "text": "question", **getattr(embedder, "stats", {})},
+        "embedder": {"name": embedder.name if embedder else dc.embedder.model, "text": "question", **embed_stats},
         "threshold": dc.threshold,
         "within_group_threshold": dc.within_group_threshold,
         "context_threshold": dc.context_threshold,

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from datagen.config import ProviderConfig
+from datagen.executor import shared_rate_limiter
 from datagen.llm.base import ChatRequest, LLMResult, LLMUnavailable, Message, Usage, parse_structured
 from datagen.llm.cache import CacheWriter, ResponseCache, cache_key
 from datagen.llm.keys import redact
@@ -392,7 +393,9 @@ class AsyncProvider(BaseProvider):
 
     def __init__(self, name: str, cfg: ProviderConfig, cache: ResponseCache | None = None):
         super().__init__(name, cfg, cache)
-        self.limiter = RateLimiter(cfg.rpm)
+        # on a Ray worker, the rpm limit is the whole cluster's (datagen.executor), not this process's
+        shared = shared_rate_limiter(name) if cfg.rpm else None
+        self.limiter: RateLimiter | Any = shared or RateLimiter(cfg.rpm)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_pid = 0
