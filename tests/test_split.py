@@ -334,3 +334,36 @@ def test_leakage_check_on_templated_questions_counts_duplicates_without_every_pa
     assert exact["cross_split_duplicates"] == fast["cross_split_duplicates"] == 6
     assert fast["cross_split_pairs_above_threshold"] == every  # all pairs are alike: the estimate is exact
     assert fast["pair_counts"].startswith("above-threshold count estimated")
+
+
+@pytest.mark.parametrize("min_overlap", [0.3, 0.5, 0.8, 1.0])
+def test_figure_duplicates_equals_checking_every_pair(min_overlap):
+    """The figure-pair prefix filter finds exactly the pairs that checking every pair finds, on sets of
+    every size (1 to 12 figures, a few shared by most rows, as under one question template), near
+    copies, and small sets that can only match by one shared figure."""
+    import random
+
+    from datagen.dataset.dedup import number_overlap
+    from datagen.dataset.split import figure_duplicates
+
+    rng = random.Random(int(min_overlap * 10))
+    common = ["1", "2", "2024"]
+    sets = []
+    for _ in range(300):
+        if sets and rng.random() < 0.3:  # a near copy of an earlier row: one figure changed or dropped
+            x = set(rng.choice(sets))
+            if len(x) > 1:
+                x.discard(rng.choice(sorted(x)))
+            if rng.random() < 0.5:
+                x.add(str(rng.randint(0, 30)))
+        else:
+            x = {str(rng.randint(0, 60)) for _ in range(rng.randint(1, 9))} | set(rng.sample(common, rng.randint(0, 3)))
+        sets.append(frozenset(x))
+    sets += [frozenset()] * 3  # rows without figures are never counted
+    label = np.array([rng.randrange(3) for _ in sets])
+    vecs = np.array([[1.0, 0.0] if rng.random() < 0.8 else [0.0, 1.0] for _ in sets], np.float32)
+    every = sum(1 for a in range(len(sets)) for b in range(a + 1, len(sets))
+                if sets[a] and sets[b] and label[a] != label[b] and vecs[a] @ vecs[b] >= 0.9
+                and number_overlap(sets[a], sets[b]) >= min_overlap - 1e-12)
+    assert every > 0
+    assert figure_duplicates(sets, label, vecs, 0.9, min_overlap) == every

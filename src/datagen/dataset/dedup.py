@@ -206,20 +206,36 @@ def _table_rows(table: dict[str, Any] | None) -> tuple[tuple[str, ...], Counter]
     return cols, Counter(tuple(normalise_text(str(c)) for c in r) for r in table.get("rows") or [])
 
 
-def context_similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """How nearly two rows share their context, in [0, 1]: 1.0 for identical contexts (normalised); 0.0
-    when one has a table the other lacks, the tables' columns differ, neither table's rows are a
-    sub-multiset of the other's (a changed cell is another record), or a figure of the smaller
-    context is missing from the larger (other data). Otherwise the share of the smaller context's
-    tokens (rendered table and text, as a multiset) found in the larger."""
-    ca, cb = a.get("context") or {}, b.get("context") or {}
-    ra, rb = render_context(ca), render_context(cb)
-    na, nb = normalise_text(ra), normalise_text(rb)
-    if na == nb:
+@dataclass(frozen=True)
+class ContextView:
+    """What :func:`context_similarity` reads from one context, worked out once per context."""
+
+    norm: str
+    table: tuple[tuple[str, ...], Counter] | None
+    tokens: Counter
+    figures: Counter
+
+
+def context_view(row: dict[str, Any]) -> ContextView:
+    ctx = row.get("context") or {}
+    rendered = render_context(ctx)
+    norm = normalise_text(rendered)
+    return ContextView(norm, _table_rows(ctx.get("table")), Counter(norm.split()),
+                       Counter(signed_numbers(rendered)))
+
+
+def context_similarity(a: dict[str, Any] | ContextView, b: dict[str, Any] | ContextView) -> float:
+    """How nearly two rows (or their :func:`context_view`) share their context, in [0, 1]: 1.0 for
+    identical contexts (normalised); 0.0 when one has a table the other lacks, the tables' columns differ,
+    neither table's rows are a sub-multiset of the other's (a changed cell is another record), or a figure
+    of the smaller context is missing from the larger (other data). Otherwise the share of the smaller
+    context's tokens (rendered table and text, as a multiset) found in the larger."""
+    va, vb = (x if isinstance(x, ContextView) else context_view(x) for x in (a, b))
+    if va.norm == vb.norm:
         return 1.0
-    if not na or not nb:
+    if not va.norm or not vb.norm:
         return 0.0
-    ta, tb = _table_rows(ca.get("table")), _table_rows(cb.get("table"))
+    ta, tb = va.table, vb.table
     if (ta is None) != (tb is None):
         return 0.0
     if ta is not None and tb is not None:
@@ -228,11 +244,10 @@ def context_similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
         small, big = (ta[1], tb[1]) if sum(ta[1].values()) <= sum(tb[1].values()) else (tb[1], ta[1])
         if small - big:
             return 0.0
-    (sa, ra_), (sb, rb_) = sorted([(na.split(), ra), (nb.split(), rb)], key=lambda x: len(x[0]))
-    if Counter(signed_numbers(ra_)) - Counter(signed_numbers(rb_)):
+    small_v, big_v = sorted([va, vb], key=lambda v: v.tokens.total())
+    if small_v.figures - big_v.figures:
         return 0.0
-    small_c, big_c = Counter(sa), Counter(sb)
-    return sum((small_c & big_c).values()) / max(1, sum(small_c.values()))
+    return sum((small_v.tokens & big_v.tokens).values()) / max(1, small_v.tokens.total())
 
 
 def answers_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -550,6 +565,7 @@ def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, withi
     cand, used = _candidates(rows, vecs, keys, cids, threshold, within_group_threshold, context_threshold, method,
                              partition_min_rows, nlist, nprobe)
     ctx_sim: dict[tuple[str, str], float] = {}
+    views: dict[str, ContextView] = {}
     dup, conflict = [], []
     for a, b in sorted(cand):
         ra, rb = rows[a], rows[b]
@@ -561,7 +577,10 @@ def _edges(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, withi
         else:
             ck = (cids[a], cids[b])
             if ck not in ctx_sim:
-                ctx_sim[ck] = context_similarity(ra, rb)
+                for k, r in ((cids[a], ra), (cids[b], rb)):
+                    if k not in views:
+                        views[k] = context_view(r)
+                ctx_sim[ck] = context_similarity(views[cids[a]], views[cids[b]])
             csim = ctx_sim[ck]
             if csim < context_threshold:
                 continue

@@ -36,6 +36,7 @@ import logging
 import random
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -134,10 +135,13 @@ def _max_cross_cosine(va: np.ndarray, vb: np.ndarray, exact_max: int, nprobe: in
 def figure_duplicates(sets: list[frozenset[str]], label: np.ndarray, vecs: np.ndarray, threshold: float,
                       min_overlap: float) -> int:
     """Pairs of rows with other ``label`` (split), figure-set Jaccard >= ``min_overlap`` (> 0) and cosine >=
-    ``threshold``; rows with no figures are not counted. Exact, by a prefix filter (two sets with Jaccard >= t
-    share one of the rarest ``|x| - ceil(t |x|) + 1`` figures of each): each row's candidates come from the
-    postings of its prefix and are checked at once, vectorised (a sparse row-by-figure matrix), so memory
-    stays linear when many rows share common figures (one question template over tabular data)."""
+    ``threshold``; rows with no figures are not counted. Exact, by a prefix filter over pairs of figures:
+    two sets with Jaccard >= t share at least ``a = ceil(t * max(|x|, |y|))`` figures, and then the first
+    two of those (in a global order, rarest first) lie in the first ``|x| - ceil(t |x|) + 2`` figures of
+    each. So each row is posted under every pair from that prefix, and rows sharing a posting are the
+    candidates: selective even when one question template shares most figures across all rows. Pairs
+    with ``a < 2`` (both sets of at most ``1 / t`` figures) come from single-figure prefixes instead.
+    Candidates are checked in vectorised batches (a sparse row-by-figure matrix)."""
     from scipy import sparse
 
     vocab: dict[str, int] = {}
@@ -147,28 +151,57 @@ def figure_duplicates(sets: list[frozenset[str]], label: np.ndarray, vecs: np.nd
     m = sparse.csr_matrix((np.ones(int(size.sum()), np.float32), np.concatenate(cols) if n else np.zeros(0, np.int64),
                            np.concatenate([[0], np.cumsum(size)])), shape=(n, len(vocab)))
     df = np.asarray((m > 0).sum(0)).ravel()
-    prefix = []
-    for c in cols:
+    v = max(1, len(vocab))
+    keys, owners = [], []
+    for k, c in enumerate(cols):
+        if not len(c):
+            continue
         order = c[np.lexsort((c, df[c]))]  # rarest first, ties by id
-        prefix.append(order[:len(order) - int(np.ceil(min_overlap * len(order) - 1e-9)) + 1] if len(order) else order)
-    post: dict[int, list[int]] = {}
-    for k, pre in enumerate(prefix):
-        for f in pre.tolist():
-            post.setdefault(f, []).append(k)
-    posting = {f: np.array(v, np.int64) for f, v in post.items()}
-    found = 0
-    for k, pre in enumerate(prefix):
-        if not len(pre):
-            continue
-        js = np.unique(np.concatenate([posting[f] for f in pre.tolist()]))
-        js = js[(js > k) & (label[js] != label[k])]
-        if not len(js):
-            continue
-        inter = (m[js] @ m[k].T).toarray().ravel()
-        ok = js[inter / (size[js] + size[k] - inter) >= min_overlap - 1e-12]
-        if len(ok):
-            found += int((vecs[ok] @ vecs[k] >= threshold).sum())
-    return found
+        need = int(np.ceil(min_overlap * len(order) - 1e-9))
+        if len(order) >= 2:
+            pre = order[:len(order) - need + 2]
+            a, b = np.triu_indices(len(pre), 1)
+            keys.append(pre[a] * v + pre[b])  # the pair (pre[a], pre[b]) as one int; pre is in global order
+            owners.append(np.full(len(a), k, np.int64))
+        if len(order) * min_overlap <= 1 + 1e-9:  # may match a set that shares a single figure
+            pre = order[:len(order) - need + 1]
+            keys.append(-1 - pre)  # single figures, apart from the pair keys
+            owners.append(np.full(len(pre), k, np.int64))
+    if not keys:
+        return 0
+    found = []
+    for i, j in _pairs_sharing_a_key(np.concatenate(keys), np.concatenate(owners)):
+        keep = label[i] != label[j]
+        i, j = i[keep], j[keep]
+        inter = np.asarray(m[i].multiply(m[j]).sum(1)).ravel()
+        ok = inter / (size[i] + size[j] - inter) >= min_overlap - 1e-12
+        i, j = i[ok], j[ok]
+        ok = np.einsum("ij,ij->i", vecs[i], vecs[j]) >= threshold
+        found.append(np.minimum(i[ok], j[ok]) * n + np.maximum(i[ok], j[ok]))
+    return len(np.unique(np.concatenate(found))) if found else 0
+
+
+def _pairs_sharing_a_key(keys: np.ndarray, owners: np.ndarray,
+                         batch: int = 2_000_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every pair of owners posted under one key, as ``(i, j)`` batches of about ``batch`` pairs (a pair
+    sharing several keys comes once per key)."""
+    order = np.lexsort((owners, keys))
+    keys, owners = keys[order], owners[order]
+    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    count = np.diff(np.r_[start, len(keys)])
+    start, count = start[count > 1], count[count > 1]
+    cum = np.cumsum(count * (count - 1) // 2)
+    lo = 0
+    while lo < len(start):
+        hi = max(lo + 1, int(np.searchsorted(cum, (cum[lo - 1] if lo else 0) + batch, side="right")))
+        st, ct = start[lo:hi], count[lo:hi]
+        idx = np.repeat(st, ct) + np.arange(int(ct.sum())) - np.repeat(np.cumsum(ct) - ct, ct)  # members
+        pos = idx - np.repeat(st, ct)  # position inside its key's run
+        later = np.repeat(ct, ct) - pos - 1  # members after this one under the same key
+        left = np.repeat(idx, later)
+        step = np.arange(len(left)) - np.repeat(np.cumsum(later) - later, later) + 1
+        yield owners[left], owners[left + step]
+        lo = hi
 
 
 def leakage_check(vecs: dict[str, np.ndarray], threshold: float, method: str = "auto",
