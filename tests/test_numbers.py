@@ -100,3 +100,21 @@ def test_figures_say_how_they_were_written():
 ])
 def test_a_spaced_minus_after_a_figure_is_an_operator(text, values):
     assert [f.value for f in find_numbers(text)] == values
+
+
+def test_figure_search_near_digits_finds_what_trying_every_position_finds():
+    """find_numbers starts its regex search just before each digit instead of at every position; on
+    random text built from what figures are made of (parentheses, signs, currency codes and symbols,
+    scale words, long runs of spaces, dates) it must return the same matches as ``finditer``."""
+    import random
+
+    from datagen import numbers as N
+
+    parts = list("0123456789 ()-−–+$€£¥₹.,%xkmb\n\t\xa0ae") + [
+        "US$", "USD", "usd", "Rs.", "Rs", "EUR", "BRL", "TRY", "try", "million", "bn", "percentage points",
+        "per cent", "dollars", "2024-01-02", "1/2/2024", " - ", "down ", "fell by ", "     ", "abc", "x7"]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 25)))
+        want = [(m.span(), m.groupdict()) for m in N._FIGURE.finditer(text)]
+        assert [(m.span(), m.groupdict()) for m in N._figure_matches(text)] == want, repr(text)

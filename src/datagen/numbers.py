@@ -35,6 +35,7 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["Figure", "SCALES", "answer_values", "find_numbers", "format_number", "number_keys", "parse_number"]
@@ -128,7 +129,7 @@ class Figure:
 
 
 def _unit(m: re.Match[str]) -> str:
-    u = re.sub(r"\s+", " ", (m.group("unit") or "").lower())
+    u = " ".join((m.group("unit") or "").lower().split())
     if u:
         if u.startswith("percentage") or u == "pp":
             return "pp"
@@ -140,24 +141,25 @@ def _unit(m: re.Match[str]) -> str:
     cur = (m.group("cur") or "").strip().lower()
     if cur:
         return _CUR_PREFIX.get(cur, cur.upper())
-    cur2 = re.sub(r"\s+", " ", (m.group("cur2") or "").lower())
+    cur2 = " ".join((m.group("cur2") or "").lower().split())
     if cur2:
         return _CUR_WORD.get(cur2, cur2.upper())
     return ""
 
 
 def _figure(m: re.Match[str], text: str, directional: bool) -> Figure | None:
-    scale_word = (m.group("scale") or "").lower()
-    scale = SCALES.get(scale_word, 1)
+    scale_word, num, sign1, sign2, open1, open2, close1, close2 = m.group(
+        "scale", "num", "sign", "sign2", "open", "open2", "close1", "close2")
+    scale = SCALES.get(scale_word.lower(), 1) if scale_word else 1
     try:
-        written = Decimal(m.group("num").replace(",", ""))
+        written = Decimal(num.replace(",", ""))
     except InvalidOperation:  # pragma: no cover - the regex only admits digits
         return None
-    d = written * scale
-    signs = [m.group(g) for g in ("sign", "sign2") if m.group(g)]
+    d = written * scale if scale != 1 else written
+    signs = [s for s in (sign1, sign2) if s]
     sign = "-" if any(s in _MINUS for s in signs) else "+" if signs else ""
-    opened = m.group("open") or m.group("open2")
-    closed = m.group("close1") or m.group("close2")
+    opened = open1 or open2
+    closed = close1 or close2
     if opened and closed and sign != "-":
         sign = "()"  # accounting style: (3.4)
     if directional and not sign and _DOWN.search(text[max(0, m.start() - 40):m.start()]):
@@ -188,13 +190,44 @@ def _operator(m: re.Match[str], text: str) -> bool:
     return before[-1:].isdigit() or before[-1:] in ("%", ")")
 
 
+_DIGIT = re.compile(r"\d")
+_PREFIX_CHARS = frozenset("(+$€£¥₹." + _MINUS)  # what may stand between a figure's start and its first digit
+
+
+def _reach_back(text: str, d: int, floor: int) -> int:
+    """The leftmost place a figure whose first digit is ``text[d]`` can start: back over parentheses,
+    signs, currency symbols, dots and spaces, up to three letters (``US$``, ``Rs.``, ``USD``), then those
+    again (``(-USD 5``)."""
+    i = d
+    for letters in (3, 0):
+        while i > floor and (text[i - 1] in _PREFIX_CHARS or text[i - 1].isspace()):
+            i -= 1
+        for _ in range(letters):
+            if i > floor and text[i - 1].isalpha():
+                i -= 1
+    return i
+
+
+def _figure_matches(text: str) -> Iterator[re.Match[str]]:
+    """``_FIGURE.finditer(text)``, with the search started near the next digit instead of trying the
+    pattern at every position (a match holds a digit, and at most a short prefix precedes its first
+    one). Same matches, several times faster on long text with few figures, such as rendered tables."""
+    pos = 0
+    while (d := _DIGIT.search(text, pos)) is not None:
+        m = _FIGURE.search(text, _reach_back(text, d.start(), pos))
+        if m is None:
+            return
+        yield m
+        pos = m.end()
+
+
 def find_numbers(text: str | None, *, directional: bool = False, skip_dates: bool = True) -> list[Figure]:
     """Every figure in ``text``, in order. ``skip_dates`` leaves ``2024-01-02`` and ``1/2/2024`` out
     (their parts are not figures); ``directional`` reads "down 3%" as -3."""
     text = text or ""
     masked = _ISO_DATE.sub(lambda m: " " * len(m.group(0)), text) if skip_dates else text
     out = []
-    for m in _FIGURE.finditer(masked):
+    for m in _figure_matches(masked):
         if _operator(m, masked):  # read the figure after the operator instead
             pos = m.end("sign")
             while masked[pos].isspace():

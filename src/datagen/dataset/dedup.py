@@ -46,6 +46,7 @@ import difflib
 import json
 import logging
 import math
+import functools
 import re
 import time
 import unicodedata
@@ -81,7 +82,7 @@ _PUNCT = re.compile(r"(?<!\d)[^\w\s%$]|[^\w\s%$](?!\d)")
 
 def normalise_text(text: str) -> str:
     """Case-folded, NFKC, punctuation dropped (except inside numbers: ``1.5`` stays), spaces collapsed."""
-    t = unicodedata.normalize("NFKC", text).casefold()
+    t = (text if text.isascii() else unicodedata.normalize("NFKC", text)).casefold()  # ASCII is NFKC already
     return " ".join(_PUNCT.sub(" ", t).split())
 
 
@@ -199,11 +200,14 @@ def question_near_copy(qa: str, qb: str, sim: float, threshold: float) -> bool:
             and not swapped_terms(qa, qb))
 
 
+_normalise_cell = functools.lru_cache(maxsize=1 << 16)(normalise_text)  # table cells repeat across rows
+
+
 def _table_rows(table: dict[str, Any] | None) -> tuple[tuple[str, ...], Counter] | None:
     if not table:
         return None
-    cols = tuple(normalise_text(str(c)) for c in table.get("columns") or [])
-    return cols, Counter(tuple(normalise_text(str(c)) for c in r) for r in table.get("rows") or [])
+    cols = tuple(_normalise_cell(str(c)) for c in table.get("columns") or [])
+    return cols, Counter(tuple(_normalise_cell(str(c)) for c in r) for r in table.get("rows") or [])
 
 
 @dataclass(frozen=True)
