@@ -177,10 +177,11 @@ def _chat_worker(cfg):
 
 @pytest.mark.slow
 def test_ray_and_local_write_the_same_data_stages(ray_cluster, tmp_path):
-    """The tiny profile's data stages (packaged Gemma and MiniLM), once locally and once on Ray with the
-    same response and embedding caches: the same rows, in the same order, and the same manifests apart
-    from timings. A first local run fills the caches, so both compared runs find every answer there (the
-    cache-hit counts are then equal too)."""
+    """The tiny profile's data stages (packaged Gemma and MiniLM), once locally and once on Ray (augment,
+    dedup's embedding and format's tokenisation in shards) with the same response and embedding caches:
+    the same rows (JSONL and Parquet bytes), in the same order, and the same manifests apart from timings.
+    A first local run fills the caches, so both compared runs find every answer there (the cache-hit
+    counts are then equal too)."""
     from flows.stages import execute
 
     shared = [f"llm.cache_file={tmp_path / 'cache' / 'llm.sqlite'}", f"paths.cache={tmp_path / 'cache'}"]
@@ -201,7 +202,8 @@ def test_ray_and_local_write_the_same_data_stages(ray_cluster, tmp_path):
 
 
 def _stage_files(folder: Path) -> dict[str, object]:
-    out: dict[str, object] = {f.name: f.read_bytes() for f in sorted(folder.glob("*.jsonl"))}
+    out: dict[str, object] = {f.name: f.read_bytes() for pattern in ("*.jsonl", "*.parquet")
+                              for f in sorted(folder.glob(pattern))}
     out["manifest"] = _without_timings(read_json(folder / "manifest.json"))
     return out
 

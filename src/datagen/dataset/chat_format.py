@@ -30,6 +30,7 @@ Output (``stage_dir("dataset")``), laid out so that ``datasets`` reads only the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from datagen import executor
 from datagen.config import Config
 from datagen.dataset.card import DISK_DIR, META_DIR, write_card
 from datagen.io import (
@@ -349,23 +351,52 @@ def save_dataset(records: dict[str, list[dict]], out: Path) -> tuple[list[str], 
     return list(dsets), fingerprint
 
 
+def format_shard(cfg: Config, tokenizer, items: list[list[Any]]) -> dict[str, Any]:
+    """``format_rows`` over ``[split, row]`` items: ``{"kept": [[split, record]], "drops": [...]}``."""
+    system, user = load_prompt(cfg.format.system_prompt), load_prompt(USER_PROMPT)
+    kept, drops = [], []
+    for s in SPLITS:
+        rows = [r for split, r in items if split == s]
+        k, d = format_rows(rows, tokenizer, system, user, cfg.format.max_tokens, cfg.format.long_context, split=s)
+        kept += [[s, rec] for rec in k]
+        drops += d
+    return {"kept": kept, "drops": drops}
+
+
+def format_worker(cfg: Config) -> Callable[[list[list[Any]]], dict[str, Any]]:
+    """What a Ray actor holds for formatting: the tokenizer, loaded once."""
+    from datagen.tokenizer import load_tokenizer
+
+    return functools.partial(format_shard, cfg, load_tokenizer(cfg.model))
+
+
 def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
+    """The format stage; ``tokenizer`` (else the configured one) is used with ``run.executor: local``, and
+    Ray workers load the configured one."""
     from datagen.tokenizer import load_tokenizer
 
     fc = cfg.format
-    src = cfg.paths.stage_dir("split")
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model)
     system, user = load_prompt(fc.system_prompt), load_prompt(USER_PROMPT)
+    src = cfg.paths.stage_dir("split")
     out = cfg.paths.stage_dir("dataset")
-    inputs: dict[str, list[dict]] = {}
-    records: dict[str, list[dict]] = {}
+    inputs = {s: sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"]) for s in SPLITS}
+    items = [[s, r] for s in SPLITS for r in inputs[s]]
+    if cfg.run.executor == "ray":  # shards of rows on Ray workers, each with its own tokenizer
+        key = f"format|{cfg.section_hash(*STAGE.config_sections)}|{manifest_hash(src)}"
+        shards = executor.plan(key, items, cfg.run.shard_rows, cfg.run.ray_workers)
+        parts = executor.map_shards(cfg.run, functools.partial(format_worker, cfg), shards, out / ".shards",
+                                    what="format: tokenise shards")
+    else:
+        parts = [format_shard(cfg, tokenizer or load_tokenizer(cfg.model), items)]
+    records: dict[str, list[dict]] = {s: [] for s in SPLITS}
     drops: list[dict] = []
+    for p in parts:  # in shard order: the rows' order does not depend on the executor
+        for s, rec in p["kept"]:
+            records[s].append(rec)
+        drops += p["drops"]
     for s in SPLITS:
-        inputs[s] = sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"])
-        records[s], d = format_rows(inputs[s], tokenizer, system, user, fc.max_tokens, fc.long_context, split=s)
-        drops += d
         if inputs[s] and not records[s]:
+            d = [x for x in drops if x["split"] == s]
             raise EmptySplitError(empty_split_message(s, len(inputs[s]), d, fc.max_tokens, fc.long_context))
     if not any(inputs.values()):
         raise EmptySplitError(f"format: the split stage wrote 0 rows in {src}; nothing to format")
@@ -417,6 +448,7 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
         "token_lengths": {s: length_stats(v) for s, v in lengths.items()},
     }
     write_card(cfg, summary)
+    executor.clear(out / ".shards")
     log.info("format: %s rows; %s", {s: len(records[s]) for s in SPLITS}, drop_counts(drops) or "none dropped")
     return write_manifest(out, summary)
 
