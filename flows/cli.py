@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(scores_table(cfg, args.run, args.fmt))
         else:
-            with run_lock(cfg.paths.root):
+            with run_lock(cfg.paths.root, cfg.llm.cache):
                 manifest = execute(cfg, args.command)
             if is_rank_zero():  # under torchrun, rank 0 wrote the outputs and reports
                 print(json.dumps(_summary(manifest), indent=2, default=str))

@@ -203,7 +203,7 @@ def _stage_flow(name: str):
         if allow_stale:
             os.environ["FINSYNTH_ALLOW_STALE"] = "1"
         cfg = _load(profile, config_path, overrides, root)
-        with to_run_log(), run_lock(cfg.paths.root):
+        with to_run_log(), run_lock(cfg.paths.root, cfg.llm.cache):
             return _run_one(cfg, name, refresh)
 
     stage_flow.__name__ = f"{name}_flow"
@@ -230,7 +230,7 @@ def pipeline(profile: str | None = "demo", config_path: str | None = None,
     if allow_stale:
         os.environ["FINSYNTH_ALLOW_STALE"] = "1"
     cfg = _load(profile, config_path, overrides, root)
-    with to_run_log(), run_lock(cfg.paths.root):
+    with to_run_log(), run_lock(cfg.paths.root, cfg.llm.cache):
         return _pipeline(cfg, profile, config_path, overrides, root, only, start, refresh, allow_stale)
 
 

@@ -192,12 +192,44 @@ class ProviderConfig(_Strict):
         return self
 
 
+CACHE_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+def mask_url(url: str) -> str:
+    """``url`` safe to print: its password (in the user part or a ``password=`` parameter) as ``***``."""
+    import re
+
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^?#]*@", r"\1:***@", str(url))
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
 class LLMConfig(_Strict):
+    # a URL here may hold a password: a validation error never echoes the value
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
+
     providers: dict[str, ProviderConfig] = {"local": ProviderConfig(kind="local")}
     cache_file: Path = Path("data/cache/llm_cache.sqlite")
+    # the response cache as a URL, which wins over cache_file: ``sqlite:///relative.sqlite`` (against paths.root),
+    # ``sqlite:////absolute.sqlite`` or ``postgresql://user@host:port/db`` (shared by several machines, and the
+    # run lock then lives there too; docs/scale.md)
+    cache: str | None = None
     # a stage fails when more than this fraction of its model calls fail (connection, timeout, HTTP
     # status; not invalid content), or all of them; an authentication error fails it at once
     max_failure_rate: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme.lower() not in CACHE_SCHEMES:
+            raise ValueError(f"{mask_url(v)!r} is not a cache URL: use sqlite:///path/to/cache.sqlite or "
+                             "postgresql://user@host:port/database (or leave it out and set llm.cache_file)")
+        if scheme.lower() == "sqlite" and not rest.removeprefix("/"):
+            raise ValueError("a sqlite URL needs a file: sqlite:///relative/path.sqlite or "
+                             "sqlite:////absolute/path.sqlite")
+        return v
 
 
 # ----------------------------------------------------------------------------- augment
@@ -464,6 +496,10 @@ class Config(_Strict):
         """JSON-able config for manifests and cards (paths relative, no secrets: keys are never stored)."""
         data = self.model_dump(mode="json")
         data["paths"].pop("root", None)
+        if data["llm"]["cache"] is None:  # unset: the same dump (and stage hashes) as before the key existed
+            del data["llm"]["cache"]
+        else:
+            data["llm"]["cache"] = mask_url(data["llm"]["cache"])
         return data
 
     def section_hash(self, *sections: str) -> str:

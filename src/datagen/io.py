@@ -241,14 +241,23 @@ def is_rank_zero() -> bool:
 
 
 @contextmanager
-def run_lock(root: str | Path) -> Iterator[None]:
+def run_lock(root: str | Path, cache_url: str | None = None) -> Iterator[None]:
     """One run per project root at a time: a second ``finsynth`` run on the same root fails at once
     with who holds it, instead of paying for every LLM call twice. Re-entrant in one thread. Under
-    ``torchrun`` only rank 0 takes it (the other ranks are the same run)."""
+    ``torchrun`` only rank 0 takes it (the other ranks are the same run).
+
+    A file lock under the root; with ``cache_url`` a PostgreSQL URL (``llm.cache``), an advisory lock in
+    that database instead, which holds across machines that share the root (docs/scale.md)."""
     from filelock import FileLock, Timeout
 
     if not is_rank_zero():  # a torchrun worker: rank 0 of the same launch holds the lock
         yield
+        return
+    if cache_url is not None and cache_url.split("://", 1)[0].lower() in ("postgresql", "postgres"):
+        from datagen.llm.pg_cache import pg_run_lock
+
+        with pg_run_lock(root, cache_url):
+            yield
         return
     path = Path(root) / "data" / ".finsynth-run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

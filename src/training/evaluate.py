@@ -503,14 +503,14 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         from datagen.llm import probe_provider
 
         judge = probe_provider(cfg, ev.judge_provider)  # a missing key or dead judge fails before generation
-    from datagen.llm import open_cache
+    from datagen.llm import configured_cache
 
     # classification items are also scored by label log-likelihood, in every arm
     choices = [list(r["labels"]) if r.get("task_type") == "classification" and r.get("labels") else None
                for r in rows]
     answers = dict((generator or generate_arms)(
         cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-        batch_size=ev.batch_size, seed=ev.seed, cache=open_cache(cfg.paths.resolve(cfg.llm.cache_file)),
+        batch_size=ev.batch_size, seed=ev.seed, cache=configured_cache(cfg),
         choices=choices if any(choices) else None))
     loglik = answers.pop(LOGLIK, None)
     refs = {"base": cfg.model.name_or_path, "fewshot": f"{cfg.model.name_or_path} ({ev.fewshot_k}-shot)",

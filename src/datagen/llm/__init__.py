@@ -25,12 +25,13 @@ from datagen.llm.base import (
     check_failure_rate,
     parse_structured,
 )
-from datagen.llm.cache import ResponseCache, open_cache
+from datagen.llm.cache import ResponseCache, cache_target, configured_cache, open_cache
 
 __all__ = [
     "ChatRequest", "FunctionProvider", "LLMProvider", "LLMResult", "LLMUnavailable", "Message", "Usage",
     "check_failure_rate", "probe_provider",
     "parse_structured", "get_provider", "make_provider", "ResponseCache", "open_cache",
+    "cache_target", "configured_cache",
 ]
 
 _PROVIDERS: dict[tuple[str, str, str], LLMProvider] = {}
@@ -59,20 +60,21 @@ def make_provider(name: str, pcfg: ProviderConfig, cache: ResponseCache | None) 
 
 
 def get_provider(cfg: Config, name: str) -> LLMProvider:
-    """The provider ``cfg.llm.providers[name]``, sharing the response cache ``cfg.llm.cache_file``.
+    """The provider ``cfg.llm.providers[name]``, sharing the response cache ``cfg.llm.cache`` (a URL) or,
+    when that is unset, ``cfg.llm.cache_file``.
 
-    One instance per (provider settings, cache file) per process, so its usage counters, rate limit
+    One instance per (provider settings, cache) per process, so its usage counters, rate limit
     and concurrency limit are shared by every caller in the process.
     """
     if name not in cfg.llm.providers:
         raise ConfigError(f"llm.providers: no provider named {name!r} (defined: {sorted(cfg.llm.providers)})")
     pcfg = cfg.llm.providers[name]
-    cache_path = cfg.paths.resolve(cfg.llm.cache_file).resolve()
-    ident = (name, pcfg.model_dump_json(), str(cache_path))
+    target = cache_target(cfg)
+    ident = (name, pcfg.model_dump_json(), str(target))
     with _PROVIDERS_LOCK:
         prov = _PROVIDERS.get(ident)
         if prov is None:
-            prov = make_provider(name, pcfg, open_cache(cache_path))
+            prov = make_provider(name, pcfg, open_cache(target))
             _PROVIDERS[ident] = prov
         return prov
 

@@ -1,4 +1,5 @@
-"""Persistent response cache: one SQLite file (WAL) shared by every provider and process.
+"""Persistent response cache: one SQLite file (WAL) shared by every provider and process, or a
+PostgreSQL database shared by several machines (:mod:`datagen.llm.pg_cache`, same interface).
 
 A row is written the moment a request succeeds, so a process killed mid-batch keeps what it
 finished; a rerun makes no call for those. Only successes are stored (a failure is never cached).
@@ -22,9 +23,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datagen.faults import cache_fault
+
+if TYPE_CHECKING:
+    from datagen.config import Config
+    from datagen.llm.pg_cache import PostgresCache
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +268,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_CACHES: dict[Path, ResponseCache] = {}
+_CACHES: dict[Path | str, Any] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def open_cache(path: Path | str) -> ResponseCache:
-    """One :class:`ResponseCache` per file per process."""
-    p = Path(path).resolve()
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///relative.sqlite`` or ``sqlite:////absolute.sqlite`` URL."""
+    rest = url.split("://", 1)[1]
+    return Path(rest[1:] if rest.startswith("/") else rest)
+
+
+def open_cache(target: Path | str) -> ResponseCache | PostgresCache:
+    """One cache per place per process: a ``postgresql://`` (or ``postgres://``) URL opens a
+    :class:`datagen.llm.pg_cache.PostgresCache`; a ``sqlite:///`` URL or a path, a :class:`ResponseCache`."""
+    from datagen.llm.pg_cache import PostgresCache, is_postgres_url
+
+    if is_postgres_url(target):
+        where: Path | str = str(target)
+    else:
+        where = (sqlite_path(target) if isinstance(target, str) and target.lower().startswith("sqlite://")
+                 else Path(target)).resolve()
     with _CACHES_LOCK:
-        if p not in _CACHES:
-            _CACHES[p] = ResponseCache(p)
-        return _CACHES[p]
+        if where not in _CACHES:
+            _CACHES[where] = PostgresCache(where) if isinstance(where, str) else ResponseCache(where)
+        return _CACHES[where]
+
+
+def cache_target(cfg: Config) -> Path | str:
+    """Where ``cfg``'s response cache lives: ``llm.cache`` when set (a PostgreSQL URL as it is, a
+    ``sqlite:///`` URL as its file), else ``llm.cache_file``; a file resolved against ``paths.root``."""
+    from datagen.llm.pg_cache import is_postgres_url
+
+    url = cfg.llm.cache
+    if url is not None and is_postgres_url(url):
+        return url
+    path = sqlite_path(url) if url is not None else cfg.llm.cache_file
+    return cfg.paths.resolve(path).resolve()
+
+
+def configured_cache(cfg: Config) -> ResponseCache | PostgresCache:
+    """The response cache ``cfg`` names (:func:`cache_target`), opened once per process."""
+    return open_cache(cache_target(cfg))
