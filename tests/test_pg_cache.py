@@ -401,3 +401,28 @@ def test_an_unreachable_cache_is_one_line_from_the_cli(tmp_root):
     assert len(lines) == 1, p.stderr[-3000:]
     assert f"postgresql://bob:***@127.0.0.1:{port}/db" in lines[0] and "run lock" in lines[0]
     assert SECRET not in p.stderr + p.stdout
+
+
+def test_a_broken_or_inherited_connection_is_opened_anew(pg_url):
+    """The server ended our session (a restart, an administrator): the next call reconnects and is retried
+    once. A forked child does not use its parent's connection (which would corrupt both): it opens its own."""
+    import psycopg
+
+    c = PostgresCache(pg_url)
+    c.put("a", provider="p", model="m", text="parent")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (c._backend[0],)).fetchone()[0]
+    assert c.get("a")["text"] == "parent"  # no error: reconnected and retried
+    parents_session = c._backend[0]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            c.put("b", provider="p", model="m", text="child")
+            os._exit(0 if c.get("a")["text"] == "parent" and c._backend[0] != parents_session else 1)
+        except BaseException:
+            os._exit(3)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert c.get("b")["text"] == "child" and len(c) == 2  # the parent's session still works
+    c.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        c.get("a")
