@@ -426,3 +426,26 @@ def test_a_broken_or_inherited_connection_is_opened_anew(pg_url):
     c.close()
     with pytest.raises(RuntimeError, match="is closed"):
         c.get("a")
+
+
+def test_an_answer_stored_between_the_cache_read_and_the_claim_is_not_paid_again(target, monkeypatch):
+    """Another worker finishes a key after this batch read the cache (a miss) and before it claimed the key
+    (the other worker's claim is released by then, so the claim succeeds): the batch must take that answer
+    from the cache, not call the server for it."""
+    cache = open_cache(target)
+    real_claim = cache.claim_many
+
+    def claim_after_the_other_worker_finished(keys, owner):
+        for k in keys:
+            cache.put(k, provider="openai", model="fake", text=f"answered elsewhere {k[:8]}")
+        return real_claim(keys, owner)
+
+    monkeypatch.setattr(cache, "claim_many", claim_after_the_other_worker_finished)
+    with FaultProxy() as proxy:
+        p = make_provider("t", ProviderConfig(kind="openai", model="fake", base_url=proxy.url + "/v1",
+                                              max_retries=0), cache)
+        out = p.generate_batch([ChatRequest(messages=[{"role": "user", "content": f"Say it. [item {i}]"}])
+                                for i in range(3)])
+        assert proxy.received == {}
+    assert all(r.ok and r.cached and r.text.startswith("answered elsewhere") for r in out)
+    assert p.usage.calls == 0 and p.usage.cache_hits == 3

@@ -325,25 +325,33 @@ class BaseProvider:
         Returns the items left for us to call."""
         if self.cache is None or not todo or not hasattr(self.cache, "claim_many"):
             return todo
-        mine, theirs = self.cache.claim_many([k for _, _, k in todo], self._owner)
-        self._claims = list(mine)
-        waiting = {k for k in theirs}
-        deadline = time.monotonic() + self.cfg.timeout_s * (self.cfg.max_retries + 1) + 60
-        while waiting and time.monotonic() < deadline:
-            time.sleep(0.5)
-            found = self.cache.get_many(list(waiting))
+        def answered(keys: set[str]) -> set[str]:
+            """Serve the items whose keys now have an answer in the cache; the keys served."""
+            found = self.cache.get_many(list(keys)) if keys else {}
+            served = set()
             for i, req, key in todo:
-                if key in found and key in waiting and results[i] is None:
+                if key in found and results[i] is None:
                     res = hits_from(i, req, found[key])
                     if res is not None:
                         results[i] = res
                         self.usage.add(cache_hits=1)
                         bar.update(1)
-                        waiting.discard(key)
+                        served.add(key)
+            return served
+
+        mine, theirs = self.cache.claim_many([k for _, _, k in todo], self._owner)
+        self._claims = list(mine)
+        answered(set(mine))  # another worker may have finished a key between our first read and our claim
+        waiting = set(theirs)
+        deadline = time.monotonic() + self.cfg.timeout_s * (self.cfg.max_retries + 1) + 60
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.5)
+            waiting -= answered(waiting)
             if waiting:  # an owner that gave up or died releases its claim: take it over
                 took, _ = self.cache.claim_many(list(waiting), self._owner)
                 self._claims += took
                 waiting -= set(took)
+                answered(set(took))
         return [(i, req, key) for i, req, key in todo if results[i] is None]
 
     def _auth_message(self) -> str:
