@@ -286,13 +286,20 @@ def test_a_bad_cache_url_names_the_key_and_hides_the_password(tmp_root):
     assert SECRET not in str(e.value) and "bob:***@h" in str(e.value)
 
 
-def test_the_public_dump_masks_the_password_and_is_unchanged_without_a_url(tmp_root):
+def test_a_password_in_the_cache_url_is_refused_without_echoing_it(tmp_root):
+    """A config value is recorded with the run (Prefect's flow parameters, run.json): a password there would
+    be stored in the clear, so the URL must not hold one (PGPASSWORD or ~/.pgpass carry it instead)."""
+    for url in (f"postgresql://bob:{SECRET}@127.0.0.1:5/db", f"postgresql://bob@127.0.0.1:5/db?password={SECRET}"):
+        with pytest.raises(ConfigError) as e:
+            load_config(profile="tiny", root=tmp_root, overrides=[f"llm.cache={url}"])
+        assert "llm.cache" in str(e.value) and "PGPASSWORD" in str(e.value) and SECRET not in str(e.value)
+
+
+def test_the_cache_url_is_in_the_public_dump_and_absent_without_one(tmp_root):
     plain = load_config(profile="tiny", root=tmp_root)
     assert "cache" not in plain.dump_public()["llm"]  # unset: stage hashes as before the key existed
-    cfg = load_config(profile="tiny", root=tmp_root,
-                      overrides=[f"llm.cache=postgresql://bob:{SECRET}@127.0.0.1:5/db"])
-    dumped = json.dumps(cfg.dump_public())
-    assert SECRET not in dumped and "postgresql://bob:***@127.0.0.1:5/db" in dumped
+    cfg = load_config(profile="tiny", root=tmp_root, overrides=["llm.cache=postgresql://bob@127.0.0.1:5/db"])
+    assert cfg.dump_public()["llm"]["cache"] == "postgresql://bob@127.0.0.1:5/db"
     assert cfg.section_hash("llm") != plain.section_hash("llm")
 
 
@@ -394,12 +401,12 @@ def test_an_unreachable_cache_is_one_line_from_the_cli(tmp_root):
     """The CLI prints one line naming the masked URL (no traceback) when the configured database is down."""
     port = _closed_port()
     p = subprocess.run([sys.executable, "-m", "flows.cli", "fetch", "--profile", "tiny", "--root", str(tmp_root),
-                        "--set", f"llm.cache=postgresql://bob:{SECRET}@127.0.0.1:{port}/db"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+                        "--set", f"llm.cache=postgresql://bob@127.0.0.1:{port}/db"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PGPASSWORD": SECRET})
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("finsynth:")]
     assert len(lines) == 1, p.stderr[-3000:]
-    assert f"postgresql://bob:***@127.0.0.1:{port}/db" in lines[0] and "run lock" in lines[0]
+    assert f"postgresql://bob@127.0.0.1:{port}/db" in lines[0] and "run lock" in lines[0]
     assert SECRET not in p.stderr + p.stdout
 
 

@@ -226,6 +226,9 @@ class LLMConfig(_Strict):
         if not sep or scheme.lower() not in CACHE_SCHEMES:
             raise ValueError(f"{mask_url(v)!r} is not a cache URL: use sqlite:///path/to/cache.sqlite or "
                              "postgresql://user@host:port/database (or leave it out and set llm.cache_file)")
+        if mask_url(v) != v:  # a config value is recorded with the run (Prefect parameters, run.json, cards)
+            raise ValueError(f"{mask_url(v)!r} holds a password, which would be recorded with the run: leave it "
+                             "out of the URL and set PGPASSWORD or a ~/.pgpass entry (libpq reads both)")
         if scheme.lower() == "sqlite" and not rest.removeprefix("/"):
             raise ValueError("a sqlite URL needs a file: sqlite:///relative/path.sqlite or "
                              "sqlite:////absolute/path.sqlite")
