@@ -364,7 +364,7 @@ def test_second_run_lock_on_the_same_root_is_refused_until_the_holder_dies(tmp_p
 
 
 # ----------------------------------------------------------------------------- passwords and one-line faults
-def test_a_password_in_the_url_never_reaches_a_message(pg_server):
+def test_a_password_in_the_url_never_reaches_a_message(pg_server, monkeypatch):
     """(d) Unreachable server, unknown database named like the password, run lock: every message names
     the masked URL and never the password."""
     port = _closed_port()
@@ -391,6 +391,10 @@ def test_a_password_in_the_url_never_reaches_a_message(pg_server):
     said = _said(RuntimeError(f"auth failed for {odd} ({quote(odd, safe='')})\nsee {url}"), url)
     assert odd not in said and quote(odd, safe="") not in said and "\n" not in said
     assert said == f"auth failed for *** (***) see postgresql://bob:***@127.0.0.1:{port}/db"
+    # the password's right place, PGPASSWORD, is scrubbed from a server's message too
+    monkeypatch.setenv("PGPASSWORD", SECRET)
+    plain = f"postgresql://bob@127.0.0.1:{port}/db"
+    assert _said(RuntimeError(f"password {SECRET} refused"), plain) == "password *** refused"
     url = f"postgresql://postgres@127.0.0.1:{port}/db?password={SECRET}"
     with pytest.raises(CacheFault) as e:
         open_cache(url)

@@ -65,7 +65,7 @@ def is_postgres_url(target: object) -> bool:
 
 
 def _secrets(url: str) -> list[str]:
-    """Every form the password of ``url`` may take in a message (raw, percent-decoded)."""
+    """Every form the password of ``url`` (or ``PGPASSWORD``) may take in a message (raw, percent-decoded)."""
     from urllib.parse import unquote, urlsplit
 
     found: set[str] = set()
@@ -81,6 +81,8 @@ def _secrets(url: str) -> list[str]:
     m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*:([^?#]*)@", url)
     if m and m.group(1):
         found |= {m.group(1), unquote(m.group(1))}
+    if os.environ.get("PGPASSWORD"):  # where the password belongs (the config refuses one in the URL)
+        found.add(os.environ["PGPASSWORD"])
     return sorted(found, key=len, reverse=True)
 
 
