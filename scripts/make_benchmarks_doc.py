@@ -94,6 +94,18 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
        "templated.1000.every_pair_dedup_s|templated.1000.dedup_s", "multi"),
       ("templated, 1,050 rows: same decisions as every pair", "templated.1000.same_decisions_as_every_pair", "num"),
       ("embedding cache, dedup then split: ratio", "embed.2000.pipeline_dedup_then_split.ratio", "ratio")]),
+    ("scale.json", "The Ray executor against local (`bench_scale.py`)",
+     "`run.executor: ray` (a private Ray, 2 worker actors) against `local` on the same machine: the demo "
+     "profile's data stages with every LLM answer in a shared cache (what Ray itself costs: start, one model "
+     "load per actor, shard files), and embedding + dedup of generated finance rows.",
+     [("demo data stages: Ray / local wall time", "demo.ray_over_local", "ratio"),
+      ("demo data stages: local / Ray (s)", "demo.local.wall_s|demo.ray.wall_s", "multi"),
+      ("demo data stages: same outputs", "demo.same_outputs", "num"),
+      ("embed + dedup, 5,000 rows: Ray / local wall time", "embed_dedup.compare.ray_over_local", "ratio"),
+      ("embed + dedup, 5,000 rows: same rows kept", "embed_dedup.compare.same_kept", "num"),
+      ("embed + dedup, 100,000 rows on Ray: embed / dedup (s)",
+       "embed_dedup.100000.embed_s|embed_dedup.100000.dedup_s", "multi"),
+      ("embed, 100,000 rows on Ray: rows per second", "embed_dedup.100000.rows_per_s", "num")]),
     ("dedup_calibration.json", "Dedup's pair rule on labelled pairs (`bench_dedup_calibration.py`)",
      "Duplicates, distinct pairs and conflicts written for this project.",
      [("precision", "default.precision", "num"), ("recall", "default.recall", "num"),
