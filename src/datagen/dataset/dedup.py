@@ -194,9 +194,18 @@ def question_near_copy(qa: str, qb: str, sim: float, threshold: float) -> bool:
     """The question signal: equal after normalisation, or cosine >= ``threshold`` with the same signed
     figures, the same content words (:func:`term_difference`) and no terms swapped around a relating
     word (:func:`swapped_terms`)."""
-    if normalise_text(qa) == normalise_text(qb):
+    if _normalise_question(qa) == _normalise_question(qb):
         return True
-    return (sim >= threshold and signed_numbers(qa) == signed_numbers(qb) and term_difference(qa, qb) == ([], [])
+    return sim >= threshold and _same_terms(qa, qb)
+
+
+# questions repeat across rows (templates, rephrasings of one original): each pair's words are compared once
+_normalise_question = functools.lru_cache(maxsize=1 << 16)(normalise_text)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _same_terms(qa: str, qb: str) -> bool:
+    return (signed_numbers(qa) == signed_numbers(qb) and term_difference(qa, qb) == ([], [])
             and not swapped_terms(qa, qb))
 
 
@@ -697,7 +706,7 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
                     "answer); see %s", quarantined, out / "drops.jsonl")
     return write_manifest(out, {
         "stage": "dedup",
-        "config_hash": cfg.section_hash("dedup"),
+        "config_hash": STAGE.config_hash(cfg),
         "upstream": {"augment": manifest_hash(src)},
         "embedder": {"name": embedder.name if embedder else dc.embedder.model, "text": "question", **embed_stats},
         "threshold": dc.threshold,
