@@ -51,6 +51,19 @@ def test_deployment_runs_the_whole_pipeline(first_run, prefect_env, project):
     assert "Disassembly of" not in worker_log and "LOAD_FAST" not in worker_log
 
 
+def test_every_manifests_config_hash_is_its_specs(first_run, project):
+    """A manifest's config hash comes from its stage's spec (the config sections the stage reads), in one
+    place: augment's covers ``dedup.embedder`` and evaluate's ``format.system_prompt``, which they read."""
+    from datagen.config import load_config
+    from flows.stages import STAGES
+
+    assert first_run["state"] == "COMPLETED", first_run.get("message")
+    cfg = load_config(profile="tiny", root=project)
+    for spec in STAGES:
+        manifest = read_json(spec.output(cfg) / "manifest.json")
+        assert manifest["config_hash"] == cfg.section_hash(*spec.config_sections), spec.name
+
+
 def test_the_main_commands_reader_streams_stage_lines_while_the_run_runs(first_run, prefect_env):
     """flows.deploy's reader (flows.progress.follow over Prefect's logs API) got each stage's lines while
     the flow run was still running, and only finsynth's lines: no library warning, no traceback."""

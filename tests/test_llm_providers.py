@@ -178,30 +178,6 @@ def test_openai_batch_order_cache_and_key_never_stored(tmp_path, monkeypatch, ca
     assert "127.0.0.1" in caplog.text  # the HTTP client did log at DEBUG: the check had something to see
 
 
-def test_cache_writer_commits_once_per_window_not_once_per_answer(tmp_path):
-    """Answers arriving 2 ms apart (a fast server) are grouped into one commit per window instead of
-    one per answer (docs/providers.md). ``close`` still puts every answer on disk at once, without
-    waiting out the window."""
-    import time
-
-    from datagen.llm.cache import CacheWriter
-
-    cache = open_cache(tmp_path / "w.sqlite")
-    commits = []
-    real = cache.put_many
-    cache.put_many = lambda rows: (commits.append(len(rows)), real(rows))[1]
-    w = CacheWriter(cache, linger_s=0.2)
-    t0 = time.monotonic()
-    for i in range(60):
-        w.put(f"k{i}", provider="openai", model="m", text=f"a{i}")
-        time.sleep(0.002)
-    w.close()
-    took = time.monotonic() - t0
-    assert sum(commits) == 60 and len(cache) == 60  # nothing lost
-    assert len(commits) <= 2 + took / 0.2, commits  # one per 0.2 s window (+ the last, cut short)
-    assert took < 0.6  # close did not sit out a window per put
-
-
 def test_a_key_claimed_by_a_live_run_is_waited_for_and_a_dead_runs_claim_is_taken_over(tmp_path):
     """Two runs sharing one response cache: what the other (live) run is asking right now is not asked
     twice; a claim left by a process that died is taken over at once."""

@@ -5,7 +5,6 @@ cannot sit under another run's manifest; two runs on one root do not both run. R
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -197,25 +196,3 @@ def test_second_run_on_the_same_root_fails_at_once(tmp_path):
             pass
 
 
-def test_two_processes_sharing_one_cache_never_pay_twice_for_a_key(tmp_path):
-    """Two runs (separate processes, separate roots) ask for the same 12 answers at the same time
-    through one response cache: each key reaches the server once."""
-    script = textwrap.dedent("""
-        import json, sys
-        from datagen.config import ProviderConfig
-        from datagen.llm import ChatRequest, make_provider, open_cache
-        p = make_provider("t", ProviderConfig(kind="openai", model="fake", base_url=sys.argv[1], concurrency=4,
-                                              max_retries=0), open_cache(sys.argv[2]))
-        out = p.generate_batch([ChatRequest(messages=[{"role": "user", "content": f"Say it. [item {i}]"}])
-                                for i in range(12)])
-        print(json.dumps({"texts": [r.text for r in out], "ok": all(r.ok for r in out),
-                          "calls": p.usage.calls, "hits": p.usage.cache_hits}))
-    """)
-    cache = tmp_path / "shared.sqlite"
-    with FaultProxy(delay_s=0.3) as proxy:
-        procs = [subprocess.Popen([sys.executable, "-c", script, proxy.url + "/v1", str(cache)],
-                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
-        assert proxy.received == {str(i): 1 for i in range(12)}  # each key paid for once
-    assert all(o["ok"] for o in outs) and outs[0]["texts"] == outs[1]["texts"] == [f"echo {i}" for i in range(12)]
-    assert sum(o["calls"] for o in outs) == 12 and sum(o["hits"] for o in outs) == 12

@@ -32,3 +32,7 @@ class StageSpec:
     upstream: tuple[str, ...] = ()  # finished stages it reads
     prompts: Callable[[Config], tuple[str, ...]] = _none  # prompt templates it renders, for this config
     providers: Callable[[Config], tuple[str, ...]] = _none  # LLM providers it calls, for this config
+
+    def config_hash(self, cfg: Config) -> str:
+        """The hash of the config the stage reads (``config_sections``): its manifest's ``config_hash``."""
+        return cfg.section_hash(*self.config_sections)

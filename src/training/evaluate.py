@@ -542,7 +542,7 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         prompts.append(load_prompt(PAIRWISE_PROMPT).ref)
     manifest = {
         "stage": "evaluate",
-        "config_hash": cfg.section_hash("evaluate", "llm", "model"),
+        "config_hash": STAGE.config_hash(cfg),
         "upstream": {"dataset": ds_hash, "adapter": manifest_hash(adapter_dir)},
         "prompts": prompts,
         "counts": result["counts"],

@@ -422,7 +422,7 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
         eval_ds = None
 
     device = resolve_device(cfg.train.device)
-    config_hash = cfg.section_hash("train", "model")
+    config_hash = STAGE.config_hash(cfg)
     resume = _prepare_checkpoints(ckpt_dir, config_hash + ":" + str(manifest_hash(dataset_dir)))
     meter = throughput_callback()
     t0 = time.perf_counter()

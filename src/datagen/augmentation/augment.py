@@ -154,7 +154,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     chosen = select_for_rephrasing(pool, aug.limit)
     # a knowledge split asks each trained fact in one rephrasing kept out of train: one slot more
     slots = aug.k + (1 if aug.k > 0 and cfg.split.strategy == "knowledge" else 0)
-    key = f"augment|{cfg.section_hash(*STAGE.config_sections)}|{manifest_hash(fetch_dir)}"
+    key = f"augment|{STAGE.config_hash(cfg)}|{manifest_hash(fetch_dir)}"
     shards = executor.plan(key, chosen, cfg.run.shard_rows, cfg.run.ray_workers if on_ray else 1)
     if on_ray:
         make = functools.partial(rephrase_worker, cfg, slots)
@@ -184,7 +184,7 @@ def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provi
     kept_first = sum(1 for r in reph.kept if r["metadata"]["rephrase_attempt"] == 0)
     manifest = {
         "stage": "augment",
-        "config_hash": cfg.section_hash("augment", "llm"),
+        "config_hash": STAGE.config_hash(cfg),
         "upstream": {"fetch": manifest_hash(fetch_dir)},
         "prompts": dict(sorted(prompts.items())),
         "embedder": getattr(embedder, "name", type(embedder).__name__) if embedder else cfg.dedup.embedder.model,

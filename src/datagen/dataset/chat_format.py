@@ -382,7 +382,7 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
     inputs = {s: sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"]) for s in SPLITS}
     items = [[s, r] for s in SPLITS for r in inputs[s]]
     if cfg.run.executor == "ray":  # shards of rows on Ray workers, each with its own tokenizer
-        key = f"format|{cfg.section_hash(*STAGE.config_sections)}|{manifest_hash(src)}"
+        key = f"format|{STAGE.config_hash(cfg)}|{manifest_hash(src)}"
         shards = executor.plan(key, items, cfg.run.shard_rows, cfg.run.ray_workers)
         parts = executor.map_shards(cfg.run, functools.partial(format_worker, cfg), shards, out / ".shards",
                                     what="format: tokenise shards")
@@ -431,7 +431,7 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
     data = dataset_stats(records)
     summary = {
         "stage": STAGE.name,
-        "config_hash": cfg.section_hash("format", "model", "card", "split", "sources"),  # the card reads all
+        "config_hash": STAGE.config_hash(cfg),
         "upstream": {"split": manifest_hash(src)},
         "prompts": prompts,
         "model": cfg.model.name_or_path,

@@ -544,7 +544,7 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
         log.warning("split: %s (allowed by split.allow_leakage)", failure)
     return write_manifest(out, {
         "stage": "split",
-        "config_hash": cfg.section_hash("split", "dedup"),
+        "config_hash": STAGE.config_hash(cfg),
         "upstream": {"dedup": manifest_hash(src)},
         "embedder": embedder.name,
         "counts": {"in": len(rows), **counts, **dropped, "units": res["units"],

@@ -130,7 +130,7 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
     write_jsonl(out_dir / QUARANTINE, quarantine)
     manifest = {
         "stage": "fetch",
-        "config_hash": cfg.section_hash("sources"),
+        "config_hash": STAGE.config_hash(cfg),
         "counts": {
             "samples": len(samples),
             "per_category": _counts(samples, "category"),
