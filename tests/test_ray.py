@@ -215,3 +215,19 @@ def _without_timings(m):
     if isinstance(m, list):
         return [_without_timings(v) for v in m]
     return m
+
+
+def test_an_unreachable_cluster_is_one_error_naming_the_setting(tmp_path):
+    """``run.ray_address: auto`` with no Ray running here: one error line that names the setting (the CLI
+    prints it as ``finsynth: error: ...``), not Ray's traceback."""
+    import subprocess
+    import sys
+
+    code = ("from datagen.config import RunConfig\nfrom datagen.executor import ensure_ray\n"
+            "try:\n    ensure_ray(RunConfig(executor='ray', ray_address='auto'))\n"
+            "except RuntimeError as e:\n    print('ERROR', e)\n")
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""}  # no cluster file, no address: none here
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("ERROR")]
+    assert len(lines) == 1, p.stdout + p.stderr[-2000:]
+    assert "run.ray_address=auto" in lines[0] and "Could not find any running Ray instance" in lines[0]

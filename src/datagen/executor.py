@@ -163,7 +163,11 @@ def ensure_ray(run_cfg: Any) -> None:
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if run_cfg.ray_address is None:  # a private Ray for this run, on this machine
         kw["num_cpus"] = run_cfg.ray_workers
-    ray.init(address=run_cfg.ray_address, **kw)
+    try:
+        ray.init(address=run_cfg.ray_address, **kw)
+    except (ConnectionError, ValueError, RuntimeError) as e:  # no cluster there, a missing extra: one line
+        where = run_cfg.ray_address or "a local Ray"
+        raise RuntimeError(f"run.ray_address={where}: could not start or join Ray: {' '.join(str(e).split())}") from e
 
 
 def _ray_map(run_cfg: Any, make: Callable[[], Work], todo: list[Shard], scratch: Path,
