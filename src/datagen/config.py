@@ -501,8 +501,6 @@ class Config(_Strict):
         data["paths"].pop("root", None)
         if data["llm"]["cache"] is None:  # unset: the same dump (and stage hashes) as before the key existed
             del data["llm"]["cache"]
-        else:
-            data["llm"]["cache"] = mask_url(data["llm"]["cache"])
         return data
 
     def section_hash(self, *sections: str) -> str:

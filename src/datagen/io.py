@@ -253,9 +253,9 @@ def run_lock(root: str | Path, cache_url: str | None = None) -> Iterator[None]:
     if not is_rank_zero():  # a torchrun worker: rank 0 of the same launch holds the lock
         yield
         return
-    if cache_url is not None and cache_url.split("://", 1)[0].lower() in ("postgresql", "postgres"):
-        from datagen.llm.pg_cache import pg_run_lock
+    from datagen.llm.pg_cache import is_postgres_url, pg_run_lock
 
+    if is_postgres_url(cache_url):
         with pg_run_lock(root, cache_url):
             yield
         return

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["Figure", "SCALES", "answer_values", "find_numbers", "format_number", "number_keys", "parse_number"]
@@ -148,18 +148,17 @@ def _unit(m: re.Match[str]) -> str:
 
 
 def _figure(m: re.Match[str], text: str, directional: bool) -> Figure | None:
-    scale_word, num, sign1, sign2, open1, open2, close1, close2 = m.group(
-        "scale", "num", "sign", "sign2", "open", "open2", "close1", "close2")
-    scale = SCALES.get(scale_word.lower(), 1) if scale_word else 1
+    scale_word = (m.group("scale") or "").lower()
+    scale = SCALES.get(scale_word, 1)
     try:
-        written = Decimal(num.replace(",", ""))
+        written = Decimal(m.group("num").replace(",", ""))
     except InvalidOperation:  # pragma: no cover - the regex only admits digits
         return None
-    d = written * scale if scale != 1 else written
-    signs = [s for s in (sign1, sign2) if s]
+    d = written * scale
+    signs = [m.group(g) for g in ("sign", "sign2") if m.group(g)]
     sign = "-" if any(s in _MINUS for s in signs) else "+" if signs else ""
-    opened = open1 or open2
-    closed = close1 or close2
+    opened = m.group("open") or m.group("open2")
+    closed = m.group("close1") or m.group("close2")
     if opened and closed and sign != "-":
         sign = "()"  # accounting style: (3.4)
     if directional and not sign and _DOWN.search(text[max(0, m.start() - 40):m.start()]):
@@ -211,7 +210,7 @@ def _reach_back(text: str, d: int, floor: int) -> int:
 def _figure_matches(text: str) -> Iterator[re.Match[str]]:
     """``_FIGURE.finditer(text)``, with the search started near the next digit instead of trying the
     pattern at every position (a match holds a digit, and at most a short prefix precedes its first
-    one). Same matches, several times faster on long text with few figures, such as rendered tables."""
+    one). Same matches, about twice as fast on rendered tables, where most positions hold no figure."""
     pos = 0
     while (d := _DIGIT.search(text, pos)) is not None:
         m = _FIGURE.search(text, _reach_back(text, d.start(), pos))

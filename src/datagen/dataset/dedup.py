@@ -43,10 +43,10 @@ time and pair recall of both.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import math
-import functools
 import re
 import time
 import unicodedata
@@ -194,13 +194,14 @@ def question_near_copy(qa: str, qb: str, sim: float, threshold: float) -> bool:
     """The question signal: equal after normalisation, or cosine >= ``threshold`` with the same signed
     figures, the same content words (:func:`term_difference`) and no terms swapped around a relating
     word (:func:`swapped_terms`)."""
-    if _normalise_question(qa) == _normalise_question(qb):
+    if _normalise_short(qa) == _normalise_short(qb):
         return True
     return sim >= threshold and _same_terms(qa, qb)
 
 
-# questions repeat across rows (templates, rephrasings of one original): each pair's words are compared once
-_normalise_question = functools.lru_cache(maxsize=1 << 16)(normalise_text)
+# questions and table cells repeat across rows (templates, rephrasings of one original, categorical cells):
+# each is normalised once, and each pair of questions' words compared once
+_normalise_short = functools.lru_cache(maxsize=1 << 16)(normalise_text)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -209,14 +210,11 @@ def _same_terms(qa: str, qb: str) -> bool:
             and not swapped_terms(qa, qb))
 
 
-_normalise_cell = functools.lru_cache(maxsize=1 << 16)(normalise_text)  # table cells repeat across rows
-
-
 def _table_rows(table: dict[str, Any] | None) -> tuple[tuple[str, ...], Counter] | None:
     if not table:
         return None
-    cols = tuple(_normalise_cell(str(c)) for c in table.get("columns") or [])
-    return cols, Counter(tuple(_normalise_cell(str(c)) for c in r) for r in table.get("rows") or [])
+    cols = tuple(_normalise_short(str(c)) for c in table.get("columns") or [])
+    return cols, Counter(tuple(_normalise_short(str(c)) for c in r) for r in table.get("rows") or [])
 
 
 @dataclass(frozen=True)
