@@ -58,7 +58,7 @@ def main() -> None:
     from datagen.embed import load_embedder
     from datagen.io import read_jsonl, write_json
     from datagen.llm import make_provider
-    from datagen.sources.fetch import run_fetch
+    from flows.stages import get_stage, invoke
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="items (default: the demo's augment.limit)")
@@ -72,8 +72,8 @@ def main() -> None:
     shutil.copy(ROOT / "data/raw/sample_source_qa.jsonl", tmp / "data/raw/")
     cfg = load_config(profile="demo", root=tmp, overrides=args.set)
     aug = cfg.augment
-    run_fetch(cfg)
-    originals = read_jsonl(cfg.paths.stage_dir("fetch") / "samples.jsonl")
+    invoke(cfg, "fetch")
+    originals = read_jsonl(get_stage("fetch").output(cfg) / "samples.jsonl")
     rows = select_for_rephrasing(originals, args.limit or aug.limit)
     pcfg = cfg.llm.providers[aug.provider]
     embedder = load_embedder(cfg.dedup.embedder)

@@ -174,7 +174,7 @@ def bench_embed(n: int) -> None:
     from datagen.config import EmbedderConfig
     from datagen.dataset.dedup import pairs_exact, pairs_partitioned
     from datagen.embed import SentenceTransformerEmbedder
-    from datagen.packaged import resolve_model_path
+    from lm.packaged import resolve_model_path
 
     texts = corpus(n)
     plain = SentenceTransformer(str(resolve_model_path("packaged:all-minilm-l6-v2")), device="cpu")
@@ -360,7 +360,7 @@ def templated_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def bench_templated(sizes: list[int]) -> None:
-    from datagen.causal_lm import vector_flags
+    from lm.causal_lm import vector_flags
     from datagen.config import EmbedderConfig
     from datagen.dataset import dedup as dd
     from datagen.dataset.split import leakage_check

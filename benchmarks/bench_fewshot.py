@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
     root = args.root or Path(tempfile.mkdtemp(prefix="finsynth-fewshot-"))
-    if not (root / "data/processed/dataset/test.parquet").exists():
+    if not (root / "data/processed/format/test.parquet").exists():
         build_dataset(root)
 
-    from datagen.causal_lm import load_causal_lm, render_prompt
+    from lm.causal_lm import load_causal_lm, render_prompt
     from datagen.config import load_config
     from datagen.prompts import load_prompt
     from datagen.tokenizer import load_tokenizer
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(profile="quality", root=root)
     ev = cfg.evaluate
-    test, train = load_split_rows(cfg, "test"), load_split_rows(cfg, "train")
+    dataset = cfg.paths.stage_dir("format")
+    test, train = load_split_rows(dataset, "test"), load_split_rows(dataset, "train")
     by_cat: dict[str, list[dict]] = {}
     for r in sorted(test, key=lambda r: r["id"]):
         by_cat.setdefault(r["category"], []).append(r)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 
-from datagen.causal_lm import generate, render_prompt, vector_flags  # noqa: E402
+from lm.causal_lm import generate, render_prompt, vector_flags  # noqa: E402
 from datagen.config import load_config  # noqa: E402
 from datagen.dataset.chat_format import USER_PROMPT, build_messages  # noqa: E402
 from datagen.dataset.knowledge import arm_rows, knowledge_split  # noqa: E402

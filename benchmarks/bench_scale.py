@@ -61,7 +61,7 @@ def _save(section: str, value) -> None:
 
 
 def _conditions() -> dict:
-    from datagen.causal_lm import vector_flags
+    from lm.causal_lm import vector_flags
 
     return {"loadavg": os.getloadavg(), "cpu_flags": vector_flags(), "date": time.strftime("%Y-%m-%d")}
 
@@ -93,7 +93,7 @@ def bench_demo(work: Path) -> None:
             per_stage[stage] = round(time.perf_counter() - s0, 2)
         total = time.perf_counter() - t0
         out[name] = {"wall_s": round(total, 2), "stages_s": per_stage, **_conditions()}
-        outputs[name] = {s: _outputs(cfg.paths.stage_dir(s)) for s in ("augment", "dedup", "split", "dataset")}
+        outputs[name] = {s: _outputs(cfg.paths.stage_dir(s)) for s in ("augment", "dedup", "split", "format")}
         print(name, out[name], flush=True)
     ray.shutdown()
     out["ray_over_local"] = round(out["ray"]["wall_s"] / out["local"]["wall_s"], 3)

@@ -8,7 +8,7 @@ same model:
 
 - baseline, ``sdpa``: transformers' SDPA over the whole flattened sequence, with the block-diagonal mask
   it builds from the restarting ``position_ids``;
-- ``finsynth_varlen_sdpa``: :func:`datagen.causal_lm.varlen_sdpa_attention`, one SDPA call per
+- ``finsynth_varlen_sdpa``: :func:`lm.causal_lm.varlen_sdpa_attention`, one SDPA call per
   conversation.
 
 The two arms alternate. The first pair is a warm-up and is not timed. The result records the median per
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from datasets import Dataset
 
-    from datagen.causal_lm import VARLEN_SDPA
+    from lm.causal_lm import VARLEN_SDPA
     from datagen.config import load_config
     from training.train import build_trainer
 

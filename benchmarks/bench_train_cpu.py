@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from datagen.causal_lm import vector_flags
+    from lm.causal_lm import vector_flags
     from datagen.config import load_config
     from datagen.tokenizer import load_tokenizer
     from training.models import get_peft_config, load_model

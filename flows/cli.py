@@ -19,7 +19,7 @@ from pathlib import Path
 from datagen.config import ConfigError, load_config
 from datagen.faults import find
 from datagen.io import is_rank_zero, run_lock
-from flows.stages import STAGE_NAMES, execute
+from flows.stages import STAGE_NAMES, execute, get_stage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             from datagen.prompts import load_prompt
             from training.generate import chat
 
-            adapter = None if args.base else cfg.paths.models_dir / cfg.train.run_name
+            adapter = None if args.base else get_stage("train").output(cfg)
             if adapter is not None and not (adapter / "adapter_config.json").exists():
                 raise FileNotFoundError(f"no adapter at {adapter}; run `finsynth train` (or the main command) first")
             system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(export(cfg, args.fmt, args.out, args.outtype), indent=2))
         elif args.command == "card":
-            path = (args.path or cfg.paths.stage_dir("dataset")) / "README.md"
+            path = (args.path or get_stage("format").output(cfg)) / "README.md"
             if not path.exists():
                 raise FileNotFoundError(f"no dataset card at {path}; run `finsynth format` first")
             print(path.read_text(encoding="utf-8"))
@@ -180,8 +180,6 @@ def _run_flow(args: argparse.Namespace) -> dict:
 def _where(cfg, stage: str | None, root: Path | None) -> Path | None:
     """Where a command was writing, for an error that names no file: the stage's folder, else the root."""
     if cfg is not None and stage is not None:
-        from flows.stages import get_stage
-
         return get_stage(stage).output(cfg)
     return cfg.paths.root if cfg is not None else root
 

@@ -47,7 +47,16 @@ from datagen.io import RUN_INFO, STALE, run_lock, write_json
 from datagen.progress import stage_log
 from datagen.render import md_cell, md_code
 from flows.progress import to_run_log
-from flows.stages import cache_inputs, execute, get_stage, inputs_key, output_matches, probe_providers, select
+from flows.stages import (
+    STAGES,
+    cache_inputs,
+    execute,
+    get_stage,
+    inputs_key,
+    output_matches,
+    probe_providers,
+    select,
+)
 
 
 @task(cache_policy=(INPUTS - "cfg") + TASK_SOURCE, persist_result=True, result_serializer="json",
@@ -210,15 +219,7 @@ def _stage_flow(name: str):
     return stage_flow
 
 
-fetch_flow = _stage_flow("fetch")
-augment_flow = _stage_flow("augment")
-dedup_flow = _stage_flow("dedup")
-split_flow = _stage_flow("split")
-format_flow = _stage_flow("format")
-train_flow = _stage_flow("train")
-evaluate_flow = _stage_flow("evaluate")
-STAGE_FLOWS = {"fetch": fetch_flow, "augment": augment_flow, "dedup": dedup_flow, "split": split_flow,
-               "format": format_flow, "train": train_flow, "evaluate": evaluate_flow}
+STAGE_FLOWS = {s.name: _stage_flow(s.name) for s in STAGES}  # one flow per stage, registered ones too
 
 
 @flow(name="finsynth-pipeline", persist_result=True, result_serializer="json")
@@ -254,9 +255,9 @@ def _pipeline(cfg: Config, profile, config_path, overrides, root, only, start, r
         "stages": results,
         "executed": [r["stage"] for r in results if not r["cached"]],
         "cached": [r["stage"] for r in results if r["cached"]],
-        "dataset_card": str(cfg.paths.stage_dir("dataset") / "README.md"),
-        "adapter": str(cfg.paths.models_dir / cfg.train.run_name),
-        "report": str(cfg.paths.reports_dir / cfg.evaluate.run_name / "report.md"),
+        "dataset_card": str(get_stage("format").output(cfg) / "README.md"),
+        "adapter": str(get_stage("train").output(cfg)),
+        "report": str(get_stage("evaluate").output(cfg) / "report.md"),
     }
     logger.info("executed: %s; cached: %s", summary["executed"], summary["cached"])
     return summary

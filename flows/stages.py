@@ -2,6 +2,11 @@
 (:class:`datagen.stage.StageSpec`), and what the orchestration builds from them: running one stage with
 its checks (:func:`execute`), staleness, and what its output depends on (:func:`cache_inputs`).
 
+A stage of your own is one module with one spec, registered as an entry point of your package
+(``[project.entry-points."finsynth.stages"] mystage = "mypkg.mystage:STAGE"``): it runs after its last
+upstream stage, gets its own CLI command, ``--only`` / ``--from`` and Prefect flow, and nothing here
+changes.
+
 Stage modules import their heavy dependencies (torch, transformers) inside functions, so collecting
 the specs keeps ``finsynth --help`` fast.
 """
@@ -27,11 +32,38 @@ from datagen.sources import fetch
 from datagen.stage import StageSpec
 from training import evaluate, train
 
-PROJECT_PACKAGES = ("datagen", "training")
+PROJECT_PACKAGES = ("lm", "datagen", "training")
+
+
+ENTRY_POINTS = "finsynth.stages"  # the entry-point group other packages register their stages in
+BUILTIN: tuple[StageSpec, ...] = tuple(m.STAGE for m in (fetch, augment, dedup, split, chat_format, train, evaluate))
+
+
+def collect(builtin: tuple[StageSpec, ...] = BUILTIN) -> tuple[StageSpec, ...]:
+    """The built-in stages, each registered stage inserted after its last upstream stage (in name order
+    among registered ones). A registered stage whose name is taken, or whose upstream is unknown, is
+    refused with its entry point named."""
+    from importlib.metadata import entry_points
+
+    order = list(builtin)
+    for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
+        spec = ep.load()
+        names = [s.name for s in order]
+        if not isinstance(spec, StageSpec):
+            raise TypeError(f"entry point {ep.value} ({ENTRY_POINTS}) is not a datagen.stage.StageSpec")
+        if spec.name in names:
+            raise ValueError(f"entry point {ep.value}: a stage named {spec.name!r} exists already")
+        unknown = [u for u in spec.upstream if u not in names]
+        if unknown:
+            raise ValueError(f"entry point {ep.value}: stage {spec.name!r} reads unknown stages {unknown}; "
+                             f"stages: {', '.join(names)}")
+        after = max((names.index(u) for u in spec.upstream), default=-1)
+        order.insert(after + 1, spec)
+    return tuple(order)
 
 
 # One spec per stage, declared in its own module (``STAGE = StageSpec(...)``); this tuple is the order.
-STAGES: tuple[StageSpec, ...] = tuple(m.STAGE for m in (fetch, augment, dedup, split, chat_format, train, evaluate))
+STAGES: tuple[StageSpec, ...] = collect()
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
@@ -40,6 +72,18 @@ def get_stage(name: str) -> StageSpec:
         if s.name == name:
             return s
     raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def stage_inputs(cfg: Config, stage: StageSpec) -> dict[str, Path]:
+    """What a stage's ``run`` gets as ``inputs``: each upstream stage's output folder, by name."""
+    return {u: get_stage(u).output(cfg) for u in stage.upstream}
+
+
+def invoke(cfg: Config, name: str, **kw: Any) -> dict[str, Any]:
+    """Call one stage's function on the folders its spec names, without :func:`execute`'s checks
+    (tests, notebooks); ``kw`` go to the stage function (e.g. a test's provider)."""
+    stage = get_stage(name)
+    return stage.run(cfg, stage_inputs(cfg, stage), stage.output(cfg), **kw)
 
 
 def mark_downstream_stale(cfg: Config, name: str) -> list[str]:
@@ -72,7 +116,7 @@ def execute(cfg: Config, name: str) -> dict[str, Any]:
         probe_providers(cfg, [stage])
         before = manifest_hash(out)
         begin_stage(out)
-        manifest = stage.run(cfg)
+        manifest = stage.run(cfg, stage_inputs(cfg, stage), out)
     except Exception as e:  # a full disk, a read-only root, a corrupt cache: one line naming this stage
         fault = find(e, stage=name, path=out)
         stage_log.error("%s: failed after %s: %s", name, seconds(time.monotonic() - t0),
@@ -113,14 +157,15 @@ def _module_file(module: str) -> Path | None:
     e.g. ``datagen.io.read_jsonl``)."""
     top, *rest = module.split(".")
     base = _package_dir(top).joinpath(*rest)
-    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+    cands = [base.with_suffix(".py"), base / "__init__.py"] if rest else [base / "__init__.py", base / f"{top}.py"]
+    for cand in cands:  # a top-level name is a package (its __init__) or a plain module (a registered stage's)
         if cand.is_file():
             return cand
     return None
 
 
 def module_closure(module: str) -> tuple[str, ...]:
-    """``module`` and every project module (``datagen``/``training``) it imports, transitively: the
+    """``module`` and every project module (``lm``/``datagen``/``training``) it imports, transitively: the
     code a stage's output depends on. Package ``__init__`` modules on the way are included."""
     seen: set[str] = set()
     todo = [module]

@@ -28,6 +28,7 @@ from datagen.config import Config, ConfigError, load_config
 from datagen.io import atomic_write_text, read_json, write_json
 from datagen.render import md_cell, md_text, plot_text
 from flows.pipeline import pipeline
+from flows.stages import get_stage
 
 ARMS = ("base", "fewshot", "tuned")
 DIFFS = ("tuned_minus_base", "tuned_minus_fewshot")
@@ -164,7 +165,7 @@ def sweep(profile: str | None = "quality", config_path: str | None = None, overr
         over = overrides + point_overrides(cfg, point)
         summary = pipeline(profile=profile, config_path=config_path, overrides=over, root=root, refresh=refresh)
         pcfg = load_config(config_path, profile=profile, overrides=over, root=Path(root) if root else None)
-        report_path = pcfg.paths.reports_dir / pcfg.evaluate.run_name / "report.json"
+        report_path = get_stage("evaluate").output(pcfg) / "report.json"
         points.append({"name": point_name(point), "point": point, "report_path": str(report_path),
                        "report": read_json(report_path), "executed": summary["executed"],
                        "cached": summary["cached"], "stages": summary["stages"]})

@@ -322,9 +322,9 @@ def test_augment_stage_exact_counts(stage_cfg):
 
 
 def run_augment_cfg(cfg, prov, emb):
-    from datagen.augmentation.augment import run_augment
+    from flows.stages import invoke
 
-    return run_augment(cfg, provider=prov, scenario_provider=prov, embedder=emb)
+    return invoke(cfg, "augment", provider=prov, scenario_provider=prov, embedder=emb)
 
 
 def test_limit_rephrases_first_n_in_category_round_robin(stage_cfg):
@@ -374,9 +374,9 @@ def _real_cfg(tmp_path, *overrides):
 
 def _assert_k_or_reasons_then_zero_call_rerun(cfg, embedder, label):
     """Every item ends with k=2 rephrasings or a final reason per missing slot; a rerun calls nothing."""
-    from datagen.augmentation.augment import run_augment
+    from flows.stages import invoke
 
-    m1 = run_augment(cfg, embedder=embedder)
+    m1 = invoke(cfg, "augment", embedder=embedder)
     out = cfg.paths.stage_dir("augment")
     rows, rej = read_jsonl(out / "samples.jsonl"), read_jsonl(out / "rejections.jsonl")
     for item in REAL_ITEMS:
@@ -388,7 +388,7 @@ def _assert_k_or_reasons_then_zero_call_rerun(cfg, embedder, label):
     print(label, json.dumps({k: m1["rephrase"][k] for k in ("kept", "requests", "rejected_by_reason",
                                                              "missing_by_reason")}))
     first = (out / "samples.jsonl").read_bytes()
-    m2 = run_augment(cfg, embedder=embedder)  # same process: the provider instance is shared; usage is a delta
+    m2 = invoke(cfg, "augment", embedder=embedder)  # same process: the provider instance is shared; usage is a delta
     assert m2["llm_calls"] == 0 and m2["llm_cache_hits"] == m1["llm_calls"]
     assert (out / "samples.jsonl").read_bytes() == first
 

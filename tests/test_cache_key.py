@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def src_copy(tmp_path, monkeypatch):
     """A copy of src/ and prompts/ that the key functions read instead of the real ones."""
-    for pkg in ("datagen", "training"):
+    for pkg in fs.PROJECT_PACKAGES:
         shutil.copytree(REPO / "src" / pkg, tmp_path / "src" / pkg)
     shutil.copytree(REPO / "prompts", tmp_path / "prompts")
     monkeypatch.setattr(fs, "_package_dir", lambda pkg: tmp_path / "src" / pkg)
@@ -47,6 +47,19 @@ def test_editing_a_module_augment_imports_changes_augment_only(tiny_cfg, src_cop
     assert after["augment"] != before["augment"]
     assert after["fetch"] == before["fetch"] and after["dedup"] == before["dedup"]
     assert "datagen.augmentation.validators" in fs.module_closure("datagen.augmentation.augment")
+
+
+def test_the_model_package_is_stage_code_and_imports_no_stage(tiny_cfg, src_copy):
+    """``lm`` (loading, generation) is project code: a change in it reruns the stages that run it
+    (training, evaluation, and every stage that imports the LLM providers). It imports neither
+    ``datagen`` nor ``training``."""
+    for module in ("lm.causal_lm", "lm.packaged", "lm.config"):
+        assert {m.split(".")[0] for m in fs.module_closure(module)} == {"lm"}, fs.module_closure(module)
+    before = keys(tiny_cfg)
+    with open(src_copy / "src" / "lm" / "causal_lm.py", "a") as f:
+        f.write("\n# an edit\n")
+    after = keys(tiny_cfg)
+    assert after["train"] != before["train"] and after["evaluate"] != before["evaluate"]
 
 
 def test_editing_sft_user_prompt_reruns_format_and_through_it_train_and_evaluate(tiny_cfg, src_copy):

@@ -209,7 +209,7 @@ def test_card_counts_match_the_parquet_files(demo_cfg, tokenizer):
     """Format a small split (with drops), read the written card back and check each figure against Parquet."""
     import pandas as pd
 
-    from datagen.dataset.chat_format import run_format
+    from flows.stages import invoke
 
     _manifests(demo_cfg)  # upstream history (its cluster counts predate the length filter)
     long_q = "Why? " * 400
@@ -223,8 +223,8 @@ def test_card_counts_match_the_parquet_files(demo_cfg, tokenizer):
     d = demo_cfg.paths.stage_dir("split")
     for s, r in rows.items():
         write_jsonl(d / f"{s}.jsonl", r)
-    run_format(demo_cfg, tokenizer=tokenizer)
-    out = demo_cfg.paths.stage_dir("dataset")
+    invoke(demo_cfg, "format", tokenizer=tokenizer)
+    out = demo_cfg.paths.stage_dir("format")
     meta, body = parse_card((out / "README.md").read_text())
     df = pd.concat([pd.read_parquet(out / f"{s}.parquet").assign(split=s) for s in ("train", "validation", "test")])
     t = _md_tables(body)

@@ -4,7 +4,7 @@ chat template and decoding as evaluation (model and generation stubbed: the loop
 from __future__ import annotations
 
 import training.generate as g
-from datagen.causal_lm import Generation
+from lm.causal_lm import Generation
 from datagen.config import ModelConfig
 
 

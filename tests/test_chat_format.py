@@ -8,13 +8,14 @@ import re
 
 import pytest
 
+from flows.stages import invoke
+
 from datagen.dataset.chat_format import (
     DISK_DIR,
     META_DIR,
     build_messages,
     format_rows,
     render_conversation,
-    run_format,
     truncate_context,
 )
 from datagen.io import read_jsonl, write_jsonl, write_manifest
@@ -108,8 +109,8 @@ def test_run_format_parquet_roundtrip(demo_cfg, tokenizer):
         "validation": [_row("d", group="g3")],
         "test": [],  # an empty split gets no file (load_dataset rejects empty splits)
     })
-    m = run_format(demo_cfg, tokenizer=tokenizer)
-    out = demo_cfg.paths.stage_dir("dataset")
+    m = invoke(demo_cfg, "format", tokenizer=tokenizer)
+    out = demo_cfg.paths.stage_dir("format")
     assert m["counts"]["train"] == 2 and m["counts"]["validation"] == 1 and m["counts"]["test"] == 0
     assert m["counts"]["dropped_too_long"] == 1 and m["counts"]["truncated"] == 0
     assert m["empty_splits"] == ["test"]
@@ -138,11 +139,11 @@ def test_run_format_fails_when_format_empties_a_split(demo_cfg, tokenizer):
     _write_split(demo_cfg, {"train": [_row("a")], "validation": [],
                             "test": [_row(f"t{i}", group=f"t{i}", question=long_q) for i in range(3)]})
     with pytest.raises(ValueError) as e:
-        run_format(demo_cfg, tokenizer=tokenizer)
+        invoke(demo_cfg, "format", tokenizer=tokenizer)
     assert str(e.value) == (f"format: test has 0 rows: 3 of 3 dropped as too_long (max_tokens "
                             f"{demo_cfg.format.max_tokens}); raise format.max_tokens, set format.long_context: "
                             "truncate, or shorten the context")
-    assert not (demo_cfg.paths.stage_dir("dataset") / "manifest.json").exists()
+    assert not (demo_cfg.paths.stage_dir("format") / "manifest.json").exists()
 
 
 # ----------------------------------------------------------------------------- long contexts
@@ -208,10 +209,10 @@ def test_run_format_truncate_strategy(demo_cfg, tokenizer):
                answer="23.41%", context={"text": "Daily closes.", "table": _price_table(31)})
     vol["metadata"]["answer_values"] = [{"name": "vol", "value": 23.41, "unit": "%"}]
     _write_split(demo_cfg, {"train": [lookup, vol, _row("a", group="g3")], "validation": [], "test": []})
-    m = run_format(demo_cfg, tokenizer=tokenizer)
+    m = invoke(demo_cfg, "format", tokenizer=tokenizer)
     assert m["long_context"] == "truncate"
     assert m["counts"]["train"] == 2 and m["counts"]["truncated"] == 1 and m["counts"]["dropped_too_long"] == 1
-    out = demo_cfg.paths.stage_dir("dataset")
+    out = demo_cfg.paths.stage_dir("format")
     drop = read_jsonl(out / META_DIR / "drops.jsonl")[0]
     assert drop["row_id"] == "vol" and "not all in the context" in drop["detail"]
     import pandas as pd
@@ -248,11 +249,11 @@ def test_trl_sft_trainer_takes_the_dataset_as_is(demo_cfg, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from datagen.packaged import resolve_model_path
+    from lm.packaged import resolve_model_path
 
     _write_split(demo_cfg, {"train": [_row("a"), _row("b", group="g2")], "validation": [], "test": []})
-    run_format(demo_cfg, tokenizer=tokenizer)
-    ds = load_dataset("parquet", data_dir=str(demo_cfg.paths.stage_dir("dataset")))
+    invoke(demo_cfg, "format", tokenizer=tokenizer)
+    ds = load_dataset("parquet", data_dir=str(demo_cfg.paths.stage_dir("format")))
     model = AutoModelForCausalLM.from_pretrained(str(resolve_model_path("packaged:gemma3-270m")),
                                                  dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path / "o"), assistant_only_loss=True, max_length=256, max_steps=1,

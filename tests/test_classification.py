@@ -95,7 +95,7 @@ def cls_cfg(tiny_cfg):
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.evaluate.max_items = None
     cfg.evaluate.bootstrap_samples = 200
-    ds = cfg.paths.stage_dir("dataset")
+    ds = cfg.paths.stage_dir("format")
     ds.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(TEST).to_parquet(ds / "test.parquet", index=False)
     pd.DataFrame(TRAIN).to_parquet(ds / "train.parquet", index=False)
@@ -111,7 +111,7 @@ def test_every_arm_is_scored_by_label_loglik_and_a_constant_tuned_arm_is_flagged
     label log-likelihood knows them (headline score 1.0); the tuned model prefers ``negative`` everywhere, is
     flagged as collapsed and gains 0 macro-F1 over the majority baseline (train's most frequent label)."""
     import training.generate as gen
-    from training.evaluate import run_evaluate
+    from flows.stages import invoke
     from training.report import classification_rows, scores_table
 
     tok = word_tokenizer()
@@ -119,7 +119,7 @@ def test_every_arm_is_scored_by_label_loglik_and_a_constant_tuned_arm_is_flagged
     monkeypatch.setattr(gen, "load_causal_lm", lambda cfg, **kw: HandSetLM())
     monkeypatch.setattr(gen, "attach_adapter", lambda model, d: HandSetLM(bias={"negative": 20.0}))
     monkeypatch.setattr(gen, "answer_prompts", lambda model, tok, prompts, **kw: ["I cannot say."] * len(prompts))
-    m = run_evaluate(cls_cfg)
+    m = invoke(cls_cfg, "evaluate")
     out = Path(m["report_json"]).parent
     items = {(i["id"], i["model"]): i for i in read_jsonl(out / "items.jsonl")}
     assert {i[1] for i in items} == {"base", "fewshot", "tuned", "majority"}
@@ -263,9 +263,8 @@ def test_test_set_names_are_validated(tmp_path):
 
 
 def test_external_test_sets_are_evaluated_and_never_reach_data_or_exemplars(cls_cfg, monkeypatch):
-    from datagen.sources.fetch import run_fetch
+    from flows.stages import invoke
     from flows.stages import STAGES
-    from training.evaluate import run_evaluate
 
     ext = _test_set_file(cls_cfg.paths.root / "ext.jsonl")
     cfg = cls_cfg.model_copy(deep=True)
@@ -277,7 +276,7 @@ def test_external_test_sets_are_evaluated_and_never_reach_data_or_exemplars(cls_
         seen.update(conversations=conversations, choices=kw.get("choices"))
         return {arm: ["positive"] * len(c) for arm, c in conversations.items()}
 
-    m = run_evaluate(cfg, generator=fake)
+    m = invoke(cfg, "evaluate", generator=fake)
     report = read_json(m["report_json"])
     assert set(report["summary"]) == {"test", "ext"}
     assert report["summary"]["ext"]["categories"]["sentiment"]["n"] == 6
@@ -293,7 +292,7 @@ def test_external_test_sets_are_evaluated_and_never_reach_data_or_exemplars(cls_
     assert all(not any(s.startswith("evaluate") for s in st.config_sections) for st in STAGES
                if st.name not in ("evaluate",))
     cfg.sources.market = None
-    run_fetch(cfg)
+    invoke(cfg, "fetch")
     fetched = " ".join(p.read_text(errors="ignore") for p in cfg.paths.stage_dir("fetch").rglob("*") if p.is_file())
     assert fetched and "Zephyrine" not in fetched and "ext-0" not in fetched
 

@@ -1,4 +1,4 @@
-"""bf16 autocast on a CPU only where it has AMX-BF16 (datagen.causal_lm.cpu_autocast_dtype): the selection
+"""bf16 autocast on a CPU only where it has AMX-BF16 (lm.causal_lm.cpu_autocast_dtype): the selection
 on faked probes, the override, and what training and generation get from it. No model is loaded."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datagen import causal_lm
-from datagen.causal_lm import autocast_for, cpu_autocast_dtype, has_amx_bf16
+from lm import causal_lm
+from lm.causal_lm import autocast_for, cpu_autocast_dtype, has_amx_bf16
 
 
 @pytest.fixture

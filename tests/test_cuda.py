@@ -46,7 +46,7 @@ def test_qlora_trains_saves_reloads_merges_and_generates(tmp_path, model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from datagen.causal_lm import load_causal_lm
+    from lm.causal_lm import load_causal_lm
     from datagen.config import load_config
     from training.models import load_model
     from training.train import build_trainer, merge_adapter
@@ -113,7 +113,7 @@ def test_packed_attention_is_one_varlen_call_and_equals_per_conversation_sdpa(wi
     scoring each conversation alone with SDPA (causal, within the sliding window), GQA included."""
     from types import SimpleNamespace
 
-    from datagen.causal_lm import _flash_varlen, varlen_sdpa_attention
+    from lm.causal_lm import _flash_varlen, varlen_sdpa_attention
 
     torch.manual_seed(0)
     lens = [40, 7, 64, 1, 33]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from datagen.config import load_config
-from datagen.dataset.chat_format import DISK_DIR, run_format
+from datagen.dataset.chat_format import DISK_DIR
+from flows.stages import invoke
 from datagen.io import write_jsonl, write_manifest
 
 
@@ -46,8 +47,8 @@ def _make(root, tokenizer, prefix, n, long_rows=0):
     for s, r in rows.items():
         write_jsonl(d / f"{s}.jsonl", r)
     write_manifest(d, {"stage": "split"})
-    run_format(cfg, tokenizer=tokenizer)
-    return cfg.paths.stage_dir("dataset")
+    invoke(cfg, "format", tokenizer=tokenizer)
+    return cfg.paths.stage_dir("format")
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def test_load_dataset_dir_returns_this_runs_rows(tmp_path, tokenizer, hf_cache):
 
     a = _make(tmp_path / "a", tokenizer, "a", 2, long_rows=1)  # a drop: drops.jsonl exists
     b = _make(tmp_path / "b", tokenizer, "b", 3)
-    assert a.name == b.name == "dataset"
+    assert a.name == b.name == "format"
     da, db = load_dataset(str(a)), load_dataset(str(b))
     assert sorted(da["train"]["id"]) == ["a-tr0", "a-tr1"] and da["test"]["id"] == ["a-te0"]
     assert sorted(db["train"]["id"]) == ["b-tr0", "b-tr1", "b-tr2"] and db["validation"]["id"] == ["b-va0"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.stages import invoke
+
 from datagen.dataset.dedup import (
     Pairs,
     answers_agree,
@@ -23,7 +25,6 @@ from datagen.dataset.dedup import (
     pairs_partitioned,
     question_near_copy,
     question_text,
-    run_dedup,
     signed_numbers,
     swapped_terms,
     term_difference,
@@ -202,7 +203,7 @@ def test_run_dedup_writes_files_and_manifest(demo_cfg):
     write_jsonl(aug / "samples.jsonl", rows)
     write_manifest(aug, {"stage": "augment"})
     emb = FakeEmbedder({question_text(r): v for r, v in zip(rows, vecs)})  # dedup embeds questions alone
-    m = run_dedup(demo_cfg, embedder=emb)
+    m = invoke(demo_cfg, "dedup", embedder=emb)
     out = demo_cfg.paths.stage_dir("dedup")
     assert [r["id"] for r in read_jsonl(out / "samples.jsonl")] == ["a1", "a1-r1", "d1", "e1", "f1", "f2", "h1"]
     drops = read_jsonl(out / "drops.jsonl")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen.faults import CacheFault, EnvironmentFault, explain
+from datagen.faults import CacheFault, EnvironmentFault, explain, find
 from datagen.llm.cache import ResponseCache
 
 REPO_RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
@@ -143,16 +143,19 @@ def test_cache_shared_rows_still_work(tmp_path):
 
 # ----------------------------------------------------------------------------- model files
 def test_missing_model_folder_is_named():
-    from datagen.packaged import resolve_model_path
+    from lm.packaged import ModelFilesError, resolve_model_path
 
     missing = f"/nonexistent-{uuid.uuid4().hex}/model"
-    with pytest.raises(EnvironmentFault, match=f"the model folder {missing} does not exist: set model.name_or_path"):
+    with pytest.raises(ModelFilesError) as e:
         resolve_model_path(missing)
+    fault = find(e.value, stage="train")  # what execute() and the CLI print: one line, with the stage
+    assert isinstance(fault, EnvironmentFault)
+    assert str(fault).startswith(f"train: the model folder {missing} does not exist: set model.name_or_path")
     assert resolve_model_path("google/gemma-3-270m") == "google/gemma-3-270m"  # a Hub id is left alone
 
 
 def test_converted_gemma_with_a_file_gone_says_how_to_rebuild(tmp_path, monkeypatch):
-    from datagen import packaged
+    from lm import packaged
 
     monkeypatch.setenv("FINSYNTH_MODEL_CACHE", str(tmp_path))
     target = tmp_path / "gemma3-270m-safetensors"
@@ -160,7 +163,7 @@ def test_converted_gemma_with_a_file_gone_says_how_to_rebuild(tmp_path, monkeypa
     (target / ".complete").write_text("ok\n")
     (target / "config.json").write_text("{}")
     (target / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(EnvironmentFault) as e:
+    with pytest.raises(packaged.ModelFilesError) as e:
         packaged.gemma_path()
-    assert str(e.value) == (f"the converted packaged Gemma in {target} is missing model.safetensors: delete that "
+    assert str(find(e.value)) == (f"the converted packaged Gemma in {target} is missing model.safetensors: delete that "
                             f"folder (rm -r '{target}'); the next run rebuilds it from the packaged GGUF (~75 s)")

@@ -11,7 +11,8 @@ import pytest
 from datagen.io import read_json, read_jsonl, write_manifest
 from datagen.llm.base import FunctionProvider
 from datagen.prompts import load_prompt
-from training.evaluate import decode_row, fewshot_exemplars, run_evaluate, select_items
+from training.evaluate import decode_row, fewshot_exemplars, select_items
+from flows.stages import invoke
 from training.report import scores_table
 
 SYSTEM = "You are a portfolio credit analyst."
@@ -79,7 +80,7 @@ def _write_dataset(cfg, rows, train=TRAIN):
     """The format stage's layout: one Parquet file per non-empty split in the dataset folder."""
     import pandas as pd
 
-    ds = cfg.paths.stage_dir("dataset")
+    ds = cfg.paths.stage_dir("format")
     ds.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(ds / "test.parquet", index=False)
     if train:
@@ -144,7 +145,7 @@ def test_decode_row_and_select_items():
 
 def test_run_evaluate_with_scripted_judge(eval_cfg):
     judge = FunctionProvider(reference_judge, name="scripted", model="ref-words")
-    m = run_evaluate(eval_cfg, judge=judge, generator=fake_generator)
+    m = invoke(eval_cfg, "evaluate", judge=judge, generator=fake_generator)
     out = eval_cfg.paths.reports_dir / eval_cfg.evaluate.run_name
     for f in ("items.jsonl", "report.json", "report.md", "scores.png"):
         assert (out / f).exists() and f in m["outputs"]
@@ -243,10 +244,10 @@ def test_the_main_commands_end_shows_tables_and_answers_side_by_side(eval_cfg, t
     from flows.cli import main
     from flows.deploy import outcome
 
-    run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge, name="scripted", model="ref-words"),
+    invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge, name="scripted", model="ref-words"),
                  generator=fake_generator)
     report = eval_cfg.paths.reports_dir / eval_cfg.evaluate.run_name
-    dataset = eval_cfg.paths.stage_dir("dataset")
+    dataset = eval_cfg.paths.stage_dir("format")
     res = {"executed": ["evaluate"], "cached": [], "dataset_card": str(dataset / "README.md"),
            "adapter": str(eval_cfg.paths.models_dir / "adapter"), "report": str(report / "report.md")}
     text = outcome({"flow_run_name": "calm-fox", "state": "COMPLETED", "state_name": "Completed", "total_s": 75.0,
@@ -283,7 +284,7 @@ def test_fewshot_prompts_are_training_exemplars_of_the_same_category(eval_cfg):
         seen.update(conversations)
         return fake_generator(model_cfg, adapter_dir, conversations, **kw)
 
-    run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
+    invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge), generator=gen)
     assert set(seen) == {"base", "fewshot", "tuned"}
     assert seen["base"] == seen["tuned"]
     ids = [r["id"] for r in sorted(ROWS, key=lambda r: r["id"])]
@@ -335,7 +336,7 @@ def test_fewshot_k_zero_disables_the_arm(eval_cfg):
         seen.update(conversations)
         return fake_generator(model_cfg, adapter_dir, conversations, **kw)
 
-    m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
+    m = invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge), generator=gen)
     assert set(seen) == {"base", "tuned"}
     report = read_json(Path(m["report_json"]))
     r = report["summary"]["test"]["categories"]["returns"]
@@ -349,7 +350,7 @@ def test_fewshot_k_zero_disables_the_arm(eval_cfg):
 
 def test_evaluate_reads_no_train_file_as_no_exemplars(eval_cfg):
     _write_dataset(eval_cfg, ROWS, train=[])
-    m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=fake_generator)
+    m = invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge), generator=fake_generator)
     report = read_json(Path(m["report_json"]))
     # every few-shot prompt had 0 exemplars: the arm is still reported, and equals zero-shot prompts
     assert report["summary"]["test"]["categories"]["returns"]["fewshot"]["n"] == 3
@@ -359,7 +360,7 @@ def test_run_evaluate_flags_an_unreliable_judge_and_pairwise(eval_cfg):
     eval_cfg.evaluate.pairwise = True
     yes_man = FunctionProvider(lambda m: '{"winner": "A"}' if "Answer A:" in m[0]["content"]
                                else '{"score": 5, "pass": true, "rationale": "."}', name="yes", model="man")
-    m = run_evaluate(eval_cfg, judge=yes_man, generator=fake_generator)
+    m = invoke(eval_cfg, "evaluate", judge=yes_man, generator=fake_generator)
     report = read_json(Path(m["report_json"]))
     j = report["judge"]
     assert j["reliable"] is False
@@ -386,7 +387,7 @@ def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
         seen.extend(conversations["base"])
         return fake_generator(model_cfg, adapter_dir, conversations, **kw)
 
-    m = run_evaluate(eval_cfg, judge=FunctionProvider(reference_judge), generator=gen)
+    m = invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge), generator=gen)
     # a gold row without messages gets the system prompt + question
     assert seen[-1][0]["role"] == "system" and seen[-1][0]["content"] == load_prompt("system_analyst").render()
     assert seen[-1][-1] == {"role": "user", "content": "BOLT 10-day return?"}
@@ -409,7 +410,7 @@ def _train_tiny_adapter(cfg, rows, adapter_dir: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from datagen.packaged import resolve_model_path
+    from lm.packaged import resolve_model_path
     from datagen.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
@@ -446,7 +447,7 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
     adapter = cfg.paths.models_dir / cfg.train.run_name
     _train_tiny_adapter(cfg, rows, adapter)
 
-    m = run_evaluate(cfg)  # the judge is get_provider(cfg, "local"): the packaged Gemma base
+    m = invoke(cfg, "evaluate")  # the judge is get_provider(cfg, "local"): the packaged Gemma base
 
     report = read_json(Path(m["report_json"]))
     items = read_jsonl(Path(m["items_jsonl"]))
@@ -490,7 +491,7 @@ def test_missing_judge_key_fails_before_any_generation(eval_cfg, monkeypatch):
         return fake_generator(*a, **kw)
 
     with pytest.raises(MissingKeyError, match="FINSYNTH_NO_SUCH_KEY is not set"):
-        run_evaluate(cfg, generator=gen)
+        invoke(cfg, "evaluate", generator=gen)
     assert generated == []
 
 
@@ -508,7 +509,7 @@ def test_base_arm_answers_are_cached_across_runs_tuned_never(tmp_path, monkeypat
     """A sweep trains several adapters on one dataset: the base arms' answers (same model, same prompts,
     greedy) come from the response cache after the first run; the tuned arm is always generated."""
     import training.generate as g
-    from datagen.causal_lm import Generation
+    from lm.causal_lm import Generation
     from datagen.config import ModelConfig
     from datagen.llm import open_cache
 

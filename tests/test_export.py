@@ -160,7 +160,7 @@ def test_gguf_export_serves_the_transformers_greedy_answer(tmp_root, tmp_path):
     assert parse_metadata((merged_dir / "README.md").read_text())["library_name"] == "transformers"
     from safetensors import safe_open
 
-    from datagen.packaged import resolve_model_path
+    from lm.packaged import resolve_model_path
 
     name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(str(next(merged_dir.glob("*.safetensors"))), "pt") as m, \

@@ -12,7 +12,7 @@ import pytest
 from datagen.config import load_config
 from datagen.io import read_jsonl
 from datagen.schema import Sample
-from datagen.sources.fetch import run_fetch
+from flows.stages import invoke
 
 BAD = Path(__file__).parent / "data" / "bad_inputs"
 MALFORMED = Path(__file__).parent / "data" / "malformed"
@@ -25,7 +25,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_fetch_demo_counts_and_byte_identical_rerun(demo_cfg):
-    m = run_fetch(demo_cfg)
+    m = invoke(demo_cfg, "fetch")
     out = demo_cfg.paths.stage_dir("fetch")
     rows = read_jsonl(out / "samples.jsonl")
     for r in rows:
@@ -44,7 +44,7 @@ def test_fetch_demo_counts_and_byte_identical_rerun(demo_cfg):
     assert [(r["source"], r["id"]) for r in rows] == sorted((r["source"], r["id"]) for r in rows)
 
     first = {f: (out / f).read_bytes() for f in ("samples.jsonl", "quarantine.jsonl")}
-    m2 = run_fetch(demo_cfg)
+    m2 = invoke(demo_cfg, "fetch")
     assert {f: (out / f).read_bytes() for f in first} == first
     assert {k: v for k, v in m2.items() if k != "timing"} == {k: v for k, v in m.items() if k != "timing"}
     assert json.loads((out / "manifest.json").read_text())["outputs"] == m["outputs"]
@@ -55,7 +55,7 @@ def test_fetch_quarantines_bad_rows_and_cross_source_duplicates(tmp_root):
     (tmp_root / "data" / "raw" / "empty.jsonl").symlink_to(BAD / "sqa_empty_answer.jsonl")
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "sources.source_qa=[{path: data/raw/dup.jsonl, name: a}, {path: data/raw/empty.jsonl, name: b}]"])
-    m = run_fetch(cfg)
+    m = invoke(cfg, "fetch")
     q = read_jsonl(cfg.paths.stage_dir("fetch") / "quarantine.jsonl")
     # dup.jsonl: row 2 repeats id g1; empty.jsonl: row 2 blank answer, row 1 reuses g1 from source a
     assert [(x["file"], x["row"], x["reason"]) for x in q] == [
@@ -81,7 +81,7 @@ def test_fetch_from_price_files_records_repairs(tmp_root):
     src.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # and unsorted
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "sources.market.provider=csv", "sources.market.paths=[data/raw/prices.csv]", "sources.source_qa=[]"])
-    m = run_fetch(cfg)
+    m = invoke(cfg, "fetch")
     actions = sorted(r["action"] for r in m["market"]["repairs"])
     assert actions == ["dropped_exact_duplicates", "sorted_dates", "sorted_dates"]
     assert m["market"]["repairs"][0]["file"] == "data/raw/prices.csv"
@@ -129,7 +129,7 @@ def test_fetch_reconciles_rows_of_every_format(tmp_root):
         "sources.market=null",
         f"sources.source_qa=[{{path: data/raw/csv_unterminated_quote.csv}}, {nested}, "
         "{path: data/raw/jsonl_nan_answer.jsonl, name: nan}, {path: data/raw/parquet_non_finite.parquet}]"])
-    m = run_fetch(cfg)
+    m = invoke(cfg, "fetch")
     files = m["source_files"]
     assert files["data/raw/csv_unterminated_quote.csv"] == {
         "rows_in": 6, "rows_out": 5, "rows_quarantined": 1, "rows_unaccounted": 0,
@@ -161,7 +161,7 @@ def test_fetch_fails_loudly_when_rows_go_unaccounted(tmp_root, monkeypatch):
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "sources.market=null", f"sources.source_qa=[{{path: {MALFORMED / 'csv_bom.csv'}}}]"])
     with pytest.raises(RowCountError, match="csv_bom.csv: 2 rows read, 1 kept \\+ 0 quarantined: 1 unaccounted"):
-        run_fetch(cfg)
+        invoke(cfg, "fetch")
     assert not (cfg.paths.stage_dir("fetch") / "manifest.json").exists()
 
 
@@ -196,7 +196,7 @@ def test_fetch_price_csv_exported_by_pandas(tmp_root):
     df.to_csv(tmp_root / "data" / "raw" / "SPY.csv")  # the date is an unnamed first column
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "sources.market.provider=csv", "sources.market.paths=[data/raw/SPY.csv]", "sources.source_qa=[]"])
-    m = run_fetch(cfg)
+    m = invoke(cfg, "fetch")
     assert m["market"]["tickers"] == ["SPY"] and m["market"]["price_rows"] == 30
     assert m["market"]["rows"] == {"rows_in": 30, "rows_out": 30, "rows_dropped_duplicate": 0, "rows_filtered": 0,
                                    "rows_unaccounted": 0}

@@ -34,14 +34,14 @@ def test_deployment_runs_the_whole_pipeline(first_run, prefect_env, project):
     assert first_run["state"] == "COMPLETED", first_run.get("message")
     result = first_run["result"]
     assert result["executed"] == list(STAGE_NAMES) and result["cached"] == []
-    dataset = project / "data" / "processed" / "dataset"
+    dataset = project / "data" / "processed" / "format"
     assert (dataset / "README.md").read_text().startswith("---\n")
     assert (dataset / "train.parquet").exists() and (dataset / "test.parquet").exists()
     adapter = project / "data" / "models" / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     report = read_json(project / "data" / "reports" / "eval" / "report.json")
     assert report  # a report with content
-    for stage in ("fetch", "augment", "dedup", "split", "dataset"):
+    for stage in ("fetch", "augment", "dedup", "split", "format"):
         assert (project / "data" / "processed" / stage / "manifest.json").exists(), stage
     # print() is not rerouted into the run log: dill (datasets' fingerprinting of TRL's map functions) reads
     # its own dis.dis output through a stdout capture, and a rerouted print spilled ~600 bytecode lines per
@@ -117,7 +117,7 @@ def test_unchanged_rerun_executes_nothing_and_only_augment_reruns_augment(first_
 
     only = _cli_run(prefect_env, project, "--only", "augment", "--set", "augment.temperature=0.9")
     assert only["executed"] == ["augment"] and [s["stage"] for s in only["stages"]] == ["augment"]
-    for downstream in ("dedup", "split", "dataset"):
+    for downstream in ("dedup", "split", "format"):
         assert (project / "data" / "processed" / downstream / STALE).exists(), downstream
     assert not (project / "data" / "processed" / "fetch" / STALE).exists()
 

@@ -1,4 +1,4 @@
-"""The one loader and generation function (:mod:`datagen.causal_lm`) and the ``local`` provider on them:
+"""The one loader and generation function (:mod:`lm.causal_lm`) and the ``local`` provider on them:
 the decode loop on a tiny random Gemma-3 (exact against ``model.generate``, with and without a LoRA
 adapter), and real batched generation with the packaged Gemma-3-270M (slow)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from datagen.causal_lm import (MIN_SHARED_HEAD, cut_at_stop, decode, generate, load_causal_lm, render_prompt,
+from lm.causal_lm import (MIN_SHARED_HEAD, cut_at_stop, decode, generate, load_causal_lm, render_prompt,
                                shared_head_len, stop_token_ids)
 from datagen.config import ModelConfig, ProviderConfig
 from datagen.llm import ChatRequest, make_provider, open_cache

@@ -23,7 +23,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     (whl,) = wheels.glob("finsynth-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     assert {"datagen/llm/engine.py", "datagen/_configs/demo.yaml", "datagen/_prompts/sft_user.jinja",
-            "training/train.py", "flows/cli.py"} <= names
+            "training/train.py", "flows/cli.py", "lm/causal_lm.py"} <= names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(whl)],
                    check=True, capture_output=True)

@@ -115,13 +115,13 @@ def _worker_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_killed_worker_mid_augment_completes_without_repeating_answered_calls(ray_cluster, tmp_path):
-    from datagen.augmentation.augment import run_augment
+    from flows.stages import invoke
 
     with CountingServer(gate_after=10) as server:
         cfg = _fetched(tmp_path, 12, _teacher(server.url, **{
             "run.executor": "ray", "run.shard_rows": 3, "llm.providers.teacher.concurrency": 2}))
         done: dict = {}
-        t = threading.Thread(target=lambda: done.setdefault("m", run_augment(cfg)), daemon=True)
+        t = threading.Thread(target=lambda: done.setdefault("m", invoke(cfg, "augment")), daemon=True)
         t.start()
         deadline = time.monotonic() + 180
         while server.held < 2 and time.monotonic() < deadline:  # both workers wait at the gate
@@ -196,7 +196,7 @@ def test_ray_and_local_write_the_same_data_stages(ray_cluster, tmp_path):
         for stage in ("fetch", "augment", "dedup", "split", "format"):
             execute(cfg, stage)
         outs[executor_name] = {s: _stage_files(cfg.paths.stage_dir(s)) for s in ("augment", "dedup", "split",
-                                                                                   "dataset")}
+                                                                                   "format")}
         assert not list(root.rglob(".shards"))
     assert outs["ray"] == outs["local"]
 
@@ -235,3 +235,72 @@ def test_an_unreachable_cluster_is_one_error_naming_the_setting():
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("ERROR")]
     assert len(lines) == 1, p.stdout + p.stderr[-2000:]
     assert f"run.ray_address=ray://127.0.0.1:{port}" in lines[0] and "connection timeout" in lines[0]
+
+
+def _counting_worker(calls: list, fail_at: int | None):
+    def work(items):
+        calls.append(items[0])
+        if items[0] == fail_at:
+            raise RuntimeError("killed")
+        return {"doubled": [2 * x for x in items]}
+
+    return work
+
+
+def test_a_rerun_skips_the_shards_an_interrupted_run_finished(tmp_path):
+    """Shard results are kept in the scratch folder: a run that died at its third shard is rerun, and only
+    the shards without a completion marker are done again; the results come back in shard order."""
+    from datagen import executor
+    from datagen.config import RunConfig
+
+    shards = executor.plan("resume-test", list(range(10)), 2)
+    assert [s.items[0] for s in shards] == [0, 2, 4, 6, 8]
+    calls: list[int] = []
+    with pytest.raises(RuntimeError, match="killed"):
+        executor.map_shards(RunConfig(), functools.partial(_counting_worker, calls, 4), shards, tmp_path, what="t")
+    assert calls == [0, 2, 4]
+    calls.clear()
+    got = executor.map_shards(RunConfig(), functools.partial(_counting_worker, calls, None), shards, tmp_path,
+                              what="t")
+    assert calls == [4, 6, 8]
+    assert [x for part in got for x in part["doubled"]] == [2 * x for x in range(10)]
+
+
+@pytest.mark.slow
+def test_evaluate_on_ray_gives_the_local_answers_and_report(ray_cluster, tmp_path):
+    """One briefly tuned adapter on the packaged Gemma, evaluated locally and on Ray (the arms' generation
+    and label log-likelihoods in shards of 5 items on 2 actors, each holding one model with the adapter
+    switched off for the base arms): the same items (answers, grades) and the same report and manifest,
+    apart from the run folder and timings. Each run has its own response cache, so both generate."""
+    import shutil
+
+    from test_evaluate import ROWS, _train_tiny_adapter, _write_dataset, reference_judge
+
+    from datagen.io import read_jsonl
+    from datagen.llm.base import FunctionProvider
+    from flows.stages import invoke
+
+    got = {}
+    for name in ("local", "ray"):
+        root = tmp_path / name
+        cfg = load_config(profile="tiny", root=root, overrides=[f"run.executor={name}", "run.shard_rows=5"])
+        ev = cfg.evaluate
+        ev.max_items, ev.max_new_tokens, ev.batch_size, ev.fewshot_k = None, 12, 4, 1
+        ev.selfcheck_samples, ev.bootstrap_samples = 2, 200
+        _write_dataset(cfg, ROWS)
+        adapter = cfg.paths.models_dir / cfg.train.run_name
+        if name == "local":
+            _train_tiny_adapter(cfg, ROWS, adapter)
+            trained = adapter
+        else:
+            shutil.copytree(trained, adapter)
+        m = invoke(cfg, "evaluate", judge=FunctionProvider(reference_judge))
+        out = Path(m["report_json"]).parent
+        assert not (out / ".shards").exists()
+        items = read_jsonl(out / "items.jsonl")
+        assert {i["model"] for i in items} >= {"base", "fewshot", "tuned"}
+        assert all(isinstance(i["answer"], str) for i in items)
+        report = _without_timings(read_json(out / "report.json"))
+        got[name] = json.loads(json.dumps([items, report, _without_timings(m)]).replace(str(root), "<root>"))
+    assert got["ray"][0] == got["local"][0]
+    assert got["ray"] == got["local"]

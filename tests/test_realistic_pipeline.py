@@ -93,7 +93,7 @@ def test_no_group_context_or_price_day_in_two_splits(run):
 def test_every_row_ends_in_the_dataset_or_with_a_reason(run):
     cfg, m = run
     fetched = m["fetch"]["counts"]["samples"]
-    out = cfg.paths.stage_dir("dataset")
+    out = cfg.paths.stage_dir("format")
     in_dataset = sum(len(pd.read_parquet(out / f"{s}.parquet")) for s in ("train", "validation", "test")
                      if (out / f"{s}.parquet").exists())
     reasons = (len(read_jsonl(cfg.paths.stage_dir("dedup") / "drops.jsonl"))
@@ -106,7 +106,7 @@ def test_every_row_ends_in_the_dataset_or_with_a_reason(run):
 
 def test_card_figures_match_the_files_and_name_the_sources(run):
     cfg, _ = run
-    out = cfg.paths.stage_dir("dataset")
+    out = cfg.paths.stage_dir("format")
     meta, body = parse_card((out / "README.md").read_text())
     df = pd.concat([pd.read_parquet(out / f"{s}.parquet").assign(split=s) for s in ("train", "validation", "test")
                     if (out / f"{s}.parquet").exists()])

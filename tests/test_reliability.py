@@ -15,7 +15,7 @@ from llm_fakes import FaultProxy
 from test_augment import CLS, QA
 from test_rephrase import AnchorEmbedder
 
-from datagen.augmentation.augment import run_augment
+from flows.stages import invoke
 from datagen.config import load_config
 from datagen.io import (
     IN_PROGRESS,
@@ -77,7 +77,7 @@ def test_dead_teacher_fails_the_stage_with_one_line_and_no_manifest(tmp_path):
     # the stage function alone (no probe): the failure-rate check fails it after the calls
     with pytest.raises(LLMUnavailable, match=r"augment \(rephrase\): provider 'teacher' .* failed 66 of 66 calls; "
                                              r"most common error: connection x66"):
-        run_augment(cfg, embedder=_embedder())
+        invoke(cfg, "augment", embedder=_embedder())
     assert read_manifest(cfg.paths.stage_dir("augment")) is None
 
 
@@ -85,7 +85,7 @@ def test_unauthorised_teacher_stops_at_first_401_and_leaks_no_key(tmp_path):
     with FaultProxy(rates={"401": 1.0}) as proxy:
         cfg = _cfg(tmp_path, proxy.url + "/v1")
         with pytest.raises(LLMUnavailable, match="refused our credentials") as e:
-            run_augment(cfg, embedder=_embedder())
+            invoke(cfg, "augment", embedder=_embedder())
         assert KEY not in str(e.value)
         assert proxy.total_received <= 2  # the calls already in flight (concurrency 2), then none
         with pytest.raises(LLMUnavailable, match="refused our credentials"):
@@ -97,7 +97,7 @@ def test_some_failures_below_the_limit_still_finish(tmp_path):
     with FaultProxy(always={"?": "ok"}, rates={"500": 0.2}, seed=3,
                     responder=lambda body, tag: "What was the return of ACME?") as proxy:
         cfg = _cfg(tmp_path, proxy.url + "/v1", **{"llm.providers.teacher.max_retries": 0})
-        m = run_augment(cfg, embedder=_embedder())
+        m = invoke(cfg, "augment", embedder=_embedder())
     assert m["rephrase"]["slots"] == 33 and read_manifest(cfg.paths.stage_dir("augment"))
 
 
@@ -105,7 +105,7 @@ def test_echoed_key_never_reaches_rejections(tmp_path):
     with FaultProxy(rates={"echo400": 1.0}) as proxy:
         cfg = _cfg(tmp_path, proxy.url + "/v1", **{"llm.max_failure_rate": 1.0})
         with pytest.raises(LLMUnavailable, match="http_400 x66"):  # all failed: still loud
-            run_augment(cfg, embedder=_embedder())
+            invoke(cfg, "augment", embedder=_embedder())
         assert set(proxy.auth) == {f"Bearer {KEY}"}  # the key did reach the server, which echoed it
     # the redaction itself, on every shape a server echoes
     register_secret(KEY)
@@ -122,7 +122,7 @@ def test_rejections_hold_no_key_when_errors_are_partial(tmp_path):
 
     with FaultProxy(rates={"echo400": 0.3}, seed=1, responder=responder) as proxy:
         cfg = _cfg(tmp_path, proxy.url + "/v1", **{"llm.providers.teacher.max_retries": 0})
-        run_augment(cfg, embedder=_embedder())
+        invoke(cfg, "augment", embedder=_embedder())
         assert proxy.faults["echo400"] > 0
     out = cfg.paths.stage_dir("augment")
     blob = (out / "rejections.jsonl").read_text() + (out / "manifest.json").read_text()
@@ -175,7 +175,7 @@ def test_killed_between_output_and_manifest_leaves_no_finished_stage(tmp_path):
 def test_second_run_on_the_same_root_fails_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from datagen.io import run_lock
+        from flows.stages import invoke
         with run_lock({str(tmp_path)!r}):
             print("held", flush=True)
             time.sleep(30)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.stages import invoke
+
 from datagen.dataset.cluster import assign_clusters, kmeans_clusters
 from datagen.dataset.split import (
     SPLITS,
@@ -18,7 +20,6 @@ from datagen.dataset.split import (
     leakage_failure,
     overlap_report,
     price_rows,
-    run_split,
     split_rows,
 )
 from datagen.embed import sample_text
@@ -177,7 +178,7 @@ def test_run_split_stage_files(demo_cfg):
     d = demo_cfg.paths.stage_dir("dedup")
     write_jsonl(d / "samples.jsonl", rows)
     write_manifest(d, {"stage": "dedup"})
-    m = run_split(demo_cfg, embedder=HashEmbedder())
+    m = invoke(demo_cfg, "split", embedder=HashEmbedder())
     out = demo_cfg.paths.stage_dir("split")
     n = {s: len(read_jsonl(out / f"{s}.jsonl")) for s in SPLITS}
     assert n == {s: m["counts"][s] for s in SPLITS}
@@ -303,12 +304,12 @@ def test_run_split_fails_on_leakage_unless_allowed(demo_cfg):
     write_manifest(d, {"stage": "dedup"})
     cfg = demo_cfg.model_copy(update={"split": demo_cfg.split.model_copy(update={"walk_forward": False})})
     with pytest.raises(ValueError, match=r"^split: leakage across splits: 0 groups, 0 context hashes, \d+ price rows"):
-        run_split(cfg, embedder=HashEmbedder())
+        invoke(cfg, "split", embedder=HashEmbedder())
     assert not (cfg.paths.stage_dir("split") / "manifest.json").exists()
     cfg = cfg.model_copy(update={"split": cfg.split.model_copy(update={"allow_leakage": True})})
-    m = run_split(cfg, embedder=HashEmbedder())
+    m = invoke(cfg, "split", embedder=HashEmbedder())
     assert m["leakage"]["price_rows_in_two_splits"] > 0 and m["allow_leakage"] is True
-    m = run_split(demo_cfg, embedder=HashEmbedder())  # walk-forward: no leakage
+    m = invoke(demo_cfg, "split", embedder=HashEmbedder())  # walk-forward: no leakage
     assert m["leakage"]["price_rows_in_two_splits"] == 0 and m["walk_forward"]["gap_days"] == 20
 
 

@@ -164,7 +164,7 @@ def test_cpu_training_scores_each_packed_conversation_alone(tmp_path, tiny_model
     gradients as transformers' SDPA over the block-diagonal mask (conversations longer than the tiny model's
     16-token sliding window included), from one SDPA call per conversation and layer instead of one per layer
     over the whole row."""
-    from datagen.causal_lm import VARLEN_SDPA
+    from lm.causal_lm import VARLEN_SDPA
 
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.packing=true")
     ds = load_split(write_dataset(tmp_path / "ds", 3, 0), "train")
@@ -253,7 +253,7 @@ def test_train_stage_outputs_and_resume(tmp_path, tiny_model_dir):
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     m = read_manifest(out)
     assert m["stage"] == "train" and m["steps"] == 4 and m["resumed_from"] is None
-    assert m["upstream"]["dataset"] and m["best_eval_loss"] == min(
+    assert m["upstream"]["format"] and m["best_eval_loss"] == min(
         r["eval_loss"] for r in json.loads((out / "log_history.json").read_text()) if "eval_loss" in r)
     assert m["tokens_per_s"] > 0 and m["train_tokens"] > 0 and m["memory"]["peak_rss_bytes"] > 0
     assert m["libraries"]["trl"] and m["config"]["train"]["max_steps"] == 4
@@ -295,7 +295,7 @@ def test_two_processes_with_torchrun_match_one(tmp_path, tiny_model_dir):
     import sys
 
     def run(root: Path, launcher: list[str], per_device: int) -> dict:
-        write_dataset(root / "data" / "processed" / "dataset", 16, 4)
+        write_dataset(root / "data" / "processed" / "format", 16, 4)
         args = ["train", "--profile", "tiny", "--root", str(root), "--set", f"model.name_or_path={tiny_model_dir}",
                 "--set", "train.device=cpu", "--set", "train.max_length=128", "--set", "train.packing=false",
                 "--set", f"train.per_device_batch_size={per_device}", "--set", "train.gradient_accumulation_steps=1",

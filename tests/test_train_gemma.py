@@ -32,18 +32,18 @@ def test_gemma_smoke_run_saves_a_loadable_adapter(tmp_root):
     from peft import PeftModel
 
     from training.models import load_model
-    from training.train import run_train
+    from flows.stages import invoke
 
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "train.device=cpu", "train.max_steps=2", "train.eval_steps=2", "train.max_length=96",
         "train.per_device_batch_size=2", "train.run_name=smoke"])
-    ds_dir = cfg.paths.stage_dir("dataset")
+    ds_dir = cfg.paths.stage_dir("format")
     ds_dir.mkdir(parents=True)
     _frame(ROWS).to_parquet(ds_dir / "train.parquet")
     _frame(ROWS[:2]).to_parquet(ds_dir / "validation.parquet")
     write_manifest(ds_dir, {"stage": "format"})
 
-    manifest = run_train(cfg)
+    manifest = invoke(cfg, "train")
     out = cfg.paths.models_dir / "smoke"
     assert manifest == read_manifest(out)
     assert manifest["steps"] == 2 and manifest["precision"] == "float32"

@@ -127,7 +127,7 @@ def test_ui_shows_the_card_the_score_table_and_the_plots(finished_tiny, ui, tmp_
     assert {"dataset-card", "judge-scores", "evaluation-report", "loss-curves"} <= set(arts), ui["lines"]
     profile = tmp_path / "chromium-profile"
 
-    card = (root / "data" / "processed" / "dataset" / "README.md").read_text(encoding="utf-8")
+    card = (root / "data" / "processed" / "format" / "README.md").read_text(encoding="utf-8")
     title = re.search(r"^# (.+)$", card.split("\n---\n", 1)[1], re.M).group(1).strip()
     dom = browse(exe, arts["dataset-card"], profile, tmp_path / "dataset-card.png")
     assert re.search(rf"<h1[^>]*>\s*{re.escape(title)}\s*</h1>", dom), f"card title {title!r} not rendered"
@@ -165,14 +165,14 @@ from prefect.runtime import flow_run
 from datagen.config import load_config
 from datagen.io import write_manifest
 from flows.pipeline import STAGE_FLOWS, _publish
-from training.evaluate import run_evaluate
+from flows.stages import invoke
 
 config, root = sys.argv[1], sys.argv[2]
 
 
 def scripted(model_cfg, adapter_dir, conversations, **kw):
     """The tuned arm answers each headline's gold label, the base arms "neutral"."""
-    ds = cfg.paths.stage_dir("dataset")
+    ds = cfg.paths.stage_dir("format")
     rows = pd.concat([pd.read_parquet(p) for p in ds.glob("*.parquet")])
     gold = {json.loads(c)["text"]: a for c, a in zip(rows["context"], rows["answer"])}
 
@@ -189,7 +189,7 @@ def hostile() -> str:
     adapter = cfg.paths.models_dir / cfg.train.run_name
     adapter.mkdir(parents=True, exist_ok=True)
     write_manifest(adapter, {"stage": "train"})  # evaluation's arms are scripted: no model is loaded
-    _publish(cfg, "evaluate", run_evaluate(cfg, generator=scripted))
+    _publish(cfg, "evaluate", invoke(cfg, "evaluate", generator=scripted))
     return flow_run.id
 
 
@@ -250,7 +250,7 @@ def test_ui_shows_hostile_strings_as_text(tmp_path):
         arts = {a["key"]: a["url"] for a in links(ui_url, api, flow_run_id)["artifacts"]}
         assert {"dataset-card", "judge-scores", "evaluation-report"} <= set(arts), arts
 
-        card = (root / "data" / "processed" / "dataset" / "README.md").read_text(encoding="utf-8")
+        card = (root / "data" / "processed" / "format" / "README.md").read_text(encoding="utf-8")
         assert HOSTILE_SRC.split("\n")[0] in card.replace("\\|", "|")  # the data reached the card
         shown = {"dataset-card": [" ".join(HOSTILE_CAT.split("\n")), " ".join(HOSTILE_SRC.split("\n"))],
                  "judge-scores": [" ".join(HOSTILE_CAT.split("\n"))],

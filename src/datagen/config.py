@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lm.config import ModelConfig  # noqa: F401  (the model section; lm reads it without importing datagen)
+
 _HERE = Path(__file__).resolve().parent
 _SOURCE_ROOT = _HERE.parents[1]
 _CHECKOUT = (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "configs").is_dir()
@@ -353,13 +355,6 @@ class FormatConfig(_Strict):
 
 
 # ----------------------------------------------------------------------------- model / train / eval
-class ModelConfig(_Strict):
-    name_or_path: str = "packaged:gemma3-270m"
-    chat_template: str | None = "gemma_chat"  # template name under prompts/; None = the tokenizer's own
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-
 class LoraConfig(_Strict):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)

@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from datagen.config import Config, EmbedderConfig
-from datagen.packaged import resolve_model_path
+from lm.packaged import resolve_model_path
 
 log = logging.getLogger(__name__)
 

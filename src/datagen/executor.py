@@ -114,13 +114,19 @@ class ShardWorker:
         return shard.id
 
 
-def map_shards(run_cfg: Any, make: Callable[[], Work], shards: list[Shard], scratch: Path, *,
+def map_shards(run_cfg: Any, make: Callable[[], Work], shards: list[Shard], scratch: Path | None, *,
                what: str, rpm: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """``make()(shard.items)`` for every shard, in shard order, skipping shards finished earlier.
 
     ``run_cfg`` is the config's ``run`` section. ``make`` must be picklable for Ray (a module-level
     function or a ``functools.partial`` of one). ``rpm`` maps the providers the work calls to their
-    requests-per-minute limits, for the cluster-wide limiter."""
+    requests-per-minute limits, for the cluster-wide limiter. ``scratch=None`` (local only) keeps no
+    shard results: nothing to resume from."""
+    if scratch is None:
+        if run_cfg.executor == "ray":
+            raise ValueError(f"{what}: shards on Ray need a scratch folder")
+        work = make()
+        return [work(s.items) for s in shards]
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     results: list[Any] = [_load(scratch, s) for s in shards]

@@ -13,6 +13,8 @@ import errno
 import sqlite3
 from pathlib import Path
 
+from lm.packaged import ModelFilesError
+
 
 class EnvironmentFault(RuntimeError):
     """A fault of the machine: ``stage`` (may be filled in later by the caller that knows it), the
@@ -55,6 +57,8 @@ def explain(exc: BaseException, *, stage: str | None = None, path: str | Path | 
     to a full disk names none)."""
     if isinstance(exc, EnvironmentFault):
         return exc.at(stage)
+    if isinstance(exc, ModelFilesError):
+        return EnvironmentFault(exc.what, None, exc.todo, stage)
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL | _READ_ONLY | _DENIED:
         where = exc.filename or path
         if exc.errno in _DISK_FULL:

@@ -8,7 +8,7 @@ own; ``gemma_chat`` adds TRL's ``{% generation %}`` markers so loss falls on ass
 from __future__ import annotations
 
 from datagen.config import ModelConfig
-from datagen.packaged import resolve_model_path
+from lm.packaged import resolve_model_path
 from datagen.prompts import load_prompt
 
 

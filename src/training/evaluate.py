@@ -2,14 +2,14 @@
 
 Arms: ``base`` (the base model, zero-shot), ``fewshot`` (the base model with ``evaluate.fewshot_k``
 exemplars of the item's category from the *train* split as earlier chat turns; off at 0) and
-``tuned`` (base + adapter, zero-shot). ``run_evaluate(cfg)`` reads ``stage_dir("dataset")``'s
-``test.parquet`` (and ``train.parquet`` for exemplars) and the adapter at ``models_dir /
-train.run_name``, generates every arm's answers, grades them (numeric figures, classification labels,
+``tuned`` (base + adapter, zero-shot). ``run_evaluate(cfg, inputs, out)`` reads the format stage's
+``test.parquet`` (and ``train.parquet`` for exemplars) and the train stage's adapter, generates every
+arm's answers, grades them (numeric figures, classification labels,
 extractive exact match / token F1 for short span answers, the LLM judge for the other ``open_qa`` or for
 everything with ``judge_all``), self-checks the judge, aggregates per category with clustered
 (group) bootstrap CIs and the paired differences tuned - base and tuned - few-shot, and writes
-``items.jsonl``, ``report.json``, ``report.md``, ``scores.png`` and ``manifest.json`` (last) to
-``reports_dir / evaluate.run_name``.
+``items.jsonl``, ``report.json``, ``report.md``, ``scores.png`` and ``manifest.json`` (last) to ``out``
+(``reports_dir / evaluate.run_name``).
 
 The pieces are plain functions over rows and answer lists (:func:`evaluate_answers`), so they are
 tested with a scripted judge and without a model.
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from datagen import executor
 from datagen.config import Config
 from datagen.io import (
     atomic_write_text,
@@ -39,7 +40,7 @@ from datagen.io import (
 )
 from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.prompts import load_prompt
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 from training.aggregate import ARMS, F1_ARMS, F1_DIFFS, MAJORITY, aggregate, group_seed, macro_f1_cis
 from training.graders import (
     Grade,
@@ -98,18 +99,12 @@ def decode_row(rec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def load_split_rows(cfg: Config, split: str) -> list[dict[str, Any]]:
-    """The decoded rows of ``<dataset dir>/<split>.parquet``; none when format wrote no file (empty split)."""
+def load_split_rows(dataset_dir: Path, split: str) -> list[dict[str, Any]]:
+    """The decoded rows of ``<dataset_dir>/<split>.parquet``; none when format wrote no file (empty split)."""
     import pandas as pd
 
-    ds = cfg.paths.stage_dir("dataset")
-    path = ds / f"{split}.parquet"
+    path = Path(dataset_dir) / f"{split}.parquet"
     return [decode_row(r) for r in pd.read_parquet(path).to_dict(orient="records")] if path.exists() else []
-
-
-def load_test_rows(cfg: Config) -> tuple[list[dict[str, Any]], str | None]:
-    rows = load_split_rows(cfg, "test")
-    return rows, manifest_hash(cfg.paths.stage_dir("dataset"))
 
 
 def fewshot_exemplars(row: dict[str, Any], train: Sequence[dict[str, Any]], k: int, seed: int
@@ -119,7 +114,7 @@ def fewshot_exemplars(row: dict[str, Any], train: Sequence[dict[str, Any]], k: i
     Chosen per category, deterministically: originals before rephrasings, then by
     ``sha256(f"{seed}:{category}:{train id}")``; the input order does not matter. Every item of a
     category gets the same shots (as MMLU's fixed dev-set exemplars per subject), so the few-shot
-    prompts of a category share one head, which generation prefills once (:func:`datagen.causal_lm.decode`).
+    prompts of a category share one head, which generation prefills once (:func:`lm.causal_lm.decode`).
     """
     if k <= 0:
         return []
@@ -466,31 +461,32 @@ def _pairwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the stage
-def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Generator | None = None
-                 ) -> dict[str, Any]:
+def run_evaluate(cfg: Config, inputs: Inputs, out: Path, judge: LLMProvider | None = None, *,
+                 generator: Generator | None = None) -> dict[str, Any]:
     """Evaluate base zero-shot, base few-shot and the trained adapter; returns the manifest (with
     ``table_rows`` and report paths)."""
     from training.generate import LOGLIK, fewshot_messages, generate_arms, prompt_messages
     from training.report import classification_rows, plot_scores, render_markdown, table_rows
 
     ev = cfg.evaluate
-    rows, ds_hash = load_test_rows(cfg)
+    rows, ds_hash = load_split_rows(inputs["format"], "test"), manifest_hash(inputs["format"])
     rows = [{**r, "split": "test"} for r in select_items(rows, ev.max_items)]
     if ev.gold_file:
         rows += [{**r, "split": "gold"} for r in sorted(load_gold(cfg.paths.resolve(ev.gold_file)),
                                                          key=lambda r: r["id"])]
     if not rows:
-        raise ValueError(f"no test items in {cfg.paths.stage_dir('dataset') / 'test.parquet'}")
+        raise ValueError(f"no test items in {inputs['format'] / 'test.parquet'}")
     test_set_counts: dict[str, Any] = {}
     for spec in ev.test_sets:
         ext, test_set_counts[test_set_name(spec)] = load_test_set(cfg, spec)
         rows += ext
-    adapter_dir = cfg.paths.models_dir / cfg.train.run_name
+    adapter_dir = inputs["train"]
     system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
     zero_shot = [prompt_messages(r, system) for r in rows]
     conversations: dict[str, list[Any]] = {"base": zero_shot}
     shots: list[list[str]] | None = None
-    train = load_split_rows(cfg, "train")  # exemplars and the majority label come from train only, never from test
+    # exemplars and the majority label come from train only, never from test
+    train = load_split_rows(inputs["format"], "train")
     if ev.fewshot_k > 0:
         picked = [fewshot_exemplars(r, train, ev.fewshot_k, ev.seed) for r in rows]
         shots = [[t["id"] for t in p] for p in picked]
@@ -508,10 +504,12 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
     # classification items are also scored by label log-likelihood, in every arm
     choices = [list(r["labels"]) if r.get("task_type") == "classification" and r.get("labels") else None
                for r in rows]
+    adapter_hash = manifest_hash(adapter_dir)
     answers = dict((generator or generate_arms)(
         cfg.model, adapter_dir, conversations, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
         batch_size=ev.batch_size, seed=ev.seed, cache=configured_cache(cfg),
-        choices=choices if any(choices) else None))
+        choices=choices if any(choices) else None, run_cfg=cfg.run, scratch=out / ".shards",
+        key=f"{ds_hash}|{adapter_hash}"))
     loglik = answers.pop(LOGLIK, None)
     refs = {"base": cfg.model.name_or_path, "fewshot": f"{cfg.model.name_or_path} ({ev.fewshot_k}-shot)",
             "tuned": f"{cfg.model.name_or_path}+{adapter_dir.name}"}
@@ -527,7 +525,6 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
     result["fewshot"] = {"k": ev.fewshot_k, "split": "train"}
     result["test_sets"] = test_set_counts
 
-    out = cfg.paths.reports_dir / ev.run_name
     out.mkdir(parents=True, exist_ok=True)
     items = result.pop("items")
     write_jsonl(out / "items.jsonl", items)
@@ -543,7 +540,7 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
     manifest = {
         "stage": "evaluate",
         "config_hash": STAGE.config_hash(cfg),
-        "upstream": {"dataset": ds_hash, "adapter": manifest_hash(adapter_dir)},
+        "upstream": {"format": ds_hash, "train": adapter_hash},
         "prompts": prompts,
         "counts": result["counts"],
         "models": refs,
@@ -557,10 +554,12 @@ def run_evaluate(cfg: Config, judge: LLMProvider | None = None, *, generator: Ge
         "scores_png": str(out / "scores.png"),
         "items_jsonl": str(out / "items.jsonl"),
     }
+    executor.clear(out / ".shards")  # the report is written: its shards are done with
     return write_manifest(out, manifest)
 
 
-STAGE = StageSpec("evaluate", run_evaluate, lambda c: c.paths.reports_dir / c.evaluate.run_name, __name__,
-                  ("evaluate", "llm", "model", "format.system_prompt"), upstream=("format", "train"),
+STAGE = StageSpec("evaluate", run_evaluate, __name__, ("evaluate", "llm", "model", "format.system_prompt"),
+                  upstream=("format", "train"),
                   prompts=lambda c: ("judge_rubric", "judge_pairwise", "sft_user", c.format.system_prompt),
-                  providers=lambda c: (c.evaluate.judge_provider,))
+                  providers=lambda c: (c.evaluate.judge_provider,),
+                  folder=lambda c: c.paths.reports_dir / c.evaluate.run_name)

@@ -31,7 +31,7 @@ from typing import Any
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
 from datagen.llm.llamacpp_server import extract_llama_cpp, find_sdist
-from datagen.packaged import model_cache_dir
+from lm.packaged import model_cache_dir
 from datagen.prompts import load_prompt
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,18 @@ def default_out(cfg: Config, fmt: str) -> Path:
 
 def adapter_dir(cfg: Config) -> Path:
     """The train stage's adapter folder, finished (its manifest written)."""
-    d = cfg.paths.models_dir / cfg.train.run_name
+    from training.train import STAGE as TRAIN
+
+    d = TRAIN.output(cfg)
     if not (d / "adapter_config.json").exists() or read_manifest(d) is None:
         raise FileNotFoundError(f"no finished adapter in {d}; run `finsynth train` (or `finsynth run`) first")
     return d
 
 
 def _report(cfg: Config) -> dict[str, Any] | None:
-    p = cfg.paths.reports_dir / cfg.evaluate.run_name / "report.json"
+    from training.evaluate import STAGE as EVALUATE
+
+    p = EVALUATE.output(cfg) / "report.json"
     return read_json(p) if p.exists() else None
 
 
@@ -209,7 +213,9 @@ def write_model_card(cfg: Config, folder: Path, kind: str, adapter: Path, usage:
             rows = table_rows(report)
         except (KeyError, TypeError, ValueError) as e:  # a report of another shape: say so, do not guess
             log.warning("evaluation report not readable for the model card: %s", e)
-    card_path = cfg.paths.stage_dir("dataset") / "README.md"
+    from datagen.dataset.chat_format import STAGE as FORMAT
+
+    card_path = FORMAT.output(cfg) / "README.md"
     dataset_card = os.path.relpath(card_path, folder) if card_path.exists() else None
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     text = build_model_card(

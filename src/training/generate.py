@@ -6,8 +6,8 @@ Prompts are rendered with the tokenizer and chat template that training used
 ``add_generation_prompt=True``. A few-shot prompt (:func:`fewshot_messages`) puts each exemplar's own
 user turn and answer before the item's user turn, as earlier turns of the same chat.
 
-Models load with :func:`datagen.causal_lm.load_causal_lm` and answers come from
-:func:`datagen.causal_lm.generate` (stops at EOS or ``<end_of_turn>``), in batches of ``batch_size``,
+Models load with :func:`lm.causal_lm.load_causal_lm` and answers come from
+:func:`lm.causal_lm.generate` (stops at EOS or ``<end_of_turn>``), in batches of ``batch_size``,
 longest prompts first, one few-shot family (the same exemplar turns) after another: a family's common
 head is prefilled once for all its batches, so a few-shot prompt costs about what its own turn does.
 Greedy unless ``temperature > 0``; then sampled from the whole vocabulary (``top_k=None, top_p=1.0``,
@@ -16,6 +16,7 @@ what evaluation always did), not with the shared top-k 64 / top-p 0.95.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from datagen.causal_lm import (
+from lm.causal_lm import (
     attach_adapter,
     continuation_logprobs,
     generate,
@@ -98,7 +99,7 @@ def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, t
 
     ``groups`` (one key per prompt, e.g. the few-shot turns before the item): batches are formed within a
     group, and a group's common token head (its exemplars) is prefilled once for all its batches
-    (:func:`datagen.causal_lm.decode`). A group too small to fill one batch is pooled with the other small
+    (:func:`lm.causal_lm.decode`). A group too small to fill one batch is pooled with the other small
     ones, without a shared head: a batch of its own would cost a whole decode loop to save a prefill."""
     batches = plan_batches([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], batch_size, groups)
     out = [""] * len(prompts)
@@ -124,7 +125,7 @@ def _prefix_ambiguous(tok, choices: Sequence[str]) -> bool:
 def score_choices(model, tok, prompts: Sequence[str], choices: Sequence[Sequence[str] | None], *,
                   batch_size: int = 8, desc: str = "loglik") -> list[list[tuple[float, int]] | None]:
     """Per rendered prompt, the ``(sum log-probability, token count)`` of each of its ``choices`` as the
-    start of the assistant's answer (:func:`datagen.causal_lm.continuation_logprobs`); None where a prompt
+    start of the assistant's answer (:func:`lm.causal_lm.continuation_logprobs`); None where a prompt
     has no choices. :func:`training.graders.pick_by_loglik` turns a row of scores into the chosen label.
 
     The end-of-turn token is scored too only for an item whose choices are token prefixes of one another
@@ -155,9 +156,10 @@ ADAPTER_ARMS = ("tuned",)  # arms generated with the adapter on; every other arm
 def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
                   conversations: dict[str, Sequence[list[dict[str, str]]]], *, max_new_tokens: int,
                   temperature: float = 0.0, batch_size: int = 8, seed: int = 0, cache=None,
-                  choices: Sequence[Sequence[str] | None] | None = None) -> dict[str, Any]:
-    """``{arm: [answer, ...]}`` for ``{arm: conversations}``: the base is loaded once, generates every
-    base arm (``base``, ``fewshot``), and is then wrapped with the adapter for ``tuned``.
+                  choices: Sequence[Sequence[str] | None] | None = None, run_cfg: Any = None,
+                  scratch: Path | None = None, key: str = "") -> dict[str, Any]:
+    """``{arm: [answer, ...]}`` for ``{arm: conversations}``: the base model answers every base arm
+    (``base``, ``fewshot``), the base with the adapter on top answers ``tuned``.
 
     ``choices`` (one entry per item, the same for every arm: a classification item's labels, else None):
     each arm also scores every choice as its answer (:func:`score_choices`, the same prompt the arm
@@ -165,11 +167,18 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
 
     With ``cache`` (a :class:`datagen.llm.ResponseCache`), base-model answers and choice scores are looked
     up and stored by (model, rendered prompt, settings / choices): the base arms do not change between runs
-    that train different adapters (a sweep), so only the first run pays for them. Tuned ones never are."""
-    import gc
+    that train different adapters (a sweep), so only the first run pays for them. Tuned ones never are.
 
+    The rest is cut into deterministic shards (:func:`datagen.executor.plan`, ``key`` names the adapter and
+    the settings) that run in this process or on Ray actors (``run_cfg``, the config's ``run`` section);
+    each worker loads the model and the adapter once (:func:`eval_worker`). Both executors answer the
+    same shards in the same batches, so they write the same answers. With ``scratch``, finished shards
+    are kept there and a rerun skips them."""
+    from datagen import executor
+    from datagen.config import RunConfig
     from datagen.llm.cache import cache_key
 
+    run_cfg = run_cfg or RunConfig()
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size, "seed": seed}
     tok = load_tokenizer(model_cfg)
     prompts = {arm: [render_prompt(tok, c) for c in convs] for arm, convs in conversations.items()}
@@ -200,49 +209,81 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
             for i, k in lkeys[arm].items():
                 if k in hits:
                     scored[arm][i] = [tuple(x) for x in json.loads(hits[k]["text"])]
-    todo = {arm: [i for i, a in enumerate(out[arm]) if a is None] for arm in prompts}
-    ltodo = {arm: [i for i in range(len(prompts[arm])) if want and want[i] and scored[arm][i] is None]
-             for arm in prompts}
 
-    def result() -> dict[str, Any]:
-        res: dict[str, Any] = {arm: list(out[arm]) for arm in conversations}
-        if want:
-            res[LOGLIK] = {arm: list(scored[arm]) for arm in conversations}
-        return res
-
-    def score(m, arm: str, idx: list[int]) -> None:
-        got = score_choices(m, tok, [prompts[arm][i] for i in idx], [choices[i] for i in idx],
-                            batch_size=batch_size, desc=f"loglik {arm}")
-        for i, sc in zip(idx, got, strict=True):
-            scored[arm][i] = sc
-            if arm in lkeys:
-                cache.put(lkeys[arm][i], provider="eval-loglik", model=model_cfg.name_or_path, text=json.dumps(sc))
-
-    if not any(todo.values()) and not any(ltodo.values()):
-        return result()
-    model = load_causal_lm(model_cfg)
-    for arm in [a for a in prompts if a not in ADAPTER_ARMS and ltodo[a]]:
-        score(model, arm, ltodo[arm])
     # a prompt's family: the turns before the item (the few-shot arm's exemplars)
-    families = {arm: [json.dumps(c[:-1]) for c in convs] for arm, convs in conversations.items()}
-    for arm in [a for a in prompts if a not in ADAPTER_ARMS and todo[a]]:
-        got = answer_prompts(model, tok, [prompts[arm][i] for i in todo[arm]], desc=f"generate {arm}",
-                             groups=[families[arm][i] for i in todo[arm]], **kw)
-        for i, text in zip(todo[arm], got):
-            out[arm][i] = text
-            if arm in keys:
-                cache.put(keys[arm][i], provider="eval-generate", model=model_cfg.name_or_path, text=text)
-    if any(todo[a] or ltodo[a] for a in prompts if a in ADAPTER_ARMS):
-        tuned_model = attach_adapter(model, adapter_dir)
-        for arm in [a for a in prompts if a in ADAPTER_ARMS]:
-            out[arm] = answer_prompts(tuned_model, tok, prompts[arm], desc=f"generate {arm}", groups=families[arm],
-                                      **kw)
-            if ltodo[arm]:
-                score(tuned_model, arm, ltodo[arm])
-        del tuned_model
-    del model
-    gc.collect()
-    return result()
+    items = []
+    for arm, convs in conversations.items():
+        for i, conv in enumerate(convs):
+            gen, lik = out[arm][i] is None, bool(want and want[i] and scored[arm][i] is None)
+            if gen or lik:
+                items.append({"arm": arm, "i": i, "prompt": prompts[arm][i], "family": json.dumps(conv[:-1]),
+                              "generate": gen, "choices": list(choices[i]) if lik else None})
+    if items:
+        shards = executor.plan(f"evaluate|{model_cfg.name_or_path}|{key}|{json.dumps(kw)}", items,
+                               run_cfg.shard_rows, run_cfg.ray_workers)
+        make = functools.partial(eval_worker, model_cfg, str(adapter_dir), kw)
+        parts = executor.map_shards(run_cfg, make, shards, scratch, what="evaluate")
+        for shard, part in zip(shards, parts, strict=True):  # in shard order
+            for it, text, sc in zip(shard.items, part["texts"], part["scores"], strict=True):
+                arm, i = it["arm"], it["i"]
+                if text is not None:
+                    out[arm][i] = text
+                    if arm in keys:
+                        cache.put(keys[arm][i], provider="eval-generate", model=model_cfg.name_or_path, text=text)
+                if sc is not None:
+                    scored[arm][i] = [tuple(x) for x in sc]
+                    if arm in lkeys:
+                        cache.put(lkeys[arm][i], provider="eval-loglik", model=model_cfg.name_or_path,
+                                  text=json.dumps(scored[arm][i]))
+    res: dict[str, Any] = {arm: list(out[arm]) for arm in conversations}
+    if want:
+        res[LOGLIK] = {arm: list(scored[arm]) for arm in conversations}
+    return res
+
+
+def eval_worker(model_cfg: ModelConfig, adapter_dir: str, kw: dict[str, Any]):
+    """One evaluation worker: ``work(items)`` answers (and scores the choices of) a shard's items, arm
+    by arm. The base model loads on the first item; the adapter is attached on the first tuned item,
+    and base arms after it run with the adapter disabled (PEFT's ``disable_adapter``: the base layers'
+    own outputs), so a worker holds one model."""
+    import contextlib
+
+    tok = load_tokenizer(model_cfg)
+    held: dict[str, Any] = {}
+
+    def model_for(arm: str):
+        if "base" not in held:
+            held["base"] = load_causal_lm(model_cfg)
+        if arm in ADAPTER_ARMS:
+            if "tuned" not in held:
+                held["tuned"] = attach_adapter(held["base"], adapter_dir)
+            return held["tuned"], contextlib.nullcontext()
+        if "tuned" in held:
+            return held["tuned"], held["tuned"].disable_adapter()
+        return held["base"], contextlib.nullcontext()
+
+    def work(items: list[dict[str, Any]]) -> dict[str, Any]:
+        texts: list[str | None] = [None] * len(items)
+        scores: list[Any] = [None] * len(items)
+        for arm in dict.fromkeys(it["arm"] for it in items):
+            model, mode = model_for(arm)
+            with mode:
+                lik = [j for j, it in enumerate(items) if it["arm"] == arm and it["choices"]]
+                if lik:
+                    got = score_choices(model, tok, [items[j]["prompt"] for j in lik],
+                                        [items[j]["choices"] for j in lik], batch_size=kw["batch_size"],
+                                        desc=f"loglik {arm}")
+                    for j, sc in zip(lik, got, strict=True):
+                        scores[j] = sc
+                gen = [j for j, it in enumerate(items) if it["arm"] == arm and it["generate"]]
+                if gen:
+                    got = answer_prompts(model, tok, [items[j]["prompt"] for j in gen], desc=f"generate {arm}",
+                                         groups=[items[j]["family"] for j in gen], **kw)
+                    for j, text in zip(gen, got, strict=True):
+                        texts[j] = text
+        return {"texts": texts, "scores": scores}
+
+    return work
 
 
 def chat(model_cfg: ModelConfig, adapter_dir: str | Path | None, system_prompt: str | None, *,

@@ -316,7 +316,7 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str | None],
 
 
 def pick_by_loglik(scores: Sequence[tuple[float, int]], normalise: bool = True) -> int:
-    """Index of the choice the model finds most likely, from :func:`datagen.causal_lm.continuation_logprobs`.
+    """Index of the choice the model finds most likely, from :func:`lm.causal_lm.continuation_logprobs`.
 
     ``normalise``: rank by mean log-probability per token where the choices differ in token count (a
     sum favours short choices); with equal counts the two rankings agree. Ties go to the first choice.

@@ -6,7 +6,7 @@ Small factories in the style of TRL's ``trl/trainer/utils.py``:
   ``train.quantization: auto`` means NF4 on a GPU and none on CPU; ``nf4`` forces it (bitsandbytes 0.50
   runs NF4 forward and backward on CPU too).
 - :func:`get_peft_config` -> a ``peft.LoraConfig`` from ``train.lora``.
-- :func:`load_model` -> :func:`datagen.causal_lm.load_causal_lm` (the one loader, also used by the local
+- :func:`load_model` -> :func:`lm.causal_lm.load_causal_lm` (the one loader, also used by the local
   provider, evaluation and chat) for training: the quantization ``train.quantization`` asks for, SDPA or
   flash attention, Liger kernels on a GPU when installed. Device and dtype choice live there too.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from datagen.causal_lm import compute_dtype, is_installed, load_causal_lm, resolve_device
+from lm.causal_lm import compute_dtype, is_installed, load_causal_lm, resolve_device
 from datagen.config import Config, TrainConfig
 
 if TYPE_CHECKING:

@@ -221,9 +221,11 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
 
 def find_report(cfg: Config, run: str | None = None) -> Path:
     """``report.json`` of a run: a folder, a report.json path, or a run name under ``reports_dir``."""
+    from training.evaluate import STAGE as EVALUATE
+
     candidates = []
     if run is None:
-        candidates.append(cfg.paths.reports_dir / cfg.evaluate.run_name)
+        candidates.append(EVALUATE.output(cfg))
     else:
         p = Path(run)
         candidates += [p, cfg.paths.reports_dir / run]

@@ -4,7 +4,7 @@
 
 - GPU: 4-bit NF4 + double quantization, bf16 compute where supported (else fp16), paged 8-bit AdamW,
   gradient checkpointing, flash attention when installed (else SDPA), Liger layer kernels when installed.
-- CPU: fp32 LoRA, under bf16 autocast where the CPU has AMX-BF16 (:func:`datagen.causal_lm.cpu_autocast_dtype`;
+- CPU: fp32 LoRA, under bf16 autocast where the CPU has AMX-BF16 (:func:`lm.causal_lm.cpu_autocast_dtype`;
   without AMX bf16 is ~12x slower), NF4 on request (``train.quantization: nf4``).
 - Both: loss on assistant tokens only (the assistant mask from the ``{% generation %}`` markers of the chat
   template, computed as TRL's ``assistant_only_loss`` does; see :func:`tokenize_conversations`), padding-free
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from datagen.causal_lm import attn_implementation, compute_dtype, cpu_autocast_dtype, load_causal_lm, resolve_device
+from lm.causal_lm import attn_implementation, compute_dtype, cpu_autocast_dtype, load_causal_lm, resolve_device
 from datagen.config import Config
 from datagen.io import (
     atomic_write_text,
@@ -39,7 +39,7 @@ from datagen.io import (
     write_manifest,
 )
 from datagen.progress import progress_log, seconds
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 from datagen.tokenizer import load_tokenizer
 from training.models import (
     compact_lm_head_on_cpu,
@@ -400,12 +400,13 @@ def _backend() -> str | None:
     return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
 
 
-def train(cfg: Config, dataset_dir: str | Path) -> Path:
-    """Fine-tune ``cfg.model`` on ``<dataset_dir>/{train,validation}.parquet``; returns the adapter folder."""
+def train(cfg: Config, dataset_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Fine-tune ``cfg.model`` on ``<dataset_dir>/{train,validation}.parquet`` into ``out_dir`` (default: the
+    stage's folder, ``models/<train.run_name>``); returns the adapter folder."""
     import torch
 
     dataset_dir = Path(dataset_dir)
-    out_dir = cfg.paths.models_dir / cfg.train.run_name
+    out_dir = Path(out_dir) if out_dir is not None else STAGE.output(cfg)
     ckpt_dir = out_dir / CHECKPOINTS
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is being rewritten: not finished
@@ -465,7 +466,7 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
         "stage": "train",
         "config_hash": config_hash,
         "config": {"train": cfg.dump_public()["train"], "model": cfg.dump_public()["model"]},
-        "upstream": {"dataset": manifest_hash(dataset_dir), "dataset_dir": str(dataset_dir)},
+        "upstream": {"format": manifest_hash(dataset_dir), "dataset_dir": str(dataset_dir)},
         "prompts": {"chat_template": load_prompt(cfg.model.chat_template).ref} if cfg.model.chat_template else {},
         "libraries": library_versions(),
         "device": device,
@@ -498,12 +499,10 @@ def train(cfg: Config, dataset_dir: str | Path) -> Path:
     return out_dir
 
 
-def run_train(cfg: Config) -> dict[str, Any]:
-    """Stage entry point: train on the finished ``dataset`` stage; returns the written manifest."""
-    dataset_dir = cfg.paths.stage_dir("dataset")
-    out_dir = train(cfg, dataset_dir)
-    return read_manifest(out_dir) or {}
+def run_train(cfg: Config, inputs: Inputs, out: Path) -> dict[str, Any]:
+    """Stage entry point: train on the finished ``format`` stage's dataset; returns the written manifest."""
+    return read_manifest(train(cfg, inputs["format"], out)) or {}
 
 
-STAGE = StageSpec("train", run_train, lambda c: c.paths.models_dir / c.train.run_name, __name__, ("train", "model"),
-                  upstream=("format",), prompts=lambda c: (c.model.chat_template,))
+STAGE = StageSpec("train", run_train, __name__, ("train", "model"), upstream=("format",),
+                  prompts=lambda c: (c.model.chat_template,), folder=lambda c: c.paths.models_dir / c.train.run_name)

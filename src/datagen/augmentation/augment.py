@@ -1,6 +1,6 @@
 """Stage ``augment``: scenario synthesis, then k validated rephrasings per question.
 
-Reads ``stage_dir("fetch")/samples.jsonl``; writes ``stage_dir("augment")``:
+Reads ``inputs["fetch"]/samples.jsonl``; writes its output folder:
 
 - ``samples.jsonl``: every fetched original, the synthesized scenario tasks, and the kept rephrasings,
   sorted by (group_id, rephrase_index);
@@ -23,6 +23,7 @@ import functools
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from datagen import executor
@@ -34,7 +35,7 @@ from datagen.embed import Embedder
 from datagen.io import drop_counts, drop_record, manifest_hash, read_jsonl, write_jsonl, write_manifest
 from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.schema import Sample
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,13 @@ def rephrase_worker(cfg: Config, slots: int) -> Callable[[list[dict[str, Any]]],
                              load_embedder(cfg.dedup.embedder))
 
 
-def run_augment(cfg: Config, provider: LLMProvider | None = None, scenario_provider: LLMProvider | None = None,
-                embedder: Embedder | None = None) -> dict[str, Any]:
+def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvider | None = None,
+                scenario_provider: LLMProvider | None = None, embedder: Embedder | None = None) -> dict[str, Any]:
     """``provider`` / ``embedder`` replace the configured ones (tests); on Ray, each worker loads the
     configured ones itself."""
     aug = cfg.augment
-    fetch_dir = cfg.paths.stage_dir("fetch")
+    fetch_dir = inputs["fetch"]
     originals = read_jsonl(fetch_dir / "samples.jsonl")
-    out_dir = cfg.paths.stage_dir("augment")
     on_ray = cfg.run.executor == "ray"
     if on_ray and (provider is not None or embedder is not None):
         raise ValueError("run.executor: ray loads the configured provider and embedder on each worker; "
@@ -248,6 +248,6 @@ def _providers(c: Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-STAGE = StageSpec("augment", run_augment, lambda c: c.paths.stage_dir("augment"), __name__,
+STAGE = StageSpec("augment", run_augment, __name__,
                   ("augment", "llm", "dedup.embedder", "split.strategy"), upstream=("fetch",), prompts=_prompts,
                   providers=_providers)

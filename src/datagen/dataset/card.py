@@ -19,6 +19,7 @@ What the card states is true of the data it describes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +173,15 @@ def label_distribution(by_split: dict[str, dict[str, dict[str, int]]]) -> list[s
             note, ""]
 
 
-def build_card(cfg: Config, summary: dict[str, Any]) -> str:
-    """The card's Markdown text (YAML header + body) from the format summary and the upstream manifests."""
-    fetch = read_manifest(cfg.paths.stage_dir("fetch"))
-    aug = read_manifest(cfg.paths.stage_dir("augment"))
-    dedup = read_manifest(cfg.paths.stage_dir("dedup"))
-    split = read_manifest(cfg.paths.stage_dir("split"))
-    clusters_path = cfg.paths.stage_dir("split") / "clusters.json"
-    clusters = read_json(clusters_path) if clusters_path.exists() else None
+def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] | None = None) -> str:
+    """The card's Markdown text (YAML header + body) from the format summary and the manifests of the
+    upstream folders in ``inputs`` (``fetch``, ``augment``, ``dedup``, ``split``; one left out is a
+    stage the card has nothing to say about)."""
+    inputs = inputs or {}
+    fetch, aug, dedup, split = (read_manifest(inputs[n]) if n in inputs else None
+                                for n in ("fetch", "augment", "dedup", "split"))
+    clusters_path = inputs["split"] / "clusters.json" if "split" in inputs else None
+    clusters = read_json(clusters_path) if clusters_path and clusters_path.exists() else None
     data = summary.get("data") or {}
     meta = metadata(cfg, summary)
     counts = {s: _get(summary, "counts", s, default=0) for s in SPLITS}
@@ -372,18 +374,9 @@ def build_card(cfg: Config, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_card(cfg: Config, summary: dict[str, Any]) -> Path:
-    path = cfg.paths.stage_dir("dataset") / "README.md"
-    atomic_write_text(path, build_card(cfg, summary))
+def write_card(path: Path, card: str) -> Path:
+    atomic_write_text(path, card)
     return path
-
-
-def card_markdown(cfg: Config) -> str:
-    """The written card (for ``finsynth card`` and the flow's markdown artifact)."""
-    path = cfg.paths.stage_dir("dataset") / "README.md"
-    if not path.exists():
-        raise FileNotFoundError(f"no dataset card at {path}; run `finsynth format` first")
-    return path.read_text(encoding="utf-8")
 
 
 def parse_card(text: str) -> tuple[dict[str, Any], str]:

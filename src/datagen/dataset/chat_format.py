@@ -15,7 +15,7 @@ figures are not all in its context, e.g. a volatility computed from every close,
 ``too_long``). Rows without assistant tokens are dropped as ``no_assistant_tokens``. A split that had
 rows and lost all of them fails the stage with a one-line reason (:class:`EmptySplitError`).
 
-Output (``stage_dir("dataset")``), laid out so that ``datasets`` reads only the data:
+Output (its folder, ``data/processed/format``), laid out so that ``datasets`` reads only the data:
 
 - ``train|validation|test.parquet``: canonical fields (``context`` and ``metadata`` as JSON strings, so
   Arrow schemas stay stable), ``cluster``, ``messages``, ``n_tokens``, ``n_assistant_tokens`` (a split
@@ -43,7 +43,7 @@ from typing import Any
 
 from datagen import executor
 from datagen.config import Config
-from datagen.dataset.card import DISK_DIR, META_DIR, write_card
+from datagen.dataset.card import DISK_DIR, META_DIR, build_card, write_card
 from datagen.io import (
     atomic_path,
     drop_counts,
@@ -57,7 +57,7 @@ from datagen.io import (
 )
 from datagen.prompts import Prompt, load_prompt
 from datagen.schema import SPLITS, render_context
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -370,17 +370,17 @@ def format_worker(cfg: Config) -> Callable[[list[list[Any]]], dict[str, Any]]:
     return functools.partial(format_shard, cfg, load_tokenizer(cfg.model))
 
 
-def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
-    """The format stage; ``tokenizer`` (else the configured one) is used with ``run.executor: local``, and
-    Ray workers load the configured one."""
+def run_format(cfg: Config, inputs: Inputs, out: Path, tokenizer=None) -> dict[str, Any]:
+    """The format stage: ``inputs["split"]``'s rows into ``out``, with the dataset card (which also reads
+    the fetch, augment and dedup manifests). ``tokenizer`` (else the configured one) is used with
+    ``run.executor: local``, and Ray workers load the configured one."""
     from datagen.tokenizer import load_tokenizer
 
     fc = cfg.format
     system, user = load_prompt(fc.system_prompt), load_prompt(USER_PROMPT)
-    src = cfg.paths.stage_dir("split")
-    out = cfg.paths.stage_dir("dataset")
-    inputs = {s: sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"]) for s in SPLITS}
-    items = [[s, r] for s in SPLITS for r in inputs[s]]
+    src = inputs["split"]
+    rows_in = {s: sorted(read_jsonl(src / f"{s}.jsonl"), key=lambda r: r["id"]) for s in SPLITS}
+    items = [[s, r] for s in SPLITS for r in rows_in[s]]
     if cfg.run.executor == "ray":  # shards of rows on Ray workers, each with its own tokenizer
         key = f"format|{STAGE.config_hash(cfg)}|{manifest_hash(src)}"
         shards = executor.plan(key, items, cfg.run.shard_rows, cfg.run.ray_workers)
@@ -395,12 +395,12 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
             records[s].append(rec)
         drops += p["drops"]
     for s in SPLITS:
-        if inputs[s] and not records[s]:
+        if rows_in[s] and not records[s]:
             d = [x for x in drops if x["split"] == s]
-            raise EmptySplitError(empty_split_message(s, len(inputs[s]), d, fc.max_tokens, fc.long_context))
-    if not any(inputs.values()):
+            raise EmptySplitError(empty_split_message(s, len(rows_in[s]), d, fc.max_tokens, fc.long_context))
+    if not any(rows_in.values()):
         raise EmptySplitError(f"format: the split stage wrote 0 rows in {src}; nothing to format")
-    empty = [s for s in SPLITS if not inputs[s]]
+    empty = [s for s in SPLITS if not rows_in[s]]
     if empty:
         log.warning("format: the split stage left %s empty; no file for %s", ", ".join(empty), "/".join(empty))
     if fc.max_tokens > cfg.train.max_length:
@@ -408,7 +408,7 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
                     "and with them their answers", fc.max_tokens, cfg.train.max_length)
 
     # sources that lost every row (not an empty split, but never silent either)
-    n_in = Counter(r["source"] for s in SPLITS for r in inputs[s])
+    n_in = Counter(r["source"] for s in SPLITS for r in rows_in[s])
     n_out = Counter(r["source"] for s in SPLITS for r in records[s])
     by_source: dict[str, list[dict]] = defaultdict(list)
     for d in drops:
@@ -440,19 +440,19 @@ def run_format(cfg: Config, tokenizer=None) -> dict[str, Any]:
         "fingerprint": fingerprint,
         "splits": written,
         "empty_splits": empty,
-        "counts": {**{s: len(records[s]) for s in SPLITS}, "in": {s: len(inputs[s]) for s in SPLITS},
+        "counts": {**{s: len(records[s]) for s in SPLITS}, "in": {s: len(rows_in[s]) for s in SPLITS},
                    **drop_counts(drops), "truncated": sum(data["truncated"].values())},
         "dropped_by_source": dropped_by_source,
         "sources_emptied": lost,
         "data": data,
         "token_lengths": {s: length_stats(v) for s, v in lengths.items()},
     }
-    write_card(cfg, summary)
+    write_card(out / "README.md", build_card(cfg, summary, inputs))
     executor.clear(out / ".shards")
     log.info("format: %s rows; %s", {s: len(records[s]) for s in SPLITS}, drop_counts(drops) or "none dropped")
     return write_manifest(out, summary)
 
 
-STAGE = StageSpec("format", run_format, lambda c: c.paths.stage_dir("dataset"), __name__,
-                  ("format", "model", "card", "split", "sources"), upstream=("split",),
+STAGE = StageSpec("format", run_format, __name__,
+                  ("format", "model", "card", "split", "sources"), upstream=("fetch", "augment", "dedup", "split"),
                   prompts=lambda c: (c.format.system_prompt, c.model.chat_template, "sft_user"))

@@ -52,6 +52,7 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,7 @@ from datagen.io import (
 )
 from datagen.numbers import find_numbers, format_number
 from datagen.schema import render_context
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -681,12 +682,11 @@ def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, w
 
 
 # ----------------------------------------------------------------------------- stage
-def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
-    src = cfg.paths.stage_dir("augment")
+def run_dedup(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None = None) -> dict[str, Any]:
+    src = inputs["augment"]
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     dc = cfg.dedup
     t0 = time.perf_counter()
-    out = cfg.paths.stage_dir("dedup")
     vecs, embed_stats = encode_sharded(cfg.run, dc.embedder, cfg.paths.cache_dir / "embeddings",
                                        [question_text(r) for r in rows], out / ".shards", embedder)
     t_embed = time.perf_counter() - t0
@@ -720,5 +720,5 @@ def run_dedup(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     })
 
 
-STAGE = StageSpec("dedup", run_dedup, lambda c: c.paths.stage_dir("dedup"), __name__, ("dedup",),
+STAGE = StageSpec("dedup", run_dedup, __name__, ("dedup",),
                   upstream=("augment",))

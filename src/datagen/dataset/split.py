@@ -25,7 +25,7 @@
   figures (one question template over other data is legitimate and reported, not removed).
 
 Every drop is one :func:`datagen.io.drop_record` in ``drops.jsonl``, counted by
-:func:`datagen.io.drop_counts` in the manifest. Outputs in ``stage_dir("split")``: ``train.jsonl``,
+:func:`datagen.io.drop_counts` in the manifest. Outputs in its folder: ``train.jsonl``,
 ``validation.jsonl``, ``test.jsonl`` (each row carries ``metadata["cluster"]``), ``clusters.json``,
 ``drops.jsonl``, ``manifest.json``.
 """
@@ -37,6 +37,7 @@ import random
 import statistics
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ from datagen.io import (
     write_manifest,
 )
 from datagen.schema import SPLITS
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -523,8 +524,8 @@ def cluster_table(rows: list[dict[str, Any]], splits: dict[str, list[dict[str, A
     return clusters
 
 
-def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
-    src = cfg.paths.stage_dir("dedup")
+def run_split(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None = None) -> dict[str, Any]:
+    src = inputs["dedup"]
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
     vecs = embed_samples(cfg, rows, embedder)
@@ -532,7 +533,6 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     failure = (knowledge_leakage_failure if cfg.split.strategy == "knowledge" else leakage_failure)(res["leakage"])
     if failure and not cfg.split.allow_leakage:
         raise ValueError(f"split: {failure}")
-    out = cfg.paths.stage_dir("split")
     for s in SPLITS:
         write_jsonl(out / f"{s}.jsonl", res["splits"][s])
     write_jsonl(out / "drops.jsonl", res["drops"])
@@ -563,5 +563,5 @@ def run_split(cfg: Config, embedder: Embedder | None = None) -> dict[str, Any]:
     })
 
 
-STAGE = StageSpec("split", run_split, lambda c: c.paths.stage_dir("split"), __name__, ("split", "dedup"),
+STAGE = StageSpec("split", run_split, __name__, ("split", "dedup"),
                   upstream=("dedup",))

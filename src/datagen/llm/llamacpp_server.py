@@ -86,7 +86,7 @@ class LlamaCppServer:
                  n_threads: int = 2, alias: str = "gemma3-270m", chat_format: str = "gemma",
                  log_path: str | Path | None = None, start_timeout_s: float = 180.0):
         if model_path is None:
-            from datagen.packaged import gemma_gguf_path
+            from lm.packaged import gemma_gguf_path
 
             model_path = gemma_gguf_path()
         self.model_path = Path(model_path)
@@ -189,7 +189,7 @@ class LlamaServer(LlamaCppServer):
 def find_sdist(version: str = LLAMA_CPP_VERSION, cache: Path | None = None) -> Path:
     """The llama-cpp-python sdist (it vendors llama.cpp): ``$FINSYNTH_LLAMA_CPP_SDIST`` when set, else
     one already in ``<model cache>/sdist/``, else fetched there with ``pip download`` (PyPI)."""
-    from datagen.packaged import model_cache_dir
+    from lm.packaged import model_cache_dir
 
     env = os.environ.get("FINSYNTH_LLAMA_CPP_SDIST")
     if env:

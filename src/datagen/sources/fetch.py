@@ -28,7 +28,7 @@ from datagen.io import clip, drop_counts, drop_record, sha256_file, write_jsonl,
 from datagen.sources.market import load_market
 from datagen.sources.market_qa import build_market_qa
 from datagen.sources.source_qa import RowCountError, load_source_qa
-from datagen.stage import StageSpec
+from datagen.stage import Inputs, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,13 @@ def _reconcile(per_file: dict[str, dict[str, int]], samples: list[dict[str, Any]
     return totals
 
 
-def run_fetch(cfg: Config) -> dict[str, Any]:
-    """Run the fetch stage; returns its manifest."""
+def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+    """Run the fetch stage (no upstream: it reads the configured sources); returns its manifest."""
     t0 = time.perf_counter()
-    out_dir = cfg.paths.stage_dir("fetch")
     root = cfg.paths.root
     samples: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
-    inputs: dict[str, str] = {}
+    files_read: dict[str, str] = {}
     market_info: dict[str, Any] | None = None
 
     mc = cfg.sources.market
@@ -90,7 +89,7 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
         rows = build_market_qa(md, mc)
         samples += rows
         for f in md.inputs:
-            inputs[_rel(f, root)] = sha256_file(f)
+            files_read[_rel(f, root)] = sha256_file(f)
         market_info = {
             "provider": md.provider, "tickers": md.tickers, "price_rows": len(md.prices),
             "first_date": md.prices["date"].min().strftime("%Y-%m-%d"),
@@ -103,7 +102,7 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
     for spec in tqdm(cfg.sources.source_qa, desc="source QA files", disable=None):
         path = cfg.paths.resolve(spec.path)
         res = load_source_qa(spec, path, file_label=spec.path.as_posix())
-        inputs[_rel(path, root)] = sha256_file(path)
+        files_read[_rel(path, root)] = sha256_file(path)
         samples += res.samples
         quarantine += res.quarantine
         per_file[res.file] = {"rows_in": res.rows_in, **res.lines}
@@ -147,10 +146,10 @@ def run_fetch(cfg: Config) -> dict[str, Any]:
         },
         "source_files": dict(sorted(per_file.items())),
         "market": market_info,
-        "inputs": dict(sorted(inputs.items())),
+        "inputs": dict(sorted(files_read.items())),
         "timing": {"wall_s": round(time.perf_counter() - t0, 3)},
     }
     return write_manifest(out_dir, manifest)
 
 
-STAGE = StageSpec("fetch", run_fetch, lambda c: c.paths.stage_dir("fetch"), __name__, ("sources",))
+STAGE = StageSpec("fetch", run_fetch, __name__, ("sources",))

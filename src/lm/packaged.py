@@ -21,6 +21,15 @@ from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
+
+class ModelFilesError(RuntimeError):
+    """Model files that are not where they should be: ``what`` happened and what to do (``todo``).
+    finsynth reports it as an environment fault, one line (:func:`datagen.faults.explain`)."""
+
+    def __init__(self, what: str, todo: str):
+        self.what, self.todo = what, todo
+        super().__init__(f"{what}: {todo}")
+
 PACKAGED_PREFIX = "packaged:"
 GEMMA = "gemma3-270m"
 MINILM = "all-minilm-l6-v2"
@@ -61,11 +70,9 @@ def _check_converted(target: Path) -> Path:
     """The converted folder, or a one-line fault when a file of it went missing since it was made."""
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json") if not (target / f).is_file()]
     if missing:
-        from datagen.faults import EnvironmentFault
-
-        raise EnvironmentFault(f"the converted packaged Gemma in {target} is missing {', '.join(missing)}", None,
-                               f"delete that folder (rm -r '{target}'); the next run rebuilds it from the packaged "
-                               "GGUF (~75 s)")
+        raise ModelFilesError(f"the converted packaged Gemma in {target} is missing {', '.join(missing)}",
+                              f"delete that folder (rm -r '{target}'); the next run rebuilds it from the packaged "
+                              "GGUF (~75 s)")
     return target
 
 
@@ -94,10 +101,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map ``packaged:<name>`` to a local directory; anything else is returned unchanged."""
     if not name_or_path.startswith(PACKAGED_PREFIX):
         if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
-            from datagen.faults import EnvironmentFault
-
-            raise EnvironmentFault(f"the model folder {name_or_path} does not exist", None,
-                                   "set model.name_or_path to an existing folder, a Hub id or packaged:gemma3-270m")
+            raise ModelFilesError(f"the model folder {name_or_path} does not exist",
+                                  "set model.name_or_path to an existing folder, a Hub id or packaged:gemma3-270m")
         return name_or_path
     name = name_or_path[len(PACKAGED_PREFIX):]
     if name == GEMMA:

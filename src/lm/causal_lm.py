@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from datagen.config import ModelConfig
-from datagen.packaged import resolve_model_path
+from lm.config import ModelConfig
+from lm.packaged import resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -402,6 +402,19 @@ def _pick(logits: Any, temperature: float, top_k: int | None, top_p: float, gene
     return idx.gather(1, choice).squeeze(1)
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """``(ids, attention_mask)`` of token lists padded on the left to the longest, on ``device``."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, x in enumerate(seqs):
+        ids[b, width - len(x):] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def shared_head_len(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix of the token-id ``prompts``, short of the shortest one's last
     token (every row keeps at least one token of its own to prefill)."""
@@ -447,14 +460,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
     dev = model.device
     h = min(shared, shared_head_len(prompts)) if shared else 0
     h = h if h >= MIN_SHARED_HEAD else 0
-    tails = [list(p[h:]) for p in prompts]
-    width = max(len(t) for t in tails)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    tail_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, t in enumerate(tails):
-        ids[b, width - len(t):] = torch.tensor(t, dtype=torch.long)
-        tail_mask[b, width - len(t):] = 1
-    ids, tail_mask = ids.to(dev), tail_mask.to(dev)
+    ids, tail_mask = left_pad([list(p[h:]) for p in prompts], pad_id, dev)
     mask = torch.cat([tail_mask.new_ones((len(prompts), h)), tail_mask], dim=1)
     gen = None
     if seed is not None and temperature > 0:
@@ -491,7 +497,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int 
         else:
             cache = DynamicCache(config=model.config)
         step = forward(cache, ids, mask, (h + tail_mask.cumsum(-1) - 1).clamp(min=0),
-                       torch.arange(h, h + width, device=dev), logits_to_keep=1)
+                       torch.arange(h, h + ids.shape[1], device=dev), logits_to_keep=1)
         logits = step.logits[:, -1, :].float()
         if n > 1:  # one prefill, n continuations
             cache.batch_repeat_interleave(n)
@@ -551,14 +557,8 @@ def continuation_logprobs(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]
         for s in range(0, len(order), batch_size):
             batch = order[s:s + batch_size]
             seqs = [enc[i][0] + enc[i][1] for i in batch]
-            width = max(len(x) for x in seqs)
             keep = max(len(enc[i][1]) for i in batch) + 1  # logits at the positions that predict the continuation
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, x in enumerate(seqs):
-                ids[b, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                mask[b, width - len(x):] = 1
-            ids, mask = ids.to(dev), mask.to(dev)
+            ids, mask = left_pad(seqs, pad, dev)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                            logits_to_keep=keep).logits.float()
             logp = logits.log_softmax(-1)  # (batch, keep, vocab); position j predicts token width - keep + j + 1
