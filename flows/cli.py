@@ -19,6 +19,7 @@ from pathlib import Path
 from datagen.config import ConfigError, load_config
 from datagen.faults import find
 from datagen.io import is_rank_zero, run_lock
+from datagen.manifest import Manifest
 from flows.stages import STAGE_NAMES, execute, get_stage
 
 
@@ -188,9 +189,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")) if str(e) else type(e).__name__
 
 
-def _summary(manifest: dict) -> dict:
+def _summary(manifest: Manifest) -> dict:
     """What a person wants to see after a stage: counts and where things went, not file hashes."""
-    return {k: v for k, v in manifest.items() if k not in ("outputs", "config")}
+    return {k: v for k, v in manifest.to_json().items() if k not in ("outputs", "config")}
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
 from datagen.io import RUN_INFO, STALE, run_lock, write_json
+from datagen.manifest import EvaluateManifest, Manifest
 from datagen.progress import stage_log
 from datagen.render import md_cell, md_code
 from flows.progress import to_run_log
@@ -64,10 +65,11 @@ from flows.stages import (
 def run_stage(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
     """Run one stage (:func:`flows.stages.execute`). ``key`` is its cache key (see
     :func:`flows.stages.cache_inputs`); it is recorded beside the output, so a later run can tell
-    whether the folder on disk was made from the same inputs."""
+    whether the folder on disk was made from the same inputs. Returns the manifest as JSON (Prefect
+    persists it)."""
     manifest = execute(cfg, key["stage"])
     write_json(get_stage(key["stage"]).output(cfg) / RUN_INFO, {"inputs_key": inputs_key(key)})
-    return manifest
+    return manifest.to_json()
 
 
 def _result_storage(cfg: Config) -> LocalFileSystem:
@@ -95,7 +97,7 @@ def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     t = run_stage.with_options(result_storage=_result_storage(cfg), refresh_cache=refresh or None)
     t0 = time.monotonic()
     state = t(cfg, key, return_state=True)
-    manifest = state.result()
+    manifest = stage.manifest.from_json(state.result())
     cached = state.name == "Cached"
     if cached:  # made from the current upstream content: not stale, whatever ran in between
         (stage.output(cfg) / STALE).unlink(missing_ok=True)
@@ -117,7 +119,7 @@ def _png_image(alt: str, png: Path) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
 
 
-def _inline_images(md: str, folder: Path, max_bytes: int = 1_500_000) -> str:
+def inline_images(md: str, folder: Path, max_bytes: int = 1_500_000) -> str:
     """Replace relative ``![alt](file.png)`` links with ``data:`` URLs of the files in ``folder``
     (a link to a missing or too large file becomes its path in code)."""
     def sub(m: re.Match) -> str:
@@ -128,7 +130,7 @@ def _inline_images(md: str, folder: Path, max_bytes: int = 1_500_000) -> str:
     return re.sub(r"!\[([^\]]*)\]\((?!data:|https?:|/)([^)\s]+\.png)\)", sub, md)
 
 
-def _card_for_ui(card: str) -> str:
+def card_for_ui(card: str) -> str:
     """The dataset card with its YAML front matter as a compact two-column table under the title (the
     UI renders raw front matter as one large heading per line); the file itself is left as it is."""
     m = re.match(r"---\n(.*?)\n---\n", card, re.S)
@@ -162,11 +164,11 @@ def _ui_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: md_cell(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
 
 
-def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
+def _publish(cfg: Config, name: str, manifest: Manifest) -> None:
     """Prefect artifacts for what a person inspects: the dataset card, judge scores, plots."""
     out = get_stage(name).output(cfg)
     if name == "format" and (out / "README.md").exists():
-        create_markdown_artifact(markdown=_card_for_ui((out / "README.md").read_text(encoding="utf-8")),
+        create_markdown_artifact(markdown=card_for_ui((out / "README.md").read_text(encoding="utf-8")),
                                  key="dataset-card", description="Hugging Face dataset card")
         create_markdown_artifact(markdown=_png_markdown("Token lengths", out / "__meta__" / "token_lengths.png"),
                                  key="token-lengths", description="token-length histogram")
@@ -178,7 +180,7 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
     elif name == "evaluate":
         from training.model_card import arms, is_difference, score_table
 
-        rows = manifest.get("table_rows") or []
+        rows = manifest.table_rows if isinstance(manifest, EvaluateManifest) else []
         if rows:  # two narrow tables rather than one that scrolls sideways in the UI
             create_table_artifact(table=_ui_table(score_table(rows, part="scores", ci_in_header=False)),
                                   key="judge-scores",
@@ -189,7 +191,7 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
                                       key="score-differences",
                                       description="paired differences per category, mean [95% bootstrap CI]; "
                                                   "an interval that excludes 0 is a difference the sample supports")
-        f1_rows = manifest.get("classification_rows") or []
+        f1_rows = manifest.classification_rows if isinstance(manifest, EvaluateManifest) else []
         if f1_rows:  # classification: macro-F1 of every arm incl. the majority baseline, and collapse flags
             create_table_artifact(table=_ui_table(f1_rows), key="classification-f1",
                                   description="classification per category: macro-F1 [95% clustered CI] of base "
@@ -198,7 +200,7 @@ def _publish(cfg: Config, name: str, manifest: dict[str, Any]) -> None:
                                               "as collapsed (> 80% one label; a collapsed tuned arm's gain is no "
                                               "claim)")
         if (out / "report.md").exists():
-            md = _inline_images((out / "report.md").read_text(encoding="utf-8"), out)
+            md = inline_images((out / "report.md").read_text(encoding="utf-8"), out)
             if "data:image/png" not in md:
                 md += "\n\n" + _png_markdown("Scores", out / "scores.png")
             create_markdown_artifact(markdown=md, key="evaluation-report", description="evaluation report")

@@ -25,8 +25,10 @@ from datagen.augmentation import augment
 from datagen.config import Config
 from datagen.dataset import chat_format, dedup, split
 from datagen.faults import find
-from datagen.io import RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, require_stage, verify_outputs
-from datagen.progress import rows_out, seconds, stage_done_line, stage_log
+from datagen.io import (RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, read_manifest, require_stage,
+                        verify_outputs)
+from datagen.manifest import Manifest
+from datagen.progress import seconds, stage_done_line, stage_log
 from datagen.prompts import PROMPTS_DIR
 from datagen.sources import fetch
 from datagen.stage import StageSpec
@@ -79,7 +81,7 @@ def stage_inputs(cfg: Config, stage: StageSpec) -> dict[str, Path]:
     return {u: get_stage(u).output(cfg) for u in stage.upstream}
 
 
-def invoke(cfg: Config, name: str, **kw: Any) -> dict[str, Any]:
+def invoke(cfg: Config, name: str, **kw: Any) -> Manifest:
     """Call one stage's function on the folders its spec names, without :func:`execute`'s checks
     (tests, notebooks); ``kw`` go to the stage function (e.g. a test's provider)."""
     stage = get_stage(name)
@@ -103,7 +105,7 @@ def probe_providers(cfg: Config, stages: list[StageSpec]) -> list[str]:
     return names
 
 
-def execute(cfg: Config, name: str) -> dict[str, Any]:
+def execute(cfg: Config, name: str) -> Manifest:
     """Run one stage: its upstream outputs must be finished, intact and fresh; its providers answer;
     then its folder is marked in progress (old manifest removed) and the stage function writes it.
     Marks later stages STALE when its output content changed. Returns the new manifest."""
@@ -124,7 +126,7 @@ def execute(cfg: Config, name: str) -> dict[str, Any]:
         if fault is None or fault is e:
             raise
         raise fault from e
-    ins = [rows_out(m) for m in ups]
+    ins = [m.rows_out() for m in ups]
     stage_log.info("%s", stage_done_line(name, manifest, time.monotonic() - t0,
                                          sum(ins) if ins and None not in ins else None))
     if manifest_hash(out) != before:
@@ -259,8 +261,10 @@ def output_matches(cfg: Config, stage: StageSpec, key: dict[str, Any]) -> bool:
     out = stage.output(cfg)
     try:
         info = read_json(out / RUN_INFO)
-        manifest = read_json(out / "manifest.json")
+        manifest = read_manifest(out)
+        if manifest is None:
+            return False
         verify_outputs(out, manifest, stage.name)
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, ValueError, TypeError, RuntimeError):
         return False
     return info.get("inputs_key") == inputs_key(key)

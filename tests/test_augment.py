@@ -28,6 +28,7 @@ from datagen.augmentation.scenarios import (
 )
 from datagen.config import ScenarioSynthConfig, load_config
 from datagen.io import read_jsonl, read_manifest, write_jsonl, write_manifest
+from datagen.manifest import Manifest
 from datagen.llm.base import FunctionProvider
 from datagen.prompts import load_prompt
 from datagen.schema import SCENARIO_SOURCE, stable_id
@@ -244,7 +245,7 @@ def stage_cfg(tmp_path: Path):
         "augment.scenario.per_cluster=2", "augment.scenario.max_attempts=2"])
     fetch = cfg.paths.stage_dir("fetch")
     write_jsonl(fetch / "samples.jsonl", [QA, CLS, INJ])
-    write_manifest(fetch, {"stage": "fetch"})
+    write_manifest(fetch, Manifest(stage="fetch"))
     return cfg
 
 
@@ -283,22 +284,22 @@ def test_augment_stage_exact_counts(stage_cfg):
     # every source item: k kept or a final reason per missing slot
     final = Counter((r["source_id"], r["rephrase_index"]) for r in rej if r["kind"] == "rephrase" and r["final"])
     assert final == {("s2", 2): 1, ("s3", 1): 1, ("s3", 2): 1, (scen[0]["id"], 1): 1, (scen[0]["id"], 2): 1}
-    assert m["rephrase"]["missing_by_reason"] == {"malformed_output": 2, "missing_number": 1, "near_copy": 2}
-    assert m["rephrase"]["rejected_by_reason"] == {"leaks_answer": 2, "malformed_output": 4, "missing_number": 1,
+    assert m.rephrase["missing_by_reason"] == {"malformed_output": 2, "missing_number": 1, "near_copy": 2}
+    assert m.rephrase["rejected_by_reason"] == {"leaks_answer": 2, "malformed_output": 4, "missing_number": 1,
                                                    "near_copy": 5}
-    assert (m["rephrase"]["slots"], m["rephrase"]["kept"], m["rephrase"]["requests"]) == (8, 3, 15)
-    assert m["rephrase"]["acceptance"] == 0.375 and m["rephrase"]["first_attempt_acceptance"] == 0.125
-    assert m["rephrase"]["by_category"]["market_return"] == {"items": 1, "slots": 2, "kept": 2, "complete": 1,
+    assert (m.rephrase["slots"], m.rephrase["kept"], m.rephrase["requests"]) == (8, 3, 15)
+    assert m.rephrase["acceptance"] == 0.375 and m.rephrase["first_attempt_acceptance"] == 0.125
+    assert m.rephrase["by_category"]["market_return"] == {"items": 1, "slots": 2, "kept": 2, "complete": 1,
                                                              "acceptance": 1.0}
-    assert m["rephrase"]["by_category"]["source_qa"]["kept"] == 0
-    assert m["scenarios"] == {"planned": 2, "kept": 1, "requests": 3, "acceptance": 0.5,
+    assert m.rephrase["by_category"]["source_qa"]["kept"] == 0
+    assert m.scenarios == {"planned": 2, "kept": 1, "requests": 3, "acceptance": 0.5,
                               "rejected_by_reason": {"malformed_output": 1, "missing_metrics": 1},
                               "missing_by_reason": {"missing_metrics": 1},
                               "by_cluster": {"fx_crisis": {"planned": 2, "kept": 1}}}
-    assert m["counts"]["rows"] == 7 and m["counts"]["originals"] == 3 and m["counts"]["rejections"] == 14
+    assert m.counts["rows"] == 7 and m.counts["originals"] == 3 and m.counts["rejections"] == 14
     # every rejection is one drop record, counted as dropped_<reason> (rephrasings and scenario tasks together)
     assert all({"stage", "row_id", "reason", "detail"} <= d.keys() and d["stage"] == "augment" for d in rej)
-    assert {k: v for k, v in m["counts"].items() if k.startswith("dropped_")} == {
+    assert {k: v for k, v in m.counts.items() if k.startswith("dropped_")} == {
         "dropped_leaks_answer": 2, "dropped_malformed_output": 5, "dropped_missing_metrics": 1,
         "dropped_missing_number": 1, "dropped_near_copy": 5}
     # row_id: the id the candidate would have had; a slot filled later has its earlier drops under the kept id
@@ -309,10 +310,10 @@ def test_augment_stage_exact_counts(stage_cfg):
         assert d["row_id"] == rephrase_id(*slot)
     planned = {stable_id(SCENARIO_SOURCE, t["cluster"], t["slot"]) for t in plan_tasks(cfg.augment.scenario)}
     assert {d["row_id"] for d in rej if d["kind"] == "scenario"} == planned - {scen[0]["id"]}
-    assert m["llm_calls"] == 18 and m["llm_usage"]["fake"]["calls"] == 18
-    assert set(m["prompts"]) == {"rephrase", "rephrase_retry", "scenario_synthesis"}
-    assert m["prompts"]["rephrase"]["hash"] == load_prompt("rephrase").hash
-    assert m["upstream"]["fetch"] and read_manifest(out)["outputs"].keys() == {"samples.jsonl", "rejections.jsonl"}
+    assert m.llm_calls == 18 and m.llm_usage["fake"]["calls"] == 18
+    assert set(m.prompts) == {"rephrase", "rephrase_retry", "scenario_synthesis"}
+    assert m.prompts["rephrase"]["hash"] == load_prompt("rephrase").hash
+    assert m.upstream["fetch"] and read_manifest(out).outputs.keys() == {"samples.jsonl", "rejections.jsonl"}
 
     # the same inputs give byte-identical outputs
     first = (out / "samples.jsonl").read_bytes(), (out / "rejections.jsonl").read_bytes()
@@ -338,8 +339,8 @@ def test_limit_rephrases_first_n_in_category_round_robin(stage_cfg):
     cfg.augment.scenario.enabled = False
     prov = FunctionProvider(lambda m: "Ending 2024-02-14, what 10-day return did ACME post?")
     m = run_augment_cfg(cfg, prov, AnchorEmbedder(set(), {}))
-    assert m["counts"]["rephrased_items"] == 1 and m["counts"]["passthrough_items"] == 2
-    assert m["rephrase"]["slots"] == 2 and prov.usage.calls == 4  # CLS only ("market_risk" sorts first)
+    assert m.counts["rephrased_items"] == 1 and m.counts["passthrough_items"] == 2
+    assert m.rephrase["slots"] == 2 and prov.usage.calls == 4  # CLS only ("market_risk" sorts first)
 
 
 def test_missing_fetch_stage_is_a_clear_error(tmp_path):
@@ -368,7 +369,7 @@ def _real_cfg(tmp_path, *overrides):
         "augment.max_tokens=48", *overrides])
     fetch = cfg.paths.stage_dir("fetch")
     write_jsonl(fetch / "samples.jsonl", REAL_ITEMS)
-    write_manifest(fetch, {"stage": "fetch"})
+    write_manifest(fetch, Manifest(stage="fetch"))
     return cfg
 
 
@@ -384,12 +385,12 @@ def _assert_k_or_reasons_then_zero_call_rerun(cfg, embedder, label):
         missing = {r["rephrase_index"] for r in rej if r["source_id"] == item["id"] and r["final"]}
         assert kept | missing == {1, 2} and not kept & missing, (item["id"], kept, missing)
         assert all(r["reason"] for r in rej if r["source_id"] == item["id"])
-    assert m1["llm_calls"] > 0 and m1["rephrase"]["kept"] + sum(m1["rephrase"]["missing_by_reason"].values()) == 6
-    print(label, json.dumps({k: m1["rephrase"][k] for k in ("kept", "requests", "rejected_by_reason",
+    assert m1.llm_calls > 0 and m1.rephrase["kept"] + sum(m1.rephrase["missing_by_reason"].values()) == 6
+    print(label, json.dumps({k: m1.rephrase[k] for k in ("kept", "requests", "rejected_by_reason",
                                                              "missing_by_reason")}))
     first = (out / "samples.jsonl").read_bytes()
     m2 = invoke(cfg, "augment", embedder=embedder)  # same process: the provider instance is shared; usage is a delta
-    assert m2["llm_calls"] == 0 and m2["llm_cache_hits"] == m1["llm_calls"]
+    assert m2.llm_calls == 0 and m2.llm_cache_hits == m1.llm_calls
     assert (out / "samples.jsonl").read_bytes() == first
 
 

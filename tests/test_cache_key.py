@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import flows.stages as fs
+from datagen.manifest import Manifest
 from datagen.io import (
     STALE,
     StageOutputError,
@@ -90,7 +91,7 @@ def test_dedup_embedder_is_in_augments_key_but_dedup_threshold_is_not(tiny_cfg):
 def _finish(cfg, name: str, rows: list[dict], **extra) -> None:
     out = get_stage(name).output(cfg)
     write_jsonl(out / "samples.jsonl", rows)
-    write_manifest(out, {"stage": name, **extra})
+    write_manifest(out, Manifest(stage=name, **extra))
 
 
 def test_deleted_or_edited_output_does_not_match_its_key(tiny_cfg):
@@ -108,12 +109,12 @@ def test_deleted_or_edited_output_does_not_match_its_key(tiny_cfg):
 
 
 def test_rerun_to_identical_output_keeps_downstream_keys(tiny_cfg):
-    _finish(tiny_cfg, "augment", [{"id": "a"}], seconds={"embed": 1.5})
+    _finish(tiny_cfg, "augment", [{"id": "a"}], timing={"embed_s": 1.5})
     h1, k1 = manifest_hash(tiny_cfg.paths.stage_dir("augment")), keys(tiny_cfg)["dedup"]
-    _finish(tiny_cfg, "augment", [{"id": "a"}], seconds={"embed": 9.9})  # other timings, same rows
+    _finish(tiny_cfg, "augment", [{"id": "a"}], timing={"embed_s": 9.9})  # other timings, same rows
     assert manifest_hash(tiny_cfg.paths.stage_dir("augment")) == h1 and keys(tiny_cfg)["dedup"] == k1
     assert (tiny_cfg.paths.stage_dir("augment") / "timings.json").exists()
-    assert "seconds" not in (tiny_cfg.paths.stage_dir("augment") / "manifest.json").read_text()
+    assert "embed_s" not in (tiny_cfg.paths.stage_dir("augment") / "manifest.json").read_text()
     _finish(tiny_cfg, "augment", [{"id": "b"}])
     assert keys(tiny_cfg)["dedup"] != k1
 
@@ -125,7 +126,7 @@ def test_stale_upstream_is_refused_with_the_command_that_refreshes_it(tiny_cfg, 
                                                r"refresh it with `finsynth run --from dedup`, or pass --allow-stale"):
         require_stage(tiny_cfg.paths.stage_dir("dedup"), "dedup")
     monkeypatch.setenv("FINSYNTH_ALLOW_STALE", "1")
-    assert require_stage(tiny_cfg.paths.stage_dir("dedup"), "dedup")["stage"] == "dedup"
+    assert require_stage(tiny_cfg.paths.stage_dir("dedup"), "dedup").stage == "dedup"
     assert (tiny_cfg.paths.stage_dir("dedup") / STALE).exists()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from datagen.dataset.card import build_card, parse_card, size_category, source_info, write_card
 from datagen.io import write_json, write_jsonl, write_manifest
+from datagen.manifest import AugmentManifest, DedupManifest, FetchManifest, FormatManifest, SplitManifest
 
 SUMMARY = {
     "stage": "format", "config_hash": "fmt123", "model": "packaged:gemma3-270m", "max_tokens": 768,
@@ -30,42 +31,46 @@ SUMMARY = {
 }
 
 
+def UPSTREAM(cfg):  # noqa: N802 - what the format stage passes build_card: the upstream stages' folders
+    return {n: cfg.paths.stage_dir(n) for n in ("fetch", "augment", "dedup", "split")}
+
+
 def _manifests(cfg):
     p = cfg.paths
-    write_manifest(p.stage_dir("fetch"), {
+    write_manifest(p.stage_dir("fetch"), FetchManifest.from_json({
         "stage": "fetch", "config_hash": "f1",
         "counts": {"per_source": {"market:simulator": 60, "finsynth-sample-qa": 165},
                    "per_category": {"credit_risk": 40, "returns": 185}},
-        "quarantine": {"total": 2, "by_reason": {"missing_field": 2}}})
-    write_manifest(p.stage_dir("augment"), {
+        "quarantine": {"total": 2, "by_reason": {"missing_field": 2}}}))
+    write_manifest(p.stage_dir("augment"), AugmentManifest.from_json({
         "stage": "augment", "config_hash": "a1",
         "prompts": {"rephrase": {"name": "rephrase", "hash": "cccccccccccc"}},
         "counts": {"rephrased_items": 24},
         "rephrase": {"k": 3, "slots": 72, "kept": 54, "missing": 18, "acceptance": 0.75,
                      "first_attempt_acceptance": 0.6, "candidate_acceptance": 0.5,
                      "rejected_by_reason": {"too_similar": 10}},
-        "llm_usage": {"local": {"model": "gemma3-270m", "calls": 100, "cache_hits": 4}}})
-    write_manifest(p.stage_dir("dedup"), {
+        "llm_usage": {"local": {"model": "gemma3-270m", "calls": 100, "cache_hits": 4}}}))
+    write_manifest(p.stage_dir("dedup"), DedupManifest.from_json({
         "stage": "dedup", "config_hash": "d1", "embedder": {"name": "packaged:all-minilm-l6-v2"},
         "threshold": 0.92, "within_group_threshold": 0.985, "method": "exact",
         "counts": {"in": 279, "kept": 270, "dropped_by_reason": {"exact_duplicate": 3, "near_duplicate": 5,
-                                                               "within_group_near_copy": 1}}})
+                                                               "within_group_near_copy": 1}}}))
     sd = p.stage_dir("split")
     write_json(sd / "clusters.json", {"cluster_by": "scenario", "kmeans": {}, "clusters": [  # before format
         {"name": "crash", "source": "scenario", "rows": {"train": 40, "validation": 5, "test": 4},
          "proportion": {"train": 0.5, "validation": 0.5, "test": 0.4444}},
         {"name": "calm", "source": "category", "rows": {"train": 60}, "proportion": {"train": 0.5}}]})
-    write_manifest(sd, {"stage": "split", "config_hash": "s1",
+    write_manifest(sd, SplitManifest.from_json({"stage": "split", "config_hash": "s1",
                         "counts": {"groups": {"train": 30, "validation": 10, "test": 9},
                                    "dropped_by_reason": {"test_rephrase": 12, "balance_train": 0}},
                         "leakage": {"max_cross_split_cosine": 0.9123, "threshold": 0.92,
                                     "cross_split_pairs_above_threshold": 0, "cross_split_duplicates": 0,
-                                    "min_number_overlap": 0.8, "groups_in_two_splits": 0}})
+                                    "min_number_overlap": 0.8, "groups_in_two_splits": 0}}))
 
 
 def test_card_metadata_is_hub_shaped(demo_cfg):
     _manifests(demo_cfg)
-    meta, body = parse_card(build_card(demo_cfg, SUMMARY))
+    meta, body = parse_card(build_card(demo_cfg, FormatManifest.from_json(SUMMARY), UPSTREAM(demo_cfg)))
     assert meta["configs"] == [{"config_name": "finsynth-demo-0123456789ab", "default": True, "data_files": [
         {"split": "train", "path": "train.parquet"}, {"split": "validation", "path": "validation.parquet"},
         {"split": "test", "path": "test.parquet"}]}]
@@ -78,13 +83,13 @@ def test_card_metadata_is_hub_shaped(demo_cfg):
     assert meta["pretty_name"] == demo_cfg.card.pretty_name
     from huggingface_hub import DatasetCard
 
-    card = DatasetCard(build_card(demo_cfg, SUMMARY))
+    card = DatasetCard(build_card(demo_cfg, FormatManifest.from_json(SUMMARY), UPSTREAM(demo_cfg)))
     assert card.data.to_dict()["configs"] == meta["configs"]
 
 
 def test_card_body_states_every_stage(demo_cfg):
     _manifests(demo_cfg)
-    _, body = parse_card(build_card(demo_cfg, SUMMARY))
+    _, body = parse_card(build_card(demo_cfg, FormatManifest.from_json(SUMMARY), UPSTREAM(demo_cfg)))
     for text in ["| finsynth-sample-qa | 39 | 165 | unknown | found |",
                  "| market:simulator | 60 | 60 | apache-2.0 | machine-generated |",
                  "Acceptance: 75.0% of slots filled (first attempt 60.0%; 50.0% of candidates accepted)",
@@ -104,34 +109,34 @@ def test_card_body_states_every_stage(demo_cfg):
 
 
 def test_card_without_upstream_manifests_says_not_recorded(demo_cfg):
-    meta, body = parse_card(build_card(demo_cfg, {"counts": {"train": 3}}))
+    meta, body = parse_card(build_card(demo_cfg, FormatManifest(counts={"train": 3})))
     assert meta["size_categories"] == ["n<1K"] and meta["source_datasets"] == []
     assert "not recorded" in body and "## Deduplication" in body
 
 
 def _augment(cfg, **rephrase):
-    write_manifest(cfg.paths.stage_dir("augment"), {"stage": "augment", "counts": {"rephrased_items": 24},
-                                                    "rephrase": rephrase})
+    write_manifest(cfg.paths.stage_dir("augment"), AugmentManifest(counts={"rephrased_items": 24}, rephrase=rephrase))
 
 
 def test_card_items_rephrased_is_zero_when_k_is_zero(demo_cfg):
     _augment(demo_cfg, k=0, slots=0, kept=0, missing=0, acceptance=None, first_attempt_acceptance=None,
              candidate_acceptance=None, rejected_by_reason={})
-    _, body = parse_card(build_card(demo_cfg, {**SUMMARY, "data": {**SUMMARY["data"], "rephrasings": {},
-                                                                   "rephrased_groups": {}}}))
+    _, body = parse_card(build_card(demo_cfg, FormatManifest.from_json(
+        {**SUMMARY, "data": {**SUMMARY["data"], "rephrasings": {}, "rephrased_groups": {}}}), UPSTREAM(demo_cfg)))
     assert "items rephrased: 0" in body and "24" not in body.split("## Rephrasing")[1].split("##")[0]
     assert "Acceptance" not in body and "not recorded of slots" not in body
 
 
 def test_card_reports_drops_of_fetch_and_augment_by_reason(demo_cfg):
     p = demo_cfg.paths
-    write_manifest(p.stage_dir("fetch"), {"stage": "fetch", "counts": {"dropped_missing": 2, "dropped_bad_label": 1},
-                                          "quarantine": {"total": 3, "by_reason": {"missing": 2, "bad_label": 1}}})
-    write_manifest(p.stage_dir("augment"), {
+    write_manifest(p.stage_dir("fetch"), FetchManifest(
+        counts={"dropped_missing": 2, "dropped_bad_label": 1},
+        quarantine={"total": 3, "by_reason": {"missing": 2, "bad_label": 1}}))
+    write_manifest(p.stage_dir("augment"), AugmentManifest.from_json({
         "stage": "augment", "counts": {"rephrased_items": 5, "rejections": 7, "dropped_near_copy": 6,
                                        "dropped_missing_metrics": 1},
-        "rephrase": {"k": 2, "slots": 10, "kept": 4, "missing": 6, "rejected_by_reason": {"near_copy": 6}}})
-    _, body = parse_card(build_card(demo_cfg, SUMMARY))
+        "rephrase": {"k": 2, "slots": 10, "kept": 4, "missing": 6, "rejected_by_reason": {"near_copy": 6}}}))
+    _, body = parse_card(build_card(demo_cfg, FormatManifest.from_json(SUMMARY), UPSTREAM(demo_cfg)))
     assert "Rows quarantined at fetch (invalid): 3, by reason: bad_label 1, missing 2." in body
     assert ("Dropped at augment (every rejected candidate, rephrasings and scenario tasks): missing_metrics 1, "
             "near_copy 6.") in body
@@ -139,7 +144,7 @@ def test_card_reports_drops_of_fetch_and_augment_by_reason(demo_cfg):
 
 def test_card_acceptance_only_when_recorded(demo_cfg):
     _augment(demo_cfg, k=2, slots=10, kept=4, missing=6, rejected_by_reason={"near_copy": 6})
-    _, body = parse_card(build_card(demo_cfg, SUMMARY))
+    _, body = parse_card(build_card(demo_cfg, FormatManifest.from_json(SUMMARY), UPSTREAM(demo_cfg)))
     assert "Acceptance" not in body and "slots 10, kept 4, missing 6" in body
 
 
@@ -168,7 +173,8 @@ def test_finsynth_card_prints_it(demo_cfg, capsys):
     from flows.cli import main
 
     _manifests(demo_cfg)
-    write_card(demo_cfg, SUMMARY)
+    write_card(demo_cfg.paths.stage_dir("format") / "README.md",
+               build_card(demo_cfg, FormatManifest.from_json(SUMMARY), UPSTREAM(demo_cfg)))
     assert main(["card", "--profile", "demo", "--root", str(demo_cfg.paths.root)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("---\n") and "# finsynth synthetic finance QA" in out

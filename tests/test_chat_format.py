@@ -19,6 +19,7 @@ from datagen.dataset.chat_format import (
     truncate_context,
 )
 from datagen.io import read_jsonl, write_jsonl, write_manifest
+from datagen.manifest import Manifest
 from datagen.prompts import Prompt, load_prompt
 
 SYS = Prompt("sys", "Be brief.")
@@ -96,7 +97,7 @@ def _write_split(cfg, rows_by_split):
     d = cfg.paths.stage_dir("split")
     for s, rows in rows_by_split.items():
         write_jsonl(d / f"{s}.jsonl", rows)
-    write_manifest(d, {"stage": "split"})
+    write_manifest(d, Manifest(stage="split"))
 
 
 @pytest.mark.slow
@@ -111,14 +112,14 @@ def test_run_format_parquet_roundtrip(demo_cfg, tokenizer):
     })
     m = invoke(demo_cfg, "format", tokenizer=tokenizer)
     out = demo_cfg.paths.stage_dir("format")
-    assert m["counts"]["train"] == 2 and m["counts"]["validation"] == 1 and m["counts"]["test"] == 0
-    assert m["counts"]["dropped_too_long"] == 1 and m["counts"]["truncated"] == 0
-    assert m["empty_splits"] == ["test"]
+    assert m.counts["train"] == 2 and m.counts["validation"] == 1 and m.counts["test"] == 0
+    assert m.counts["dropped_too_long"] == 1 and m.counts["truncated"] == 0
+    assert m.empty_splits == ["test"]
     assert read_jsonl(out / META_DIR / "drops.jsonl")[0]["row_id"] == "c"
-    top = {k for k in m["outputs"] if "/" not in k}
-    assert top == {"README.md", "train.parquet", "validation.parquet"} and m["splits"] == ["train", "validation"]
+    top = {k for k in m.outputs if "/" not in k}
+    assert top == {"README.md", "train.parquet", "validation.parquet"} and m.splits == ["train", "validation"]
     assert {f"{META_DIR}/token_lengths.png", f"{META_DIR}/drops.jsonl", f"{DISK_DIR}/dataset_dict.json"} <= set(
-        m["outputs"])
+        m.outputs)
     ds = load_dataset("parquet", data_dir=str(out))
     assert set(ds) == {"train", "validation"}
     assert ds["train"].features == ds["validation"].features
@@ -210,8 +211,8 @@ def test_run_format_truncate_strategy(demo_cfg, tokenizer):
     vol["metadata"]["answer_values"] = [{"name": "vol", "value": 23.41, "unit": "%"}]
     _write_split(demo_cfg, {"train": [lookup, vol, _row("a", group="g3")], "validation": [], "test": []})
     m = invoke(demo_cfg, "format", tokenizer=tokenizer)
-    assert m["long_context"] == "truncate"
-    assert m["counts"]["train"] == 2 and m["counts"]["truncated"] == 1 and m["counts"]["dropped_too_long"] == 1
+    assert m.long_context == "truncate"
+    assert m.counts["train"] == 2 and m.counts["truncated"] == 1 and m.counts["dropped_too_long"] == 1
     out = demo_cfg.paths.stage_dir("format")
     drop = read_jsonl(out / META_DIR / "drops.jsonl")[0]
     assert drop["row_id"] == "vol" and "not all in the context" in drop["detail"]

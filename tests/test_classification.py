@@ -16,6 +16,7 @@ import pytest
 
 from datagen.config import ConfigError, load_config
 from datagen.io import read_json, read_jsonl, write_manifest
+from datagen.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["positive", "negative", "neutral"]
@@ -99,10 +100,10 @@ def cls_cfg(tiny_cfg):
     ds.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(TEST).to_parquet(ds / "test.parquet", index=False)
     pd.DataFrame(TRAIN).to_parquet(ds / "train.parquet", index=False)
-    write_manifest(ds, {"stage": "format"})
+    write_manifest(ds, Manifest(stage="format"))
     adapter = cfg.paths.models_dir / cfg.train.run_name
     adapter.mkdir(parents=True, exist_ok=True)
-    write_manifest(adapter, {"stage": "train"})
+    write_manifest(adapter, Manifest(stage="train"))
     return cfg
 
 
@@ -120,7 +121,7 @@ def test_every_arm_is_scored_by_label_loglik_and_a_constant_tuned_arm_is_flagged
     monkeypatch.setattr(gen, "attach_adapter", lambda model, d: HandSetLM(bias={"negative": 20.0}))
     monkeypatch.setattr(gen, "answer_prompts", lambda model, tok, prompts, **kw: ["I cannot say."] * len(prompts))
     m = invoke(cls_cfg, "evaluate")
-    out = Path(m["report_json"]).parent
+    out = Path(m.report_json).parent
     items = {(i["id"], i["model"]): i for i in read_jsonl(out / "items.jsonl")}
     assert {i[1] for i in items} == {"base", "fewshot", "tuned", "majority"}
     for t in TEST:
@@ -141,7 +142,7 @@ def test_every_arm_is_scored_by_label_loglik_and_a_constant_tuned_arm_is_flagged
     assert report["classification"]["test/sentiment"]["base"]["generated"]["accuracy"] == 0.0
     (row,) = classification_rows(report)
     assert row["collapsed"] == "tuned" and row["tuned_gain_counts"] is False and row["scoring"] == "loglik"
-    assert m["classification_rows"] == [row]
+    assert m.classification_rows == [row]
     md = (out / "report.md").read_text()
     assert "## Classification: macro-F1" in md and "(no claim)" in md and "**tuned**" in md
     assert "tuned - majority" in scores_table(cls_cfg)
@@ -277,11 +278,11 @@ def test_external_test_sets_are_evaluated_and_never_reach_data_or_exemplars(cls_
         return {arm: ["positive"] * len(c) for arm, c in conversations.items()}
 
     m = invoke(cfg, "evaluate", generator=fake)
-    report = read_json(m["report_json"])
+    report = read_json(m.report_json)
     assert set(report["summary"]) == {"test", "ext"}
     assert report["summary"]["ext"]["categories"]["sentiment"]["n"] == 6
     assert report["test_sets"]["ext"]["rows"] == 6 and "ext/sentiment" in report["macro_f1"]
-    items = read_jsonl(Path(m["items_jsonl"]))
+    items = read_jsonl(Path(m.items_jsonl))
     ext_ids = {i["id"] for i in items if i["split"] == "ext"}
     assert len(ext_ids) == 6
     assert not ext_ids & {x for i in items for x in i.get("fewshot_ids") or []}  # never an exemplar

@@ -10,6 +10,7 @@ from datagen.config import load_config
 from datagen.dataset.chat_format import DISK_DIR
 from flows.stages import invoke
 from datagen.io import write_jsonl, write_manifest
+from datagen.manifest import Manifest
 
 
 def _row(id_, group=None, question="Is ACME risky?"):
@@ -46,7 +47,7 @@ def _make(root, tokenizer, prefix, n, long_rows=0):
                                                for i in range(long_rows)]}
     for s, r in rows.items():
         write_jsonl(d / f"{s}.jsonl", r)
-    write_manifest(d, {"stage": "split"})
+    write_manifest(d, Manifest(stage="split"))
     invoke(cfg, "format", tokenizer=tokenizer)
     return cfg.paths.stage_dir("format")
 

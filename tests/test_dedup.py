@@ -30,6 +30,7 @@ from datagen.dataset.dedup import (
     term_difference,
 )
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
+from datagen.manifest import Manifest
 from datagen.schema import Sample
 
 DIM = 16
@@ -201,7 +202,7 @@ def test_run_dedup_writes_files_and_manifest(demo_cfg):
     rows, vecs = _case()
     aug = demo_cfg.paths.stage_dir("augment")
     write_jsonl(aug / "samples.jsonl", rows)
-    write_manifest(aug, {"stage": "augment"})
+    write_manifest(aug, Manifest(stage="augment"))
     emb = FakeEmbedder({question_text(r): v for r, v in zip(rows, vecs)})  # dedup embeds questions alone
     m = invoke(demo_cfg, "dedup", embedder=emb)
     out = demo_cfg.paths.stage_dir("dedup")
@@ -209,11 +210,11 @@ def test_run_dedup_writes_files_and_manifest(demo_cfg):
     drops = read_jsonl(out / "drops.jsonl")
     assert [(d["stage"], d["row_id"], d["kept_id"], d["reason"]) for d in drops][1] == (
         "dedup", "b1", "a1", "exact_duplicate")
-    assert m["counts"]["dropped_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 2,
+    assert m.counts["dropped_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 2,
                                                 "within_group_near_copy": 1, "conflicting_answers": 0}
-    assert {k: v for k, v in m["counts"].items() if k.startswith("dropped_") and k != "dropped_by_reason"} == {
+    assert {k: v for k, v in m.counts.items() if k.startswith("dropped_") and k != "dropped_by_reason"} == {
         "dropped_exact_duplicate": 1, "dropped_near_duplicate": 2, "dropped_within_group_near_copy": 1}
-    assert m["counts"]["in"] == 11 and m["counts"]["kept"] == 7 and m["counts"]["quarantined"] == 0
+    assert m.counts["in"] == 11 and m.counts["kept"] == 7 and m.counts["quarantined"] == 0
     assert read_json(out / "manifest.json")["outputs"].keys() == {"samples.jsonl", "drops.jsonl"}
 
 

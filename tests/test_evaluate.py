@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from datagen.io import read_json, read_jsonl, write_manifest
+from datagen.manifest import Manifest, TrainManifest
 from datagen.llm.base import FunctionProvider
 from datagen.prompts import load_prompt
 from training.evaluate import decode_row, fewshot_exemplars, select_items
@@ -85,13 +86,13 @@ def _write_dataset(cfg, rows, train=TRAIN):
     pd.DataFrame(rows).to_parquet(ds / "test.parquet", index=False)
     if train:
         pd.DataFrame(train).to_parquet(ds / "train.parquet", index=False)
-    write_manifest(ds, {"stage": "format"})
+    write_manifest(ds, Manifest(stage="format"))
 
 
 def _fake_adapter(cfg):
     d = cfg.paths.models_dir / cfg.train.run_name
     d.mkdir(parents=True, exist_ok=True)
-    write_manifest(d, {"stage": "train"})
+    write_manifest(d, Manifest(stage="train"))
     return d
 
 
@@ -148,7 +149,7 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     m = invoke(eval_cfg, "evaluate", judge=judge, generator=fake_generator)
     out = eval_cfg.paths.reports_dir / eval_cfg.evaluate.run_name
     for f in ("items.jsonl", "report.json", "report.md", "scores.png"):
-        assert (out / f).exists() and f in m["outputs"]
+        assert (out / f).exists() and f in m.outputs
     assert (out / "manifest.json").exists()
 
     items = read_jsonl(out / "items.jsonl")
@@ -207,7 +208,7 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     assert j["kappas"]["numeric grader"]["n"] == 4
     assert j["reliable"] is True, j["reasons"]
 
-    rows = m["table_rows"]
+    rows = m.table_rows
     assert [(r["split"], r["category"]) for r in rows] == [
         ("test", "facts"), ("test", "returns"), ("test", "risk"), ("test", "scenario"),
         ("test", "overall (micro)"), ("test", "overall (macro)")]
@@ -216,8 +217,8 @@ def test_run_evaluate_with_scripted_judge(eval_cfg):
     assert ret["fewshot_mean"] == pytest.approx(0.667) and ret["tuned_minus_fewshot_mean"] == pytest.approx(0.333)
     assert ret["tuned_minus_base_lo"] <= ret["tuned_minus_base_mean"] <= ret["tuned_minus_base_hi"]
     assert rows[3]["rests_on_judge"] is True and rows[3]["judge_unreliable"] is False
-    assert m["judge"]["reliable"] is True
-    md = Path(m["report_md"]).read_text()
+    assert m.judge["reliable"] is True
+    md = Path(m.report_md).read_text()
     assert md.startswith("# Evaluation report")
     assert "base few-shot" in md and "tuned - few-shot" in md
 
@@ -338,20 +339,20 @@ def test_fewshot_k_zero_disables_the_arm(eval_cfg):
 
     m = invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge), generator=gen)
     assert set(seen) == {"base", "tuned"}
-    report = read_json(Path(m["report_json"]))
+    report = read_json(Path(m.report_json))
     r = report["summary"]["test"]["categories"]["returns"]
     assert r["fewshot"]["n"] == 0 and r["tuned_minus_fewshot"]["ci"] is None
     assert r["tuned_minus_base"]["mean"] == pytest.approx(2 / 3)
     # the majority arm loads no model
-    assert {i["model"] for i in read_jsonl(Path(m["items_jsonl"]))} == {"base", "tuned", "majority"}
-    assert m["table_rows"][1]["fewshot_mean"] is None
-    assert "base few-shot" not in Path(m["report_md"]).read_text()
+    assert {i["model"] for i in read_jsonl(Path(m.items_jsonl))} == {"base", "tuned", "majority"}
+    assert m.table_rows[1]["fewshot_mean"] is None
+    assert "base few-shot" not in Path(m.report_md).read_text()
 
 
 def test_evaluate_reads_no_train_file_as_no_exemplars(eval_cfg):
     _write_dataset(eval_cfg, ROWS, train=[])
     m = invoke(eval_cfg, "evaluate", judge=FunctionProvider(reference_judge), generator=fake_generator)
-    report = read_json(Path(m["report_json"]))
+    report = read_json(Path(m.report_json))
     # every few-shot prompt had 0 exemplars: the arm is still reported, and equals zero-shot prompts
     assert report["summary"]["test"]["categories"]["returns"]["fewshot"]["n"] == 3
 
@@ -361,7 +362,7 @@ def test_run_evaluate_flags_an_unreliable_judge_and_pairwise(eval_cfg):
     yes_man = FunctionProvider(lambda m: '{"winner": "A"}' if "Answer A:" in m[0]["content"]
                                else '{"score": 5, "pass": true, "rationale": "."}', name="yes", model="man")
     m = invoke(eval_cfg, "evaluate", judge=yes_man, generator=fake_generator)
-    report = read_json(Path(m["report_json"]))
+    report = read_json(Path(m.report_json))
     j = report["judge"]
     assert j["reliable"] is False
     assert j["selfcheck"]["mismatch_fail_rate"] == 0.0
@@ -370,10 +371,10 @@ def test_run_evaluate_flags_an_unreliable_judge_and_pairwise(eval_cfg):
     assert report["pairwise"]["test/overall"] == {"n": 2, "tuned": 0, "base": 0, "tie": 2, "unparsable": 0,
                                                   "tuned_win_rate": 0.0, "base_win_rate": 0.0}
     assert "pairwise" in report["rests_on_judge"]
-    md = Path(m["report_md"]).read_text()
+    md = Path(m.report_md).read_text()
     assert "**WARNING: the LLM judge `yes:man` is UNRELIABLE**" in md
     assert "| test | scenario | judge (!) |" in md
-    assert [r["judge_unreliable"] for r in m["table_rows"] if r["category"] == "scenario"] == [True]
+    assert [r["judge_unreliable"] for r in m.table_rows if r["category"] == "scenario"] == [True]
 
 
 def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
@@ -391,9 +392,9 @@ def test_gold_file_is_a_separate_split(eval_cfg, tmp_path):
     # a gold row without messages gets the system prompt + question
     assert seen[-1][0]["role"] == "system" and seen[-1][0]["content"] == load_prompt("system_analyst").render()
     assert seen[-1][-1] == {"role": "user", "content": "BOLT 10-day return?"}
-    report = read_json(Path(m["report_json"]))
+    report = read_json(Path(m.report_json))
     assert report["summary"]["gold"]["categories"]["returns"]["tuned"]["n"] == 1
-    assert ("gold", "returns") in [(r["split"], r["category"]) for r in m["table_rows"]]
+    assert ("gold", "returns") in [(r["split"], r["category"]) for r in m.table_rows]
 
 
 def test_run_evaluate_requires_upstream(tiny_cfg):
@@ -429,7 +430,7 @@ def _train_tiny_adapter(cfg, rows, adapter_dir: Path) -> None:
         opt.step()
         opt.zero_grad()
     model.save_pretrained(str(adapter_dir))
-    write_manifest(adapter_dir, {"stage": "train", "note": "tiny test adapter"})
+    write_manifest(adapter_dir, TrainManifest.from_json({"stage": "train", "note": "tiny test adapter"}))
 
 
 @pytest.mark.slow
@@ -449,8 +450,8 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
 
     m = invoke(cfg, "evaluate")  # the judge is get_provider(cfg, "local"): the packaged Gemma base
 
-    report = read_json(Path(m["report_json"]))
-    items = read_jsonl(Path(m["items_jsonl"]))
+    report = read_json(Path(m.report_json))
+    items = read_jsonl(Path(m.items_jsonl))
     n_cls = sum(r["task_type"] == "classification" for r in rows)
     assert n_cls == 1 and len(items) == 3 * len(rows) + n_cls  # three arms, and the majority label per label item
     assert {i["model"] for i in items} == {"base", "fewshot", "tuned", "majority"}
@@ -464,13 +465,13 @@ def test_real_run_on_packaged_gemma(tiny_cfg):
     j = report["judge"]
     assert j["used"] and j["provider"] == "local"
     assert j["selfcheck"]["n_cases"] == 2  # one item: its reference and a same-category mismatch
-    assert m["judge"]["reliable"] == j["reliable"]
+    assert m.judge["reliable"] == j["reliable"]
     if j["selfcheck"]["accuracy"] < ev.judge_min_accuracy:
         assert j["reliable"] is False
-    md = Path(m["report_md"]).read_text()
+    md = Path(m.report_md).read_text()
     if not j["reliable"]:  # the expected, honest outcome for a 270M base-model judge
         assert "UNRELIABLE" in md and "test/scenario" in md
-    assert Path(m["scores_png"]).stat().st_size > 1000
+    assert Path(m.scores_png).stat().st_size > 1000
     print(md)
 
 

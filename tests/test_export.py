@@ -13,6 +13,7 @@ import yaml
 
 from datagen.config import load_config
 from datagen.io import write_json, write_manifest
+from datagen.manifest import TrainManifest
 from training.export import (
     _strip_generation_markers,
     adapter_dir,
@@ -60,9 +61,10 @@ def test_score_table_shows_the_arms_that_exist_few_shot_included():
 def test_model_card_metadata_is_valid_hub_metadata():
     rows = [ROW]
     report = {"judge": {"used": False}, "config": {"bootstrap_samples": 200}}
-    manifest = {"config": {"train": {"lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj"]},
-                                     "learning_rate": 2e-4, "seed": 42}},
-                "steps": 2, "max_steps": 2, "precision": "float32", "device": "cpu", "counts": {"train_rows": 10}}
+    manifest = TrainManifest(config={"train": {"lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                        "target_modules": ["q_proj"]},
+                                               "learning_rate": 2e-4, "seed": 42}},
+                             steps=2, max_steps=2, precision="float32", device="cpu", counts={"train_rows": 10})
     text = build_model_card(title="t", kind="merged", name_or_path="packaged:gemma3-270m", license="apache-2.0",
                             train_manifest=manifest, report=report, table_rows=rows,
                             dataset_card="../dataset/README.md", dataset_name="finsynth-demo",
@@ -121,8 +123,7 @@ def _lora_adapter(cfg, out: Path) -> Path:
     model.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(cfg.model).save_pretrained(str(out))
     write_json(out / "log_history.json", [])
-    write_manifest(out, {"stage": "train", "config": {"train": cfg.dump_public()["train"]}, "steps": 0,
-                         "max_steps": 0, "device": "cpu", "precision": "float32"})
+    write_manifest(out, TrainManifest(config={"train": cfg.dump_public()["train"]}, device="cpu", precision="float32"))
     return out
 
 

@@ -32,22 +32,22 @@ def test_fetch_demo_counts_and_byte_identical_rerun(demo_cfg):
         Sample.model_validate(r)
     n_market = 7 * demo_cfg.sources.market.questions_per_type
     sample_set = len(read_jsonl(demo_cfg.paths.resolve(demo_cfg.sources.source_qa[0].path)))
-    assert m["stage"] == "fetch" and m["config_hash"] == demo_cfg.section_hash("sources")
-    assert m["counts"]["samples"] == len(rows) == n_market + sample_set
-    assert m["counts"]["per_source"] == {"finsynth-sample-qa": sample_set, "market:simulator": n_market}
-    assert sum(m["counts"]["per_category"].values()) == len(rows)
-    assert m["counts"]["per_category"]["market_volatility"] == demo_cfg.sources.market.questions_per_type
-    assert m["counts"]["per_task_type"] == {
+    assert m.stage == "fetch" and m.config_hash == demo_cfg.section_hash("sources")
+    assert m.counts["samples"] == len(rows) == n_market + sample_set
+    assert m.counts["per_source"] == {"finsynth-sample-qa": sample_set, "market:simulator": n_market}
+    assert sum(m.counts["per_category"].values()) == len(rows)
+    assert m.counts["per_category"]["market_volatility"] == demo_cfg.sources.market.questions_per_type
+    assert m.counts["per_task_type"] == {
         t: sum(1 for r in rows if r["task_type"] == t) for t in ("classification", "numeric_qa", "open_qa")}
-    assert m["quarantine"] == {"total": 0, "by_reason": {}, "by_file": {}}
-    assert set(m["outputs"]) == {"samples.jsonl", "quarantine.jsonl"}
+    assert m.quarantine == {"total": 0, "by_reason": {}, "by_file": {}}
+    assert set(m.outputs) == {"samples.jsonl", "quarantine.jsonl"}
     assert [(r["source"], r["id"]) for r in rows] == sorted((r["source"], r["id"]) for r in rows)
 
     first = {f: (out / f).read_bytes() for f in ("samples.jsonl", "quarantine.jsonl")}
     m2 = invoke(demo_cfg, "fetch")
     assert {f: (out / f).read_bytes() for f in first} == first
-    assert {k: v for k, v in m2.items() if k != "timing"} == {k: v for k, v in m.items() if k != "timing"}
-    assert json.loads((out / "manifest.json").read_text())["outputs"] == m["outputs"]
+    assert m2.to_json() == m.to_json()  # the same manifest.json: wall-clock timing is kept apart
+    assert json.loads((out / "manifest.json").read_text())["outputs"] == m.outputs
 
 
 def test_fetch_quarantines_bad_rows_and_cross_source_duplicates(tmp_root):
@@ -61,13 +61,13 @@ def test_fetch_quarantines_bad_rows_and_cross_source_duplicates(tmp_root):
     assert [(x["file"], x["row"], x["reason"]) for x in q] == [
         ("data/raw/dup.jsonl", 2, "duplicate_id"), ("data/raw/empty.jsonl", 1, "duplicate_id"),
         ("data/raw/empty.jsonl", 2, "empty")]
-    assert m["quarantine"]["by_reason"] == {"duplicate_id": 2, "empty": 1}
-    assert m["counts"]["per_source"]["a"] == 1 and "b" not in m["counts"]["per_source"]
+    assert m.quarantine["by_reason"] == {"duplicate_id": 2, "empty": 1}
+    assert m.counts["per_source"]["a"] == 1 and "b" not in m.counts["per_source"]
     # counted after the cross-source check: empty.jsonl's row 1 (id g1 again) is quarantined there
-    assert m["source_files"]["data/raw/empty.jsonl"] == {
+    assert m.source_files["data/raw/empty.jsonl"] == {
         "rows_in": 2, "rows_out": 0, "rows_quarantined": 2, "rows_unaccounted": 0, "lines_in": 2, "lines_blank": 0}
     assert all(x["stage"] == "fetch" and "row_id" in x for x in q)
-    assert m["counts"]["dropped_duplicate_id"] == 2 and m["counts"]["dropped_empty"] == 1
+    assert m.counts["dropped_duplicate_id"] == 2 and m.counts["dropped_empty"] == 1
 
 
 def test_fetch_from_price_files_records_repairs(tmp_root):
@@ -82,11 +82,11 @@ def test_fetch_from_price_files_records_repairs(tmp_root):
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "sources.market.provider=csv", "sources.market.paths=[data/raw/prices.csv]", "sources.source_qa=[]"])
     m = invoke(cfg, "fetch")
-    actions = sorted(r["action"] for r in m["market"]["repairs"])
+    actions = sorted(r["action"] for r in m.market["repairs"])
     assert actions == ["dropped_exact_duplicates", "sorted_dates", "sorted_dates"]
-    assert m["market"]["repairs"][0]["file"] == "data/raw/prices.csv"
-    assert m["inputs"].keys() == {"data/raw/prices.csv"}
-    assert m["counts"]["per_scenario"] == {"observed": 7}
+    assert m.market["repairs"][0]["file"] == "data/raw/prices.csv"
+    assert m.inputs.keys() == {"data/raw/prices.csv"}
+    assert m.counts["per_scenario"] == {"observed": 7}
 
 
 def test_cli_fetch_demo_writes_files(tmp_root):
@@ -130,16 +130,16 @@ def test_fetch_reconciles_rows_of_every_format(tmp_root):
         f"sources.source_qa=[{{path: data/raw/csv_unterminated_quote.csv}}, {nested}, "
         "{path: data/raw/jsonl_nan_answer.jsonl, name: nan}, {path: data/raw/parquet_non_finite.parquet}]"])
     m = invoke(cfg, "fetch")
-    files = m["source_files"]
+    files = m.source_files
     assert files["data/raw/csv_unterminated_quote.csv"] == {
         "rows_in": 6, "rows_out": 5, "rows_quarantined": 1, "rows_unaccounted": 0,
         "lines_in": 7, "lines_header": 1, "lines_blank": 0}
     assert {k: v["rows_in"] for k, v in files.items()} == {
         "data/raw/csv_unterminated_quote.csv": 6, "data/raw/json_nested_documents.json": 5,
         "data/raw/jsonl_nan_answer.jsonl": 2, "data/raw/parquet_non_finite.parquet": 3}
-    assert m["rows"] == {"rows_in": 16, "rows_out": 10, "rows_quarantined": 6, "rows_unaccounted": 0}
-    assert m["counts"]["samples"] == 10 and m["quarantine"]["total"] == 6
-    assert m["quarantine"]["by_reason"] == {"empty": 1, "missing": 1, "non_finite": 2, "unterminated_quote": 1,
+    assert m.rows == {"rows_in": 16, "rows_out": 10, "rows_quarantined": 6, "rows_unaccounted": 0}
+    assert m.counts["samples"] == 10 and m.quarantine["total"] == 6
+    assert m.quarantine["by_reason"] == {"empty": 1, "missing": 1, "non_finite": 2, "unterminated_quote": 1,
                                             "duplicate_id": 1}
     q = read_jsonl(cfg.paths.stage_dir("fetch") / "quarantine.jsonl")
     assert ("data/raw/csv_unterminated_quote.csv", 3, 4, "<row>") in {
@@ -197,7 +197,7 @@ def test_fetch_price_csv_exported_by_pandas(tmp_root):
     cfg = load_config(profile="tiny", root=tmp_root, overrides=[
         "sources.market.provider=csv", "sources.market.paths=[data/raw/SPY.csv]", "sources.source_qa=[]"])
     m = invoke(cfg, "fetch")
-    assert m["market"]["tickers"] == ["SPY"] and m["market"]["price_rows"] == 30
-    assert m["market"]["rows"] == {"rows_in": 30, "rows_out": 30, "rows_dropped_duplicate": 0, "rows_filtered": 0,
+    assert m.market["tickers"] == ["SPY"] and m.market["price_rows"] == 30
+    assert m.market["rows"] == {"rows_in": 30, "rows_out": 30, "rows_dropped_duplicate": 0, "rows_filtered": 0,
                                    "rows_unaccounted": 0}
-    assert m["market"]["repairs"][0]["action"] == "date_from_unnamed_first_column"
+    assert m.market["repairs"][0]["action"] == "date_from_unnamed_first_column"

@@ -19,6 +19,7 @@ import pytest
 
 from datagen.dataset.card import build_card, parse_card
 from datagen.io import write_json, write_manifest
+from datagen.manifest import AugmentManifest, FetchManifest, FormatManifest, TrainManifest
 from html_check import Page
 
 CAT = "banking | retail\n<script>alert('cat')</script> `x`"
@@ -70,12 +71,13 @@ def test_card_tables_keep_their_columns_with_hostile_names(demo_cfg):
     sd = demo_cfg.paths.stage_dir("split")
     write_json(sd / "clusters.json", {"cluster_by": "category", "clusters": [
         {"name": CAT, "source": "category"}, {"name": SCEN, "source": "scenario <i>x</i>"}]})
-    write_manifest(demo_cfg.paths.stage_dir("fetch"), {
+    write_manifest(demo_cfg.paths.stage_dir("fetch"), FetchManifest.from_json({
         "stage": "fetch", "config_hash": "f1", "counts": {"per_source": {SRC: 12, "plain": 3}},
-        "quarantine": {"total": 0}})
-    write_manifest(demo_cfg.paths.stage_dir("augment"), {
-        "stage": "augment", "config_hash": "a1", "llm_usage": {"local|<x>": {"model": "m`1`", "calls": 1}}})
-    card = build_card(demo_cfg, copy.deepcopy(SUMMARY))
+        "quarantine": {"total": 0}}))
+    write_manifest(demo_cfg.paths.stage_dir("augment"), AugmentManifest.from_json({
+        "stage": "augment", "config_hash": "a1", "llm_usage": {"local|<x>": {"model": "m`1`", "calls": 1}}}))
+    card = build_card(demo_cfg, FormatManifest.from_json(copy.deepcopy(SUMMARY)),
+                      {n: demo_cfg.paths.stage_dir(n) for n in ("fetch", "augment", "split")})
     meta, body = parse_card(card)
     page = assert_safe(body, one_line(CAT), one_line(SRC), one_line(SCEN))
     # the sources table: header + 2 sources; the cluster table: header + 2 clusters, 5 columns each
@@ -86,11 +88,11 @@ def test_card_tables_keep_their_columns_with_hostile_names(demo_cfg):
 
 
 def test_card_ui_artifact_front_matter_table_is_escaped():
-    from flows.pipeline import _card_for_ui
+    from flows.pipeline import card_for_ui
 
     card = ("---\npretty_name: " + json.dumps("A | B <script>x</script>") + "\nsource_datasets:\n- "
             + json.dumps("extended|a|b") + "\n---\n\n# Title\n\nBody.\n")
-    md = _card_for_ui(card)
+    md = card_for_ui(card)
     page = assert_safe(md.split("\n\n", 1)[1], "A | B <script>x</script>", "extended|a|b")
     assert [n for _, n in page.tables[0]] == [2, 2, 2]
 
@@ -138,7 +140,7 @@ def test_model_card_and_score_table_keep_their_columns():
     page = assert_safe(md, one_line(CAT), one_line(SRC))
     assert len(page.tables[0]) == 1 + len(rows)
     card = build_model_card(title="Tuned <script>t</script>", kind="adapter", name_or_path="x|<img src=y onerror=z>",
-                            license="apache-2.0", train_manifest={}, report=report, table_rows=rows,
+                            license="apache-2.0", train_manifest=TrainManifest(), report=report, table_rows=rows,
                             dataset_card="../data set/README.md", dataset_name="ds|<b>x</b>", files=["a|b.bin"],
                             usage="```python\nload()\n```")
     assert_safe(card.split("\n---\n", 1)[1], one_line(CAT), "Tuned <script>t</script>", "a|b.bin")

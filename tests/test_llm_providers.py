@@ -192,10 +192,9 @@ def test_a_key_claimed_by_a_live_run_is_waited_for_and_a_dead_runs_claim_is_take
         keys = p.batch_keys([req(i) for i in range(4)])
         mine, theirs = cache.claim_many(keys[:2], "other-run")  # a live run (this pid) is asking 0 and 1
         assert mine == keys[:2] and theirs == []
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout.strip()
-        cache._conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
-                            (keys[2], "dead-run", __import__("socket").gethostname(), int(dead), time.time() + 900))
+        # a run that claims key 2 and dies without releasing it
+        subprocess.run([sys.executable, "-c", "from datagen.llm.cache import ResponseCache; "
+                        f"ResponseCache({str(cache.path)!r}).claim_many([{keys[2]!r}], 'dead-run')"], check=True)
 
         def other_run_answers():  # the other run's answers land 0.7 s later
             time.sleep(0.7)

@@ -11,20 +11,23 @@ import subprocess
 import sys
 import textwrap
 
-from datagen.progress import Progress, drops, rows_out, seconds, stage_done_line
+from datagen.manifest import DedupManifest, FetchManifest, Manifest, TrainManifest
+from datagen.progress import Progress, seconds, stage_done_line
 from flows.progress import Terminal, TerminalHandler
 
 
 def test_stage_done_line_names_rows_and_drops_by_reason():
-    m = {"stage": "dedup", "counts": {"samples": 198, "dropped_near_duplicate": 15, "dropped_conflicting_answer": 2,
-                                      "dropped_other": 0}}
-    assert rows_out(m) == 198 and drops(m) == {"near_duplicate": 15, "conflicting_answer": 2}
+    m = DedupManifest(counts={"samples": 198, "dropped_near_duplicate": 15, "dropped_conflicting_answer": 2,
+                              "dropped_other": 0})
+    assert m.rows_out() == 198 and m.drops() == {"near_duplicate": 15, "conflicting_answer": 2}
     assert stage_done_line("dedup", m, 12.3, rows_in=215) == \
         "dedup: done in 12 s: 215 -> 198 rows; dropped: near_duplicate 15, conflicting_answer 2"
-    assert stage_done_line("train", {"steps": 6, "final_train_loss": 2.3456}, 161.0) == \
+    assert stage_done_line("train", TrainManifest(steps=6, final_train_loss=2.3456), 161.0) == \
         "train: done in 2 min 41 s: 6 steps, final loss 2.346"
-    assert stage_done_line("x", {"counts": {"splits": {"train": 3, "test": 2}}}, 0.25) == "x: done in 0.2 s: 5 rows"
-    fetch = {"counts": {"samples": 170}, "quarantine": {"total": 3, "by_reason": {"bad_date": 1, "empty_answer": 2}}}
+    assert stage_done_line("x", Manifest(stage="x", counts={"splits": {"train": 3, "test": 2}}), 0.25) == \
+        "x: done in 0.2 s: 5 rows"
+    fetch = FetchManifest(counts={"samples": 170},
+                          quarantine={"total": 3, "by_reason": {"bad_date": 1, "empty_answer": 2}})
     assert stage_done_line("fetch", fetch, 1.0) == (
         "fetch: done in 1.0 s: 170 rows; quarantined 3: empty_answer 2, bad_date 1")
     assert seconds(0.44) == "0.4 s" and seconds(41.2) == "41 s" and seconds(185) == "3 min 05 s"

@@ -21,6 +21,7 @@ import pytest
 
 from datagen.config import load_config
 from datagen.io import read_json, write_jsonl, write_manifest
+from datagen.manifest import Manifest
 
 from llm_fakes import _Base, echo_completion
 from test_augment import QA
@@ -87,7 +88,7 @@ def _fetched(root: Path, n: int, overrides: list[str]):
     rows = [{**QA, "id": f"q{i:02d}", "group_id": f"g{i:02d}"} for i in range(n)]
     fetch = cfg.paths.stage_dir("fetch")
     write_jsonl(fetch / "samples.jsonl", rows)
-    write_manifest(fetch, {"stage": "fetch"})
+    write_manifest(fetch, Manifest(stage="fetch"))
     return cfg
 
 
@@ -136,7 +137,7 @@ def test_killed_worker_mid_augment_completes_without_repeating_answered_calls(ra
         t.join(300)
         assert not t.is_alive() and "m" in done, "the run did not complete after its workers were killed"
     m = done["m"]
-    assert m["rephrase"]["slots"] == 24 and m["rephrase"]["requests"] == 24
+    assert m.rephrase["slots"] == 24 and m.rephrase["requests"] == 24
     assert len(server.answered) == 24  # every request answered once in the end ...
     assert max(server.answered.values()) == 1  # ... and none answered twice
     assert not (cfg.paths.stage_dir("augment") / ".shards").exists()
@@ -295,7 +296,7 @@ def test_evaluate_on_ray_gives_the_local_answers_and_report(ray_cluster, tmp_pat
         else:
             shutil.copytree(trained, adapter)
         m = invoke(cfg, "evaluate", judge=FunctionProvider(reference_judge))
-        out = Path(m["report_json"]).parent
+        out = Path(m.report_json).parent
         assert not (out / ".shards").exists()
         items = read_jsonl(out / "items.jsonl")
         assert {i["model"] for i in items} >= {"base", "fewshot", "tuned"}

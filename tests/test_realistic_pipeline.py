@@ -18,7 +18,7 @@ import yaml
 from test_card import _md_tables, parse_card
 
 from datagen.config import load_config
-from datagen.io import read_jsonl, read_manifest
+from datagen.io import read_jsonl
 from flows.stages import execute
 
 DATA = Path(__file__).parent / "data" / "realistic"
@@ -85,14 +85,14 @@ def test_no_group_context_or_price_day_in_two_splits(run):
                     day = (ticker, row[1 if ti == 0 else 0])
                     assert days.setdefault(day, s) == s, day
     assert days  # the market rows were there
-    report = m["split"].get("leakage") or read_manifest(split).get("leakage")
+    report = m["split"].leakage
     assert report["groups_in_two_splits"] == report["context_hashes_in_two_splits"] == 0
     assert report["price_rows_in_two_splits"] == 0
 
 
 def test_every_row_ends_in_the_dataset_or_with_a_reason(run):
     cfg, m = run
-    fetched = m["fetch"]["counts"]["samples"]
+    fetched = m["fetch"].counts["samples"]
     out = cfg.paths.stage_dir("format")
     in_dataset = sum(len(pd.read_parquet(out / f"{s}.parquet")) for s in ("train", "validation", "test")
                      if (out / f"{s}.parquet").exists())

@@ -29,6 +29,7 @@ from datagen.io import (
     write_jsonl,
     write_manifest,
 )
+from datagen.manifest import Manifest
 from datagen.llm import LLMUnavailable
 from datagen.llm.keys import redact, register_secret
 from flows.stages import execute
@@ -56,7 +57,7 @@ def _cfg(tmp_path, url: str, **extra):
     fetch = cfg.paths.stage_dir("fetch")
     rows = [{**QA, "id": f"q{i}", "group_id": f"g{i}"} for i in range(10)] + [CLS]
     write_jsonl(fetch / "samples.jsonl", rows)
-    write_manifest(fetch, {"stage": "fetch"})
+    write_manifest(fetch, Manifest(stage="fetch"))
     return cfg
 
 
@@ -98,7 +99,7 @@ def test_some_failures_below_the_limit_still_finish(tmp_path):
                     responder=lambda body, tag: "What was the return of ACME?") as proxy:
         cfg = _cfg(tmp_path, proxy.url + "/v1", **{"llm.providers.teacher.max_retries": 0})
         m = invoke(cfg, "augment", embedder=_embedder())
-    assert m["rephrase"]["slots"] == 33 and read_manifest(cfg.paths.stage_dir("augment"))
+    assert m.rephrase["slots"] == 33 and read_manifest(cfg.paths.stage_dir("augment"))
 
 
 def test_echoed_key_never_reaches_rejections(tmp_path):
@@ -133,7 +134,7 @@ def test_output_replaced_but_manifest_not_written_is_refused_downstream(tmp_path
     cfg = load_config(profile="tiny", root=tmp_path)
     aug = cfg.paths.stage_dir("augment")
     write_jsonl(aug / "samples.jsonl", [QA, CLS])
-    write_manifest(aug, {"stage": "augment"})
+    write_manifest(aug, Manifest(stage="augment"))
     require_stage(aug, "augment")
     # a rerun starts, replaces the output, and is killed before its manifest
     begin_stage(aug)
@@ -143,7 +144,7 @@ def test_output_replaced_but_manifest_not_written_is_refused_downstream(tmp_path
         require_stage(aug, "augment")
     # a finished manifest over files that changed afterwards: refused with path, expected vs found hash
     write_jsonl(aug / "samples.jsonl", [QA, CLS])
-    write_manifest(aug, {"stage": "augment"})
+    write_manifest(aug, Manifest(stage="augment"))
     write_jsonl(aug / "samples.jsonl", [QA])
     with pytest.raises(StageOutputError, match=r"samples\.jsonl does not match its manifest \(expected sha256 "
                                                r"[0-9a-f]{12}, found [0-9a-f]{12}\)"):
@@ -157,7 +158,7 @@ def test_killed_between_output_and_manifest_leaves_no_finished_stage(tmp_path):
     cfg = load_config(profile="tiny", root=tmp_path)
     aug = cfg.paths.stage_dir("augment")
     write_jsonl(aug / "samples.jsonl", [QA, CLS])
-    write_manifest(aug, {"stage": "augment"})
+    write_manifest(aug, Manifest(stage="augment"))
     script = textwrap.dedent(f"""
         import os, signal
         from datagen.io import begin_stage, write_jsonl
@@ -175,7 +176,7 @@ def test_killed_between_output_and_manifest_leaves_no_finished_stage(tmp_path):
 def test_second_run_on_the_same_root_fails_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from flows.stages import invoke
+        from datagen.io import run_lock
         with run_lock({str(tmp_path)!r}):
             print("held", flush=True)
             time.sleep(30)

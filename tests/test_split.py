@@ -24,6 +24,7 @@ from datagen.dataset.split import (
 )
 from datagen.embed import sample_text
 from datagen.io import read_json, read_jsonl, write_jsonl, write_manifest
+from datagen.manifest import Manifest
 
 CATS = ["returns", "volatility", "credit", "liquidity"]
 
@@ -177,14 +178,14 @@ def test_run_split_stage_files(demo_cfg):
     rows = _dataset(10)
     d = demo_cfg.paths.stage_dir("dedup")
     write_jsonl(d / "samples.jsonl", rows)
-    write_manifest(d, {"stage": "dedup"})
+    write_manifest(d, Manifest(stage="dedup"))
     m = invoke(demo_cfg, "split", embedder=HashEmbedder())
     out = demo_cfg.paths.stage_dir("split")
     n = {s: len(read_jsonl(out / f"{s}.jsonl")) for s in SPLITS}
-    assert n == {s: m["counts"][s] for s in SPLITS}
-    assert sum(n.values()) + m["counts"]["dropped_by_reason"]["test_rephrase"] == len(rows)
-    assert m["leakage"]["cross_split_pairs_above_threshold"] == 0 == m["leakage"]["cross_split_duplicates"]
-    assert m["leakage"]["max_cross_split_cosine"] < 0.6
+    assert n == {s: m.counts[s] for s in SPLITS}
+    assert sum(n.values()) + m.counts["dropped_by_reason"]["test_rephrase"] == len(rows)
+    assert m.leakage["cross_split_pairs_above_threshold"] == 0 == m.leakage["cross_split_duplicates"]
+    assert m.leakage["max_cross_split_cosine"] < 0.6
     cl = read_json(out / "clusters.json")
     assert [c["name"] for c in cl["clusters"]] == sorted(CATS)
     assert all(r["metadata"]["cluster"] in CATS for r in read_jsonl(out / "train.jsonl"))
@@ -301,16 +302,16 @@ def test_run_split_fails_on_leakage_unless_allowed(demo_cfg):
     rows, _ = _market_rows()
     d = demo_cfg.paths.stage_dir("dedup")
     write_jsonl(d / "samples.jsonl", rows)
-    write_manifest(d, {"stage": "dedup"})
+    write_manifest(d, Manifest(stage="dedup"))
     cfg = demo_cfg.model_copy(update={"split": demo_cfg.split.model_copy(update={"walk_forward": False})})
     with pytest.raises(ValueError, match=r"^split: leakage across splits: 0 groups, 0 context hashes, \d+ price rows"):
         invoke(cfg, "split", embedder=HashEmbedder())
     assert not (cfg.paths.stage_dir("split") / "manifest.json").exists()
     cfg = cfg.model_copy(update={"split": cfg.split.model_copy(update={"allow_leakage": True})})
     m = invoke(cfg, "split", embedder=HashEmbedder())
-    assert m["leakage"]["price_rows_in_two_splits"] > 0 and m["allow_leakage"] is True
+    assert m.leakage["price_rows_in_two_splits"] > 0 and m.allow_leakage is True
     m = invoke(demo_cfg, "split", embedder=HashEmbedder())  # walk-forward: no leakage
-    assert m["leakage"]["price_rows_in_two_splits"] == 0 and m["walk_forward"]["gap_days"] == 20
+    assert m.leakage["price_rows_in_two_splits"] == 0 and m.walk_forward["gap_days"] == 20
 
 
 def test_leakage_check_on_templated_questions_counts_duplicates_without_every_pair():

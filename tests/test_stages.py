@@ -3,6 +3,7 @@
 import pytest
 
 from datagen.io import STALE, write_manifest
+from datagen.manifest import Manifest
 from flows.cli import main
 from flows.stages import STAGE_NAMES, mark_downstream_stale, select
 
@@ -17,7 +18,7 @@ def test_select_only_from_and_all():
 
 def test_mark_downstream_stale_marks_only_finished_later_stages(tiny_cfg):
     for stage in ("fetch", "dedup", "split"):
-        write_manifest(tiny_cfg.paths.stage_dir(stage), {"stage": stage})
+        write_manifest(tiny_cfg.paths.stage_dir(stage), Manifest(stage=stage))
     assert mark_downstream_stale(tiny_cfg, "augment") == ["dedup", "split"]  # format/train/... unfinished
     assert (tiny_cfg.paths.stage_dir("dedup") / STALE).exists()
     assert not (tiny_cfg.paths.stage_dir("fetch") / STALE).exists()
@@ -25,7 +26,7 @@ def test_mark_downstream_stale_marks_only_finished_later_stages(tiny_cfg):
 
 def test_cli_stage_command_marks_downstream_stale(tiny_cfg, tmp_root):
     dedup = tiny_cfg.paths.stage_dir("dedup")
-    write_manifest(dedup, {"stage": "dedup"})
+    write_manifest(dedup, Manifest(stage="dedup"))
     assert main(["fetch", "--profile", "tiny", "--root", str(tmp_root)]) == 0
     assert (dedup / STALE).read_text().startswith("upstream stage 'fetch' was rerun")
     assert not (tiny_cfg.paths.stage_dir("fetch") / STALE).exists()
@@ -68,18 +69,27 @@ def test_no_stage_module_names_another_stages_folder():
 
 
 TOY = '''"""A stage from another package: the word count of every fetched question."""
+from dataclasses import dataclass
+
 from datagen.io import read_jsonl, write_jsonl, write_manifest
+from datagen.manifest import Manifest
 from datagen.stage import StageSpec
+
+
+@dataclass(kw_only=True)
+class ToyManifest(Manifest):
+    stage: str = "toy"
+    read: str = ""  # the folder it read
 
 
 def run_toy(cfg, inputs, out):
     rows = read_jsonl(inputs["fetch"] / "samples.jsonl")
     write_jsonl(out / "words.jsonl", [{"id": r["id"], "words": len(r["question"].split())} for r in rows])
-    return write_manifest(out, {"stage": "toy", "config_hash": STAGE.config_hash(cfg),
-                                "counts": {"in": len(rows), "out": len(rows)}, "read": str(inputs["fetch"])})
+    return write_manifest(out, ToyManifest(config_hash=STAGE.config_hash(cfg), counts={"in": len(rows)},
+                                           read=str(inputs["fetch"])))
 
 
-STAGE = StageSpec("toy", run_toy, __name__, ("sources",), upstream=("fetch",))
+STAGE = StageSpec("toy", run_toy, __name__, ("sources",), upstream=("fetch",), manifest=ToyManifest)
 '''
 
 

@@ -13,6 +13,7 @@ import torch
 
 from datagen.config import load_config
 from datagen.io import read_manifest, write_manifest
+from datagen.manifest import Manifest, TrainManifest
 from datagen.tokenizer import load_tokenizer
 from training.models import get_peft_config, get_quantization_config, load_model
 from training.plots import loss_series, plot_loss_curves
@@ -37,7 +38,7 @@ def write_dataset(d: Path, n_train: int = 12, n_val: int = 4) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(_rows(n_train)).to_parquet(d / "train.parquet")
     pd.DataFrame(_rows(n_val, offset=1000)).to_parquet(d / "validation.parquet")
-    write_manifest(d, {"stage": "format"})
+    write_manifest(d, Manifest(stage="format"))
     return d
 
 
@@ -251,15 +252,15 @@ def test_train_stage_outputs_and_resume(tmp_path, tiny_model_dir):
               "loss.png", "log_history.json", "manifest.json"):
         assert (out / f).exists(), f
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
-    m = read_manifest(out)
-    assert m["stage"] == "train" and m["steps"] == 4 and m["resumed_from"] is None
-    assert m["upstream"]["format"] and m["best_eval_loss"] == min(
+    m = read_manifest(out, TrainManifest)
+    assert m.stage == "train" and m.steps == 4 and m.resumed_from is None
+    assert m.upstream["format"] and m.best_eval_loss == min(
         r["eval_loss"] for r in json.loads((out / "log_history.json").read_text()) if "eval_loss" in r)
-    assert m["tokens_per_s"] > 0 and m["train_tokens"] > 0 and m["memory"]["peak_rss_bytes"] > 0
-    assert m["libraries"]["trl"] and m["config"]["train"]["max_steps"] == 4
-    assert "adapter_model.safetensors" in m["outputs"]
+    assert m.tokens_per_s > 0 and m.train_tokens > 0 and m.memory["peak_rss_bytes"] > 0
+    assert m.libraries["trl"] and m.config["train"]["max_steps"] == 4
+    assert "adapter_model.safetensors" in m.outputs
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert m["merged_dir"] == "merged" and (out / "merged" / "model.safetensors").exists()
+    assert m.merged_dir == "merged" and (out / "merged" / "model.safetensors").exists()
     adapter = PeftModel.from_pretrained(load_model(cfg, "cpu"), str(out)).eval()
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapter.named_parameters())
     from transformers import AutoModelForCausalLM
@@ -274,8 +275,8 @@ def test_train_stage_outputs_and_resume(tmp_path, tiny_model_dir):
 
     shutil.rmtree(out / "checkpoints" / "checkpoint-4")
     (out / "manifest.json").unlink()
-    m2 = read_manifest(train(cfg, d))
-    assert m2["resumed_from"] == "checkpoint-2" and m2["steps"] == 4
+    m2 = read_manifest(train(cfg, d), TrainManifest)
+    assert m2.resumed_from == "checkpoint-2" and m2.steps == 4
 
 
 def test_loss_series_and_plot(tmp_path):
@@ -307,9 +308,10 @@ def test_two_processes_with_torchrun_match_one(tmp_path, tiny_model_dir):
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count('"stage": "train"') == 1, r.stdout  # one summary: rank 0's
         out = root / "data" / "models" / "ddp"
-        m = read_manifest(out)
+        m = read_manifest(out, TrainManifest)
         assert m is not None
-        return {**m, "losses": [r["loss"] for r in json.loads((out / "log_history.json").read_text()) if "loss" in r]}
+        log_history = json.loads((out / "log_history.json").read_text())
+        return {**m.to_json(), "losses": [r["loss"] for r in log_history if "loss" in r]}
 
     two = run(tmp_path / "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 2)
     one = run(tmp_path / "one", [], 4)

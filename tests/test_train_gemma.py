@@ -9,6 +9,7 @@ import pytest
 
 from datagen.config import load_config
 from datagen.io import read_manifest, write_manifest
+from datagen.manifest import Manifest, TrainManifest
 from datagen.tokenizer import load_tokenizer
 
 ROWS = [
@@ -41,14 +42,14 @@ def test_gemma_smoke_run_saves_a_loadable_adapter(tmp_root):
     ds_dir.mkdir(parents=True)
     _frame(ROWS).to_parquet(ds_dir / "train.parquet")
     _frame(ROWS[:2]).to_parquet(ds_dir / "validation.parquet")
-    write_manifest(ds_dir, {"stage": "format"})
+    write_manifest(ds_dir, Manifest(stage="format"))
 
     manifest = invoke(cfg, "train")
     out = cfg.paths.models_dir / "smoke"
-    assert manifest == read_manifest(out)
-    assert manifest["steps"] == 2 and manifest["precision"] == "float32"
-    assert math.isfinite(manifest["best_eval_loss"]) and math.isfinite(manifest["final_train_loss"])
-    assert manifest["parameters"]["trainable"] == 3_796_992  # LoRA r16 on the 7 projections of 18 layers
+    assert manifest == read_manifest(out, TrainManifest)
+    assert manifest.steps == 2 and manifest.precision == "float32"
+    assert math.isfinite(manifest.best_eval_loss) and math.isfinite(manifest.final_train_loss)
+    assert manifest.parameters["trainable"] == 3_796_992  # LoRA r16 on the 7 projections of 18 layers
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
 
     tok = load_tokenizer(cfg.model)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from datagen.io import read_json
-from flows.pipeline import _card_for_ui, _inline_images
+from flows.pipeline import card_for_ui, inline_images
 
 PNG_1PX = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5Erk"
                            "Jggg==")
@@ -33,16 +33,16 @@ PNG_1PX = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlE
 def test_card_front_matter_becomes_a_table_under_the_title():
     card = ("---\npretty_name: Demo QA\nlicense: apache-2.0\ntask_categories:\n- question-answering\n---\n\n"
             "# Demo QA\n\nBody.\n")
-    md = _card_for_ui(card)
+    md = card_for_ui(card)
     assert md.startswith("# Demo QA\n\n| Hub metadata | value |")
     assert "| pretty_name | Demo QA |" in md and "| task_categories | question-answering |" in md
     assert "---\npretty_name" not in md and md.rstrip().endswith("Body.")
-    assert _card_for_ui("# no front matter\n") == "# no front matter\n"
+    assert card_for_ui("# no front matter\n") == "# no front matter\n"
 
 
 def test_relative_report_images_are_inlined(tmp_path):
     (tmp_path / "scores.png").write_bytes(PNG_1PX)
-    md = _inline_images("a\n![scores](scores.png)\n![gone](missing.png)\n![web](https://x/y.png)\n", tmp_path)
+    md = inline_images("a\n![scores](scores.png)\n![gone](missing.png)\n![web](https://x/y.png)\n", tmp_path)
     assert "![scores](data:image/png;base64," in md and "(scores.png)" not in md
     assert f"`{tmp_path / 'missing.png'}`" in md and "![web](https://x/y.png)" in md
 
@@ -188,7 +188,7 @@ def hostile() -> str:
         STAGE_FLOWS[name](None, config, None, root)
     adapter = cfg.paths.models_dir / cfg.train.run_name
     adapter.mkdir(parents=True, exist_ok=True)
-    write_manifest(adapter, {"stage": "train"})  # evaluation's arms are scripted: no model is loaded
+    write_manifest(adapter, Manifest(stage="train"))  # evaluation's arms are scripted: no model is loaded
     _publish(cfg, "evaluate", invoke(cfg, "evaluate", generator=scripted))
     return flow_run.id
 

@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from datagen.manifest import Manifest
 
 MANIFEST = "manifest.json"
 STALE = "STALE"
@@ -23,7 +25,7 @@ IN_PROGRESS = "IN_PROGRESS"
 TIMINGS = "timings.json"  # wall-clock figures: beside the manifest, never part of a cache key
 RUN_INFO = "run.json"  # the inputs key the output was made from (written by the orchestration)
 _BOOKKEEPING = (MANIFEST, STALE, IN_PROGRESS, TIMINGS, RUN_INFO)
-_TIMING_KEYS = ("timing", "seconds")
+M = TypeVar("M", bound=Manifest)
 
 
 class StageOutputError(RuntimeError):
@@ -150,29 +152,26 @@ def begin_stage(stage_dir: str | Path) -> None:
         (stage_dir / name).unlink(missing_ok=True)
 
 
-def write_manifest(stage_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Record output file hashes and write ``manifest.json`` last; clears STALE and IN_PROGRESS.
-    Wall-clock figures (``timing``, ``seconds``) go to ``timings.json`` beside it."""
+def write_manifest(stage_dir: str | Path, manifest: M) -> M:
+    """Record the output file hashes in ``manifest.outputs`` and write ``manifest.json`` last (its
+    ``timing`` to ``timings.json`` beside it); clears STALE and IN_PROGRESS. Returns the manifest."""
     stage_dir = Path(stage_dir)
-    outputs = {}
-    for p in sorted(stage_dir.rglob("*")):
-        if p.is_file() and p.name not in _BOOKKEEPING and not p.name.startswith("."):
-            outputs[str(p.relative_to(stage_dir))] = sha256_file(p)
-    if os.environ.get("FINSYNTH_FAULT_KILL_BEFORE_MANIFEST") == manifest.get("stage"):
+    manifest.outputs = {str(p.relative_to(stage_dir)): sha256_file(p) for p in sorted(stage_dir.rglob("*"))
+                        if p.is_file() and p.name not in _BOOKKEEPING and not p.name.startswith(".")}
+    if os.environ.get("FINSYNTH_FAULT_KILL_BEFORE_MANIFEST") == manifest.stage:
         os.kill(os.getpid(), 9)  # fault injection (benchmarks/bench_reliability.py): die in the worst window
-    timings = {k: manifest[k] for k in _TIMING_KEYS if k in manifest}
-    manifest = {**{k: v for k, v in manifest.items() if k not in _TIMING_KEYS}, "outputs": outputs}
-    if timings:
-        write_json(stage_dir / TIMINGS, timings)
-    write_json(stage_dir / MANIFEST, manifest)
+    if manifest.timing:
+        write_json(stage_dir / TIMINGS, manifest.timing)
+    write_json(stage_dir / MANIFEST, manifest.to_json())
     (stage_dir / STALE).unlink(missing_ok=True)
     (stage_dir / IN_PROGRESS).unlink(missing_ok=True)
     return manifest
 
 
-def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
+def read_manifest(stage_dir: str | Path, kind: type[M] = Manifest) -> M | None:  # type: ignore[assignment]
+    """The finished stage's manifest as ``kind`` (the stage's manifest class), or None if unfinished."""
     p = Path(stage_dir) / MANIFEST
-    return read_json(p) if p.exists() else None
+    return kind.from_json(read_json(p)) if p.exists() else None
 
 
 def manifest_hash(stage_dir: str | Path) -> str | None:
@@ -181,14 +180,14 @@ def manifest_hash(stage_dir: str | Path) -> str | None:
     m = read_manifest(stage_dir)
     if m is None:
         return None
-    return sha256_text(dumps(m.get("outputs", {})))[:16]
+    return sha256_text(dumps(m.outputs))[:16]
 
 
-def verify_outputs(stage_dir: str | Path, manifest: dict[str, Any], stage: str) -> None:
+def verify_outputs(stage_dir: str | Path, manifest: Manifest, stage: str) -> None:
     """Every file the manifest lists is there with the listed hash, or :class:`StageOutputError`
     naming the path and the expected vs found hash."""
     stage_dir = Path(stage_dir)
-    for rel, want in sorted(manifest.get("outputs", {}).items()):
+    for rel, want in sorted(manifest.outputs.items()):
         p = stage_dir / rel
         if not p.is_file():
             raise StageOutputError(f"stage {stage!r}: {p} is listed in its manifest but missing; "
@@ -205,7 +204,7 @@ def allow_stale() -> bool:
     return os.environ.get("FINSYNTH_ALLOW_STALE", "") not in ("", "0", "false")
 
 
-def require_stage(stage_dir: str | Path, stage: str) -> dict[str, Any]:
+def require_stage(stage_dir: str | Path, stage: str) -> Manifest:
     """The manifest of a finished upstream stage whose files are intact and not stale, or a clear error
     telling the user what to run."""
     stage_dir = Path(stage_dir)

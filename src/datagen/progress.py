@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from datagen.manifest import FetchManifest, Manifest, TrainManifest
+
 STAGE_LOGGER = "finsynth.stage"
 PROGRESS_LOGGER = "finsynth.progress"
 stage_log = logging.getLogger(STAGE_LOGGER)
@@ -85,47 +87,21 @@ def _fmt(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- stage lines
-def rows_out(manifest: Mapping[str, Any]) -> int | None:
-    """The rows a stage wrote, from its manifest: ``counts.samples``, else ``counts.total``, else the
-    sum of per-split counts (``counts.splits``), else None (train and evaluate count other things)."""
-    counts = manifest.get("counts") or {}
-    for k in ("samples", "total", "rows"):
-        if isinstance(counts.get(k), int):
-            return counts[k]
-    splits = counts.get("splits") or counts.get("per_split")
-    if isinstance(splits, Mapping) and splits and all(isinstance(v, int) for v in splits.values()):
-        return sum(splits.values())
-    return None
-
-
-def drops(manifest: Mapping[str, Any]) -> dict[str, int]:
-    """``{reason: n}`` from the manifest's ``dropped_<reason>`` counts (the first level that has any:
-    the manifest itself, then its ``counts``, then any other section), zeros left out."""
-    for section in (manifest, manifest.get("counts") or {}, *[v for v in manifest.values() if isinstance(v, Mapping)]):
-        if not isinstance(section, Mapping):
-            continue
-        found = {k.removeprefix("dropped_"): v for k, v in section.items()
-                 if k.startswith("dropped_") and isinstance(v, int) and v}
-        if found:
-            return dict(sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
-    return {}
-
-
-def stage_done_line(name: str, manifest: Mapping[str, Any], s: float, rows_in: int | None = None) -> str:
+def stage_done_line(name: str, manifest: Manifest, s: float, rows_in: int | None = None) -> str:
     """``dedup: done in 12 s: 215 -> 198 rows; dropped: near_duplicate 15, conflicting_answer 2``, with
     what train and evaluate report in place of rows."""
     parts = [f"{name}: done in {seconds(s)}"]
-    out = rows_out(manifest)
+    out = manifest.rows_out()
     if out is not None:
         parts.append(f"{rows_in} -> {out} rows" if rows_in is not None else f"{out} rows")
-    if name == "train":
-        loss = manifest.get("final_train_loss")
-        parts.append(f"{manifest.get('steps')} steps" + (f", final loss {loss:.3f}" if isinstance(loss, float) else ""))
-    d = drops(manifest)
+    if isinstance(manifest, TrainManifest):
+        loss = manifest.final_train_loss
+        parts.append(f"{manifest.steps} steps" + (f", final loss {loss:.3f}" if isinstance(loss, float) else ""))
+    d = manifest.drops()
     text = ": ".join(parts[:2]) + "".join(f", {p}" for p in parts[2:])
     if d:
         text += "; dropped: " + ", ".join(f"{k} {v}" for k, v in d.items())
-    q = manifest.get("quarantine") if isinstance(manifest.get("quarantine"), Mapping) else {}
+    q = manifest.quarantine if isinstance(manifest, FetchManifest) else {}
     if q.get("total"):
         reasons = q.get("by_reason") or {}
         text += f"; quarantined {q['total']}" + (": " + ", ".join(f"{k} {v}" for k, v in sorted(

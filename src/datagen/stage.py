@@ -1,7 +1,8 @@
 """What a stage is, declared once, in the stage's own module: ``STAGE = StageSpec(...)``.
 
-A stage is a plain function ``run(cfg, inputs, out) -> manifest``: ``inputs`` maps each upstream stage's
-name to its finished output folder, ``out`` is the folder it writes (``manifest.json`` last). The
+A stage is a plain function ``run(cfg, inputs, out) -> Manifest``: ``inputs`` maps each upstream stage's
+name to its finished output folder, ``out`` is the folder it writes; it returns its manifest (a
+:class:`datagen.manifest.Manifest`), written by ``datagen.io.write_manifest`` (``manifest.json`` last). The
 orchestration passes both from the specs, so no stage module knows where another stage writes. A data
 stage's folder is ``data/processed/<name>``; a stage whose output lives elsewhere (an adapter, a report)
 says where with ``output``.
@@ -19,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from datagen.config import Config
+from datagen.manifest import Manifest
 
 Inputs = Mapping[str, Path]  # upstream stage name -> its finished output folder
 
@@ -33,13 +34,14 @@ def _none(cfg: Config) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    run: Callable[..., dict[str, Any]]  # run(cfg, inputs, out) -> the manifest it wrote
+    run: Callable[..., Manifest]  # run(cfg, inputs, out) -> the manifest it wrote
     module: str  # the declaring module (``__name__``): its project-module import closure is the stage's code
     config_sections: tuple[str, ...]  # config sections (dotted: ``dedup.embedder``) its output depends on
     upstream: tuple[str, ...] = ()  # finished stages it reads, passed to ``run`` as ``inputs``
     prompts: Callable[[Config], tuple[str, ...]] = _none  # prompt templates it renders, for this config
     providers: Callable[[Config], tuple[str, ...]] = _none  # LLM providers it calls, for this config
     folder: Callable[[Config], Path] | None = None  # where it writes, when not data/processed/<name>
+    manifest: type[Manifest] = Manifest  # the class of the manifest ``run`` returns
 
     def output(self, cfg: Config) -> Path:
         """The folder the stage writes."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from datagen import executor
 from datagen.config import Config
+from datagen.manifest import EvaluateManifest
 from datagen.io import (
     atomic_write_text,
     dumps,
@@ -462,7 +463,7 @@ def _pairwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the stage
 def run_evaluate(cfg: Config, inputs: Inputs, out: Path, judge: LLMProvider | None = None, *,
-                 generator: Generator | None = None) -> dict[str, Any]:
+                 generator: Generator | None = None) -> EvaluateManifest:
     """Evaluate base zero-shot, base few-shot and the trained adapter; returns the manifest (with
     ``table_rows`` and report paths)."""
     from training.generate import LOGLIK, fewshot_messages, generate_arms, prompt_messages
@@ -537,23 +538,22 @@ def run_evaluate(cfg: Config, inputs: Inputs, out: Path, judge: LLMProvider | No
     prompts = [load_prompt(RUBRIC_PROMPT).ref] if judge_info["used"] else []
     if result["pairwise"]:
         prompts.append(load_prompt(PAIRWISE_PROMPT).ref)
-    manifest = {
-        "stage": "evaluate",
-        "config_hash": STAGE.config_hash(cfg),
-        "upstream": {"format": ds_hash, "train": adapter_hash},
-        "prompts": prompts,
-        "counts": result["counts"],
-        "models": refs,
-        "judge": {k: judge_info.get(k) for k in ("used", "provider", "model", "reliable", "reasons")},
-        "rests_on_judge": result["rests_on_judge"],
-        "llm_usage": judge_info.get("usage", {}),
-        "table_rows": rows_t,
-        "classification_rows": classification_rows(report),
-        "report_md": str(out / "report.md"),
-        "report_json": str(out / "report.json"),
-        "scores_png": str(out / "scores.png"),
-        "items_jsonl": str(out / "items.jsonl"),
-    }
+    manifest = EvaluateManifest(
+        config_hash=STAGE.config_hash(cfg),
+        upstream={"format": ds_hash, "train": adapter_hash},
+        prompts=prompts,
+        counts=result["counts"],
+        models=refs,
+        judge={k: judge_info.get(k) for k in ("used", "provider", "model", "reliable", "reasons")},
+        rests_on_judge=result["rests_on_judge"],
+        llm_usage=judge_info.get("usage", {}),
+        table_rows=rows_t,
+        classification_rows=classification_rows(report),
+        report_md=str(out / "report.md"),
+        report_json=str(out / "report.json"),
+        scores_png=str(out / "scores.png"),
+        items_jsonl=str(out / "items.jsonl"),
+    )
     executor.clear(out / ".shards")  # the report is written: its shards are done with
     return write_manifest(out, manifest)
 
@@ -562,4 +562,5 @@ STAGE = StageSpec("evaluate", run_evaluate, __name__, ("evaluate", "llm", "model
                   upstream=("format", "train"),
                   prompts=lambda c: ("judge_rubric", "judge_pairwise", "sft_user", c.format.system_prompt),
                   providers=lambda c: (c.evaluate.judge_provider,),
-                  folder=lambda c: c.paths.reports_dir / c.evaluate.run_name)
+                  folder=lambda c: c.paths.reports_dir / c.evaluate.run_name,
+                  manifest=EvaluateManifest)

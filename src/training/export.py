@@ -30,6 +30,7 @@ from typing import Any
 
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
+from datagen.manifest import TrainManifest
 from datagen.llm.llamacpp_server import extract_llama_cpp, find_sdist
 from lm.packaged import model_cache_dir
 from datagen.prompts import load_prompt
@@ -220,7 +221,8 @@ def write_model_card(cfg: Config, folder: Path, kind: str, adapter: Path, usage:
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     text = build_model_card(
         title=f"{cfg.card.dataset_name}: {cfg.train.run_name} ({_KIND_NAMES[kind]})", kind=kind,
-        name_or_path=cfg.model.name_or_path, license=cfg.card.license, train_manifest=read_manifest(adapter) or {},
+        name_or_path=cfg.model.name_or_path, license=cfg.card.license,
+        train_manifest=read_manifest(adapter, TrainManifest) or TrainManifest(config_hash=""),
         report=report, table_rows=rows, dataset_card=dataset_card, dataset_name=cfg.card.dataset_name,
         files=files + ["README.md"], usage=usage)
     atomic_write_text(folder / "README.md", text)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from datagen.manifest import TrainManifest
 from datagen.render import md_cell, md_code, md_text
 
 # labels for the arms and paired differences the evaluation writes; anything else keeps its key
@@ -165,7 +166,7 @@ def card_metadata(*, name_or_path: str, kind: str, license: str, dataset_name: s
     return meta
 
 
-def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, train_manifest: dict[str, Any],
+def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, train_manifest: TrainManifest,
                      report: dict[str, Any] | None, table_rows: list[dict[str, Any]] | None,
                      dataset_card: str | None, dataset_name: str | None, files: list[str],
                      usage: str, base_model: str | None = None) -> str:
@@ -173,12 +174,13 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
     folder holds (named in the card); ``usage``: a Markdown snippet that loads or runs it."""
     meta = card_metadata(name_or_path=name_or_path, kind=kind, license=license, dataset_name=dataset_name,
                          base_model=base_model)
-    tcfg = (train_manifest.get("config") or {}).get("train") or {}
+    tm = train_manifest
+    tcfg = tm.config.get("train") or {}
     lora = tcfg.get("lora") or {}
     targets = lora.get("target_modules")
     targets = ", ".join(targets) if isinstance(targets, list) else targets
     sched = f"{tcfg.get('lr_scheduler')}, warmup {tcfg.get('warmup_ratio')}"
-    best = f"{_num(train_manifest.get('best_eval_loss'))} (step {train_manifest.get('best_step')})"
+    best = f"{_num(tm.best_eval_loss)} (step {tm.best_step})"
     kind_line = {"adapter": "a LoRA adapter (PEFT) for", "merged": "the LoRA adapter merged into",
                  "gguf": "a GGUF file (llama.cpp / Ollama) of the LoRA adapter merged into"}[kind]
     out: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {md_text(title)}", "",
@@ -195,7 +197,7 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
     out += ["## Data", ""]
     out.append(f"Trained on {md_code(dataset_name or 'the finsynth dataset')}; dataset card: "
                + (f"[{md_text(dataset_card)}]({_link(dataset_card)})" if dataset_card else "not recorded") + ".")
-    counts = train_manifest.get("counts") or {}
+    counts = tm.counts
     if counts:
         out.append(f"Training rows: {counts.get('train_rows', 'not recorded')}, validation rows: "
                    f"{counts.get('validation_rows', 'not recorded')}.")
@@ -203,17 +205,16 @@ def build_model_card(*, title: str, kind: str, name_or_path: str, license: str, 
             "| setting | value |", "|---|---|",
             f"| method | LoRA (r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}) on "
             f"{md_cell(targets)} |",
-            f"| precision | {train_manifest.get('precision', 'not recorded')} on {train_manifest.get('device', '?')} |",
+            f"| precision | {tm.precision or 'not recorded'} on {tm.device or '?'} |",
             f"| learning rate | {tcfg.get('learning_rate')} ({sched}) |",
             f"| batch | {tcfg.get('per_device_batch_size')} x {tcfg.get('gradient_accumulation_steps')} accumulation |",
             f"| max length | {tcfg.get('max_length')} tokens |",
-            f"| steps | {train_manifest.get('steps')} of {train_manifest.get('max_steps')}"
-            f"{' (stopped early)' if train_manifest.get('stopped_early') else ''} |",
+            f"| steps | {tm.steps} of {tm.max_steps}{' (stopped early)' if tm.stopped_early else ''} |",
             f"| best eval loss | {best} |",
-            f"| final train loss | {_num(train_manifest.get('final_train_loss'))} |",
-            f"| loss | assistant tokens only, chat template {md_code(_template(train_manifest), in_table=True)} |",
+            f"| final train loss | {_num(tm.final_train_loss)} |",
+            f"| loss | assistant tokens only, chat template {md_code(_template(tm), in_table=True)} |",
             f"| seed | {tcfg.get('seed')} |",
-            f"| libraries | {_libs(train_manifest)} |", ""]
+            f"| libraries | {_libs(tm)} |", ""]
     out += ["## Evaluation", ""]
     if report is None or not table_rows:
         out += ["No evaluation report was found for this adapter: its quality is not measured.", ""]
@@ -254,16 +255,15 @@ def _num(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "not recorded"
 
 
-def _template(m: dict[str, Any]) -> str:
-    ref = (m.get("prompts") or {}).get("chat_template")
+def _template(m: TrainManifest) -> str:
+    ref = m.prompts.get("chat_template")
     if isinstance(ref, dict):
         return f"{ref.get('name')}@{str(ref.get('hash'))[:12]}"
     return str(ref) if ref else "the tokenizer's own"
 
 
-def _libs(m: dict[str, Any]) -> str:
-    libs = m.get("libraries") or {}
-    return ", ".join(f"{k} {v}" for k, v in libs.items() if v) or "not recorded"
+def _libs(m: TrainManifest) -> str:
+    return ", ".join(f"{k} {v}" for k, v in m.libraries.items() if v) or "not recorded"
 
 
 def parse_metadata(text: str) -> dict[str, Any]:

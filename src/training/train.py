@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from lm.causal_lm import attn_implementation, compute_dtype, cpu_autocast_dtype, load_causal_lm, resolve_device
 from datagen.config import Config
+from datagen.manifest import TrainManifest
 from datagen.io import (
     atomic_write_text,
     manifest_hash,
@@ -462,47 +463,48 @@ def train(cfg: Config, dataset_dir: str | Path, out_dir: str | Path | None = Non
     quant = get_quantization_config(cfg.train, device)
     from datagen.prompts import load_prompt
 
-    manifest = {
-        "stage": "train",
-        "config_hash": config_hash,
-        "config": {"train": cfg.dump_public()["train"], "model": cfg.dump_public()["model"]},
-        "upstream": {"format": manifest_hash(dataset_dir), "dataset_dir": str(dataset_dir)},
-        "prompts": {"chat_template": load_prompt(cfg.model.chat_template).ref} if cfg.model.chat_template else {},
-        "libraries": library_versions(),
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "precision": ("4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."))
+    manifest = TrainManifest(
+        config_hash=config_hash,
+        config={"train": cfg.dump_public()["train"], "model": cfg.dump_public()["model"]},
+        upstream={"format": manifest_hash(dataset_dir), "dataset_dir": str(dataset_dir)},
+        prompts={"chat_template": load_prompt(cfg.model.chat_template).ref} if cfg.model.chat_template else {},
+        libraries=library_versions(),
+        device=device,
+        torch_threads=torch.get_num_threads(),
+        precision=("4bit-nf4+" + str(dtype).removeprefix("torch.") if quant else str(dtype).removeprefix("torch."))
         + (" (bf16 autocast: AMX)" if device == "cpu" and cpu_autocast_dtype() is not None else ""),
-        "attn_implementation": attn_implementation(device, dtype),
-        "distributed": distributed,
-        "counts": {"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0,
-                   "train_rows_added_by_balancing": balance["rows_added"]},
-        "balance_labels": balance,
-        "parameters": params,
-        "resumed_from": str(resume.name) if resume else None,
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "epochs": state.epoch,
-        "stopped_early": bool(eval_ds is not None and state.global_step < state.max_steps),
-        "best_eval_loss": state.best_metric,
-        "best_step": best_step,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "train_loss_mean": result.training_loss,
-        "wall_time_s": round(wall, 2),
-        "train_step_time_s": round(meter.step_seconds, 2),
-        "train_tokens": tokens,
-        "tokens_per_s": round(tokens / meter.step_seconds, 2) if meter.step_seconds > 0 else None,
-        "memory": memory,
-        "merged_dir": "merged" if merged else None,
-    }
+        attn_implementation=attn_implementation(device, dtype),
+        distributed=distributed,
+        counts={"train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds is not None else 0,
+                "train_rows_added_by_balancing": balance["rows_added"]},
+        balance_labels=balance,
+        parameters=params,
+        resumed_from=str(resume.name) if resume else None,
+        steps=state.global_step,
+        max_steps=state.max_steps,
+        epochs=state.epoch,
+        stopped_early=bool(eval_ds is not None and state.global_step < state.max_steps),
+        best_eval_loss=state.best_metric,
+        best_step=best_step,
+        final_train_loss=train_losses[-1] if train_losses else None,
+        train_loss_mean=result.training_loss,
+        wall_time_s=round(wall, 2),
+        train_step_time_s=round(meter.step_seconds, 2),
+        train_tokens=tokens,
+        tokens_per_s=round(tokens / meter.step_seconds, 2) if meter.step_seconds > 0 else None,
+        memory=memory,
+        merged_dir="merged" if merged else None,
+    )
     write_manifest(out_dir, manifest)
     return out_dir
 
 
-def run_train(cfg: Config, inputs: Inputs, out: Path) -> dict[str, Any]:
-    """Stage entry point: train on the finished ``format`` stage's dataset; returns the written manifest."""
-    return read_manifest(train(cfg, inputs["format"], out)) or {}
+def run_train(cfg: Config, inputs: Inputs, out: Path) -> TrainManifest:
+    """Stage entry point: train on the finished ``format`` stage's dataset; returns the written manifest
+    (on a rank other than 0 of a multi-process run, which writes none: the manifest rank 0 wrote, if any)."""
+    return read_manifest(train(cfg, inputs["format"], out), TrainManifest) or TrainManifest(config_hash="")
 
 
 STAGE = StageSpec("train", run_train, __name__, ("train", "model"), upstream=("format",),
-                  prompts=lambda c: (c.model.chat_template,), folder=lambda c: c.paths.models_dir / c.train.run_name)
+                  prompts=lambda c: (c.model.chat_template,), folder=lambda c: c.paths.models_dir / c.train.run_name,
+                  manifest=TrainManifest)

@@ -33,6 +33,7 @@ from datagen.augmentation.validators import RephraseChecks
 from datagen.config import Config
 from datagen.embed import Embedder
 from datagen.io import drop_counts, drop_record, manifest_hash, read_jsonl, write_jsonl, write_manifest
+from datagen.manifest import AugmentManifest
 from datagen.llm.base import LLMProvider, check_failure_rate
 from datagen.schema import Sample
 from datagen.stage import Inputs, StageSpec
@@ -111,7 +112,7 @@ def rephrase_worker(cfg: Config, slots: int) -> Callable[[list[dict[str, Any]]],
 
 
 def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvider | None = None,
-                scenario_provider: LLMProvider | None = None, embedder: Embedder | None = None) -> dict[str, Any]:
+                scenario_provider: LLMProvider | None = None, embedder: Embedder | None = None) -> AugmentManifest:
     """``provider`` / ``embedder`` replace the configured ones (tests); on Ray, each worker loads the
     configured ones itself."""
     aug = cfg.augment
@@ -182,13 +183,12 @@ def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvide
     if scen:
         prompts[scen.prompt["name"]] = scen.prompt
     kept_first = sum(1 for r in reph.kept if r["metadata"]["rephrase_attempt"] == 0)
-    manifest = {
-        "stage": "augment",
-        "config_hash": STAGE.config_hash(cfg),
-        "upstream": {"fetch": manifest_hash(fetch_dir)},
-        "prompts": dict(sorted(prompts.items())),
-        "embedder": getattr(embedder, "name", type(embedder).__name__) if embedder else cfg.dedup.embedder.model,
-        "counts": {
+    manifest = AugmentManifest(
+        config_hash=STAGE.config_hash(cfg),
+        upstream={"fetch": manifest_hash(fetch_dir)},
+        prompts=dict(sorted(prompts.items())),
+        embedder=getattr(embedder, "name", type(embedder).__name__) if embedder else cfg.dedup.embedder.model,
+        counts={
             "originals": len(originals),
             "scenario_tasks": len(scenario_rows),
             "rephrased_items": len(chosen),
@@ -199,7 +199,7 @@ def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvide
             **drop_counts(rejections),
             "per_category": dict(sorted(Counter(r["category"] for r in rows).items())),
         },
-        "rephrase": {
+        rephrase={
             "k": aug.k,
             "heldout_slot": slots > aug.k,  # split.strategy: knowledge
             "max_attempts": aug.max_attempts,
@@ -219,7 +219,7 @@ def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvide
             "missing_by_reason": dict(sorted(reph.missing_reasons.items())),
             "by_category": reph.by_category,
         },
-        "scenarios": None if scen is None else {
+        scenarios=None if scen is None else {
             "planned": scen.planned,
             "kept": len(scen.rows),
             "requests": scen.requests,
@@ -228,10 +228,10 @@ def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvide
             "missing_by_reason": dict(sorted(scen.missing_reasons.items())),
             "by_cluster": scen.by_cluster,
         },
-        "llm_usage": usage,
-        "llm_calls": sum(u["calls"] for u in usage.values()),
-        "llm_cache_hits": sum(u["cache_hits"] for u in usage.values()),
-    }
+        llm_usage=usage,
+        llm_calls=sum(u["calls"] for u in usage.values()),
+        llm_cache_hits=sum(u["cache_hits"] for u in usage.values()),
+    )
     executor.clear(out_dir / ".shards")  # the stage's output is written: its shards are done with
     return write_manifest(out_dir, manifest)
 
@@ -250,4 +250,5 @@ def _providers(c: Config) -> tuple[str, ...]:
 
 STAGE = StageSpec("augment", run_augment, __name__,
                   ("augment", "llm", "dedup.embedder", "split.strategy"), upstream=("fetch",), prompts=_prompts,
-                  providers=_providers)
+                  providers=_providers,
+                  manifest=AugmentManifest)

@@ -27,6 +27,7 @@ import yaml
 
 from datagen.config import Config
 from datagen.io import atomic_write_text, read_json, read_manifest
+from datagen.manifest import AugmentManifest, DedupManifest, FetchManifest, FormatManifest, SplitManifest
 from datagen.render import md_code, md_table, md_text, slug
 from datagen.schema import SCENARIO_SOURCE, SPLITS
 
@@ -43,6 +44,10 @@ def _get(d: Any, *keys: str, default: Any = None) -> Any:
             return default
         d = d[k]
     return d
+
+
+def _na(v: Any) -> Any:
+    return NA if v is None else v
 
 
 def size_category(n: int) -> str:
@@ -123,9 +128,9 @@ def _sum(per_split: Any) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def metadata(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
-    total = sum(_get(summary, "counts", s, default=0) for s in SPLITS)
-    data = summary.get("data") or {}
+def metadata(cfg: Config, summary: FormatManifest) -> dict[str, Any]:
+    total = sum(summary.counts.get(s) or 0 for s in SPLITS)
+    data = summary.data
     infos = sources_info(cfg, list(_sum(data.get("by_source"))))
     task_types = set(_sum(data.get("by_task_type")))
     cats = ["question-answering", "text-generation"]
@@ -137,7 +142,7 @@ def metadata(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
     if sum((data.get("rephrasings") or {}).values()):
         language.add("machine-generated")
     generated = any("machine-generated" in i["annotations_creators"] for i in infos.values())
-    fp = summary.get("fingerprint")
+    fp = summary.fingerprint
     return {
         "pretty_name": cfg.card.pretty_name,
         "license": licenses[0] if len(licenses) == 1 else licenses,
@@ -152,7 +157,7 @@ def metadata(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
         # a config named after the content: the datasets cache never serves another run's rows
         "configs": [{"config_name": f"{cfg.card.dataset_name}-{fp}" if fp else cfg.card.dataset_name,
                      "default": True,
-                     "data_files": [{"split": s, "path": f"{s}.parquet"} for s in summary.get("splits", SPLITS)]}],
+                     "data_files": [{"split": s, "path": f"{s}.parquet"} for s in summary.splits]}],
     }
 
 
@@ -173,18 +178,18 @@ def label_distribution(by_split: dict[str, dict[str, dict[str, int]]]) -> list[s
             note, ""]
 
 
-def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] | None = None) -> str:
+def build_card(cfg: Config, summary: FormatManifest, inputs: Mapping[str, Path] | None = None) -> str:
     """The card's Markdown text (YAML header + body) from the format summary and the manifests of the
     upstream folders in ``inputs`` (``fetch``, ``augment``, ``dedup``, ``split``; one left out is a
     stage the card has nothing to say about)."""
     inputs = inputs or {}
-    fetch, aug, dedup, split = (read_manifest(inputs[n]) if n in inputs else None
-                                for n in ("fetch", "augment", "dedup", "split"))
+    fetch, aug, dedup, split = (read_manifest(inputs[n], kind) if n in inputs else None for n, kind in (
+        ("fetch", FetchManifest), ("augment", AugmentManifest), ("dedup", DedupManifest), ("split", SplitManifest)))
     clusters_path = inputs["split"] / "clusters.json" if "split" in inputs else None
     clusters = read_json(clusters_path) if clusters_path and clusters_path.exists() else None
-    data = summary.get("data") or {}
+    data = summary.data
     meta = metadata(cfg, summary)
-    counts = {s: _get(summary, "counts", s, default=0) for s in SPLITS}
+    counts = {s: summary.counts.get(s) or 0 for s in SPLITS}
     lines: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
                         f"# {md_text(cfg.card.pretty_name)}", ""]
 
@@ -200,13 +205,13 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
               "formatting with loss on the assistant turn only. Every figure below is counted on the rows in "
               "this folder unless it says otherwise.", "",
               _table(["split", "rows"], [[s, counts[s]] for s in SPLITS] + [["total", sum(counts.values())]]), ""]
-    for s in summary.get("empty_splits") or []:
+    for s in summary.empty_splits:
         lines += [f"The split stage left {md_code(s)} empty: it has no file.", ""]
 
     # sources
     lines += ["## Sources", ""]
     in_data = _sum(data.get("by_source"))
-    fetched = _get(fetch, "counts", "per_source", default={}) or {}
+    fetched = (fetch.counts.get("per_source") if fetch else None) or {}
     infos = sources_info(cfg, sorted(set(in_data) | set(fetched)))
     lines += [_table(["source", "rows in dataset", "rows fetched", "license", "annotations"],
                      [[k, in_data.get(k, 0), fetched.get(k, NA), infos[k]["license"],
@@ -215,16 +220,16 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
     if per_cat:
         lines += ["Categories: " + ", ".join(f"{md_text(k)} ({v})" for k, v in per_cat.items()) + ".", ""]
     lines += label_distribution(data.get("labels_by_category") or {})
-    q = _get(fetch, "quarantine", "total")
+    q = fetch.quarantine.get("total") if fetch else None
     if q is not None:
-        fd = _reasons(_get(fetch, "counts")) or _get(fetch, "quarantine", "by_reason", default={}) or {}
+        fd = _reasons(fetch.counts) or fetch.quarantine.get("by_reason") or {}
         lines += [f"Rows quarantined at fetch (invalid): {q}"
                   + (f", by reason: {', '.join(f'{md_text(r)} {n}' for r, n in fd.items())}" if q and fd else "")
                   + ".", ""]
 
     # rephrasing
     lines += ["## Rephrasing", ""]
-    reph = _get(aug, "rephrase", default={}) or {}
+    reph = (aug.rephrase if aug else None) or {}
     k = reph.get("k")
     if aug is None:
         lines.append(f"- Rephrasing: {NA} (no augment manifest).")
@@ -232,7 +237,7 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
         lines.append(f"- Rephrasing off (`augment.k: {k if k is not None else NA}`): items rephrased: 0.")
     else:
         lines.append(f"- Rephrasings requested per item (k): {k}, for "
-                     f"{_get(aug, 'counts', 'rephrased_items', default=NA)} items; slots {reph['slots']}, "
+                     f"{aug.counts.get('rephrased_items', NA)} items; slots {reph['slots']}, "
                      f"kept {reph.get('kept', NA)}, missing {reph.get('missing', NA)}.")
         if reph.get("acceptance") is not None:
             extra = [f"first attempt {_pct(reph['first_attempt_acceptance'])}"
@@ -244,14 +249,14 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
                          + (f" ({'; '.join(extra)})" if extra else "") + ".")
         if reph.get("rejected_by_reason"):
             lines.append(f"- Rejected candidates by reason: {md_text(reph['rejected_by_reason'])}.")
-    ad = _reasons(_get(aug, "counts"))
+    ad = _reasons(aug.counts if aug else None)
     if ad:
         lines.append("- Dropped at augment (every rejected candidate, rephrasings and scenario tasks): "
                      + ", ".join(f"{md_text(r)} {n}" for r, n in ad.items()) + ".")
     if data:
         lines.append(f"- In this dataset: {sum((data.get('rephrasings') or {}).values())} rephrasings of "
                      f"{sum((data.get('rephrased_groups') or {}).values())} items.")
-    scen = _get(aug, "scenarios")
+    scen = aug.scenarios if aug else None
     if scen:
         acc = f" (acceptance {_pct(scen['acceptance'])})" if scen.get("acceptance") is not None else ""
         lines.append(f"- Scenario tasks synthesized: {scen.get('kept', NA)} of {scen.get('planned', NA)} "
@@ -260,14 +265,14 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
 
     # dedup
     lines += ["## Deduplication", ""]
-    lines += [f"Embeddings: {md_code(_get(dedup, 'embedder', 'name', default=NA))}; near duplicates across groups at "
-              f"cosine >= {_get(dedup, 'threshold', default=NA)}, near-copies within a group at >= "
-              f"{_get(dedup, 'within_group_threshold', default=NA)}, exact duplicates on normalised text; "
-              f"pair search: {md_text(_get(dedup, 'method', default=NA))}. Clusters merged by union-find; "
+    dd = dedup or DedupManifest(config_hash=NA, method=NA)
+    lines += [f"Embeddings: {md_code(dd.embedder.get('name', NA))}; near duplicates across groups at "
+              f"cosine >= {_na(dd.threshold)}, near-copies within a group at >= "
+              f"{_na(dd.within_group_threshold)}, exact duplicates on normalised text; "
+              f"pair search: {md_text(dd.method)}. Clusters merged by union-find; "
               "keeper policy: originals over rephrasings, then richer context, then lowest id.", ""]
-    lines += [f"At dedup: rows in {_get(dedup, 'counts', 'in', default=NA)}, kept "
-              f"{_get(dedup, 'counts', 'kept', default=NA)}.", "",
-              _table(["reason", "rows removed"], [[r, n] for r, n in _reasons(_get(dedup, "counts")).items()]), ""]
+    lines += [f"At dedup: rows in {dd.counts.get('in', NA)}, kept {dd.counts.get('kept', NA)}.", "",
+              _table(["reason", "rows removed"], [[r, n] for r, n in _reasons(dd.counts).items()]), ""]
 
     # split
     lines += ["## Splits, clusters and leakage", ""]
@@ -276,7 +281,7 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
               f"scenario cluster ({md_code(f'cluster_by: {cb}')}), ratios {list(cfg.split.ratios)}."
               + (" The test split holds originals only." if cfg.split.test_originals_only else "")
               + (" Training rows are balanced per cluster." if cfg.split.balance_train else ""), ""]
-    sd = _reasons(_get(split, "counts"))
+    sd = _reasons(split.counts if split else None)
     if sd:
         lines += [f"Removed at split: {', '.join(f'{md_text(r)} {n}' for r, n in sd.items())}.", ""]
     groups = data.get("groups") or {}
@@ -295,7 +300,7 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
     km = _get(clusters, "kmeans", default={}) or {}
     if km.get("silhouette"):
         lines += [f"k-means: k = {km.get('k')} chosen by silhouette {km.get('silhouette')}.", ""]
-    leak = _get(split, "leakage", default={}) or {}
+    leak = (split.leakage if split else None) or {}
     if leak:
         known = ("max_cross_split_cosine", "threshold", "cross_split_pairs_above_threshold",
                  "cross_split_duplicates", "min_number_overlap", "groups_in_two_splits")
@@ -313,15 +318,15 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
 
     # tokens
     lines += ["## Token lengths", ""]
-    tl = _get(summary, "token_lengths", default={}) or {}
-    fmt_drops = _reasons(summary.get("counts"))
+    tl = summary.token_lengths
+    fmt_drops = _reasons(summary.counts)
     policy = ("truncated where the answer's figures stay in the kept table rows and paragraphs, else dropped"
-              if summary.get("long_context") == "truncate" else "dropped")
-    lines += [f"Rendered with the chat template of {md_code(summary.get('model', NA))}; conversations over "
-              f"{summary.get('max_tokens', NA)} tokens are {policy}. Dropped at format: "
+              if summary.long_context == "truncate" else "dropped")
+    lines += [f"Rendered with the chat template of {md_code(summary.model or NA)}; conversations over "
+              f"{summary.max_tokens or NA} tokens are {policy}. Dropped at format: "
               + (", ".join(f"{r} {n}" for r, n in fmt_drops.items()) or "none")
-              + f"; truncated: {_get(summary, 'counts', 'truncated', default=0)}.", ""]
-    lost = summary.get("sources_emptied") or []
+              + f"; truncated: {summary.counts.get('truncated') or 0}.", ""]
+    lost = summary.sources_emptied
     if lost:
         lines += [f"Every row of {', '.join(md_code(x) for x in lost)} was dropped at format.", ""]
     lines += [_table(["split", "n", "min", "mean", "p50", "p95", "max"],
@@ -332,24 +337,19 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
     # prompts and models
     lines += ["## Prompts", ""]
     prompts: dict[str, str] = {}
-    ap = _get(aug, "prompts", default={})
-    items = ap.items() if isinstance(ap, dict) else ((None, v) for v in (ap if isinstance(ap, list) else []))
-    for k_, v in items:
-        if isinstance(v, dict):
-            prompts[str(v.get("name", k_))] = str(v.get("hash", ""))
-        elif k_ is not None:
-            prompts[str(k_)] = str(v)
-    for p in summary.get("prompts", []):
+    for k_, v in (aug.prompts if aug else {}).items():
+        prompts[str(v.get("name", k_))] = str(v.get("hash", ""))
+    for p in summary.prompts:
         prompts[p["name"]] = p["hash"]
     lines += [_table(["prompt", "sha256[:12]"], [[md_code(k_, in_table=True), md_code(v, in_table=True)]
                                                  for k_, v in sorted(prompts.items())], raw=True), ""]
     lines += ["## Models", ""]
-    usage = _get(aug, "llm_usage", default={}) or {}
-    models = [f"- Embedder: {md_code(_get(dedup, 'embedder', 'name', default=cfg.dedup.embedder.model))}",
-              f"- Chat template / tokenizer: {md_code(summary.get('model', cfg.model.name_or_path))}"]
+    usage = aug.llm_usage if aug else {}
+    models = [f"- Embedder: {md_code(dd.embedder.get('name', cfg.dedup.embedder.model))}",
+              f"- Chat template / tokenizer: {md_code(summary.model or cfg.model.name_or_path)}"]
     for name, u in sorted(usage.items()):
-        models.append(f"- LLM {md_code(name)}: {md_code(_get(u, 'model', default=NA))} "
-                      f"({_get(u, 'calls', default=NA)} calls, {_get(u, 'cache_hits', default=NA)} cache hits)")
+        models.append(f"- LLM {md_code(name)}: {md_code(u.get('model') or NA)} "
+                      f"({u.get('calls', NA)} calls, {u.get('cache_hits', NA)} cache hits)")
     if not usage:
         models.append(f"- LLM for rephrasing: {NA}")
     lines += models + [""]
@@ -368,7 +368,7 @@ def build_card(cfg: Config, summary: dict[str, Any], inputs: Mapping[str, Path] 
               "`question`, `answer`, `labels`, `is_rephrase`, `rephrase_index`), `cluster`, `context` and "
               "`metadata` as JSON strings, `messages`, `n_tokens`, `n_assistant_tokens`.", "",
               "## Provenance", "",
-              _table(["stage", "config hash"], [[n, _get(m, "config_hash", default=NA)] for n, m in
+              _table(["stage", "config hash"], [[n, m.config_hash if m else NA] for n, m in
                                                 (("fetch", fetch), ("augment", aug), ("dedup", dedup),
                                                  ("split", split), ("format", summary))]), ""]
     return "\n".join(lines)

@@ -55,6 +55,7 @@ from datagen.io import (
     write_jsonl,
     write_manifest,
 )
+from datagen.manifest import FormatManifest
 from datagen.prompts import Prompt, load_prompt
 from datagen.schema import SPLITS, render_context
 from datagen.stage import Inputs, StageSpec
@@ -370,7 +371,7 @@ def format_worker(cfg: Config) -> Callable[[list[list[Any]]], dict[str, Any]]:
     return functools.partial(format_shard, cfg, load_tokenizer(cfg.model))
 
 
-def run_format(cfg: Config, inputs: Inputs, out: Path, tokenizer=None) -> dict[str, Any]:
+def run_format(cfg: Config, inputs: Inputs, out: Path, tokenizer=None) -> FormatManifest:
     """The format stage: ``inputs["split"]``'s rows into ``out``, with the dataset card (which also reads
     the fetch, augment and dedup manifests). ``tokenizer`` (else the configured one) is used with
     ``run.executor: local``, and Ray workers load the configured one."""
@@ -418,8 +419,8 @@ def run_format(cfg: Config, inputs: Inputs, out: Path, tokenizer=None) -> dict[s
     for k in lost:
         log.warning("format: every row of source %s was dropped (%d: %s)", k, n_in[k], dropped_by_source[k])
 
-    for legacy in ("drops.jsonl", "token_lengths.png"):  # written next to the data before __meta__
-        (out / legacy).unlink(missing_ok=True)
+    for stray in ("drops.jsonl", "token_lengths.png"):  # these belong in __meta__, not beside the data files
+        (out / stray).unlink(missing_ok=True)
     written, fingerprint = save_dataset(records, out)
     drops.sort(key=lambda d: (d["split"], d["row_id"]))
     write_jsonl(out / META_DIR / "drops.jsonl", drops)
@@ -429,24 +430,24 @@ def run_format(cfg: Config, inputs: Inputs, out: Path, tokenizer=None) -> dict[s
     if cfg.model.chat_template:
         prompts.append(load_prompt(cfg.model.chat_template).ref)
     data = dataset_stats(records)
-    summary = {
-        "stage": STAGE.name,
-        "config_hash": STAGE.config_hash(cfg),
-        "upstream": {"split": manifest_hash(src)},
-        "prompts": prompts,
-        "model": cfg.model.name_or_path,
-        "max_tokens": fc.max_tokens,
-        "long_context": fc.long_context,
-        "fingerprint": fingerprint,
-        "splits": written,
-        "empty_splits": empty,
-        "counts": {**{s: len(records[s]) for s in SPLITS}, "in": {s: len(rows_in[s]) for s in SPLITS},
-                   **drop_counts(drops), "truncated": sum(data["truncated"].values())},
-        "dropped_by_source": dropped_by_source,
-        "sources_emptied": lost,
-        "data": data,
-        "token_lengths": {s: length_stats(v) for s, v in lengths.items()},
-    }
+    summary = FormatManifest(
+        stage=STAGE.name,
+        config_hash=STAGE.config_hash(cfg),
+        upstream={"split": manifest_hash(src)},
+        prompts=prompts,
+        model=cfg.model.name_or_path,
+        max_tokens=fc.max_tokens,
+        long_context=fc.long_context,
+        fingerprint=fingerprint,
+        splits=written,
+        empty_splits=empty,
+        counts={**{s: len(records[s]) for s in SPLITS}, "in": {s: len(rows_in[s]) for s in SPLITS},
+                **drop_counts(drops), "truncated": sum(data["truncated"].values())},
+        dropped_by_source=dropped_by_source,
+        sources_emptied=lost,
+        data=data,
+        token_lengths={s: length_stats(v) for s, v in lengths.items()},
+    )
     write_card(out / "README.md", build_card(cfg, summary, inputs))
     executor.clear(out / ".shards")
     log.info("format: %s rows; %s", {s: len(records[s]) for s in SPLITS}, drop_counts(drops) or "none dropped")
@@ -455,4 +456,5 @@ def run_format(cfg: Config, inputs: Inputs, out: Path, tokenizer=None) -> dict[s
 
 STAGE = StageSpec("format", run_format, __name__,
                   ("format", "model", "card", "split", "sources"), upstream=("fetch", "augment", "dedup", "split"),
-                  prompts=lambda c: (c.format.system_prompt, c.model.chat_template, "sft_user"))
+                  prompts=lambda c: (c.format.system_prompt, c.model.chat_template, "sft_user"),
+                  manifest=FormatManifest)

@@ -68,6 +68,7 @@ from datagen.io import (
     write_jsonl,
     write_manifest,
 )
+from datagen.manifest import DedupManifest
 from datagen.numbers import find_numbers, format_number
 from datagen.schema import render_context
 from datagen.stage import Inputs, StageSpec
@@ -682,7 +683,7 @@ def dedup_rows(rows: list[dict[str, Any]], vecs: np.ndarray, threshold: float, w
 
 
 # ----------------------------------------------------------------------------- stage
-def run_dedup(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None = None) -> dict[str, Any]:
+def run_dedup(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None = None) -> DedupManifest:
     src = inputs["augment"]
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     dc = cfg.dedup
@@ -702,23 +703,23 @@ def run_dedup(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None 
     if quarantined:
         log.warning("dedup: %d rows quarantined as conflicting_answers (same question and context, other "
                     "answer); see %s", quarantined, out / "drops.jsonl")
-    return write_manifest(out, {
-        "stage": "dedup",
-        "config_hash": STAGE.config_hash(cfg),
-        "upstream": {"augment": manifest_hash(src)},
-        "embedder": {"name": embedder.name if embedder else dc.embedder.model, "text": "question", **embed_stats},
-        "threshold": dc.threshold,
-        "within_group_threshold": dc.within_group_threshold,
-        "context_threshold": dc.context_threshold,
-        "method": res.method,
-        "counts": {"in": len(rows), "kept": len(res.kept), "dropped": len(res.drops) - quarantined,
-                   "quarantined": quarantined, "candidate_pairs": res.pairs, **res.counts,
-                   "dropped_by_reason": {r: res.counts.get(f"dropped_{r}", 0) for r in REASONS},
-                   "kept_by_category": dict(sorted(Counter(r["category"] for r in res.kept).items())),
-                   "kept_rephrasings": sum(bool(r.get("is_rephrase")) for r in res.kept)},
-        "seconds": {"embed": round(t_embed, 3), "pairs": round(t_pairs, 3)},
-    })
+    return write_manifest(out, DedupManifest(
+        config_hash=STAGE.config_hash(cfg),
+        upstream={"augment": manifest_hash(src)},
+        embedder={"name": embedder.name if embedder else dc.embedder.model, "text": "question", **embed_stats},
+        threshold=dc.threshold,
+        within_group_threshold=dc.within_group_threshold,
+        context_threshold=dc.context_threshold,
+        method=res.method,
+        counts={"in": len(rows), "kept": len(res.kept), "dropped": len(res.drops) - quarantined,
+                "quarantined": quarantined, "candidate_pairs": res.pairs, **res.counts,
+                "dropped_by_reason": {r: res.counts.get(f"dropped_{r}", 0) for r in REASONS},
+                "kept_by_category": dict(sorted(Counter(r["category"] for r in res.kept).items())),
+                "kept_rephrasings": sum(bool(r.get("is_rephrase")) for r in res.kept)},
+        timing={"embed_s": round(t_embed, 3), "pairs_s": round(t_pairs, 3)},
+    ))
 
 
 STAGE = StageSpec("dedup", run_dedup, __name__, ("dedup",),
-                  upstream=("augment",))
+                  upstream=("augment",),
+                  manifest=DedupManifest)

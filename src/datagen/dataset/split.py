@@ -56,6 +56,7 @@ from datagen.io import (
     write_jsonl,
     write_manifest,
 )
+from datagen.manifest import SplitManifest
 from datagen.schema import SPLITS
 from datagen.stage import Inputs, StageSpec
 
@@ -524,7 +525,7 @@ def cluster_table(rows: list[dict[str, Any]], splits: dict[str, list[dict[str, A
     return clusters
 
 
-def run_split(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None = None) -> dict[str, Any]:
+def run_split(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None = None) -> SplitManifest:
     src = inputs["dedup"]
     rows = sorted(read_jsonl(src / "samples.jsonl"), key=lambda r: r["id"])
     embedder = embedder or load_embedder(cfg.dedup.embedder, cfg.paths.cache_dir / "embeddings")
@@ -542,26 +543,26 @@ def run_split(cfg: Config, inputs: Inputs, out: Path, embedder: Embedder | None 
     log.info("split: %s; %s; leakage %s", counts, dropped, res["leakage"])
     if failure:
         log.warning("split: %s (allowed by split.allow_leakage)", failure)
-    return write_manifest(out, {
-        "stage": "split",
-        "config_hash": STAGE.config_hash(cfg),
-        "upstream": {"dedup": manifest_hash(src)},
-        "embedder": embedder.name,
-        "counts": {"in": len(rows), **counts, **dropped, "units": res["units"],
-                   "groups": {s: len({r["group_id"] for r in res["splits"][s]}) for s in SPLITS},
-                   "dropped_by_reason": {r: dropped.get(f"dropped_{r}", 0)
-                                         for r in ("test_rephrase", "balance_train", "walk_forward_gap")},
-                   "by_category": {s: dict(sorted(Counter(r["category"] for r in res["splits"][s]).items()))
-                                   for s in SPLITS}},
-        "clusters": {c["name"]: c["rows"] for c in res["clusters"]["clusters"]},
-        "kmeans": res["clusters"]["kmeans"],
-        "leakage": res["leakage"],
-        "walk_forward": res["walk_forward"],
-        "allow_leakage": cfg.split.allow_leakage,
-        "test_originals_only": cfg.split.test_originals_only,
-        "balance_train": cfg.split.balance_train,
-    })
+    return write_manifest(out, SplitManifest(
+        config_hash=STAGE.config_hash(cfg),
+        upstream={"dedup": manifest_hash(src)},
+        embedder=embedder.name,
+        counts={"in": len(rows), **counts, **dropped, "units": res["units"],
+                "groups": {s: len({r["group_id"] for r in res["splits"][s]}) for s in SPLITS},
+                "dropped_by_reason": {r: dropped.get(f"dropped_{r}", 0)
+                                      for r in ("test_rephrase", "balance_train", "walk_forward_gap")},
+                "by_category": {s: dict(sorted(Counter(r["category"] for r in res["splits"][s]).items()))
+                                for s in SPLITS}},
+        clusters={c["name"]: c["rows"] for c in res["clusters"]["clusters"]},
+        kmeans=res["clusters"]["kmeans"],
+        leakage=res["leakage"],
+        walk_forward=res["walk_forward"],
+        allow_leakage=cfg.split.allow_leakage,
+        test_originals_only=cfg.split.test_originals_only,
+        balance_train=cfg.split.balance_train,
+    ))
 
 
 STAGE = StageSpec("split", run_split, __name__, ("split", "dedup"),
-                  upstream=("dedup",))
+                  upstream=("dedup",),
+                  manifest=SplitManifest)

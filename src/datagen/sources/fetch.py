@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from datagen.config import Config
 from datagen.io import clip, drop_counts, drop_record, sha256_file, write_jsonl, write_manifest
+from datagen.manifest import FetchManifest
 from datagen.sources.market import load_market
 from datagen.sources.market_qa import build_market_qa
 from datagen.sources.source_qa import RowCountError, load_source_qa
@@ -71,7 +72,7 @@ def _reconcile(per_file: dict[str, dict[str, int]], samples: list[dict[str, Any]
     return totals
 
 
-def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> FetchManifest:
     """Run the fetch stage (no upstream: it reads the configured sources); returns its manifest."""
     t0 = time.perf_counter()
     root = cfg.paths.root
@@ -127,10 +128,9 @@ def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / SAMPLES, samples)
     write_jsonl(out_dir / QUARANTINE, quarantine)
-    manifest = {
-        "stage": "fetch",
-        "config_hash": STAGE.config_hash(cfg),
-        "counts": {
+    return write_manifest(out_dir, FetchManifest(
+        config_hash=STAGE.config_hash(cfg),
+        counts={
             "samples": len(samples),
             "per_category": _counts(samples, "category"),
             "per_source": _counts(samples, "source"),
@@ -138,18 +138,18 @@ def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
             "per_scenario": _counts(samples, "scenario"),
             **drop_counts(quarantine),
         },
-        "rows": totals,
-        "quarantine": {
+        rows=totals,
+        quarantine={
             "total": len(quarantine),
             "by_reason": _counts(quarantine, "reason"),
             "by_file": _counts(quarantine, "file"),
         },
-        "source_files": dict(sorted(per_file.items())),
-        "market": market_info,
-        "inputs": dict(sorted(files_read.items())),
-        "timing": {"wall_s": round(time.perf_counter() - t0, 3)},
-    }
-    return write_manifest(out_dir, manifest)
+        source_files=dict(sorted(per_file.items())),
+        market=market_info,
+        inputs=dict(sorted(files_read.items())),
+        timing={"wall_s": round(time.perf_counter() - t0, 3)},
+    ))
 
 
-STAGE = StageSpec("fetch", run_fetch, __name__, ("sources",))
+STAGE = StageSpec("fetch", run_fetch, __name__, ("sources",),
+                  manifest=FetchManifest)
