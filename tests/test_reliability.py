@@ -153,6 +153,25 @@ def test_output_replaced_but_manifest_not_written_is_refused_downstream(tmp_path
         execute(cfg, "dedup")  # the stage runner refuses before it touches dedup's folder
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"stage": "augment", "outputs": "samples.jsonl"}',
+                                  '{"stage": "augment", "outputs": {}, "counts": [1, 2]}'])
+def test_a_corrupt_or_foreign_manifest_is_one_line_naming_it(tmp_path, text, capsys):
+    """A manifest.json that is not JSON, not an object, or whose fields have the wrong types (hand-edited,
+    truncated by a full disk, written by something else): the stage that reads it says which file and what
+    to do, in one line, and the orchestration treats the folder as unfinished (it reruns)."""
+    from flows.cli import main
+
+    cfg = load_config(profile="tiny", root=tmp_path)
+    aug = cfg.paths.stage_dir("augment")
+    write_jsonl(aug / "samples.jsonl", [QA, CLS])
+    (aug / "manifest.json").write_text(text)
+    with pytest.raises(StageOutputError, match=r"augment/manifest\.json is not a finsynth manifest .*rerun"):
+        require_stage(aug, "augment")
+    assert main(["dedup", "--profile", "tiny", "--root", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "augment/manifest.json is not a finsynth manifest" in err and "Traceback" not in err
+
+
 def test_killed_between_output_and_manifest_leaves_no_finished_stage(tmp_path):
     """A real process killed (SIGKILL) after it replaced its output and before its manifest."""
     cfg = load_config(profile="tiny", root=tmp_path)

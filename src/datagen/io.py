@@ -171,7 +171,14 @@ def write_manifest(stage_dir: str | Path, manifest: M) -> M:
 def read_manifest(stage_dir: str | Path, kind: type[M] = Manifest) -> M | None:  # type: ignore[assignment]
     """The finished stage's manifest as ``kind`` (the stage's manifest class), or None if unfinished."""
     p = Path(stage_dir) / MANIFEST
-    return kind.from_json(read_json(p)) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        m = kind.from_json(read_json(p))
+    except (ValueError, TypeError) as e:  # not JSON (a JSONDecodeError is a ValueError), or not a manifest
+        raise StageOutputError(f"{p} is not a finsynth manifest ({clip(str(e), 120)}); rerun the stage that "
+                               "writes this folder") from e
+    return m
 
 
 def manifest_hash(stage_dir: str | Path) -> str | None:

@@ -13,6 +13,9 @@ drop reasons, per-source rows) stay mappings. ``timing`` holds wall-clock figure
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +37,16 @@ class Manifest:
         return {**d, "outputs": self.outputs}
 
     @classmethod
-    def from_json(cls, d: Json) -> Manifest:
-        """A manifest read back; keys this class does not know (a newer or older finsynth) are left out."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_json(cls, d: Any) -> Manifest:
+        """A manifest read back; keys this class does not know (a newer or older finsynth) are left out.
+        Raises ValueError when ``d`` is not an object or a field holds the wrong kind of value."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        hints = _hints(cls)
+        for k, v in d.items():
+            if k in hints and not _fits(v, hints[k]):
+                raise ValueError(f"field {k!r} is a JSON {type(v).__name__}")
+        return cls(**{k: v for k, v in d.items() if k in hints})
 
     def rows_out(self) -> int | None:
         """The rows the stage wrote: ``counts.samples``, ``total`` or ``rows``, else the sum of per-split
@@ -55,6 +64,26 @@ class Manifest:
         found = {k.removeprefix("dropped_"): v for k, v in self.counts.items()
                  if k.startswith("dropped_") and isinstance(v, int) and v}
         return dict(sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of the kind a field's annotation says (containers by their outer type)."""
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    outer = typing.get_origin(hint) or hint
+    if outer is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if outer is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, outer) if isinstance(outer, type) else True
 
 
 @dataclass(kw_only=True)
