@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from lm.causal_lm import vector_flags  # noqa: E402
 from training.aggregate import F1_ARMS, F1_DIFFS, bootstrap_ci, summarize_split  # noqa: E402
 
 ARMS = ("base", "fewshot", "tuned")
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "tuned_last_minus_tuned_first": paired_between_points(items[names[0]], items[best]) if len(names) > 1
         else None,
         "wall_s": round(wall, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-        "machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "root": str(root),
+        "machine": {"cpus": os.cpu_count(), "cpu_flags": vector_flags()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "root": str(root),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
