@@ -302,6 +302,6 @@ def test_evaluate_on_ray_gives_the_local_answers_and_report(ray_cluster, tmp_pat
         assert {i["model"] for i in items} >= {"base", "fewshot", "tuned"}
         assert all(isinstance(i["answer"], str) for i in items)
         report = _without_timings(read_json(out / "report.json"))
-        got[name] = json.loads(json.dumps([items, report, _without_timings(m)]).replace(str(root), "<root>"))
+        got[name] = json.loads(json.dumps([items, report, _without_timings(m.to_json())]).replace(str(root), "<root>"))
     assert got["ray"][0] == got["local"][0]
     assert got["ray"] == got["local"]

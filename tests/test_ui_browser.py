@@ -164,6 +164,7 @@ from prefect.runtime import flow_run
 
 from datagen.config import load_config
 from datagen.io import write_manifest
+from datagen.manifest import Manifest
 from flows.pipeline import STAGE_FLOWS, _publish
 from flows.stages import invoke
 
