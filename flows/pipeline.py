@@ -102,7 +102,7 @@ def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     if cached:  # made from the current upstream content: not stale, whatever ran in between
         (stage.output(cfg) / STALE).unlink(missing_ok=True)
         stage_log.info("%s: cached (same config, upstream content, prompts and code): not rerun", name)
-    _publish(cfg, name, manifest)
+    publish_artifacts(cfg, name, manifest)
     return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg)),
             "seconds": round(time.monotonic() - t0, 1)}
 
@@ -158,13 +158,13 @@ def card_for_ui(card: str) -> str:
     return f"{table}\n\n{body}"
 
 
-def _ui_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ui_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows for a Prefect table artifact: the UI renders each string cell as Markdown (and drops raw
     HTML), so a string from data goes through :func:`datagen.render.md_cell` to show as it is."""
     return [{k: md_cell(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
 
 
-def _publish(cfg: Config, name: str, manifest: Manifest) -> None:
+def publish_artifacts(cfg: Config, name: str, manifest: Manifest) -> None:
     """Prefect artifacts for what a person inspects: the dataset card, judge scores, plots."""
     out = get_stage(name).output(cfg)
     if name == "format" and (out / "README.md").exists():
@@ -182,18 +182,18 @@ def _publish(cfg: Config, name: str, manifest: Manifest) -> None:
 
         rows = manifest.table_rows if isinstance(manifest, EvaluateManifest) else []
         if rows:  # two narrow tables rather than one that scrolls sideways in the UI
-            create_table_artifact(table=_ui_table(score_table(rows, part="scores", ci_in_header=False)),
+            create_table_artifact(table=ui_table(score_table(rows, part="scores", ci_in_header=False)),
                                   key="judge-scores",
                                   description="per-category mean score [95% bootstrap CI] of each arm; LLM judge: "
                                               "whether the row rests on the judge, and the judge's self-check verdict")
             if any(is_difference(a) for a in arms(rows)):
-                create_table_artifact(table=_ui_table(score_table(rows, part="differences", ci_in_header=False)),
+                create_table_artifact(table=ui_table(score_table(rows, part="differences", ci_in_header=False)),
                                       key="score-differences",
                                       description="paired differences per category, mean [95% bootstrap CI]; "
                                                   "an interval that excludes 0 is a difference the sample supports")
         f1_rows = manifest.classification_rows if isinstance(manifest, EvaluateManifest) else []
         if f1_rows:  # classification: macro-F1 of every arm incl. the majority baseline, and collapse flags
-            create_table_artifact(table=_ui_table(f1_rows), key="classification-f1",
+            create_table_artifact(table=ui_table(f1_rows), key="classification-f1",
                                   description="classification per category: macro-F1 [95% clustered CI] of base "
                                               "zero-shot, base few-shot, tuned and the majority-label baseline "
                                               "(log-likelihood scoring), tuned's paired gains, and the arms flagged "

@@ -29,7 +29,7 @@ from flows.deploy import FLOW_NAME, _prefect, background, prefect_env, wait_heal
 
 DEFAULT_PORT = 4200
 UI_RECORD = "ui.json"
-# the artifact keys the pipeline creates (flows.pipeline._publish), in the order a person reads them
+# the artifact keys the pipeline creates (flows.pipeline.publish_artifacts), in the order a person reads them
 ARTIFACT_KEYS = ("dataset-card", "token-lengths", "loss-curves", "judge-scores", "score-differences",
                  "evaluation-report")
 

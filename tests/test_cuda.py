@@ -113,7 +113,7 @@ def test_packed_attention_is_one_varlen_call_and_equals_per_conversation_sdpa(wi
     scoring each conversation alone with SDPA (causal, within the sliding window), GQA included."""
     from types import SimpleNamespace
 
-    from lm.causal_lm import _flash_varlen, varlen_sdpa_attention
+    from lm.causal_lm import flash_varlen, varlen_sdpa_attention
 
     torch.manual_seed(0)
     lens = [40, 7, 64, 1, 33]
@@ -124,10 +124,10 @@ def test_packed_attention_is_one_varlen_call_and_equals_per_conversation_sdpa(wi
     v = torch.randn(1, kvh, t, d, device="cuda", dtype=torch.bfloat16)
     module = SimpleNamespace(num_key_value_groups=h // kvh)
     kr, vr = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
-    if window is not None and _flash_varlen(q, kr, vr, cu, 0.0, None, window) is None:
+    if window is not None and flash_varlen(q, kr, vr, cu, 0.0, None, window) is None:
         pytest.skip("this torch's varlen kernel takes no window")
     out, _ = varlen_sdpa_attention(module, q, k, v, None, scaling=d ** -0.5, sliding_window=window, cu_seq_lens_q=cu)
-    assert _flash_varlen(q, kr, vr, cu, 0.0, d ** -0.5, window) is not None  # the fused path ran
+    assert flash_varlen(q, kr, vr, cu, 0.0, d ** -0.5, window) is not None  # the fused path ran
     ref = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         n = b - a

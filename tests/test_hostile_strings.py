@@ -187,8 +187,8 @@ def test_render_functions_exact():
 
 def test_table_artifact_cells_show_as_text():
     """The Prefect UI renders each string cell of a table artifact as Markdown (raw HTML dropped)."""
-    from flows.pipeline import _ui_table
+    from flows.pipeline import ui_table
 
-    (row,) = _ui_table([{"category": CAT, "n": 3, "tuned": "0.50 [0.25, 0.75]"}])
+    (row,) = ui_table([{"category": CAT, "n": 3, "tuned": "0.50 [0.25, 0.75]"}])
     assert row["n"] == 3 and row["tuned"] == "0.50 [0.25, 0.75]"
     assert_safe(row["category"], one_line(CAT))

@@ -25,7 +25,7 @@ from datagen.faults import CacheFault
 from datagen.io import run_lock
 from datagen.llm import ChatRequest, make_provider
 from datagen.llm.cache import CacheWriter, ResponseCache, cache_target, configured_cache, open_cache
-from datagen.llm.pg_cache import PostgresCache, _said
+from datagen.llm.pg_cache import PostgresCache, redacted_error
 
 pytest_plugins = ["pg_server"]
 
@@ -391,13 +391,13 @@ def test_a_password_in_the_url_never_reaches_a_message(pg_server, monkeypatch):
     # an error text that repeats the password (raw or percent-encoded) is scrubbed before it is shown
     odd = "pa@ss/w0rd"
     url = f"postgresql://bob:{quote(odd, safe='')}@127.0.0.1:{port}/db"
-    said = _said(RuntimeError(f"auth failed for {odd} ({quote(odd, safe='')})\nsee {url}"), url)
+    said = redacted_error(RuntimeError(f"auth failed for {odd} ({quote(odd, safe='')})\nsee {url}"), url)
     assert odd not in said and quote(odd, safe="") not in said and "\n" not in said
     assert said == f"auth failed for *** (***) see postgresql://bob:***@127.0.0.1:{port}/db"
     # the password's right place, PGPASSWORD, is scrubbed from a server's message too
     monkeypatch.setenv("PGPASSWORD", SECRET)
     plain = f"postgresql://bob@127.0.0.1:{port}/db"
-    assert _said(RuntimeError(f"password {SECRET} refused"), plain) == "password *** refused"
+    assert redacted_error(RuntimeError(f"password {SECRET} refused"), plain) == "password *** refused"
     url = f"postgresql://postgres@127.0.0.1:{port}/db?password={SECRET}"
     with pytest.raises(CacheFault) as e:
         open_cache(url)

@@ -165,7 +165,7 @@ from prefect.runtime import flow_run
 from datagen.config import load_config
 from datagen.io import write_manifest
 from datagen.manifest import Manifest
-from flows.pipeline import STAGE_FLOWS, _publish
+from flows.pipeline import STAGE_FLOWS, publish_artifacts
 from flows.stages import invoke
 
 config, root = sys.argv[1], sys.argv[2]
@@ -190,7 +190,7 @@ def hostile() -> str:
     adapter = cfg.paths.models_dir / cfg.train.run_name
     adapter.mkdir(parents=True, exist_ok=True)
     write_manifest(adapter, Manifest(stage="train"))  # evaluation's arms are scripted: no model is loaded
-    _publish(cfg, "evaluate", invoke(cfg, "evaluate", generator=scripted))
+    publish_artifacts(cfg, "evaluate", invoke(cfg, "evaluate", generator=scripted))
     return flow_run.id
 
 

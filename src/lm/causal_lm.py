@@ -180,7 +180,7 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    fused = _flash_varlen(query, key, value, cu, dropout, scaling, sliding_window)
+    fused = flash_varlen(query, key, value, cu, dropout, scaling, sliding_window)
     if fused is not None:
         return fused, None
     bounds = cu.tolist()
@@ -212,7 +212,7 @@ def _varlen_kernel() -> tuple[Any, str | None]:
     return varlen_attn, next((p for p in ("window_size", "is_causal") if p in params), None)
 
 
-def _flash_varlen(query: Any, key: Any, value: Any, cu: Any, dropout: float, scaling: float | None,
+def flash_varlen(query: Any, key: Any, value: Any, cu: Any, dropout: float, scaling: float | None,
                   sliding_window: int | None) -> Any:
     """On CUDA, every conversation of the packed row in one call of PyTorch's flash-attention varlen kernel
     (``torch.nn.attention.varlen.varlen_attn``) instead of one SDPA call per conversation, whose launches

@@ -86,7 +86,7 @@ def _secrets(url: str) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def _said(exc: BaseException, url: str) -> str:
+def redacted_error(exc: BaseException, url: str) -> str:
     """The error's text on one line, without the URL's password."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     for secret in _secrets(url):
@@ -100,7 +100,7 @@ def _fault(exc: BaseException, url: str, what: str, *, timeout_s: float | None =
     import psycopg
     from psycopg import errors
 
-    where, said = mask_url(url), _said(exc, url)
+    where, said = mask_url(url), redacted_error(exc, url)
     if isinstance(exc, (errors.LockNotAvailable, errors.QueryCanceled)):
         waited = f" for {timeout_s:g} s" if timeout_s is not None else ""
         return CacheFault(f"the {what} at {where} stayed locked{waited} (postgresql: {said})", None,
@@ -131,7 +131,7 @@ def connect(url: str, *, what: str, application_name: str = "finsynth") -> Any:
                                application_name=application_name[:63])
     except psycopg.Error as e:
         fault = _fault(e, url, what) or CacheFault(f"cannot connect to the {what} at {mask_url(url)} "
-                                                   f"(postgresql: {_said(e, url)})", None,
+                                                   f"(postgresql: {redacted_error(e, url)})", None,
                                                    "check llm.cache, then rerun")
         raise fault from None
 
