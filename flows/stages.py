@@ -265,6 +265,6 @@ def output_matches(cfg: Config, stage: StageSpec, key: dict[str, Any]) -> bool:
         if manifest is None:
             return False
         verify_outputs(out, manifest, stage.name)
-    except (OSError, ValueError, TypeError, RuntimeError):
+    except (OSError, ValueError, RuntimeError):  # a corrupt manifest is a StageOutputError (RuntimeError)
         return False
     return info.get("inputs_key") == inputs_key(key)
