@@ -6,6 +6,9 @@ rational arithmetic (fractions.Fraction), and the two must agree before the item
 regulation answers and the labelled headlines are written by hand for this project.
 
     python scripts/make_sample_qa.py [--out data/raw/sample_source_qa.jsonl]
+
+Next to it, ``demo_source_qa.jsonl``: the first ``DEMO_PER_CATEGORY`` items of each category, the demo
+profile's smaller source set (its few minutes go to the market questions it trains on).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fractions import Fraction as F
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "raw" / "sample_source_qa.jsonl"
+DEMO_PER_CATEGORY = 4
 BANKS = ["Northbridge Bank", "Kestrel Savings", "Harborline Bank", "Alder Mutual", "Corvid Capital",
          "Bayside Trust", "Granite Federal", "Lumen Credit Union", "Oakmere Bank", "Tamsin Bancorp"]
 BORROWERS = ["Veltra Logistics", "Orinoco Retail", "Fenwick Mining", "Solano Utilities", "Pellham Foods",
@@ -497,21 +501,38 @@ def build(seed: int = 2024) -> list[dict]:
     return rows
 
 
-def write_main(build_rows, default_out: Path, description: str) -> None:
-    """The command line of a sample-data script: ``--out`` (default ``default_out``), one sorted-key JSON
-    object per line, LF line ends (the same bytes on every run)."""
+def write_rows(rows: list[dict], out: Path) -> None:
+    """One sorted-key JSON object per line, LF line ends (the same bytes on every run)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    print(f"wrote {len(rows)} items to {out}")
+
+
+def write_main(build_rows, default_out: Path, description: str) -> tuple[list[dict], Path]:
+    """The command line of a sample-data script: ``--out`` (default ``default_out``); returns what it wrote."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args()
     rows = build_rows()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    print(f"wrote {len(rows)} items to {args.out}")
+    write_rows(rows, args.out)
+    return rows, args.out
+
+
+def demo_subset(rows: list[dict], per_category: int = DEMO_PER_CATEGORY) -> list[dict]:
+    """The first ``per_category`` rows of each category, in file order."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        seen[r["category"]] = seen.get(r["category"], 0) + 1
+        if seen[r["category"]] <= per_category:
+            out.append(r)
+    return out
 
 
 def main() -> None:
-    write_main(build, OUT, __doc__.splitlines()[0])
+    rows, out = write_main(build, OUT, __doc__.splitlines()[0])
+    write_rows(demo_subset(rows), out.with_name("demo_source_qa.jsonl"))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ def test_fetch_demo_counts_and_byte_identical_rerun(demo_cfg):
     rows = read_jsonl(out / "samples.jsonl")
     for r in rows:
         Sample.model_validate(r)
-    n_market = 7 * demo_cfg.sources.market.questions_per_type
+    n_market = demo_cfg.sources.market.n_questions
     sample_set = len(read_jsonl(demo_cfg.paths.resolve(demo_cfg.sources.source_qa[0].path)))
     assert m.stage == "fetch" and m.config_hash == demo_cfg.section_hash("sources")
     assert m.counts["samples"] == len(rows) == n_market + sample_set
     assert m.counts["per_source"] == {"finsynth-sample-qa": sample_set, "market:simulator": n_market}
     assert sum(m.counts["per_category"].values()) == len(rows)
-    assert m.counts["per_category"]["market_volatility"] == demo_cfg.sources.market.questions_per_type
+    assert m.counts["per_category"]["market_volatility"] == demo_cfg.sources.market.count("volatility")
     assert m.counts["per_task_type"] == {
         t: sum(1 for r in rows if r["task_type"] == t) for t in ("classification", "numeric_qa", "open_qa")}
     assert m.quarantine == {"total": 0, "by_reason": {}, "by_file": {}}

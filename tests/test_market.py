@@ -163,6 +163,20 @@ def test_simulator_is_seeded_and_consistent():
     assert vol["calm"] < vol["rate_shock"] < vol["crash"]
 
 
+def test_questions_per_type_as_a_mapping_builds_each_types_count_and_none_of_the_unnamed():
+    mc = MarketConfig(questions_per_type={"latest_value": 9, "ma_trend": 2}, window_days=5)
+    rows = build_market_qa(simulate(mc.simulator), mc)
+    assert Counter(r["category"] for r in rows) == {"market_price_lookup": 9, "market_trend": 2}
+    assert mc.n_questions == 11 and mc.count("volatility") == 0
+    assert MarketConfig(questions_per_type=3).count("volatility") == 3
+
+
+@pytest.mark.parametrize("per", [{"lookup": 5}, {"latest_value": -1}, -2])
+def test_questions_per_type_refuses_an_unknown_type_or_a_negative_count(per):
+    with pytest.raises(ValueError, match="questions_per_type"):
+        MarketConfig(questions_per_type=per)
+
+
 def test_market_qa_deterministic_balanced_and_varied():
     mc = MarketConfig(questions_per_type=10, window_days=10)
     md = simulate(mc.simulator)

@@ -183,3 +183,5 @@ def test_sample_generator_is_deterministic(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_qa.py"
     subprocess.run([sys.executable, str(script), "--out", str(out)], check=True, capture_output=True)
     assert out.read_bytes() == SAMPLE.read_bytes()
+    # the demo's part of it: the first 4 items of each category, the same bytes as the committed file
+    assert (tmp_path / "demo_source_qa.jsonl").read_bytes() == SAMPLE.with_name("demo_source_qa.jsonl").read_bytes()

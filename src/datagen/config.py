@@ -127,18 +127,40 @@ class MarketConfig(_Strict):
     end: str | None = None
     simulator: SimulatorConfig = SimulatorConfig()
     window_days: int = Field(10, ge=3, le=60)
-    questions_per_type: int = Field(12, ge=0)
+    # an int for every question type, or {type: count} (a type not named gets none), e.g. a demo that
+    # asks mostly price look-ups: {latest_value: 80, ma_trend: 4, ...}
+    questions_per_type: int | dict[str, int] = 12
     risk_vol_thresholds: tuple[float, float] = (0.20, 0.40)  # annualised vol: low < a <= medium < b <= high
     seed: int = 11
 
     @model_validator(mode="after")
     def _check(self) -> MarketConfig:
+        from datagen.sources.market_qa import QUESTION_TYPES  # the types live with their builders
+
+        per = self.questions_per_type
+        counts = per if isinstance(per, dict) else {}
+        unknown = sorted(set(counts) - set(QUESTION_TYPES))
+        if unknown:
+            raise ValueError(f"questions_per_type: unknown question type(s) {unknown}; known: {list(QUESTION_TYPES)}")
+        if any(v < 0 for v in (counts.values() if isinstance(per, dict) else [per])):
+            raise ValueError(f"questions_per_type must be >= 0, got {per}")
         _ordered(self.risk_vol_thresholds, "risk_vol_thresholds")
         _date(self.start, "start")
         _date(self.end, "end")
         if self.start and self.end and self.start >= self.end:
             raise ValueError(f"start ({self.start}) must be before end ({self.end})")
         return self
+
+    def count(self, qtype: str) -> int:
+        """How many questions of ``qtype`` to build."""
+        per = self.questions_per_type
+        return per.get(qtype, 0) if isinstance(per, dict) else per
+
+    @property
+    def n_questions(self) -> int:
+        from datagen.sources.market_qa import QUESTION_TYPES
+
+        return sum(self.count(t) for t in QUESTION_TYPES)
 
 
 class SourceQAFile(_Strict):

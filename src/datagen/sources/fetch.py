@@ -82,7 +82,7 @@ def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> FetchManifest:
     market_info: dict[str, Any] | None = None
 
     mc = cfg.sources.market
-    if mc is not None and mc.questions_per_type > 0:
+    if mc is not None and mc.n_questions > 0:
         md = load_market(mc, cfg.paths.resolve)
         price_rows = md.row_counts()
         if price_rows["rows_unaccounted"]:

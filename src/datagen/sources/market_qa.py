@@ -3,7 +3,7 @@
 Each question's context is a small table of ``window_days`` daily rows (Date, Open, High, Low, Close,
 Volume) plus one sentence naming the ticker and the period; the answer is computed from exactly the
 figures in that table (prices rounded to cents, as shown) and nothing else. Question types (one
-category each, ``questions_per_type`` items per type, so categories are balanced):
+category each, ``questions_per_type`` items per type (an int: categories are balanced; or a count per type)):
 
 ==================  ========================  ================================================
 type                category                  answer
@@ -371,7 +371,7 @@ BUILDERS: dict[str, Callable[..., dict]] = {
 
 # ----------------------------------------------------------------------------- generation
 def build_market_qa(md: MarketData, mc: MarketConfig) -> list[dict[str, Any]]:
-    """``mc.questions_per_type`` QA rows per question type from ``md``; scenarios rotate round-robin."""
+    """``mc.count(type)`` QA rows per question type from ``md``; scenarios rotate round-robin."""
     n = mc.window_days
     segs = _segments(md.prices, n)
     if not segs:
@@ -384,7 +384,7 @@ def build_market_qa(md: MarketData, mc: MarketConfig) -> list[dict[str, Any]]:
         rng = np.random.default_rng([mc.seed, ti])
         pair = qtype == "comparison"
         used: set[str] = set()
-        for i in range(mc.questions_per_type):
+        for i in range(mc.count(qtype)):
             for attempt in range(64):
                 scen = scenarios[(i * len(QUESTION_TYPES) + ti + attempt) % len(scenarios)]
                 w = _pick_window(segs, scen, n, rng, pair)
