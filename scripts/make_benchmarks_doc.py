@@ -71,6 +71,17 @@ BENCHMARKS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
       ("price look-up: tuned - few-shot", "categories.market_price_lookup.tuned_minus_fewshot", "mean"),
       ("risk level: tuned - few-shot", "categories.market_risk_level.tuned_minus_fewshot", "mean"),
       ("wall time (s)", "wall_s", "num")]),
+    ("demo.json", "The main command from a fresh clone (`bench_demo.py`)",
+     "`bash scripts/demo.sh` in a fresh clone (its own set-up, Prefect server, worker and the `pipeline` "
+     "deployment on the demo profile), timed end to end, with the peak resident memory of every process it "
+     "started. Goals: 10 minutes with set-up, 6 GB per process, tuned above base few-shot with a CI above 0.",
+     [("wall time with set-up (s)", "wall_s", "num"),
+      ("to the first stage line: set-up and server (s)", "setup_s", "num"),
+      ("pipeline (s)", "pipeline_s", "num"),
+      ("terminal lines before the first stage", "setup_lines", "num"),
+      ("peak resident memory, largest process (GB)", "peak_rss_gb_max", "num"),
+      ("price look-up test items", "categories.market_price_lookup.n", "num"),
+      ("price look-up: tuned - few-shot", "categories.market_price_lookup.tuned_minus_fewshot", "mean")]),
     ("train_cpu.json", "CPU training throughput (`bench_train_cpu.py`)",
      "Gemma-3-270M LoRA r16 fp32: finsynth's trainer (padding-free packing, assistant-only loss, LM head on "
      "labelled positions) against plain TRL defaults (padded batches).",
