@@ -85,7 +85,13 @@ def test_groups_never_cross_and_test_is_originals_only(demo_cfg):
     assert res["leakage"]["groups_in_two_splits"] == 0
 
 
+def _ratios(cfg, ratios=(0.8, 0.1, 0.1)):
+    """``cfg`` with the split ratios a test counts on (not the demo profile's, which may change)."""
+    return cfg.model_copy(update={"split": cfg.split.model_copy(update={"ratios": ratios})})
+
+
 def test_cluster_proportions_follow_ratios(demo_cfg):
+    demo_cfg = _ratios(demo_cfg)
     rows = _dataset()
     res = split_rows(rows, _vecs(rows, demo_cfg), demo_cfg)
     # 40 groups per category, ratios 0.8/0.1/0.1 -> exactly 32/4/4 groups of each cluster
@@ -194,7 +200,7 @@ def test_run_split_stage_files(demo_cfg):
 @pytest.mark.parametrize("ratios", [(0.7, 0.15, 0.15), (0.6, 0.2, 0.2)])
 def test_other_ratios_within_tolerance(demo_cfg, ratios):
     rows = _dataset()
-    cfg = demo_cfg.model_copy(update={"split": demo_cfg.split.model_copy(update={"ratios": ratios})})
+    cfg = _ratios(demo_cfg, ratios)
     res = split_rows(rows, _vecs(rows, cfg), cfg)
     for c in res["clusters"]["clusters"]:
         for s, r in zip(SPLITS, ratios):
@@ -224,6 +230,7 @@ def _report_docs(n_docs: int = 30):
 
 def test_rows_sharing_a_context_share_a_split(demo_cfg):
     """Issue 13.2: questions over one document go to one split although each row is its own group."""
+    demo_cfg = _ratios(demo_cfg)
     rows = _report_docs()
     res = split_rows(rows, _vecs(rows, demo_cfg), demo_cfg)
     where = {}
