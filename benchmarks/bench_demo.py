@@ -4,7 +4,8 @@ Clones this repository's HEAD into a temporary folder (committed files only, as 
 ``bash scripts/demo.sh`` there (its own set-up: a new ``.venv`` from pip's index and cache, then the Prefect
 server, worker and the ``pipeline`` deployment on the demo profile) and records:
 
-- ``wall_s`` (set-up included) and ``setup_s`` / ``pipeline_s``;
+- ``wall_s`` (set-up included), ``setup_s`` (to the first stage line), ``pipeline_s`` and
+  ``stage_seconds`` (from the run's own summary, ``.prefect/last-run.json``);
 - the peak resident memory (``VmHWM``) of every process the command started, polled from ``/proc``
   every 0.5 s (a process that lives less than that can be missed), the largest first;
 - the lines the terminal showed: how many before the first stage line (set-up), and in all;
@@ -93,12 +94,22 @@ def report_figures(report: dict) -> dict:
     for r in table_rows(report):
         if r["split"] != "test":
             continue
+        diff = {"mean": r["tuned_minus_fewshot_mean"], "ci": [r["tuned_minus_fewshot_lo"], r["tuned_minus_fewshot_hi"]]}
         cats[r["category"]] = {"n": r["n"], "n_groups": r["n_groups"],
                                **{a: r[f"{a}_mean"] for a in ("base", "fewshot", "tuned")},
-                               "tuned_minus_fewshot": {"mean": r["tuned_minus_fewshot_mean"],
-                                                       "ci": [r["tuned_minus_fewshot_lo"], r["tuned_minus_fewshot_hi"]]},
-                               "collapsed": r["collapsed"]}
+                               "tuned_minus_fewshot": diff, "collapsed": r["collapsed"]}
     return cats
+
+
+def run_figures(clone: Path) -> dict:
+    """What the finished run says about itself: its seconds in all and per stage, and its report's figures."""
+    run = json.loads((clone / ".prefect" / "last-run.json").read_text())
+    res = run.get("result") or {}
+    stages = res.get("stages") or []
+    report = Path(res["report"]).parent / "report.json" if res.get("report") else None
+    return {"pipeline_s": run.get("total_s"),
+            "stage_seconds": {s["stage"]: s["seconds"] for s in stages if isinstance(s, dict)},
+            "categories": report_figures(json.loads(report.read_text())) if report and report.exists() else {}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     peaks = mem.stop()
     first_stage = next((t for t, s in lines if re.search(r"\d\d:\d\d:\d\d\s+\w+: started", s)), None)
     setup_lines = sum(1 for t, _ in lines if first_stage is None or t < first_stage)
-    run = json.loads((clone / ".prefect" / "last-run.json").read_text()) if rc == 0 else {}
-    report_path = Path(run["result"]["report"]).parent / "report.json" if run.get("result") else None
-    cats = report_figures(json.loads(report_path.read_text())) if report_path and report_path.exists() else {}
+    run = run_figures(clone) if rc == 0 else {"pipeline_s": None, "stage_seconds": {}, "categories": {}}
+    cats = run["categories"]
     gains = [c for c, f in cats.items() if not c.startswith("overall") and f["n"] >= 20 and not f["collapsed"]
              and (f["tuned_minus_fewshot"]["ci"][0] or 0) > 0]
     result = {
         "benchmark": "demo", "command": "bash scripts/demo.sh (fresh clone" + (", copied .venv)" if args.reuse_venv
                                                                                else ", fresh .venv)"),
         "rc": rc, "wall_s": round(wall, 1), "setup_s": round(first_stage, 1) if first_stage else None,
-        "pipeline_s": run.get("total_s"), "terminal_lines": len(lines), "setup_lines": setup_lines,
+        "pipeline_s": run["pipeline_s"], "stage_seconds": run["stage_seconds"],
+        "terminal_lines": len(lines), "setup_lines": setup_lines,
         "peak_rss_gb_max": peaks[0]["peak_rss_gb"] if peaks else None, "processes": peaks[:8],
         "categories": cats, "gain_categories": gains,
         "machine": {"cpus": os.cpu_count(), "cpu_flags": vector_flags()},

@@ -138,11 +138,10 @@ class MarketConfig(_Strict):
         from datagen.sources.market_qa import QUESTION_TYPES  # the types live with their builders
 
         per = self.questions_per_type
-        counts = per if isinstance(per, dict) else {}
-        unknown = sorted(set(counts) - set(QUESTION_TYPES))
+        unknown = sorted(set(per) - set(QUESTION_TYPES)) if isinstance(per, dict) else []
         if unknown:
             raise ValueError(f"questions_per_type: unknown question type(s) {unknown}; known: {list(QUESTION_TYPES)}")
-        if any(v < 0 for v in (counts.values() if isinstance(per, dict) else [per])):
+        if any(v < 0 for v in (per.values() if isinstance(per, dict) else [per])):
             raise ValueError(f"questions_per_type must be >= 0, got {per}")
         _ordered(self.risk_vol_thresholds, "risk_vol_thresholds")
         _date(self.start, "start")
