@@ -32,6 +32,7 @@ from datagen.progress import seconds, stage_done_line, stage_log
 from datagen.prompts import PROMPTS_DIR
 from datagen.sources import fetch
 from datagen.stage import StageSpec
+from lm.causal_lm import release_memory
 from training import evaluate, train
 
 PROJECT_PACKAGES = ("lm", "datagen", "training")
@@ -112,6 +113,7 @@ def execute(cfg: Config, name: str) -> Manifest:
     stage = get_stage(name)
     t0 = time.monotonic()
     stage_log.info("%s: started", name)
+    release_memory()
     out = stage.output(cfg)
     try:
         ups = [require_stage(get_stage(u).output(cfg), u) for u in stage.upstream]
@@ -126,6 +128,8 @@ def execute(cfg: Config, name: str) -> Manifest:
         if fault is None or fault is e:
             raise
         raise fault from e
+    finally:
+        release_memory()  # what the stage freed goes back to the OS before the next stage loads its models
     ins = [m.rows_out() for m in ups]
     stage_log.info("%s", stage_done_line(name, manifest, time.monotonic() - t0,
                                          sum(ins) if ins and None not in ins else None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from training import graders
 from training.graders import (
     NONE_LABEL,
     SPAN_MAX_TOKENS,
@@ -61,6 +62,39 @@ def test_grade_numeric_signs_units_and_tolerance():
     assert grade_numeric("-3.2%, 101.9", exp, rel_tol=0.01).score == 1.0
     assert grade_numeric("-3.2%, 102.5", exp, rel_tol=0.01).score == 0.5
     assert grade_numeric("-3.2%, 102.5", exp, rel_tol=0.02).score == 1.0
+
+
+def test_grade_numeric_does_not_credit_an_answer_that_lists_the_table(monkeypatch):
+    """A base model that copies the price table states every cell, the asked one among them: that is not a
+    look-up. Only the figures an answer states first (as many as expected, plus two for its reasoning) and
+    last count; dates are not figures here. Found in the demo: base few-shot answers that were the table
+    passed their look-ups."""
+    table = ("| Date | Open | High | Low | Close | Volume |\n|---|---|---|---|---|---|\n"
+             "| 2024-08-27 | 100.40 | 101.02 | 99.91 | 100.35 | 2113570 |\n"
+             "| 2024-08-28 | 100.00 | 100.17 | 99.82 | 100.05 | 2605678 |\n| 2024-")
+    low = [{"name": "low", "value": 99.82, "unit": "USD"}]
+    g = grade_numeric(table, low, rel_tol=0.0001)
+    assert not g.passed and g.detail["n_figures_in_answer"] > g.detail["n_figures_graded"]
+    # the same figure stated first, with its date and reasoning, passes; so does a result stated last
+    for answer in ("99.82 USD: the Low column of the last row (2024-08-28).",
+                   "On 2024-08-28 the low was 99.82 USD, against a high of 100.17 and a close of 100.05.",
+                   "Open 100.00, high 100.17, close 100.05; the low was 99.82"):
+        assert grade_numeric(answer, low, rel_tol=0.0001).passed, answer
+    # the market references (every numeric type) score what they scored when every figure counted
+    from datagen.config import MarketConfig
+    from datagen.sources.market import simulate
+    from datagen.sources.market_qa import build_market_qa
+
+    mc = MarketConfig(questions_per_type=8)
+    rows = [r for r in build_market_qa(simulate(mc.simulator), mc) if r["task_type"] == "numeric_qa"]
+    assert len({r["category"] for r in rows}) == 6
+    for r in rows:
+        meta = r["metadata"]
+        label = (meta["answer_label"], meta["answer_choices"]) if meta.get("answer_label") else None
+        now = grade_numeric(r["answer"], meta["answer_values"], 0.01, label=label).score
+        with monkeypatch.context() as m:
+            m.setattr(graders, "STATED_SLACK", 1000)
+            assert now == grade_numeric(r["answer"], meta["answer_values"], 0.01, label=label).score, r["answer"]
 
 
 def test_grade_numeric_percent_forms():

@@ -267,6 +267,22 @@ def test_a_rerun_skips_the_shards_an_interrupted_run_finished(tmp_path):
     assert [x for part in got for x in part["doubled"]] == [2 * x for x in range(10)]
 
 
+def test_evaluation_shards_never_straddle_two_arms():
+    """Evaluation cuts its items into shards by arm: a shard is one model's batches, and a few-shot arm is
+    not split in two for the local executor (two head prefills and a short batch each). With one arm,
+    ``min_shards`` still spreads the work over the workers."""
+    from datagen import executor
+
+    items = [{"arm": a, "i": i} for a, n in (("base", 5), ("fewshot", 6), ("tuned", 5)) for i in range(n)]
+    shards = executor.plan("eval", items, 256, 2, group=lambda it: it["arm"])
+    assert [[it["arm"] for it in s.items] for s in shards] == [["base"] * 5, ["fewshot"] * 6, ["tuned"] * 5]
+    assert [s.index for s in shards] == [0, 1, 2]
+    assert [len(s.items) for s in executor.plan("eval", items, 4, 2, group=lambda it: it["arm"])] == [3, 2, 3, 3, 3, 2]
+    one = [it for it in items if it["arm"] == "fewshot"]
+    assert [len(s.items) for s in executor.plan("eval", one, 256, 2, group=lambda it: it["arm"])] == [3, 3]
+    assert [len(s.items) for s in executor.plan("eval", items, 256, 2)] == [8, 8]  # no groups: as before
+
+
 @pytest.mark.slow
 def test_evaluate_on_ray_gives_the_local_answers_and_report(ray_cluster, tmp_path):
     """One briefly tuned adapter on the packaged Gemma, evaluated locally and on Ray (the arms' generation

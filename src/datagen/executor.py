@@ -54,16 +54,31 @@ class Shard:
     items: list[Any]
 
 
-def plan(key: str, items: Sequence[Any], shard_rows: int, min_shards: int = 1) -> list[Shard]:
+def plan(key: str, items: Sequence[Any], shard_rows: int, min_shards: int = 1,
+         group: Callable[[Any], Any] | None = None) -> list[Shard]:
     """Contiguous shards of at most ``shard_rows`` items (at least ``min_shards`` when there are that
-    many items), each with an id that changes when the stage's key, its position or its items change."""
+    many items), each with an id that changes when the stage's key, its position or its items change.
+
+    ``group``: items with the same ``group(item)`` that sit next to each other form a run, and no shard
+    straddles two runs (evaluation's arms: a shard of one arm is one model's batches). ``min_shards``
+    then applies when there is a single run."""
     if not items:
         return []
-    n = min(len(items), max(min_shards, math.ceil(len(items) / shard_rows)))
-    size = math.ceil(len(items) / n)
+    runs: list[list[Any]] = []
+    for it in items:
+        if group is not None and runs and group(runs[-1][-1]) == group(it):
+            runs[-1].append(it)
+        elif group is not None or not runs:
+            runs.append([it])
+        else:
+            runs[-1].append(it)
+    chunks = []
+    for run in runs:
+        n = min(len(run), max(min_shards if len(runs) == 1 else 1, math.ceil(len(run) / shard_rows)))
+        size = math.ceil(len(run) / n)
+        chunks += [list(run[start:start + size]) for start in range(0, len(run), size)]
     shards = []
-    for i, start in enumerate(range(0, len(items), size)):
-        chunk = list(items[start:start + size])
+    for i, chunk in enumerate(chunks):
         blob = json.dumps(chunk, sort_keys=True, ensure_ascii=False, default=str)
         sid = hashlib.sha256(f"{key}|{i}|{blob}".encode()).hexdigest()[:16]
         shards.append(Shard(f"{i:05d}-{sid}", i, chunk))

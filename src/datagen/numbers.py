@@ -220,6 +220,11 @@ def _figure_matches(text: str) -> Iterator[re.Match[str]]:
         pos = m.end()
 
 
+def date_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each date written ``2024-01-02`` or ``1/2/2024`` in ``text``."""
+    return [m.span() for m in _ISO_DATE.finditer(text or "")]
+
+
 def find_numbers(text: str | None, *, directional: bool = False, skip_dates: bool = True) -> list[Figure]:
     """Every figure in ``text``, in order. ``skip_dates`` leaves ``2024-01-02`` and ``1/2/2024`` out
     (their parts are not figures); ``directional`` reads "down 3%" as -3."""

@@ -219,8 +219,10 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
                 items.append({"arm": arm, "i": i, "prompt": prompts[arm][i], "family": json.dumps(conv[:-1]),
                               "generate": gen, "choices": list(choices[i]) if lik else None})
     if items:
+        # a shard holds one arm (one model, the few-shot families whole), so splitting work for Ray's
+        # workers never costs the local executor extra batches or head prefills
         shards = executor.plan(f"evaluate|{model_cfg.name_or_path}|{key}|{json.dumps(kw)}", items,
-                               run_cfg.shard_rows, run_cfg.ray_workers)
+                               run_cfg.shard_rows, run_cfg.ray_workers, group=lambda it: it["arm"])
         make = functools.partial(eval_worker, model_cfg, str(adapter_dir), kw)
         parts = executor.map_shards(run_cfg, make, shards, scratch, what="evaluate")
         for shard, part in zip(shards, parts, strict=True):  # in shard order

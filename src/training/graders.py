@@ -49,6 +49,7 @@ class Figure:
     value: float
     unit: str  # "%" | "bp" | "USD" | "CUR" (another currency) | "x" | "" (plain)
     text: str
+    start: int = 0  # where it starts in the text it was read from
 
 
 def _grader_unit(unit: str) -> str:
@@ -67,7 +68,7 @@ def extract_figures(text: str) -> list[Figure]:
     number parser, with dates kept as plain numbers."""
     from datagen.numbers import find_numbers
 
-    return [Figure(float(f.value), _grader_unit(f.unit), f.text)
+    return [Figure(float(f.value), _grader_unit(f.unit), f.text, f.start)
             for f in find_numbers(text or "", directional=True, skip_dates=False)]
 
 
@@ -100,16 +101,33 @@ def close(a: float, b: float, rel_tol: float) -> bool:
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
 
 
+STATED_SLACK = 2  # figures of reasoning an answer may state before its result ("from 100.00 to 103.21: +3.21%")
+
+
+def stated_figures(answer: str, figures: Sequence[Figure], n_expected: int) -> list[Figure]:
+    """The figures an answer states as its result: its first ``n_expected + STATED_SLACK`` figures and
+    its last ``n_expected``, dates (``2024-08-28``) not counted. An answer that lists many figures (a
+    base model copying the price table) is not credited for the one it happens to contain."""
+    from datagen.numbers import date_spans
+
+    dates = date_spans(answer)
+    plain = [i for i, f in enumerate(figures) if not any(a <= f.start < b for a, b in dates)]
+    keep = set(plain[:n_expected + STATED_SLACK]) | set(plain[-n_expected:] if n_expected else [])
+    return [f for i, f in enumerate(figures) if i in keep]
+
+
 def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: float,
                   label: tuple[str, Sequence[str]] | None = None) -> Grade:
-    """Fraction of the expected figures found in ``answer``; pass when all are found.
+    """Fraction of the expected figures found among those ``answer`` states as its result
+    (:func:`stated_figures`); pass when all are found.
 
     A figure in the answer may match several expected values (e.g. two equal figures). With ``label``
     (``(gold, choices)``: the side of an above/below question, the ticker of a which-did-better one), the
     label the answer names (:func:`normalise_label`) counts as one more expected element: a wrong side
     with the right figures is not a pass.
     """
-    figures = extract_figures(answer)
+    every = extract_figures(answer)
+    figures = stated_figures(answer, every, len(expected))
     matches = []
     for e in expected:
         target, unit = float(e["value"]), normalise_unit(e.get("unit"))
@@ -118,7 +136,7 @@ def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: floa
                         "found": hit.text if hit else None})
     n_ok = sum(m["found"] is not None for m in matches)
     n = len(matches)
-    detail: dict[str, Any] = {"matches": matches, "n_figures_in_answer": len(figures)}
+    detail: dict[str, Any] = {"matches": matches, "n_figures_in_answer": len(every), "n_figures_graded": len(figures)}
     if label is not None:
         gold, choices = label
         pred = normalise_label(answer, choices)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from lm.causal_lm import attn_implementation, compute_dtype, cpu_autocast_dtype, load_causal_lm, resolve_device
 from datagen.config import Config
+from datagen.llm.local import unload_models
 from datagen.manifest import TrainManifest
 from datagen.io import (
     atomic_write_text,
@@ -412,6 +413,7 @@ def train(cfg: Config, dataset_dir: str | Path, out_dir: str | Path | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is being rewritten: not finished
 
+    unload_models()  # the providers' copies of a model (augment's, in the same flow process) are not needed here
     train_ds, eval_ds, balance = load_training_data(cfg, dataset_dir)
     if train_ds is None or len(train_ds) == 0:
         raise FileNotFoundError(f"no training rows in {dataset_dir / 'train.parquet'}")

@@ -57,6 +57,16 @@ def load_local_model(model_path: str, device: str = "auto") -> tuple[Any, Any, t
         return _MODELS[key]
 
 
+def unload_models() -> None:
+    """Drop the models :func:`load_local_model` holds, so that a stage that loads its own copy (training)
+    has their memory; the next request loads them again (~7 s for the packaged Gemma)."""
+    from lm.causal_lm import release_memory
+
+    with _MODELS_LOCK:
+        _MODELS.clear()
+    release_memory()
+
+
 class _Item:
     __slots__ = ("i", "req", "key", "conv", "attempts", "round", "pt", "ct")
 
