@@ -97,6 +97,28 @@ def test_grade_numeric_does_not_credit_an_answer_that_lists_the_table(monkeypatc
             assert now == grade_numeric(r["answer"], meta["answer_values"], 0.01, label=label).score, r["answer"]
 
 
+def test_a_copied_figure_is_graded_exactly():
+    """A look-up's answer is a cell of the table, shown to the cent: a neighbouring cell within the 1%
+    tolerance (the high for the low on a calm day) is a wrong answer. The market generator marks such
+    values ``exact``; computed figures keep the relative tolerance."""
+    from datagen.config import MarketConfig
+    from datagen.sources.market import simulate
+    from datagen.sources.market_qa import build_market_qa
+
+    mc = MarketConfig(questions_per_type={"latest_value": 8, "period_return": 2}, window_days=5)
+    rows = build_market_qa(simulate(mc.simulator), mc)
+    for r in rows:
+        (v,) = r["metadata"]["answer_values"]
+        shown = r["answer"].split(" ")[0]
+        if r["category"] == "market_price_lookup":
+            assert v["exact"] and float(shown) == v["value"], r["answer"]
+            assert grade_numeric(shown, [v], 0.01).passed
+            off = float(shown) * 1.004 if v["unit"] != "shares" else float(shown) + 1
+            assert not grade_numeric(f"{off:.2f}", [v], 0.01).passed, (shown, off)
+        else:
+            assert "exact" not in v and grade_numeric(f"{v['value'] * 1.005:.4f}%", [v], 0.01).passed
+
+
 def test_grade_numeric_percent_forms():
     exp = [{"name": "vol", "value": 12.5, "unit": "%"}]
     for answer in ("12.5%", "12.5 percent", "1250 bp", "0.125", "12.50"):

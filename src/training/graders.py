@@ -5,8 +5,10 @@ Every grader returns a :class:`Grade` with a score in [0, 1] and a pass flag; no
 odd model output. Judge-graded items (``open_qa``) live in :mod:`training.judge`.
 
 Numeric grading reads ``metadata["answer_values"]`` (``[{"name", "value", "unit"}]``, percent values
-in percent units) and looks for each expected figure among the numbers written in the answer (read by
-:func:`datagen.numbers.find_numbers`, the project's one number parser), within a relative tolerance.
+in percent units) and looks for each expected figure among the numbers the answer states as its result
+(its first and last ones, :func:`stated_figures`, read by :func:`datagen.numbers.find_numbers`, the
+project's one number parser), within a relative tolerance; a value marked ``"exact": true`` (a cell
+copied from a table) must be equal.
 Units are reconciled: ``12.5%`` = ``12.5 percent`` = ``1250 bp`` = ``0.125``;
 ``$1.5bn`` = ``1,500,000,000``; ``-3.2%`` = ``down 3.2%`` = ``(3.2%)``.
 
@@ -101,6 +103,7 @@ def close(a: float, b: float, rel_tol: float) -> bool:
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
 
 
+EXACT_TOL = 1e-9  # an expected value marked ``exact`` (copied as shown): equal up to float rounding
 STATED_SLACK = 2  # figures of reasoning an answer may state before its result ("from 100.00 to 103.21: +3.21%")
 
 
@@ -131,7 +134,8 @@ def grade_numeric(answer: str, expected: Sequence[dict[str, Any]], rel_tol: floa
     matches = []
     for e in expected:
         target, unit = float(e["value"]), normalise_unit(e.get("unit"))
-        hit = next((f for f in figures if any(close(r, target, rel_tol) for r in _readings(f, unit))), None)
+        tol = EXACT_TOL if e.get("exact") else rel_tol
+        hit = next((f for f in figures if any(close(r, target, tol) for r in _readings(f, unit))), None)
         matches.append({"name": e.get("name", ""), "expected": target, "unit": e.get("unit", ""),
                         "found": hit.text if hit else None})
     n_ok = sum(m["found"] is not None for m in matches)

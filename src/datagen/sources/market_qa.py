@@ -183,8 +183,10 @@ def _context(w: Window, md: MarketData) -> dict[str, Any]:
     return {"text": text, "table": table}
 
 
-def _val(name: str, value: float, unit: str) -> dict[str, Any]:
-    return {"name": name, "value": round(float(value), 6), "unit": unit}
+def _val(name: str, value: float, unit: str, exact: bool = False) -> dict[str, Any]:
+    """An expected figure for the grader; ``exact``: a value copied from the table as shown (graded
+    without the relative tolerance that computed figures get)."""
+    return {"name": name, "value": round(float(value), 6), "unit": unit} | ({"exact": True} if exact else {})
 
 
 # ----------------------------------------------------------------------------- question builders
@@ -214,7 +216,8 @@ def _q_latest(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
         shown, unit = (_p(v) + (f" {cur}" if cur else "")), cur
     return {"question": _LATEST_T[k].format(t=t, f=name, d=d),
             "answer": f"{shown}: the {f.capitalize()} column of the last row ({d}).",
-            "answer_values": [_val(f, v, unit)], "params": {"field": f}, "template": k}
+            "answer_values": [_val(f, float(shown.split(" ")[0]), unit, exact=True)], "params": {"field": f},
+            "template": k}
 
 
 _RETURN_T = (
