@@ -107,7 +107,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once; ~1 min)", gguf.name, target)
+    from datagen.progress import progress_log  # a line in the main command's terminal: a minute with no other
+
+    progress_log.info("converting the packaged %s to safetensors in %s (once per machine; ~1 min)", gguf.name, target)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with _one_gguf_parse():
