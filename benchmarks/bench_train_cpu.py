@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                          peft_config=get_peft_config(cfg.train), callbacks=[clock.callback])
     clock.trainer = trainer
     trainer.train()
-    result["plain_trl"] = {"settings": {"batch": 2, "padding": "longest", "packing": False,
+    result["plain_trl"] = {"settings": {"batch": 2, "gradient_accumulation_steps": 1,
+                                        "lora_dropout": cfg.train.lora.dropout, "padding": "longest", "packing": False,
                                         "gradient_checkpointing": base_args.gradient_checkpointing,
                                         "loss_on": "all tokens", "precision": "fp32 (bf16 default overridden)"},
                            **clock.summary(), "peak_rss_gb": rss_gb()}
@@ -177,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     clock.trainer = trainer
     trainer.train()
     t = ours_cfg.train
-    result["finsynth"] = {"settings": {"batch": t.per_device_batch_size, "max_length": t.max_length,
+    result["finsynth"] = {"settings": {"batch": t.per_device_batch_size,
+                                       "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                                       "lora_dropout": t.lora.dropout, "max_length": t.max_length,
                                        "packing": "bfd, padding-free",
                                        "gradient_checkpointing": t.gradient_checkpointing,
                                        "loss_on": "assistant tokens", "lm_head": "labelled positions only",

@@ -265,3 +265,48 @@ def test_local_batched_generation_matches_single(gemma, tmp_path):
                                           stop=("\n",))])[0]
     assert cands.ok and len(cands.texts) == 3 and not any("\n" in t for t in cands.texts)
     assert cands.usage["completion_tokens"] < 3 * 32  # at least one row stopped before its limit
+
+
+def test_unload_models_lets_the_model_go(tiny_dir, tmp_path):
+    """The train stage drops the providers' models before it loads its own (one flow process runs every
+    stage): after :func:`unload_models` nothing keeps the model alive, and the next request loads it again."""
+    import gc
+    import weakref
+
+    import shutil
+
+    from datagen.llm import local
+
+    own = shutil.copytree(tiny_dir, tmp_path / "model")  # a model no other test's fixture holds
+    model, _, _ = load_local_model(str(own), "cpu")
+    ref = weakref.ref(model)
+    del model
+    local.unload_models()
+    gc.collect()
+    assert ref() is None and not local._MODELS
+    again, _, _ = load_local_model(str(own), "cpu")
+    assert again is not None and len(local._MODELS) == 1
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_release_memory_hands_freed_activations_back():
+    """Freed tensors of a few MB (a training step's activations) go back to the OS once a stage is over,
+    so the next stage's models do not stack on top of them."""
+    import torch
+
+    from lm.causal_lm import release_memory
+
+    release_memory()  # fixes the thresholds first, as the stage runner does when a stage starts
+    before = _rss_mb()
+    blocks = [torch.ones(1024, 1024) for _ in range(100)]  # 100 x 4 MB, each touched
+    assert _rss_mb() - before > 300
+    del blocks
+    release_memory()
+    assert _rss_mb() - before < 100
