@@ -66,12 +66,10 @@ def plan(key: str, items: Sequence[Any], shard_rows: int, min_shards: int = 1,
         return []
     runs: list[list[Any]] = []
     for it in items:
-        if group is not None and runs and group(runs[-1][-1]) == group(it):
+        if runs and (group is None or group(runs[-1][-1]) == group(it)):
             runs[-1].append(it)
-        elif group is not None or not runs:
-            runs.append([it])
         else:
-            runs[-1].append(it)
+            runs.append([it])
     chunks = []
     for run in runs:
         n = min(len(run), max(min_shards if len(runs) == 1 else 1, math.ceil(len(run) / shard_rows)))
