@@ -23,6 +23,7 @@ from typing import Any
 from filelock import FileLock
 
 log = logging.getLogger(__name__)
+notice = logging.getLogger("finsynth.models")  # finsynth.* records reach the main command's terminal (flows.progress)
 
 
 class ModelFilesError(RuntimeError):
@@ -107,9 +108,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from datagen.progress import progress_log  # a line in the main command's terminal: a minute with no other
-
-    progress_log.info("converting the packaged %s to safetensors in %s (once per machine; ~1 min)", gguf.name, target)
+    notice.info("converting the packaged %s to safetensors in %s (once per machine; ~1 min)", gguf.name, target)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with _one_gguf_parse():
