@@ -100,3 +100,23 @@ def test_quiet_terminal_sends_everything_else_to_the_log_file(tmp_path):
     for noise in ("HTTP Request", "a library warning", "a stray print", "child noise", "Stopping temporary server",
                   "fetch: started"):
         assert noise in text, noise
+
+
+def test_a_quiet_batch_still_shows_its_position_until_it_closes(caplog):
+    """A batch decoded together finishes all at once: meanwhile the heartbeat logs where it is, and it
+    stops when the bar closes."""
+    import time
+
+    from datagen.progress import PROGRESS_LOGGER, Progress
+
+    caplog.set_level("INFO", logger=PROGRESS_LOGGER)
+    bar = Progress("scenarios", 8, "requests", heartbeat_s=0.1)
+    time.sleep(0.35)
+    quiet = [r.getMessage() for r in caplog.records]
+    assert len(quiet) >= 2 and all(m.startswith("scenarios 0/8 requests (") for m in quiet), quiet
+    bar.update(8)
+    bar.close()
+    n = len(caplog.records)
+    assert caplog.records[-1].getMessage().startswith("scenarios 8/8 requests")
+    time.sleep(0.3)
+    assert len(caplog.records) == n  # closed: no more lines

@@ -260,7 +260,7 @@ class BaseProvider:
             return []
         keys, bad = self._safe_keys(requests)
         bar = _Bar(tqdm(total=len(requests), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5),
-                   Progress(desc, len(requests), "requests"))
+                   Progress(desc, len(requests), "requests", heartbeat_s=30.0))
         writer = CacheWriter(self.cache) if self.cache is not None else None
         try:
             hits = self.cache.get_many([k for k in keys if k]) if self.cache is not None else {}
