@@ -5,7 +5,7 @@
 # At the end it prints the two commands that show the run in a browser and chat with the tuned model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh ""  # finsynth alone: the extras (Ray, PostgreSQL, pytest) are for scale-out and tests
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # the options that say where the run lives, forwarded to the printed commands

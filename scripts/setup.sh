@@ -15,7 +15,7 @@
 # fails with "no backends are loaded" (abetlen/llama-cpp-python#2069, open). The portable AVX2 build stays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-dev}"
+EXTRAS="${1-dev}"  # '' installs finsynth alone (the main job's call: scripts/demo.sh)
 PY="${PYTHON:-python3}"
 LLAMA_CPP_VERSION="${FINSYNTH_LLAMA_CPP_VERSION:-0.3.36}"
 LLAMA_CMAKE_ARGS="${FINSYNTH_LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_BACKEND_DL=OFF -DGGML_CPU_ALL_VARIANTS=OFF}"
@@ -58,8 +58,9 @@ covered() {
   done
   return 1
 }
+what="finsynth${EXTRAS:+[$EXTRAS]}"
 if covered; then
-  echo "setup: .venv already has finsynth[${EXTRAS}] for this pyproject.toml (nothing to install)"
+  echo "setup: .venv already has $what for this pyproject.toml (nothing to install)"
 else
   torch_version="${FINSYNTH_TORCH_VERSION:-2.13.0}"
   step "installing torch $torch_version (CPU wheels)" .venv/bin/pip install "torch==$torch_version"
@@ -76,7 +77,7 @@ else
       .venv/bin/pip install "$wheels"/llama_cpp_python-*.whl "llama-cpp-python[server]==$LLAMA_CPP_VERSION" \
       --find-links "$wheels"
   fi
-  step "installing finsynth[${EXTRAS}] and its dependencies" .venv/bin/pip install -e ".[${EXTRAS}]"
+  step "installing $what and its dependencies" .venv/bin/pip install -e ".${EXTRAS:+[$EXTRAS]}"
   touch "$stamp"
   echo "setup: done (pip's output: $LOG)"
 fi

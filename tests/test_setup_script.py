@@ -120,3 +120,17 @@ def test_a_failing_step_shows_the_logs_tail_and_path(tmp_path):
     assert "ERROR: No matching distribution found for torch==" in r.stderr
     assert f"setup: the whole log: {proj / '.cache' / 'setup.log'}" in r.stderr and len(r.stderr.splitlines()) <= 30
     assert not list((proj / ".venv").glob(".finsynth-installed-*"))  # not marked installed
+
+
+def test_the_main_job_installs_no_extras_and_a_later_test_setup_adds_them(tmp_path):
+    """``setup.sh ''`` (the demo's call) installs finsynth alone: Ray, psycopg, pytest and ruff are for the
+    tests and scale-out. Any install covers it; a later ``dev`` call installs the extras."""
+    proj, env = _fake_project(tmp_path)
+    r = _setup(proj, env, "")
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[-1] == "pip install -e ." and "installing finsynth and its dependencies" in r.stdout
+    assert "nothing to install" in _setup(proj, env, "").stdout
+    r = _setup(proj, env, "dev")
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == "pip install -e .[dev]", r.stdout
+    assert covered(tmp_path / "d", ["dev_llamacpp"], "''")
