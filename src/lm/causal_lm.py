@@ -61,6 +61,7 @@ def is_installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@functools.cache
 def _glibc() -> Any:
     import ctypes
 
@@ -80,7 +81,8 @@ def release_memory() -> None:
     A training step allocates and frees gigabytes of activations in blocks of a few MB from glibc's heap,
     which keeps what is freed, so the next stage's models would stack on top of it. Here the heap is
     trimmed whenever 1 MB is free at its top, the mmap threshold is fixed at 32 MB (glibc's own limit for
-    it; a lower one maps and zeroes every activation anew: 31 s a demo step instead of 19), garbage is
+    it; a lower one maps and zeroes every activation anew: 31 s a demo step instead of 19 in one 4-step run
+    each), garbage is
     collected and the heap trimmed now. Idempotent; nothing happens where the C library is not glibc."""
     import gc
 

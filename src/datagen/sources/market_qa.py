@@ -212,12 +212,11 @@ def _q_latest(w: Window, i: int, rng, mc: MarketConfig, cur: str) -> dict:
         v = int(last["volume"])
         shown, unit = f"{v} shares", "shares"
     else:
-        v = float(last[f])
+        v = float(_p(float(last[f])))  # the cell as the table shows it
         shown, unit = (_p(v) + (f" {cur}" if cur else "")), cur
     return {"question": _LATEST_T[k].format(t=t, f=name, d=d),
             "answer": f"{shown}: the {f.capitalize()} column of the last row ({d}).",
-            "answer_values": [_val(f, float(shown.split(" ")[0]), unit, exact=True)], "params": {"field": f},
-            "template": k}
+            "answer_values": [_val(f, v, unit, exact=True)], "params": {"field": f}, "template": k}
 
 
 _RETURN_T = (
