@@ -45,6 +45,7 @@ echo "progress bar noise" >&2
 if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then
   echo "ERROR: No matching distribution found for $FAIL_ON"; exit 1
 fi
+if [ "$1 $2" = "install uv>=0.5,<1" ] && [ -n "${FAKE_UV:-}" ]; then cp "$FAKE_UV" "$(dirname "$0")/uv"; fi
 if [ "$1" = wheel ]; then
   while [ $# -gt 0 ]; do
     if [ "$1" = -w ]; then mkdir -p "$2"; touch "$2/llama_cpp_python-0.3.36-cp311-linux_x86_64.whl"; fi
@@ -102,7 +103,7 @@ def test_setup_prints_one_timed_line_per_step_and_logs_pip(tmp_path):
         "setup: installing finsynth[dev,llamacpp] and its dependencies"]
     assert all(re.search(r" \.\.\. \d+ s$", s) for s in steps)
     log = (proj / ".cache" / "setup.log").read_text()
-    assert log.count("Retrying") == 200 * 5 and "progress bar noise" in log
+    assert log.count("Retrying") == 200 * 6 and "progress bar noise" in log  # 6 pip calls (one installs uv)
     calls = (tmp_path / "calls").read_text()
     assert "-DGGML_NATIVE=OFF" not in calls and "wheel --no-cache-dir --no-deps" in calls  # flags via CMAKE_ARGS
     # idempotent: a second call installs nothing and says so in one line
@@ -134,3 +135,33 @@ def test_the_main_job_installs_no_extras_and_a_later_test_setup_adds_them(tmp_pa
     r = _setup(proj, env, "dev")
     assert (tmp_path / "calls").read_text().splitlines()[-1] == "pip install -e .[dev]", r.stdout
     assert covered(tmp_path / "d", ["dev_llamacpp"], "''")
+
+
+FAKE_UV = """#!/usr/bin/env bash
+# a uv that records its calls and fails when UV_FAILS is set
+echo "uv $*" >> "$CALLS"
+[ -z "${UV_FAILS:-}" ] || { echo "error: Failed to fetch: https://pypi.org/simple/x/"; exit 2; }
+"""
+
+
+def test_dependencies_install_with_uv_keeping_the_cpu_torch_and_fall_back_to_pip(tmp_path):
+    """Where uv installs (from PyPI), it installs finsynth's dependencies with the torch build that pip put
+    there pinned; where it cannot, pip does, and the terminal shows the same one line."""
+    proj, env = _fake_project(tmp_path)
+    (tmp_path / "uv").write_text(FAKE_UV)
+    (tmp_path / "uv").chmod(0o755)
+    r = _setup(proj, env, "", FAKE_UV=str(tmp_path / "uv"))
+    assert r.returncode == 0 and len(r.stdout.splitlines()) <= 30, r.stdout + r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    pin = proj / ".cache" / "setup-constraints.txt"
+    assert calls[-2:] == ["pip install uv>=0.5,<1", f"uv pip install --python .venv/bin/python --constraint {pin} -e ."]
+    import importlib.metadata
+
+    assert pin.read_text().strip() == "torch==" + importlib.metadata.version("torch")
+
+    proj2, env2 = _fake_project(tmp_path / "b")
+    r = _setup(proj2, env2, "", FAKE_UV=str(tmp_path / "uv"), UV_FAILS="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "b" / "calls").read_text().splitlines()[-1] == "pip install -e ."
+    assert "uv failed" in (proj2 / ".cache" / "setup.log").read_text()
+    assert "installing finsynth and its dependencies ... " in r.stdout
