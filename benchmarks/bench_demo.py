@@ -1,7 +1,8 @@
 """The main command as a new user meets it: ``bash scripts/demo.sh`` in a fresh clone, timed end to end.
 
 Clones this repository's HEAD into a temporary folder (committed files only, as a user gets them), runs
-``bash scripts/demo.sh`` there (its own set-up: a new ``.venv`` from pip's index and cache, then the Prefect
+``bash scripts/demo.sh`` there (its own set-up: a new ``.venv``, torch from pip's index and cache, the rest
+downloaded by uv into an empty cache, then the Prefect
 server, worker and the ``pipeline`` deployment on the demo profile) with an empty model cache (the packaged
 GGUF is converted in the run, as on a fresh machine; ``--warm-model-cache`` skips that) and records:
 
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     if not args.warm_model_cache:  # a fresh machine converts the packaged GGUF once, inside the run
         env["FINSYNTH_MODEL_CACHE"] = str(work / "model-cache")
+    env["UV_CACHE_DIR"] = str(work / "uv-cache")  # uv downloads every dependency, as on a fresh machine
     load0, t0 = os.getloadavg(), time.monotonic()
     proc = subprocess.Popen(["bash", "scripts/demo.sh"], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)

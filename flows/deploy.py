@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -185,6 +186,60 @@ def run_deployment_in(env: dict[str, str], name: str, parameters: dict, timeout_
     return {**result, "progress": lines}
 
 
+def packaged_models(cfg) -> list[str]:
+    """The ``packaged:`` models a run of ``cfg`` loads with transformers: the target model and the local
+    providers' (whose default is the packaged Gemma)."""
+    from datagen.llm.local import DEFAULT_MODEL_PATH
+    from lm.packaged import PACKAGED_PREFIX
+
+    names = [cfg.model.name_or_path] + [p.model_path or DEFAULT_MODEL_PATH for p in cfg.llm.providers.values()
+                                        if p.kind == "local"]
+    return sorted({n for n in names if n.startswith(PACKAGED_PREFIX)})
+
+
+def warm_models(profile: str, root: str | None, overrides: list[str], terminal) -> threading.Thread | None:
+    """Convert the run's packaged models (a minute, once per machine: :func:`lm.packaged.gemma_path`) in a
+    thread of this process while the server starts, the deployment registers and the worker picks the run
+    up, instead of inside the first stage that needs them; that stage waits on the conversion's file lock
+    if it gets there first. Nothing to do when they are converted already. A failure here is left to the
+    stage, which reports it the usual way."""
+    import logging
+
+    from datagen.config import load_config
+    from flows.progress import TerminalHandler
+    from lm.packaged import converted, resolve_model_path
+
+    try:
+        todo = [n for n in packaged_models(load_config(None, profile=profile, overrides=overrides, root=root))
+                if not converted(n)]
+    except Exception:  # a bad config or profile: the flow run says what is wrong with it
+        return None
+    if not todo:
+        return None
+
+    def work() -> None:
+        t0 = time.monotonic()
+        models = logging.getLogger("finsynth.models")
+        handler = TerminalHandler(terminal)
+        models.addHandler(handler)
+        models.setLevel(logging.INFO)
+        try:
+            for name in todo:
+                resolve_model_path(name)
+            terminal.line(f"[models] {', '.join(todo)} ready in {time.monotonic() - t0:.0f} s")
+        except Exception as e:  # the stage that loads the model meets the same fault and reports it
+            terminal.line(f"[models] preparing {', '.join(todo)} failed ({type(e).__name__}); the run reports it")
+        finally:
+            models.removeHandler(handler)
+            from lm.causal_lm import release_memory
+
+            release_memory()  # the dequantized weights were garbage: give the pages back
+
+    thread = threading.Thread(target=work, name="finsynth-warm-models", daemon=True)
+    thread.start()
+    return thread
+
+
 RESULT_MARK = "@@RESULT@@"
 LINE_MARK = "@@LINE@@"
 
@@ -240,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     terminal = Terminal(sys.stdout)
     home = args.home.resolve()
+    warm_models(args.profile, params.get("root"), args.overrides, terminal)
     try:
         summary = deploy_and_run(deployment=args.deployment, parameters=params, home=home,
                                  port=args.port, timeout_s=args.timeout,

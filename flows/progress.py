@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,22 +36,25 @@ class Terminal:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self._open = False  # a progress line is on the screen without its newline
+        self._lock = threading.Lock()  # lines come from the run's log and from a thread of the main command
 
     def line(self, message: str, *, progress: bool = False, when: float | None = None) -> None:
         text = f"{datetime.fromtimestamp(when or time.time()):%H:%M:%S}  {message}"
-        if self.tty:
-            self.stream.write("\r\033[K" + text + ("" if progress else "\n"))
-            self._open = progress
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r\033[K" + text + ("" if progress else "\n"))
+                self._open = progress
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
 
     def end(self) -> None:
         """End an open progress line (before other output)."""
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
+        with self._lock:
+            if self._open:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._open = False
 
 
 class TerminalHandler(logging.Handler):

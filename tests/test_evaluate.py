@@ -560,3 +560,33 @@ def test_small_fewshot_families_are_pooled_into_full_batches_big_ones_share_thei
     assert lens == sorted(lens, reverse=True)  # longest first: least padding
     plain = plan_batches(enc, 8)  # no groups: one pool, longest first, no head
     assert [len(b) for b, _ in plain] == [8, 8, 3] and all(h == 0 for _, h in plain)
+
+
+def test_the_tuned_arm_runs_merged_and_leaves_the_base_weights_as_they_were(tiny_gemma_dir):
+    """``training.generate.merged``: inside, the adapter is folded into the weights (a plain forward, the base
+    model's cost) with the same logits as the unmerged adapter; after it, the adapter is separate again and
+    ``disable_adapter`` gives the base model's own logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from training.generate import merged
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        plain = base(ids).logits.clone()
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False)).eval()  # random A and B: a real change
+    with torch.no_grad():
+        tuned = model(ids).logits.clone()
+        assert not torch.allclose(tuned, plain, atol=1e-4)
+        with merged(model):
+            layer = model.base_model.model.model.layers[0].self_attn.q_proj
+            assert layer.merged
+            assert torch.allclose(model(ids).logits, tuned, atol=1e-5)
+        assert not layer.merged
+        assert torch.allclose(model(ids).logits, tuned, atol=1e-5)
+        with model.disable_adapter():
+            assert torch.allclose(model(ids).logits, plain, atol=1e-5)

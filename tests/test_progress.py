@@ -120,3 +120,27 @@ def test_a_quiet_batch_still_shows_its_position_until_it_closes(caplog):
     assert caplog.records[-1].getMessage().startswith("scenarios 8/8 requests")
     time.sleep(0.3)
     assert len(caplog.records) == n  # closed: no more lines
+
+
+def test_the_main_command_converts_the_packaged_model_while_the_server_starts(tmp_path, monkeypatch):
+    """``flows.deploy.warm_models``: the run's packaged models are prepared in a thread of the main command,
+    its lines on the same terminal; nothing is started when they are converted already."""
+    from datagen.config import load_config
+    from flows import deploy
+    from lm import packaged
+
+    assert deploy.packaged_models(load_config(None, profile="demo")) == ["packaged:gemma3-270m"]
+    buf = io.StringIO()
+    terminal = Terminal(buf, tty=False)
+    monkeypatch.setenv("FINSYNTH_MODEL_CACHE", str(tmp_path / "models"))
+    assert not packaged.converted("packaged:gemma3-270m") and packaged.converted("packaged:all-minilm-l6-v2")
+    calls = []
+    monkeypatch.setattr(packaged, "gemma_path", lambda: calls.append("convert") or tmp_path)  # the 1-min conversion
+    thread = deploy.warm_models("demo", None, [], terminal)
+    assert thread is not None
+    thread.join(60)
+    assert calls == ["convert"] and "[models] packaged:gemma3-270m ready in " in buf.getvalue()
+    (tmp_path / "models" / packaged.GEMMA_DIR).mkdir(parents=True)
+    (tmp_path / "models" / packaged.GEMMA_DIR / ".complete").write_text("ok\n")
+    assert deploy.warm_models("demo", None, [], terminal) is None  # converted: nothing to do
+    assert deploy.warm_models("no-such-profile", None, [], terminal) is None  # the run reports a bad profile

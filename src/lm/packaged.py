@@ -37,6 +37,7 @@ class ModelFilesError(RuntimeError):
 PACKAGED_PREFIX = "packaged:"
 GEMMA = "gemma3-270m"
 MINILM = "all-minilm-l6-v2"
+GEMMA_DIR = "gemma3-270m-safetensors"  # the conversion, in model_cache_dir()
 
 
 def model_cache_dir() -> Path:
@@ -59,7 +60,7 @@ def gemma_gguf_path() -> Path:
 
 def gemma_path() -> Path:
     """A safetensors directory of Gemma-3-270M (converted from the packaged GGUF on first use)."""
-    target = model_cache_dir() / "gemma3-270m-safetensors"
+    target = model_cache_dir() / GEMMA_DIR
     done = target / ".complete"
     if done.exists():
         return _check_converted(target)
@@ -68,6 +69,11 @@ def gemma_path() -> Path:
             return target
         _convert_gguf(gemma_gguf_path(), target)
     return target
+
+
+def converted(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` loads without a conversion first (only the packaged Gemma needs one)."""
+    return name_or_path != PACKAGED_PREFIX + GEMMA or (model_cache_dir() / GEMMA_DIR / ".complete").exists()
 
 
 def _check_converted(target: Path) -> Path:
