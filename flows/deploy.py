@@ -218,6 +218,9 @@ def warm_models(profile: str, root: str | None, overrides: list[str], terminal) 
         return None
 
     def work() -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # its warnings would land between the run's lines in this terminal
         t0 = time.monotonic()
         models = logging.getLogger("finsynth.models")
         handler = TerminalHandler(terminal)

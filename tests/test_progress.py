@@ -144,3 +144,22 @@ def test_the_main_command_converts_the_packaged_model_while_the_server_starts(tm
     (tmp_path / "models" / packaged.GEMMA_DIR / ".complete").write_text("ok\n")
     assert deploy.warm_models("demo", None, [], terminal) is None  # converted: nothing to do
     assert deploy.warm_models("no-such-profile", None, [], terminal) is None  # the run reports a bad profile
+
+
+def test_the_conversion_shows_no_progress_bars_and_gives_them_back():
+    """Inside ``lm.packaged._quiet_one_gguf_parse`` (the conversion, which may run in the main command's
+    terminal), transformers' bars and the GGUF dequantization bar are off; afterwards they are as before."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from lm.packaged import _quiet_one_gguf_parse
+
+    before = gguf_utils.tqdm
+    assert hf_logging.is_progress_bar_enabled()
+    out = io.StringIO()
+    with _quiet_one_gguf_parse():
+        assert not hf_logging.is_progress_bar_enabled()
+        for _ in gguf_utils.tqdm(range(3), desc="Converting", file=out):
+            pass
+    assert out.getvalue() == ""
+    assert gguf_utils.tqdm is before and hf_logging.is_progress_bar_enabled()

@@ -13,6 +13,7 @@ runs and test sessions on the machine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -87,7 +88,7 @@ def _check_converted(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _one_gguf_parse() -> Iterator[None]:
+def _quiet_one_gguf_parse() -> Iterator[None]:
     """transformers reads a GGUF file three times for one model (tokenizer, config, weights), and each
     ``gguf.GGUFReader`` parses the whole header again (Gemma's 262k-token vocabulary). Inside this block
     the reader of a file is made once and handed out again (it only reads its memory map): the
@@ -105,10 +106,21 @@ def _one_gguf_parse() -> Iterator[None]:
         return made[key]
 
     gguf_pkg.GGUFReader = reader
+    # quiet: the conversion is one line ("converting ..."), not three progress bars (it may run in the
+    # main command's terminal: flows.deploy.warm_models)
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         gguf_pkg.GGUFReader = original
+        gguf_utils.tqdm = bar
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -118,7 +130,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     notice.info("converting the packaged %s to safetensors in %s (once per machine; ~1 min)", gguf.name, target)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with _one_gguf_parse():
+    with _quiet_one_gguf_parse():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # the weights are dequantized in memory: save them as a plain (unquantized) checkpoint
