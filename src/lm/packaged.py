@@ -106,8 +106,8 @@ def _quiet_one_gguf_parse() -> Iterator[None]:
         return made[key]
 
     gguf_pkg.GGUFReader = reader
-    # quiet: the conversion is one line ("converting ..."), not three progress bars (it may run in the
-    # main command's terminal: flows.deploy.warm_models)
+    # quiet: the conversion (load and save) is one line ("converting ..."), not progress bars (it may run in
+    # the main command's terminal: flows.deploy.warm_models)
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
@@ -133,13 +133,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with _quiet_one_gguf_parse():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # the weights are dequantized in memory: save them as a plain (unquantized) checkpoint
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
+        # the weights are dequantized in memory: save them as a plain (unquantized) checkpoint
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     (target / ".complete").write_text("ok\n")
