@@ -253,7 +253,7 @@ def merged(model: Any) -> Iterator[None]:
     import torch
 
     quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
-    if quantized or next(model.parameters()).dtype != torch.float32:
+    if not hasattr(model, "merge_adapter") or quantized or next(model.parameters()).dtype != torch.float32:
         yield
         return
     model.merge_adapter()
