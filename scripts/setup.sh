@@ -15,7 +15,9 @@
 #
 # Why not GGML_BACKEND_DL=ON + GGML_CPU_ALL_VARIANTS=ON (one build, every CPU's kernels chosen at run time):
 # such a wheel builds, but llama-cpp-python 0.3.x never calls ggml_backend_load_all(), so loading a model
-# fails with "no backends are loaded" (abetlen/llama-cpp-python#2069, open). The portable AVX2 build stays.
+# fails with "no backends are loaded" (abetlen/llama-cpp-python#2069, open). The portable AVX2 build stays for
+# this wheel (the tests' second peer); llama.cpp's own llama-server, which the `llamacpp_server` provider runs,
+# does call it and is built with every CPU variant (src/datagen/llm/llamacpp_server.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1-dev}"  # '' installs finsynth alone (the main job's call: scripts/demo.sh)

@@ -83,3 +83,24 @@ def test_a_binary_that_dies_is_named_with_its_signal(tmp_path):
     with pytest.raises(RuntimeError, match=r"llama-server was killed by SIGILL \(exit -4\).*portable flags"):
         srv.start()
     assert "llama-server exited with status 3" in describe_exit(3, program="llama-server")
+
+
+def test_the_server_loads_the_cpu_variant_this_cpu_runs_from_next_to_the_binary(binary, tmp_path):
+    """One build for every x86 CPU: llama-server loads the best ``libggml-cpu-<kind>.so`` this CPU can run, from
+    the cached binary's own folder (the build folder is gone): an AVX-512 CPU gets an AVX-512 kind, an AVX2-only
+    one an AVX2 kind, and neither dies with SIGILL."""
+    from lm.causal_lm import cpu_flags
+
+    assert len(list(binary.parent.glob("libggml-cpu-*.so"))) >= 10  # x64 ... sapphirerapids
+    with LlamaServer(binary=binary, log_path=tmp_path / "server.log", n_ctx=256, parallel=1) as srv:
+        kind = srv.cpu_backend()
+        loaded = [ln for ln in open(f"/proc/{srv.proc.pid}/maps") if "libggml-cpu-" in ln]
+    assert all(str(binary.parent.resolve()) in ln for ln in loaded), loaded
+    flags = cpu_flags()
+    avx512 = {"skylakex", "cannonlake", "cascadelake", "icelake", "cooperlake", "zen4", "sapphirerapids"}
+    if "avx512f" in flags:
+        assert kind in avx512, (kind, sorted(flags))
+    elif "avx2" in flags:
+        assert kind in {"haswell", "alderlake"}, (kind, sorted(flags))
+    else:
+        assert kind in {"x64", "sse42", "sandybridge", "ivybridge", "piledriver"}, kind

@@ -1,10 +1,11 @@
 """OpenAI-compatible llama.cpp servers on 127.0.0.1, started and stopped by finsynth.
 
 - :class:`LlamaServer`: llama.cpp's own ``llama-server`` binary, built once from the llama.cpp sources
-  inside the llama-cpp-python sdist (:func:`llama_server_binary`, ~7 min on 2 cores, cached under
-  ``~/.cache/finsynth/bin``), portable CPU flags. The managed provider ``kind: llamacpp_server`` runs
-  on it (:func:`managed_server`): parallel slots, json_schema honoured, ~70 tok/s single and ~100 tok/s
-  at 8 concurrent on the packaged Gemma GGUF.
+  inside the llama-cpp-python sdist (:func:`llama_server_binary`, ~26 min on 2 busy cores, cached under
+  ``~/.cache/finsynth/bin``), with every x86 CPU variant of ggml's kernels, the best one for this CPU
+  loaded at run time (:meth:`LlamaServer.cpu_backend` says which). The managed provider
+  ``kind: llamacpp_server`` runs on it (:func:`managed_server`): parallel slots, json_schema honoured,
+  ~70 tok/s single and ~100 tok/s at 8 concurrent on the packaged Gemma GGUF (the portable AVX2 build).
 - :class:`LlamaCppServer`: llama-cpp-python's Python server (optional extra ``llamacpp``), used by the
   tests as a second real peer. It answers one request at a time; flags that matter (measured, see
   docs/providers.md): ``--chat_format gemma`` (without it Gemma falls back to llama-2 and answers
@@ -20,6 +21,7 @@ import atexit
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,11 +39,14 @@ from datagen.llm.openai_provider import OpenAIProvider
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp was measured
-# portable: no -march=native (a native build dies with SIGILL on machines whose CPU lacks what the
-# build machine had, see scripts/setup.sh), no shared libs, no web UI, no TLS, no curl
-SERVER_CMAKE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                     "-DGGML_AVX512=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_CPU_ALL_VARIANTS=OFF",
-                     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+# every x86 CPU's kernels, chosen at run time: ggml's CPU backend is built once per CPU kind (x64, sse42,
+# sandybridge ... haswell, skylakex, icelake, zen4, sapphirerapids with AMX; libggml-cpu-<kind>.so next to the
+# binary) and llama-server loads the best one this CPU runs (ggml_backend_load_all), so an AVX-512 or AMX host
+# gets its kernels and an older one never sees SIGILL (a -march=native build dies with it on a CPU that lacks
+# what the build machine had). Needs shared libraries. No web UI, no TLS, no curl. ~26 min to build on 2 busy
+# cores (the one portable AVX2 build it replaces: ~7 min).
+SERVER_CMAKE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
+                     "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                      "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release")
 
 
@@ -105,6 +110,10 @@ class LlamaCppServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def env(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
     def death_message(self) -> str | None:
         """Why the server process is gone (naming the signal that killed it), or None while it runs."""
         if self.proc is None or self.proc.poll() is None:
@@ -115,7 +124,7 @@ class LlamaCppServer:
         import httpx
 
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env())
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if (why := self.death_message()) is not None:
@@ -172,7 +181,7 @@ class LlamaServer(LlamaCppServer):
     share the context (``n_ctx`` is per slot here), the Gemma chat template, no Jinja."""
 
     program = "llama-server"
-    rebuild = "delete ~/.cache/finsynth/bin/llama-server-* and start again (it rebuilds with portable flags)"
+    rebuild = "delete ~/.cache/finsynth/bin/llama-server-* and start again (it rebuilds with every CPU variant)"
 
     def __init__(self, model_path: str | Path | None = None, *, binary: str | Path | None = None,
                  port: int | None = None, n_ctx: int = 2048, n_threads: int = 2, parallel: int = 4,
@@ -183,6 +192,26 @@ class LlamaServer(LlamaCppServer):
         self.cmd = [str(binary or llama_server_binary()), "--model", str(self.model_path), "--alias", alias,
                     "--host", "127.0.0.1", "--port", str(self.port), "--no-jinja", "--chat-template", chat_template,
                     "-t", str(n_threads), "-np", str(parallel), "-c", str(n_ctx * parallel)]
+
+    def env(self) -> dict[str, str]:
+        """The binary's own folder first on the library path: its libllama / libggml and the CPU variants
+        live next to it (the build records the build folder, which is gone once the binary is cached)."""
+        here = str(Path(self.cmd[0]).resolve().parent)
+        rest = os.environ.get("LD_LIBRARY_PATH")
+        return {**os.environ, "LD_LIBRARY_PATH": here + (os.pathsep + rest if rest else "")}
+
+    def cpu_backend(self) -> str | None:
+        """Which of ggml's CPU variants the running server loaded (``haswell``, ``skylakex``, ...), read
+        from its memory map; None when it is not running or was built with one CPU backend inside."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        except OSError:
+            return None
+        found = {line.rsplit("libggml-cpu-", 1)[1].split(".so")[0] for line in maps.splitlines()
+                 if "libggml-cpu-" in line}
+        return sorted(found)[0] if len(found) == 1 else (", ".join(sorted(found)) or None)
 
 
 # ----------------------------------------------------------------------------- building llama-server
@@ -256,16 +285,23 @@ def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
                 version, target)
     build_log = work / "build.log"
     with open(build_log, "wb") as out:
-        for cmd in (["cmake", "-S", str(src), "-B", str(work / "build"), "-G", "Ninja", *SERVER_CMAKE_ARGS],
-                    ["cmake", "--build", str(work / "build"), "--target", "llama-server",
-                     "-j", str(os.cpu_count() or 2)]):
-            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+        def run(cmd: list[str]) -> str:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=out, text=True)
+            if r.returncode != 0:
                 tail = build_log.read_text(errors="replace").strip().splitlines()[-3:]
                 raise RuntimeError(f"building llama-server failed ({' '.join(cmd[:2])}); log {build_log}: "
                                    + " | ".join(tail))
+            out.write(r.stdout.encode())
+            return r.stdout
+
+        run(["cmake", "-S", str(src), "-B", str(work / "build"), "-G", "Ninja", *SERVER_CMAKE_ARGS])
+        # the CPU variants are modules loaded at run time, not link dependencies of llama-server: name them
+        targets = run(["ninja", "-C", str(work / "build"), "-t", "targets", "all"])
+        variants = sorted(set(re.findall(r"^(ggml-cpu-[a-z0-9_]+):", targets, re.MULTILINE)))
+        run(["cmake", "--build", str(work / "build"), "--target", "llama-server", *variants,
+             "-j", str(os.cpu_count() or 2)])
     staged = work / "out"
-    staged.mkdir()
-    shutil.copy2(work / "build" / "bin" / "llama-server", staged / "llama-server")
+    shutil.copytree(work / "build" / "bin", staged, symlinks=True)  # the binary, its libraries, the variants
     try:
         os.replace(staged, target)  # atomic: a half-built binary is never found
     except OSError:  # another process finished first
