@@ -281,8 +281,8 @@ def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
     work = home / f".build-{key}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     src = extract_llama_cpp(find_sdist(version), work / "llama.cpp")
-    log.warning("building llama-server from llama.cpp (llama-cpp-python %s) into %s; once, ~7 min on 2 cores",
-                version, target)
+    log.warning("building llama-server from llama.cpp (llama-cpp-python %s) into %s; once, with every CPU "
+                "variant (~15-25 min on 2 cores)", version, target)
     build_log = work / "build.log"
     with open(build_log, "wb") as out:
         def run(cmd: list[str]) -> str:
