@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow]
 def binary():
     if not os.environ.get("FINSYNTH_LLAMA_SERVER") and not (shutil.which("cmake") and shutil.which("ninja")):
         pytest.skip("building llama-server needs cmake and ninja (apt-get install cmake ninja-build g++)")
-    return llama_server_binary()  # builds on the first run (~15-25 min on 2 cores), then cached
+    return llama_server_binary()  # builds on the first run (~12 min on 2 cores), then cached
 
 
 class Verdict(BaseModel):

@@ -1,7 +1,7 @@
 """OpenAI-compatible llama.cpp servers on 127.0.0.1, started and stopped by finsynth.
 
 - :class:`LlamaServer`: llama.cpp's own ``llama-server`` binary, built once from the llama.cpp sources
-  inside the llama-cpp-python sdist (:func:`llama_server_binary`, ~26 min on 2 busy cores, cached under
+  inside the llama-cpp-python sdist (:func:`llama_server_binary`, 11.5 min on 2 quiet cores, cached under
   ``~/.cache/finsynth/bin``), with every x86 CPU variant of ggml's kernels, the best one for this CPU
   loaded at run time (:meth:`LlamaServer.cpu_backend` says which). The managed provider
   ``kind: llamacpp_server`` runs on it (:func:`managed_server`): parallel slots, json_schema honoured,
@@ -43,8 +43,8 @@ LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llam
 # sandybridge ... haswell, skylakex, icelake, zen4, sapphirerapids with AMX; libggml-cpu-<kind>.so next to the
 # binary) and llama-server loads the best one this CPU runs (ggml_backend_load_all), so an AVX-512 or AMX host
 # gets its kernels and an older one never sees SIGILL (a -march=native build dies with it on a CPU that lacks
-# what the build machine had). Needs shared libraries. No web UI, no TLS, no curl. ~26 min to build on 2 busy
-# cores (the one portable AVX2 build it replaces: ~7 min).
+# what the build machine had). Needs shared libraries. No web UI, no TLS, no curl. 11.5 min to build on 2 quiet
+# cores, 26 min beside the test suite (the one portable AVX2 build it replaces: ~7 min).
 SERVER_CMAKE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
                      "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                      "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release")
@@ -282,7 +282,7 @@ def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     src = extract_llama_cpp(find_sdist(version), work / "llama.cpp")
     log.warning("building llama-server from llama.cpp (llama-cpp-python %s) into %s; once, with every CPU "
-                "variant (~15-25 min on 2 cores)", version, target)
+                "variant (~12 min on 2 cores)", version, target)
     build_log = work / "build.log"
     with open(build_log, "wb") as out:
         def run(cmd: list[str]) -> str:
