@@ -47,7 +47,7 @@ step() {  # step LABEL CMD...: "setup: LABEL ... 41 s"; CMD's output goes to $LO
 install_deps() {  # uv resolves and installs the ~150 dependencies in ~10 s where pip takes ~95 s; pip if uv can't
   if .venv/bin/pip install "uv>=0.5,<1" && [ -x .venv/bin/uv ]; then
     # torch stays the CPU build installed above (uv does not read pip's config, where a CPU wheel may come from)
-    local pin="$PWD/.cache/setup-constraints.txt"
+    local pin=.venv/finsynth-constraints.txt
     .venv/bin/python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' >"$pin" || : >"$pin"
     if .venv/bin/uv pip install --python .venv/bin/python --constraint "$pin" "$@"; then return 0; fi
     echo "setup: uv failed (above); installing with pip"

@@ -153,8 +153,9 @@ def test_dependencies_install_with_uv_keeping_the_cpu_torch_and_fall_back_to_pip
     r = _setup(proj, env, "", FAKE_UV=str(tmp_path / "uv"))
     assert r.returncode == 0 and len(r.stdout.splitlines()) <= 30, r.stdout + r.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    pin = proj / ".cache" / "setup-constraints.txt"
-    assert calls[-2:] == ["pip install uv>=0.5,<1", f"uv pip install --python .venv/bin/python --constraint {pin} -e ."]
+    pin = proj / ".venv" / "finsynth-constraints.txt"
+    assert calls[-2:] == ["pip install uv>=0.5,<1",
+                          "uv pip install --python .venv/bin/python --constraint .venv/finsynth-constraints.txt -e ."]
     import importlib.metadata
 
     assert pin.read_text().strip() == "torch==" + importlib.metadata.version("torch")

@@ -211,7 +211,7 @@ class LlamaServer(LlamaCppServer):
             return None
         found = {line.rsplit("libggml-cpu-", 1)[1].split(".so")[0] for line in maps.splitlines()
                  if "libggml-cpu-" in line}
-        return sorted(found)[0] if len(found) == 1 else (", ".join(sorted(found)) or None)
+        return ", ".join(sorted(found)) or None  # ggml loads the one best variant
 
 
 # ----------------------------------------------------------------------------- building llama-server
@@ -285,19 +285,20 @@ def llama_server_binary(version: str = LLAMA_CPP_VERSION) -> Path:
                 "variant (~12 min on 2 cores)", version, target)
     build_log = work / "build.log"
     with open(build_log, "wb") as out:
-        def run(cmd: list[str]) -> str:
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=out, text=True)
-            if r.returncode != 0:
+        def run(cmd: list[str]) -> None:
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                 tail = build_log.read_text(errors="replace").strip().splitlines()[-3:]
                 raise RuntimeError(f"building llama-server failed ({' '.join(cmd[:2])}); log {build_log}: "
                                    + " | ".join(tail))
-            out.write(r.stdout.encode())
-            return r.stdout
 
         run(["cmake", "-S", str(src), "-B", str(work / "build"), "-G", "Ninja", *SERVER_CMAKE_ARGS])
-        # the CPU variants are modules loaded at run time, not link dependencies of llama-server: name them
-        targets = run(["ninja", "-C", str(work / "build"), "-t", "targets", "all"])
-        variants = sorted(set(re.findall(r"^(ggml-cpu-[a-z0-9_]+):", targets, re.MULTILINE)))
+        # the CPU variants (ggml-cpu-haswell, ggml-cpu-armv8.2_1, ...) are modules loaded at run time, not link
+        # dependencies of llama-server: name them
+        targets = subprocess.run(["ninja", "-C", str(work / "build"), "-t", "targets", "all"], capture_output=True,
+                                 text=True).stdout
+        variants = sorted(set(re.findall(r"^(ggml-cpu-[\w.]+):", targets, re.MULTILINE)))
+        if not variants:
+            raise RuntimeError(f"building llama-server: cmake made no ggml-cpu-<kind> targets in {work / 'build'}")
         run(["cmake", "--build", str(work / "build"), "--target", "llama-server", *variants,
              "-j", str(os.cpu_count() or 2)])
     staged = work / "out"
