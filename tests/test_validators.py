@@ -166,7 +166,7 @@ CHECKS = RephraseChecks(sim_low=0.7, sim_high=0.985, near_copy_char_ratio=0.95, 
     ("What was the 10-day return of ACME ending 2024-02-14?", 1.0, "near_copy"),
     ("what was the 10 day return of ACME ending 2024-02-14?", 0.99, "near_copy"),
     # off-topic, but keeping every fact
-    ("Which 10-day ACME bond coupons ending 2024-02-14 were paid to holders?", 0.55, "off_topic"),
+    ("Which 10-day ACME bond coupons ending 2024-02-14 were paid to holders?", 0.55, "added_term"),
     # too similar in meaning-space though not a char copy (calibrated upper bound)
     ("ACME: what was the 10-day return ending 2024-02-14?", 0.99, "too_similar"),
     # an answer instead of a question
@@ -206,3 +206,62 @@ def test_validators_never_raise():
     v = validate_rephrasing({"question": None, "answer": None}, "x?", cosine=0.9)
     assert (v.ok, v.reason) == (False, "validator_error")
     assert validate_rephrasing({}, "What?", cosine=0.9).reason == "validator_error"
+
+
+# ----------------------------------------------------------------------------- meaning drift (real outputs)
+# Each case is a rephrasing the packaged Gemma-3-270M kept in a demo run (issue 45), or one labelled in
+# tests/data/rephrase_real_calibration.jsonl, with the reason it must now be rejected.
+_CET1 = "What is the minimum Common Equity Tier 1 (CET1) ratio under Basel III?"
+_HEADLINE = "Is the news in this headline positive, negative or neutral for investors in the company?"
+
+
+@pytest.mark.parametrize("original, candidate, reason", [
+    # an appended second question
+    (_CET1, "What is the minimum Common Equity Tier 1 (CET1) ratio under Basel III, and what is the minimum "
+            "CET1 ratio for this bond?", "added_question"),
+    (_CET1, "What is the minimum Common Equity Tier 1 (CET1) ratio under Basel III, and is it a positive ratio?",
+     "added_question"),
+    # an added condition or hypothetical
+    (_CET1, "If the capital requirements are increased (by a CET1, say), what is the minimum Common Equity "
+            "Tier 1 (CET1) ratio under Basel III?", "added_condition"),
+    ("What was the closing price of ACME on 2024-03-15?",
+     "Assuming ACME closed on 2024-03-15, what was its closing price?", "added_condition"),
+    # a swapped or added financial term
+    ("What is the one-year expected loss on the loan to Veltra Logistics?",
+     "Over the one-year expected loss on the loan to Veltra Logistics, what is its one-year expected loss given "
+     "default?", "added_term"),
+    ("By how much did Arden Bank's revenue grow in 2023?", "By how much did Arden Bank's profit grow in 2023?",
+     "added_term"),
+    ("Who is the chief executive of Belmore Insurance?", "Who is the chief financial officer of Belmore Insurance?", "added_term"),
+    # a dropped part of a compound question
+    ("What is the bank's CET1 ratio, and does it meet the Basel III minimum of 4.5%?",
+     "Is the bank's CET1 ratio meet the Basel III minimum of 4.5%?", "dropped_question"),
+    # an instruction that presupposes the label
+    (_HEADLINE, "If the headline is positive, is the news in this headline positive, negative or neutral for "
+                "investors in the company?", "added_condition"),
+    ("Classify the sentiment of this headline for the company's shareholders: positive, negative or neutral.",
+     "For the company's shareholders, is the sentiment of this positive headline positive, negative or neutral?",
+     "presupposes_label"),
+])
+def test_meaning_drift_is_rejected_with_its_reason(original, candidate, reason):
+    row = {"question": original, "answer": "x", "labels": ["positive", "negative", "neutral"]
+           if "neutral" in original else None}
+    v = validate_rephrasing(row, candidate, cosine=None)
+    assert (v.ok, v.reason) == (False, reason), v
+
+
+@pytest.mark.parametrize("original, candidate", [
+    (_CET1, "Under Basel III, what is the minimum Common Equity Tier 1 (CET1) ratio?"),
+    ("What is the bank's CET1 ratio, and does it meet the Basel III minimum of 4.5%?",
+     "What CET1 ratio does the bank have, and does it meet the Basel III minimum of 4.5%?"),
+    ("What was the closing price of ACME on 2024-03-15?", "At what price did ACME close on 2024-03-15?"),
+    ("What is the one-year expected loss on the loan to Veltra Logistics?",
+     "How large is the one-year expected loss on the loan to Veltra Logistics?"),
+    ("Classify the sentiment of this headline for the company's shareholders: positive, negative or neutral.",
+     "For the company's shareholders, is this headline's sentiment positive, negative or neutral?"),
+    ("Who is the chief executive of Belmore Insurance?", "Who is the CEO of Belmore Insurance?"),
+])
+def test_faithful_rephrasings_pass_the_drift_checks(original, candidate):
+    row = {"question": original, "answer": "x", "labels": ["positive", "negative", "neutral"]
+           if "neutral" in original else None}
+    assert validate_rephrasing(row, candidate, cosine=None).ok

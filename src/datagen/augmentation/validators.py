@@ -273,6 +273,110 @@ def check_terms(original: str, candidate: str) -> Verdict:
     return OK
 
 
+# ----------------------------------------------------------------------------- meaning drift
+# What a small model does to a question that the fact checks cannot see (hand-labelled real outputs,
+# tests/data/rephrase_real*.jsonl): it appends a second question, adds a condition, brings in another
+# finance quantity, drops half of a compound question, or writes the label into a classification instruction.
+
+# a clause that asks something more: "..., and what is ...", "... or is it ...", "... and by how much ..."
+_ASK = (r"(?:what|which|who|whom|whose|when|where|why|how|is|are|was|were|do|does|did|can|could|should|would|"
+        r"will|has|have|had|whether)")
+_JOINED_ASK = re.compile(rf"\b(?:and|or|but|also|plus)\s+(?:(?:by|in|to|at|for|of)\s+)?{_ASK}\b", re.I)
+
+
+def question_parts(text: str) -> int:
+    """How many things ``text`` asks: its question marks (at least one) plus the clauses joined on with
+    and / or / but that open with an interrogative ("..., and does it meet the minimum?")."""
+    return max(1, text.count("?")) + len(_JOINED_ASK.findall(text))
+
+
+def check_parts(original: str, candidate: str) -> Verdict:
+    """The candidate asks as many things as the original: none appended, none dropped."""
+    po, pc = question_parts(original), question_parts(candidate)
+    if pc > po:
+        return fail("added_question", f"{pc} parts vs {po}")
+    if pc < po:
+        return fail("dropped_question", f"{pc} parts vs {po}")
+    return OK
+
+
+_CONDITION = re.compile(r"\b(?:if|suppose|supposing|assume|assumed|assuming|provided|unless|hypothetical|"
+                        r"hypothetically|imagine|in case|in the event|given that|were to|had been)\b|,\s*say\b",
+                        re.I)
+
+
+def check_condition(original: str, candidate: str) -> Verdict:
+    """No condition or hypothetical that the original does not have ("If capital requirements rise, ...")."""
+    co, cc = _CONDITION.findall(original), _CONDITION.findall(candidate)
+    if len(cc) > len(co):
+        return fail("added_condition", cc[-1].strip(", ").lower())
+    return OK
+
+
+# Finance quantities and instruments, each with the words that name it. A candidate that names a group the
+# original does not is asking about something else ("expected loss" -> "expected loss given default",
+# "revenue" -> "profit"). Longer names are matched first and masked, so "loss given default" is not also
+# "default", and "common equity tier 1" is not also "equity".
+_TERM_GROUPS: list[tuple[str, ...]] = [
+    ("loss given default", "lgd"), ("probability of default", "default probability", "pd"),
+    ("exposure at default", "ead"), ("expected loss", "el"), ("value at risk", "var"),
+    ("revenue", "revenues", "sales", "turnover", "top line"),
+    ("profit", "profits", "net income", "earnings", "bottom line", "eps"),
+    ("operating income", "operating profit", "ebit"), ("ebitda",), ("margin", "margins"),
+    ("cash flow", "cash flows", "free cash flow"), ("dividend", "dividends", "payout"),
+    ("yield", "yields"), ("coupon", "coupons"), ("duration",), ("convexity",), ("spread", "spreads"),
+    ("volatility", "volatile", "vol"), ("return", "returns", "gain or lose", "gain or loss"), ("drawdown", "drawdowns"),
+    ("moving average", "moving averages", "sma", "ema"), ("volume", "volumes", "shares traded"),
+    ("market cap", "market capitalisation", "market capitalization"),
+    ("common equity tier 1", "cet1"), ("tier 1",), ("tier 2",), ("leverage ratio",),
+    ("liquidity coverage ratio", "liquidity coverage", "lcr"), ("net stable funding ratio", "nsfr"),
+    ("risk-weighted assets", "risk weighted assets", "rwa", "rwas"), ("capital buffer", "buffer"),
+    ("inflation", "cpi"), ("gdp",), ("interest rate", "interest rates", "policy rate", "repo rate"),
+    ("bond", "bonds"), ("loan", "loans"), ("deposit", "deposits"), ("mortgage", "mortgages"),
+    ("option", "options"), ("future", "futures"), ("swap", "swaps"), ("fund", "funds"),
+    ("bondholders", "bondholder", "creditors", "creditor", "lenders"),
+    ("shareholders", "shareholder", "stockholders", "stockholder", "investors", "investor"),
+    ("price", "prices", "priced", "close", "closed", "closing", "traded at", "trade at", "quoted"),
+    ("debt", "borrowing", "borrowings", "liabilities"), ("asset", "assets"),
+    ("chief executive", "chief executive officer", "ceo"), ("chief financial officer", "cfo", "finance chief"),
+    ("audit", "audits", "audited", "auditor", "auditors"), ("underwriter", "underwriters", "underwriting", "underwrote"),
+    ("headquarters", "headquartered", "head office"), ("founded", "established", "incorporated"),
+    ("listing", "listed", "stock exchange", "exchange", "bourse"),
+    ("tax", "taxes"), ("fee", "fees"), ("premium", "premiums"), ("rating", "ratings", "rated"),
+]
+_TERM_GROUP_OF = {w: i for i, g in enumerate(_TERM_GROUPS) for w in g}
+
+
+def finance_terms(text: str) -> set[int]:
+    """The term groups ``text`` names (indices into the group list). Every name is found, overlapping ones
+    too ("expected loss given default" names expected loss and loss given default); a name inside a longer
+    one ("tier 1" in "common equity tier 1") does not count."""
+    low = text.lower()
+    spans = [(m.start(), m.end(), w) for w in _TERM_GROUP_OF
+             for m in re.finditer(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", low)]
+    return {_TERM_GROUP_OF[w] for a, b, w in spans
+            if not any(a2 <= a and b <= b2 and (b2 - a2) > (b - a) for a2, b2, _ in spans)}
+
+
+def check_added_term(original: str, candidate: str) -> Verdict:
+    """No finance quantity, instrument or stakeholder that the original does not name."""
+    added = finance_terms(candidate) - finance_terms(original)
+    if added:
+        return fail("added_term", ", ".join(_TERM_GROUPS[i][0] for i in sorted(added)))
+    return OK
+
+
+def check_label_presupposed(original: str, candidate: str, labels: list[str]) -> Verdict:
+    """A classification instruction names each label no more often than the original does: a candidate that
+    says "if the headline is positive" has chosen the answer before asking."""
+    lo, lc = original.lower(), candidate.lower()
+    for label in labels:
+        pat = rf"(?<![a-z]){re.escape(label.lower())}(?![a-z])"
+        if len(re.findall(pat, lc)) > len(re.findall(pat, lo)):
+            return fail("presupposes_label", label)
+    return OK
+
+
 # ----------------------------------------------------------------------------- individual checks
 _INTERROGATIVE = set("""
 what which who whom whose when where why how is are was were do does did can could should would will
@@ -395,6 +499,7 @@ class RephraseChecks:
     sim_high: float = 0.98
     near_copy_char_ratio: float = 0.95
     length_ratio: tuple[float, float] = (0.5, 2.0)
+    drift: bool = True  # the meaning-drift checks (parts, condition, term, label); False only to measure them
 
     @classmethod
     def from_config(cls, aug: Any) -> RephraseChecks:
@@ -410,12 +515,18 @@ def validate_rephrasing(row: dict[str, Any], candidate: str | None, *, cosine: f
             raise TypeError(f"question is {type(original).__name__}, not str")
         if candidate is None or not candidate.strip():
             return fail("empty")
-        for v in (check_length(original, candidate, checks.length_ratio),
-                  check_intent(original, candidate),
-                  check_answer_leak(original, candidate, row),
-                  compare_facts(original, candidate),
-                  check_terms(original, candidate),
-                  check_near_copy(original, candidate, list(kept), checks.near_copy_char_ratio)):
+        verdicts = [check_length(original, candidate, checks.length_ratio),
+                    check_intent(original, candidate),
+                    check_answer_leak(original, candidate, row),
+                    compare_facts(original, candidate),
+                    check_terms(original, candidate)]
+        if checks.drift:
+            verdicts += [check_parts(original, candidate),
+                         check_condition(original, candidate),
+                         check_added_term(original, candidate),
+                         check_label_presupposed(original, candidate, [str(x) for x in row.get("labels") or []])]
+        verdicts.append(check_near_copy(original, candidate, list(kept), checks.near_copy_char_ratio))
+        for v in verdicts:
             if not v.ok:
                 return v
         if cosine is not None:
