@@ -76,6 +76,33 @@ def test_loglik_scoring_picks_the_gold_label_on_a_hand_set_model():
     assert [n for _, n in scores[4]] == [3, 2] and prefixed[pick_by_loglik(scores[4])] == "neutral"
 
 
+def test_continuations_differing_in_their_last_token_share_one_row():
+    """Labels of one prompt that differ only in their last token are scored from one forward row, with the
+    same figures as scoring each alone."""
+    from lm.causal_lm import continuation_logprobs
+
+    tok, model = word_tokenizer(), HandSetLM(bias={"held": 0.5})
+    rows: list[int] = []
+    calls = model.__call__
+
+    class Counting:
+        device = model.device
+
+        def __call__(self, input_ids, **kw):
+            rows.append(input_ids.shape[0])
+            return calls(input_ids, **kw)
+
+    pairs = [("shares soared\n", lab) for lab in LABELS] + [("shares plunged\n", "shares " + lab) for lab in LABELS]
+    together = continuation_logprobs(Counting(), tok, pairs, batch_size=8, end_of_turn=False)
+    assert rows == [2]  # two prompts x one shared head each: 2 rows for 6 continuations
+    alone = [continuation_logprobs(model, tok, [pr], end_of_turn=False)[0] for pr in pairs]
+    assert [n for _, n in together] == [1, 1, 1, 2, 2, 2]
+    assert [s for s, _ in together] == pytest.approx([s for s, _ in alone])
+    rows.clear()
+    with_eot = continuation_logprobs(Counting(), tok, pairs[:3], batch_size=8, end_of_turn=True)
+    assert rows == [3] and [n for _, n in with_eot] == [2, 2, 2]  # the label is no longer the last token
+
+
 # ----------------------------------------------------------------------------- evaluation, end to end
 def _row(id_, cue, answer, group):
     return {"id": id_, "group_id": group, "source": "test", "task_type": "classification", "category": "sentiment",

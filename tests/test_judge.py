@@ -167,3 +167,30 @@ def test_reliability_flags():
     small = reliability({**good, "n_items": 3, "n_cases": 6}, k_ok, **kw)
     assert small["reliable"] is True and small["notes"] == [
         "self-check ran on only 3 items: its accuracy is a rough estimate"]
+
+
+# ----------------------------------------------------------------------------- the embedded judge, real model
+@pytest.mark.slow
+def test_embedded_judge_gives_a_verdict_for_every_item_with_the_packaged_model():
+    """The local provider's judge (the packaged Gemma-3-270M base) scores the verdict options by
+    log-likelihood: every rubric item and every pairwise order gets a verdict, none is unparsable (the demo of
+    2026-12-07 had 6 of 6 unparsable generated verdicts)."""
+    from datagen.config import ProviderConfig
+    from datagen.llm import make_provider
+    from training.judge import RUBRIC_OPTIONS, scores_verdicts
+
+    judge = make_provider("judge", ProviderConfig(kind="local", model_path="packaged:gemma3-270m", device="cpu",
+                                                  batch_size=4, schema_retries=0), None)
+    assert scores_verdicts(judge)
+    items = [ITEM, JudgeItem("What is 2 + 2?", "4", "5", key="q2"),
+             JudgeItem("Which central bank sets euro rates?", "The ECB.", "", key="q3")]
+    grades = judge_answers(judge, items, pass_score=4)
+    assert [g.unparsable for g in grades] == [False] * 3
+    for g in grades:
+        assert g.detail["scoring"] == "loglik" and len(g.detail["loglik"]) == len(RUBRIC_OPTIONS)
+        assert g.detail["judge_score"] in range(1, 6) and g.score == (g.detail["judge_score"] - 1) / 4
+        assert g.passed == (g.detail["judge_score"] >= 4)
+    assert judge.usage.calls == 3
+    pairs = judge_pairwise(judge, items[:2], ["I do not know."] * 2, [it.reference for it in items[:2]])
+    assert all(p["base_first"] in ("A", "B", "tie") and p["tuned_first"] in ("A", "B", "tie") for p in pairs)
+    assert all(p["outcome"] != "unparsable" for p in pairs)

@@ -566,8 +566,10 @@ def continuation_logprobs(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]
     (a chat prompt ends with the assistant header, so the boundary is a turn boundary), and only the
     continuation's tokens are scored. With ``end_of_turn`` the tokenizer's end-of-turn token (or EOS) is
     appended and scored too, so ``Paris`` is scored as the whole answer, not as the start of
-    ``Paris, France``. Rows are left-padded in batches of ``batch_size`` (longest first) and the LM head
-    runs on the continuation positions only.
+    ``Paris, France``. Continuations of one prompt that differ only in their last token (one-token labels,
+    a verdict's ``{"score": 1`` ... ``{"score": 5``) share one row: its logits at the last position score
+    every such last token, so ``k`` options cost one forward pass, not ``k``. Rows are left-padded in
+    batches of ``batch_size`` (longest first) and the LM head runs on the continuation positions only.
     """
     import torch
 
@@ -582,23 +584,30 @@ def continuation_logprobs(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]
         if not c:
             raise ValueError(f"empty continuation for prompt {prompt[-40:]!r}")
         enc.append((p, c))
+    # one row per (prompt, continuation but its last token): the row's input is prompt + that head
+    shared: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for i, (p, c) in enumerate(enc):
+        shared.setdefault((tuple(p), tuple(c[:-1])), []).append(i)
+    rows = list(shared.items())
     out: list[tuple[float, int]] = [(0.0, 0)] * len(enc)
-    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
+    order = sorted(range(len(rows)), key=lambda r: -(len(rows[r][0][0]) + len(rows[r][0][1])))
     dev = model.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
-            batch = order[s:s + batch_size]
-            seqs = [enc[i][0] + enc[i][1] for i in batch]
-            keep = max(len(enc[i][1]) for i in batch) + 1  # logits at the positions that predict the continuation
+            batch = [rows[r] for r in order[s:s + batch_size]]
+            seqs = [list(p) + list(head) for (p, head), _ in batch]
+            keep = max(len(head) for (_, head), _ in batch) + 1  # the positions that predict the continuation
             ids, mask = left_pad(seqs, pad, dev)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                            logits_to_keep=keep).logits.float()
-            logp = logits.log_softmax(-1)  # (batch, keep, vocab); position j predicts token width - keep + j + 1
-            for b, i in enumerate(batch):
-                cont = enc[i][1]
-                n = len(cont)
-                rows = logp[b, keep - 1 - n:keep - 1]  # the n positions that predict the continuation
-                target = torch.tensor(cont, device=dev)
-                out[i] = (float(rows.gather(1, target.unsqueeze(1)).sum()), n)
+            logp = logits.log_softmax(-1)  # (batch, keep, vocab); the last position predicts the last token
+            for b, ((_, head), members) in enumerate(batch):
+                n = len(head) + 1
+                head_sum = 0.0
+                if head:
+                    target = torch.tensor(head, device=dev)
+                    head_sum = float(logp[b, keep - n:keep - 1].gather(1, target.unsqueeze(1)).sum())
+                for i in members:
+                    out[i] = (head_sum + float(logp[b, keep - 1, enc[i][1][-1]]), n)
     return out

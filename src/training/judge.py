@@ -6,6 +6,14 @@ are pure and tested on clean, noisy and malformed output; the ``judge_*`` functi
 with a JSON schema; output that still does not parse after the provider's schema retries is recorded as
 *unparsable*: score 0, never a pass.
 
+A provider that hands out its model (the ``local`` provider's ``loaded()``: the embedded Gemma-3-270M
+base) does not generate a verdict at all: each allowed verdict is scored by log-likelihood as the start of
+the judge's reply (``{"score": 1`` ... ``{"score": 5``; ``{"winner": "A`` / ``"B`` / ``"tie``), with
+the function that scores classification labels in evaluation (:func:`training.generate.score_choices`),
+and the most likely one is the verdict. It always parses; whether it is any good is what the self-check
+measures. The options differ only in their last token, so one forward pass per item scores them all.
+A server or API keeps its generated JSON under a schema (``response_format``, ``response_schema``).
+
 The self-check (:func:`selfcheck`) asks the judge to grade each sampled item's *reference* answer
 (it should pass) and the reference answer of *another item of the same category* (it should fail).
 Its accuracy, plus Cohen's kappa against the programmatic numeric grader and, if given, against
@@ -27,7 +35,7 @@ from datagen.llm.tasks import Task, TaskRun, run_task
 from datagen.prompts import Prompt, load_prompt
 from datagen.schema import render_context
 from training.aggregate import cohen_kappa
-from training.graders import Grade, _norm
+from training.graders import Grade, _norm, pick_by_loglik
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +108,58 @@ def format_judge_output(result: LLMResult, *, pass_score: int = 4, judge_model: 
                          "rationale": verdict.rationale})
 
 
+RUBRIC_OPTIONS = tuple(f'{{"score": {s}' for s in range(1, 6))  # the verdict's first field, scores 1-5
+PAIRWISE_OPTIONS = {"A": '{"winner": "A', "B": '{"winner": "B', "tie": '{"winner": "tie'}
+
+
+def scores_verdicts(provider: LLMProvider) -> bool:
+    """Whether ``provider`` hands out its model (``loaded()``), so verdicts are scored, not generated."""
+    return callable(getattr(provider, "loaded", None))
+
+
+def score_options(provider: LLMProvider, conversations: Sequence[list[dict[str, str]]], options: Sequence[str],
+                  *, desc: str = "judge") -> list[list[tuple[float, int]]]:
+    """Per conversation, ``(sum log-probability, token count)`` of each of ``options`` as the start of the
+    model's reply: :func:`training.generate.score_choices` (evaluation's label scoring) on the provider's
+    model, under its lock. Counted in the provider's usage as one call per conversation."""
+    from lm.causal_lm import render_prompt
+    from training.generate import score_choices
+
+    if not conversations:
+        return []
+    model, tok, lock = provider.loaded()  # type: ignore[attr-defined]
+    prompts = [render_prompt(tok, conv) for conv in conversations]
+    batch = getattr(getattr(provider, "cfg", None), "batch_size", 8) or 8
+    with lock:
+        scores = score_choices(model, tok, prompts, [list(options)] * len(prompts), batch_size=batch, desc=desc)
+    n_prompt = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    provider.usage.add(calls=len(prompts), requests=len(prompts), prompt_tokens=n_prompt)
+    log.debug("%s: %d verdicts scored by log-likelihood over %d options", desc, len(prompts), len(options))
+    return [list(s) for s in scores]  # type: ignore[arg-type]
+
+
+def format_judge_scores(scores: Sequence[tuple[float, int]], *, pass_score: int = 4, judge_model: str = "",
+                        prompt_ref: dict[str, str] | None = None) -> Grade:
+    """The rubric grade whose score option (:data:`RUBRIC_OPTIONS`, 1-5) the judge finds most likely;
+    pass = that score >= ``pass_score`` (the prompt's own rule). Never unparsable."""
+    score = pick_by_loglik(scores) + 1
+    return Grade(score=(score - 1) / 4, passed=score >= pass_score, grader="judge",
+                 detail={"judge_model": judge_model, "judge_prompt": prompt_ref or {}, "attempts": 1,
+                         "judge_score": score, "judge_pass": score >= pass_score, "rationale": "",
+                         "scoring": "loglik", "loglik": [round(float(x), 4) for x, _ in scores]})
+
+
 def judge_answers(provider: LLMProvider, items: Sequence[JudgeItem], *, prompt: Prompt | None = None,
                   seed: int | None = None, max_tokens: int = 256, pass_score: int = 4,
                   desc: str = "judge") -> list[Grade]:
-    """Rubric grades for ``items``, in order (temperature 0, JSON schema)."""
+    """Rubric grades for ``items``, in order: scored verdicts where the provider hands out its model
+    (:func:`scores_verdicts`), else generated at temperature 0 under the JSON schema."""
     prompt = prompt or load_prompt(RUBRIC_PROMPT)
     judge = f"{provider.name}:{provider.model}"
+    if scores_verdicts(provider):
+        scores = score_options(provider, [format_judge_input(it, prompt) for it in items], RUBRIC_OPTIONS, desc=desc)
+        return [format_judge_scores(sc, pass_score=pass_score, judge_model=judge, prompt_ref=prompt.ref)
+                for sc in scores]
     task = Task(name=desc, format_input=lambda it, _: format_judge_input(it, prompt),
                 format_output=lambda r, _: format_judge_output(r, pass_score=pass_score, judge_model=judge,
                                                                prompt_ref=prompt.ref),
@@ -154,10 +208,19 @@ def judge_pairwise(provider: LLMProvider, items: Sequence[JudgeItem], base: Sequ
     prompt = prompt or load_prompt(PAIRWISE_PROMPT)
     asks = [(it, a, b) for it, base_ans, tuned_ans in zip(items, base, tuned, strict=True)
             for a, b in ((base_ans, tuned_ans), (tuned_ans, base_ans))]  # both orders, one after the other
+    if scores_verdicts(provider):
+        names = list(PAIRWISE_OPTIONS)
+        scores = score_options(provider, [format_pairwise_input(*ask, prompt) for ask in asks],
+                               list(PAIRWISE_OPTIONS.values()), desc="pairwise")
+        verdicts = [names[pick_by_loglik(sc)] for sc in scores]
+        return _pairwise_outcomes(items, verdicts)
     task = Task(name="pairwise", format_input=lambda ask, _: format_pairwise_input(*ask, prompt),
                 format_output=lambda r, _: format_pairwise_output(r), schema=PairwiseVerdict, seed=seed,
                 max_tokens=max_tokens, key=lambda ask, *_: ask[0].key)
-    verdicts = _one_each(run_task(provider, asks, task))
+    return _pairwise_outcomes(items, _one_each(run_task(provider, asks, task)))
+
+
+def _pairwise_outcomes(items: Sequence[JudgeItem], verdicts: Sequence[str | None]) -> list[dict[str, Any]]:
     out = []
     for i, it in enumerate(items):
         first, second = verdicts[2 * i], verdicts[2 * i + 1]
