@@ -97,11 +97,62 @@ def markdown_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...]
     return "\n".join(lines)
 
 
-def text_score_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...] = ARMS) -> str:
-    """The score table aligned for a terminal (no pass-rate column: ``--markdown`` has it); ``(!)``
-    marks a grader that rests on a judge that failed its self-check."""
-    head, body = _score_grid(rows, arms, one_line, with_pass=False)
-    return text_table(head, body, right=tuple(range(3, len(head))))
+TERMINAL_WIDTH = 120  # what the printed tables fit
+MIN_ITEMS = 5  # a category with fewer test items is one of the folded line's count in a terminal table
+SHORT_ARM = {"base": "zero-shot", "fewshot": "few-shot", "tuned": "tuned", MAJORITY: "majority"}
+OVERALL = ("overall (micro)", "overall (macro)")
+
+
+def _fold(rows: list[dict[str, Any]], min_n: int) -> tuple[list[dict[str, Any]], str]:
+    """The rows a terminal table shows (overall rows and categories with >= ``min_n`` items) and the line
+    that counts the rest (\"\" when none is folded)."""
+    keep = [r for r in rows if r["category"] in OVERALL or r["n"] >= min_n]
+    folded = len(rows) - len(keep)
+    if not folded:
+        return keep, ""
+    what = "category" if folded == 1 else "categories"
+    each = "" if folded == 1 else " each"
+    return keep, f"{folded} {what} with < {min_n} items{each}: see report.md"
+
+
+def _fit(head: list[str], body: list[list[str]], width: int, shrink: int, right: tuple[int, ...]) -> str:
+    """:func:`text_table` with column ``shrink`` (the category) cut in the middle (``...``) until the table is at most
+    ``width`` columns wide (to 12 characters at the least)."""
+    table = text_table(head, body, right=right)
+    over = max(map(len, table.splitlines())) - width
+    if over > 0:
+        widest = max(len(one_line(r[shrink])) for r in [head, *body])
+        cap = max(12, widest - over)
+        head_n = (cap - 3) // 2  # cut in the middle: names that share a start keep their different ends
+        body = [[(c if len(c) <= cap else c[:head_n] + "..." + c[len(c) - (cap - 3 - head_n):]) if i == shrink else c
+                 for i, c in enumerate(map(one_line, r))] for r in body]
+        table = text_table(head, body, right=right)
+    return table
+
+
+def text_score_table(rows: list[dict[str, Any]], arms: list[str] | tuple[str, ...] = ARMS, *,
+                     width: int = TERMINAL_WIDTH, min_n: int = MIN_ITEMS) -> str:
+    """The score table for a terminal, at most ``width`` columns: each arm's mean, the paired differences
+    with their 95% CIs (each arm's CI and the pass rates: report.md, ``finsynth scores --markdown``). The split
+    column only when there are several; categories with fewer than ``min_n`` items folded into one line
+    under the table; category names cut to fit. ``(!)`` marks a grader that rests on a judge that failed its
+    self-check."""
+    shown, folded = _fold(rows, min_n)
+    splits = len({r["split"] for r in rows}) > 1
+    diffs = [d for d, (_, other) in DIFFS.items() if other in arms]
+    head = (["split"] if splits else []) + ["category", "grader", "n (groups)"] + [SHORT_ARM[a] for a in arms]
+    head += [DIFF_LABELS[d] for d in diffs]  # with their 95% CIs (the heading says so)
+    body = []
+    for r in shown:
+        grader = "all" if r["category"] in OVERALL else one_line(r["grader"])
+        cells = ([one_line(r["split"])] if splits else []) + [
+            one_line(r["category"]), grader + (" (!)" if r["judge_unreliable"] else ""), f"{r['n']} ({r['n_groups']})"]
+        cells += [_fmt(r[f"{a}_mean"]) for a in arms]
+        cells += [_fmt(r[f"{d}_mean"], r[f"{d}_lo"], r[f"{d}_hi"], signed=True) for d in diffs]
+        body.append(cells)
+    first = int(splits)
+    table = _fit(head, body, width, first, tuple(range(first + 2, len(head))))
+    return table + (f"\n{folded}" if folded else "")
 
 
 def judge_banner(report: dict[str, Any], *, markdown: bool = True) -> str:
@@ -111,7 +162,10 @@ def judge_banner(report: dict[str, Any], *, markdown: bool = True) -> str:
     if not j.get("used"):
         return "No score in this report rests on the LLM judge: every item was graded programmatically."
     text, code = (md_text, md_code) if markdown else (one_line, one_line)
-    rests = ", ".join(text(x) for x in report.get("rests_on_judge") or []) or "none of the headline scores"
+    named = report.get("rests_on_judge") or []
+    rests = ", ".join(text(x) for x in named) or "none of the headline scores"
+    if not markdown and len(named) > 3:  # a terminal names a few; report.md names them all
+        rests = f"{len(named)} groups, listed in report.md"
     who = code(f"{j.get('provider')}:{j.get('model')}")
     if j.get("reliable"):
         return f"The LLM judge {who} passed its self-check. Scores that rest on it: {rests}."
@@ -268,14 +322,22 @@ def scores_table(cfg: Config, run: str | None = None, fmt: str = "markdown") -> 
                       *([classification_table(report), ""] if report.get("macro_f1") else []), judge_banner(report)])
 
 
+def _wrap(text: str, width: int = TERMINAL_WIDTH) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)) or text
+
+
 def scores_text(path: Path, report: dict[str, Any]) -> str:
-    """The tables of a report aligned for a terminal, with the judge's verdict."""
-    return "\n".join([f"Evaluation {one_line(report.get('run', ''))} ({path.parent})", "",
-                      "Mean score per category [95% clustered bootstrap CI]:", "",
+    """The tables of a report for a terminal (at most :data:`TERMINAL_WIDTH` columns), with the judge's
+    verdict."""
+    return "\n".join([_wrap(f"Evaluation {one_line(report.get('run', ''))} ({path.parent})"), "",
+                      _wrap("Mean score per category; the differences are paired, with 95% clustered bootstrap "
+                            "CIs (each arm's CI and pass rate: report.md):"), "",
                       text_score_table(table_rows(report), _arms(report)), "",
-                      *(["Classification, macro-F1 [95% CI]:", "", text_classification_table(report), ""]
-                        if report.get("macro_f1") else []),
-                      judge_banner(report, markdown=False)])
+                      *(["Classification, macro-F1 (differences with 95% CIs):", "",
+                         text_classification_table(report), ""] if report.get("macro_f1") else []),
+                      _wrap(judge_banner(report, markdown=False))])
 
 
 def pick_examples(items: list[dict[str, Any]], n: int = 3) -> list[dict[str, dict[str, Any]]]:
@@ -306,18 +368,19 @@ def pick_examples(items: list[dict[str, Any]], n: int = 3) -> list[dict[str, dic
     return picked
 
 
-def examples_text(items: list[dict[str, Any]], questions: dict[str, str], n: int = 3, width: int = 100) -> str:
+def examples_text(items: list[dict[str, Any]], questions: dict[str, str], n: int = 3,
+                  width: int = TERMINAL_WIDTH) -> str:
     """``n`` test questions (:func:`pick_examples`) with the reference and each arm's answer and score,
-    one line each (answers clipped to ``width`` characters)."""
-    def clip(text: Any) -> str:
+    one line each, at most ``width`` characters (answers and questions clipped)."""
+    def clip(text: Any, room: int = width - 27) -> str:  # 27: the indent, the widest arm label, the score
         t = one_line(text).strip()
-        return t if len(t) <= width else t[:width - 3] + "..."
+        return t if len(t) <= room else t[:room - 3] + "..."
 
     out = []
     for k, arms in enumerate(pick_examples(items, n), start=1):
         t = arms["tuned"]
-        out.append(f"[{k}] {one_line(t.get('category'))} ({one_line(t.get('grader'))}): "
-                   f"{clip(questions.get(t['id'], t['id']))}")
+        lead = f"[{k}] {one_line(t.get('category'))} ({one_line(t.get('grader'))}): "
+        out.append(lead + clip(questions.get(t['id'], t['id']), max(width - len(lead), 20)))
         labels = ["reference", *(ARM_LABELS[a] for a in ARMS if a in arms)]
         w = max(len(x) for x in labels)
         out.append(f"    {'reference'.ljust(w)}  {'':5}  {clip(t.get('reference'))}")
@@ -349,7 +412,8 @@ def run_summary_text(report_dir: Path, dataset_dir: Path | None = None, examples
             questions = dict(zip(df["id"].astype(str), df["question"].astype(str)))
         text = examples_text(read_jsonl(items_path), questions, examples)
         if text:
-            parts += ["", f"Test questions with each arm's answer and score (all items: {items_path}):", "", text]
+            parts += ["", _wrap(f"Test questions with each arm's answer and score (all items: {items_path}):"), "",
+                      text]
     return "\n".join(parts)
 
 
@@ -409,12 +473,38 @@ def classification_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def text_classification_table(report: dict[str, Any]) -> str:
-    """:func:`classification_table` aligned for a terminal ("" without classification items)."""
-    if not classification_rows(report):
+def text_classification_table(report: dict[str, Any], *, width: int = TERMINAL_WIDTH, min_n: int = MIN_ITEMS) -> str:
+    """Macro-F1 per classification category for a terminal ("" without classification items), at most
+    ``width`` columns: each arm's macro-F1, ``tuned - base`` and ``tuned - few-shot`` with their 95% CIs,
+    a ``*`` on a collapsed category with a line under the table (every CI and ``tuned - majority``: report.md). Categories with fewer than ``min_n``
+    items folded into one line, as in :func:`text_score_table`."""
+    rows = classification_rows(report)
+    if not rows:
         return ""
-    head, body = _classification_grid(report, one_line, "")
-    return text_table(head, body, right=tuple(range(4, len(head) - 1)))
+    shown, folded = _fold(rows, min_n)
+    splits = len({r["split"] for r in rows}) > 1
+    arms = [a for a in F1_ARMS if any(r[f"{a}_f1"] is not None for r in rows)]
+    diffs = [d for d, (_, b) in DIFFS.items() if b in arms]
+    scoring = {r["scoring"] for r in rows}
+    head = (["split"] if splits else []) + ["category", "n (groups)"] + (["scoring"] if len(scoring) > 1 else [])
+    head += [SHORT_ARM[a] for a in arms] + [F1_DIFF_LABELS[d] for d in diffs]
+    body, collapsed = [], []
+    for r in shown:
+        mark = " *" if r["collapsed"] else ""
+        cells = ([one_line(r["split"])] if splits else []) + [one_line(r["category"]) + mark,
+                                                              f"{r['n']} ({r['n_groups']})"]
+        cells += [r["scoring"]] if len(scoring) > 1 else []
+        cells += [_fmt(r[f"{a}_f1"]) for a in arms]
+        cells += [_fmt(r[f"{d}_f1"], r[f"{d}_f1_lo"], r[f"{d}_f1_hi"], signed=True) for d in diffs]
+        body.append(cells)
+        if r["collapsed"]:
+            collapsed.append(f"{one_line(r['category'])}: {r['collapsed']}"
+                             + ("" if r["tuned_gain_counts"] else " (tuned's gains: no claim)"))
+    first = int(splits)
+    table = _fit(head, body, width, first, tuple(range(first + 1, len(head))))
+    notes = [folded, f"scoring: {scoring.pop()}" if len(scoring) == 1 else ""]
+    notes += [f"* collapsed (> 80% one label): {c}" for c in collapsed]
+    return table + "".join(f"\n{_wrap(x, width)}" for x in notes if x)
 
 
 def classification_section(report: dict[str, Any]) -> list[str]:
