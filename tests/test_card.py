@@ -3,6 +3,7 @@ missing manifests, and `finsynth card`."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -256,3 +257,32 @@ def test_card_counts_match_the_parquet_files(demo_cfg, tokenizer):
     assert "too_long 2" in body and "dropped_too_long" not in meta
     tt = df.task_type.value_counts().to_dict()
     assert meta["task_categories"] == ["question-answering", "text-generation"] and set(tt) == {"numeric_qa"}
+
+
+def test_card_states_the_measured_rephrase_precision_or_that_none_was_measured(demo_cfg):
+    base = dict(k=3, slots=12, kept=7, missing=5, acceptance=0.58, first_attempt_acceptance=0.5,
+                candidate_acceptance=0.2, rejected_by_reason={})
+    summary = FormatManifest.from_json(SUMMARY)
+    _augment(demo_cfg, **base, measured_precision={"measured": True, "precision": 0.9231, "ci": [0.8, 1.0],
+                                                    "keep_rate": 0.41, "labelled_kept": 52,
+                                                    "source": "benchmarks/results/rephrase_precision.json"})
+    body = parse_card(build_card(demo_cfg, summary, UPSTREAM(demo_cfg)))[1].split("## Rephrasing")[1]
+    assert ("Precision of kept rephrasings, measured on 52 hand-labelled real outputs of this model and prompt: "
+            "92.3% (95% CI 80.0% to 100.0%) at a keep rate of 41.0%") in body
+    _augment(demo_cfg, **base, measured_precision={"measured": False, "why": "measured for packaged:gemma3-270m "
+                                                                            "with prompt abc, not this model"})
+    body = parse_card(build_card(demo_cfg, summary, UPSTREAM(demo_cfg)))[1].split("## Rephrasing")[1]
+    assert "Precision of kept rephrasings: not measured for this model and prompt" in body
+
+
+def test_measured_precision_only_for_the_model_and_prompt_it_was_measured_on(tmp_path):
+    from datagen.augmentation.rephrase import measured_precision
+
+    path = tmp_path / "rephrase_precision.json"
+    assert measured_precision("m", "h", path) == {"measured": False, "why": "no precision measurement found"}
+    path.write_text(json.dumps({"model": "packaged:gemma3-270m", "prompt": {"name": "rephrase_base", "hash": "h1"},
+                                "headline": {"precision": 0.93, "ci": [0.85, 0.98], "keep_rate": 0.4, "kept": 60}}))
+    got = measured_precision("packaged:gemma3-270m", "h1", path)
+    assert got["measured"] and got["precision"] == 0.93 and got["labelled_kept"] == 60
+    assert not measured_precision("packaged:gemma3-270m", "h2", path)["measured"]  # another prompt
+    assert not measured_precision("gpt-4o-mini", "h1", path)["measured"]  # another model

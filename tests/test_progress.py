@@ -163,3 +163,14 @@ def test_the_conversion_shows_no_progress_bars_and_gives_them_back():
             pass
     assert out.getvalue() == ""
     assert gguf_utils.tqdm is before and hf_logging.is_progress_bar_enabled()
+
+
+def test_augment_line_shows_the_measured_precision_of_kept_rephrasings():
+    from datagen.manifest import AugmentManifest
+
+    m = AugmentManifest(counts={"rows": 40}, rephrase={"kept": 7, "measured_precision": {
+        "measured": True, "precision": 0.9231, "ci": [0.8, 1.0]}})
+    assert stage_done_line("augment", m, 3.0).endswith(
+        "; kept rephrasings' precision, measured on hand-labelled outputs of this model: 0.92 [0.80, 1.00]")
+    m.rephrase["measured_precision"] = {"measured": False, "why": "other model"}
+    assert "precision" not in stage_done_line("augment", m, 3.0)

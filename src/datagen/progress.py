@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from datagen.manifest import FetchManifest, Manifest, TrainManifest
+from datagen.manifest import AugmentManifest, FetchManifest, Manifest, TrainManifest
 
 STAGE_LOGGER = "finsynth.stage"
 PROGRESS_LOGGER = "finsynth.progress"
@@ -116,6 +116,11 @@ def stage_done_line(name: str, manifest: Manifest, s: float, rows_in: int | None
     text = ": ".join(parts[:2]) + "".join(f", {p}" for p in parts[2:])
     if d:
         text += "; dropped: " + ", ".join(f"{k} {v}" for k, v in d.items())
+    mp = (manifest.rephrase or {}).get("measured_precision") if isinstance(manifest, AugmentManifest) else None
+    if mp and mp.get("measured") and (manifest.rephrase or {}).get("kept"):
+        ci = mp.get("ci") or [0.0, 0.0]
+        text += (f"; kept rephrasings' precision, measured on hand-labelled outputs of this model: "
+                 f"{mp['precision']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
     q = manifest.quarantine if isinstance(manifest, FetchManifest) else {}
     if q.get("total"):
         reasons = q.get("by_reason") or {}

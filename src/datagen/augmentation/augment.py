@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from datagen import executor
-from datagen.augmentation.rephrase import merge_results, rephrase_id, rephrase_rows
+from datagen.augmentation.rephrase import (PROMPT_BASE, PROMPT_FIRST, measured_precision, merge_results, rephrase_id,
+                                           rephrase_rows)
 from datagen.augmentation.scenarios import synthesize_scenarios
 from datagen.augmentation.validators import RephraseChecks
 from datagen.config import Config
@@ -218,6 +219,10 @@ def run_augment(cfg: Config, inputs: Inputs, out_dir: Path, provider: LLMProvide
             "rejected_by_reason": dict(sorted(reph.rejected_reasons.items())),
             "missing_by_reason": dict(sorted(reph.missing_reasons.items())),
             "by_category": reph.by_category,
+            # the precision measured on hand-labelled outputs of this model and first prompt, if any
+            "measured_precision": measured_precision(
+                pcfg.model_path or pcfg.model,
+                (reph.prompts.get(PROMPT_BASE) or reph.prompts.get(PROMPT_FIRST) or {}).get("hash")),
         },
         scenarios=None if scen is None else {
             "planned": scen.planned,

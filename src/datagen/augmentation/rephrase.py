@@ -26,17 +26,19 @@ turns, and whatever the model answers is validated like any other output, so a q
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from datagen.augmentation.validators import RephraseChecks, check_near_copy, validate_rephrasing
-from datagen.config import REPHRASE_MAX_TEMPERATURE
+from datagen.config import REPHRASE_MAX_TEMPERATURE, asset_dir
 from datagen.embed import Embedder
 from datagen.llm.base import LLMProvider, LLMResult, Message
 from datagen.llm.tasks import Reject, Task, Turn, llm_error, resolve_prompt_format, run_task, temperature_at
@@ -117,6 +119,25 @@ def max_tokens_for(question: str, cap: int) -> int:
     """
     need = int(0.6 * len(question)) + 8
     return max(16, min(cap, 16 * -(-need // 16)))
+
+
+PRECISION_FILE = asset_dir("benchmarks") / "results" / "rephrase_precision.json"
+
+
+def measured_precision(model: str | None, prompt_hash: str | None, path: Path = PRECISION_FILE) -> dict[str, Any]:
+    """The precision of kept rephrasings measured on hand-labelled real outputs of ``model`` with the prompt
+    of ``prompt_hash`` (``benchmarks/bench_rephrase_precision.py``), or ``{"measured": False}`` with why not:
+    a figure measured on another model or prompt says nothing about this one."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"measured": False, "why": "no precision measurement found"}
+    if res.get("model") != model or (res.get("prompt") or {}).get("hash") != prompt_hash:
+        return {"measured": False, "why": f"measured for {res.get('model')} with prompt "
+                                          f"{(res.get('prompt') or {}).get('hash')}, not this model and prompt"}
+    h = res.get("headline") or {}
+    return {"measured": True, "precision": h.get("precision"), "ci": h.get("ci"), "keep_rate": h.get("keep_rate"),
+            "labelled_kept": h.get("kept"), "source": "benchmarks/results/rephrase_precision.json"}
 
 
 def rephrase_id(row_id: str, slot: int) -> str:

@@ -249,6 +249,16 @@ def build_card(cfg: Config, summary: FormatManifest, inputs: Mapping[str, Path] 
                          + (f" ({'; '.join(extra)})" if extra else "") + ".")
         if reph.get("rejected_by_reason"):
             lines.append(f"- Rejected candidates by reason: {md_text(reph['rejected_by_reason'])}.")
+        mp = reph.get("measured_precision") or {}
+        if mp.get("measured"):
+            ci = mp.get("ci") or [None, None]
+            lines.append(f"- Precision of kept rephrasings, measured on {mp.get('labelled_kept', NA)} hand-labelled "
+                         f"real outputs of this model and prompt: {_pct(mp['precision'])} (95% CI "
+                         f"{_pct(ci[0])} to {_pct(ci[1])}) at a keep rate of {_pct(mp.get('keep_rate'))} "
+                         f"(`{md_text(mp.get('source', ''))}`).")
+        elif mp:
+            lines.append(f"- Precision of kept rephrasings: not measured for this model and prompt "
+                         f"({md_text(mp.get('why', ''))}).")
     ad = _reasons(aug.counts if aug else None)
     if ad:
         lines.append("- Dropped at augment (every rejected candidate, rephrasings and scenario tasks): "
