@@ -8,6 +8,7 @@ what reruns. Any failure exits non-zero with a one-line reason (``--debug`` for 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the pipeline as a Prefect flow")
     run.add_argument("--only", choices=STAGE_NAMES, help="run this stage alone (reusing upstream outputs)")
     run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on")
+    run.add_argument("--json", action="store_true",
+                     help="print the run summary as JSON (by default it goes to a file and the scores are printed)")
     run.add_argument("--refresh", action="store_true", help="ignore Prefect's cache and rerun the stages")
     for name in STAGE_NAMES:
         sub.add_parser(name, parents=[common], help=f"run the {name} stage alone, without Prefect")
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
             with _terminal(args, cfg) as out:  # `out` (the terminal's stdout) is closed once this ends
                 result = _run_flow(args)
-                print(json.dumps(result, indent=2, default=str), file=out or sys.stdout, flush=True)
+                print(_ending(args, cfg, result), file=out or sys.stdout, flush=True)
         elif args.command == "ui":
             from flows.ui import default_home, serve
 
@@ -106,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             if adapter is not None and not (adapter / "adapter_config.json").exists():
                 raise FileNotFoundError(f"no adapter at {adapter}; run `finsynth train` (or the main command) first")
             system = load_prompt(cfg.format.system_prompt).render() if cfg.format.system_prompt else None
-            print(f"chatting with {cfg.model.name_or_path}{'' if adapter is None else ' + ' + str(adapter)} "
-                  "(exit or Ctrl-D to stop)")
-            chat(cfg.model, adapter, system)
+            with _terminal(args, cfg, announce=False) as out:  # logs, bars and warnings: to the log file
+                say = out or sys.stdout
+                print(f"chatting with {cfg.model.name_or_path}{'' if adapter is None else ' + ' + str(adapter)} "
+                      "(exit or Ctrl-D to stop)", file=say, flush=True)
+                chat(cfg.model, adapter, system, read=functools.partial(_ask, say),
+                     write=functools.partial(print, file=say, flush=True))
         elif args.command == "export":
             from training.export import export
 
@@ -150,11 +156,11 @@ _LOG: dict[str, Path | None] = {"path": None}  # the log file of this command's 
 
 
 @contextmanager
-def _terminal(args: argparse.Namespace, cfg):
-    """A Prefect run in this process: with ``--debug`` everything reaches the terminal; otherwise the
-    terminal shows the stage and progress lines (:mod:`flows.progress`) and the rest (library warnings,
-    Prefect's records and temporary server, handled tracebacks) goes to a log file. Yields the terminal's
-    stdout (None with ``--debug``)."""
+def _terminal(args: argparse.Namespace, cfg, announce: bool = True):
+    """A Prefect run (or a chat) in this process: with ``--debug`` everything reaches the terminal; otherwise
+    the terminal shows the stage and progress lines (:mod:`flows.progress`) and the rest (library warnings,
+    progress bars, Prefect's records and temporary server, handled tracebacks) goes to a log file, named on
+    the terminal when ``announce``. Yields the terminal's stdout (None with ``--debug``)."""
     if args.debug:
         yield None
         return
@@ -162,8 +168,35 @@ def _terminal(args: argparse.Namespace, cfg):
 
     path = _LOG["path"] = log_file(cfg.paths.root, args.command)
     with quiet_terminal(path) as (out, terminal):
-        terminal.line(f"finsynth {args.command}: full log in {path}")
+        if announce:
+            terminal.line(f"finsynth {args.command}: full log in {path}")
         yield out
+
+
+def _ask(out, prompt: str) -> str:
+    """``input(prompt)`` with the prompt on ``out`` (the terminal, while fd 1 goes to the log file)."""
+    out.write(prompt)
+    out.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def _ending(args: argparse.Namespace, cfg, result: dict) -> str:
+    """What ``finsynth run`` prints at its end: as the deployment does (:func:`flows.deploy.result_lines`),
+    the score tables, a few answers and the paths; the result as JSON goes to a file next to the log (to the
+    terminal instead with ``--json``). ``finsynth sweep`` prints its JSON."""
+    text = json.dumps(result, indent=2, default=str)
+    if args.command != "run" or getattr(args, "json", False):
+        return text
+    from flows.deploy import result_lines
+    from flows.progress import log_file
+
+    saved = (_LOG["path"] or log_file(cfg.paths.root, args.command)).with_suffix(".json")
+    saved.write_text(text + "\n", encoding="utf-8")
+    logs = str(_LOG["path"]) if _LOG["path"] is not None else "printed above (--debug)"
+    return "\n".join(["", f"finsynth run: {cfg.profile or 'pipeline'} finished", *result_lines(result, saved, logs)])
 
 
 def _run_flow(args: argparse.Namespace) -> dict:

@@ -331,8 +331,16 @@ def outcome(summary: dict, home: Path) -> str:
                 f"  logs: {logs / 'worker.log'} (the run's whole output), {logs / 'server.log'}",
                 f"  run summary (JSON): {saved}"]
         return "\n".join(out)
-    out.append(f"  stages run: {', '.join(res.get('executed', [])) or 'none'}; "
-               f"cached: {', '.join(res.get('cached', [])) or 'none'}")
+    out += result_lines(res, saved, f"{logs} (worker.log: the run's whole output)")
+    return "\n".join(out)
+
+
+def result_lines(res: dict, saved: Path, logs: str) -> list[str]:
+    """The end of a finished pipeline run, for a person (the deployment's and ``finsynth run``'s): the stages
+    run, the score tables with a few test questions and each arm's answer, and where everything is.
+    ``res``: the pipeline flow's result; ``saved``: where its JSON went; ``logs``: where the logs are."""
+    out = [f"  stages run: {', '.join(res.get('executed', [])) or 'none'}; "
+           f"cached: {', '.join(res.get('cached', [])) or 'none'}"]
     report = Path(res["report"]).parent if res.get("report") else None
     if report is not None and (report / "report.json").exists():
         from training.report import run_summary_text
@@ -344,11 +352,10 @@ def outcome(summary: dict, home: Path) -> str:
             out += ["", f"(no score table: {e})"]
     out += ["", "Outputs:"]
     named = [("dataset card", res.get("dataset_card")), ("adapter", res.get("adapter")),
-             ("report", res.get("report")), ("run summary (JSON)", str(saved)),
-             ("logs", f"{logs} (worker.log: the run's whole output)")]
+             ("report", res.get("report")), ("run summary (JSON)", str(saved)), ("logs", logs)]
     w = max(len(k) for k, _ in named)
     out += [f"  {k.ljust(w)}  {v}" for k, v in named if v]
-    return "\n".join(out)
+    return out
 
 
 if __name__ == "__main__":

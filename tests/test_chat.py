@@ -3,6 +3,8 @@ chat template and decoding as evaluation (model and generation stubbed: the loop
 
 from __future__ import annotations
 
+import pytest
+
 import training.generate as g
 from lm.causal_lm import Generation
 from datagen.config import ModelConfig
@@ -34,3 +36,30 @@ def test_chat_ends_on_eof(monkeypatch):
         raise EOFError
 
     assert g.chat(ModelConfig(), None, None, read=eof, write=print) == 0
+
+
+# ----------------------------------------------------------------------------- the real command (issue 47)
+@pytest.mark.slow
+def test_chat_with_piped_input_prints_only_the_prompt_and_answers(tmp_path):
+    """``finsynth chat --base`` on the packaged model, stdin piped: stdout is the header, the prompts and
+    the answer; no INFO line, progress bar or library warning on either stream (they go to the log file)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+
+    pytest.importorskip("torch")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--base", "--profile", "demo", "--root", str(tmp_path)],
+                       input="What does EBITDA stand for?\n", capture_output=True, text=True, cwd=root, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("chatting with packaged:gemma3-270m")
+    assert lines[1].startswith("you> model> ") and len(lines[1]) > len("you> model> ")
+    assert lines[-1] == "you> "  # the next prompt, then EOF
+    for noise in ("INFO", "Loading weights", "kernels-community", "Warning", "it/s]"):
+        assert noise not in p.stdout and noise not in p.stderr, noise
+    assert p.stderr == ""

@@ -66,3 +66,30 @@ def test_example_answers_fit_too():
              for arm, s in (("base", 0.0), ("fewshot", 0.0), ("tuned", 1.0))]
     text = examples_text(items, {"q1": "What was the close on the last row of the table? " * 6})
     assert max(map(len, text.splitlines())) <= TERMINAL_WIDTH
+
+
+def test_finsynth_run_ends_with_the_scores_and_paths_not_json(tmp_path, monkeypatch, capfd):
+    """``finsynth run`` ends as the deployment does (tables, answers, paths); its JSON goes to a file, and to
+    stdout only with ``--json`` (the flow itself is stubbed: its ending is what is tested)."""
+    import json
+
+    import flows.cli as cli
+    from datagen.io import write_json
+
+    report_dir = tmp_path / "data" / "reports" / "demo"
+    report_dir.mkdir(parents=True)
+    write_json(report_dir / "report.json", realistic_report())
+    result = {"profile": "demo", "executed": ["evaluate"], "cached": ["fetch"], "stages": [],
+              "adapter": str(tmp_path / "adapter"), "report": str(report_dir / "report.md"),
+              "dataset_card": str(tmp_path / "dataset" / "README.md")}
+    monkeypatch.setattr(cli, "_run_flow", lambda args: result)
+    assert cli.main(["run", "--profile", "demo", "--root", str(tmp_path)]) == 0
+    out = capfd.readouterr().out
+    assert "Mean score per category" in out and "Outputs:" in out and "stages run: evaluate; cached: fetch" in out
+    assert not any(line.startswith(("{", "}", '  "')) for line in out.splitlines())
+    assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= TERMINAL_WIDTH  # paths run on
+    saved = next(line.split("run summary (JSON)", 1)[1].strip() for line in out.splitlines()
+                 if "run summary (JSON)" in line)
+    assert json.loads(Path(saved).read_text()) == result
+    assert cli.main(["run", "--profile", "demo", "--root", str(tmp_path), "--json"]) == 0
+    assert json.loads(capfd.readouterr().out) == result

@@ -122,7 +122,7 @@ def test_a_stage_registered_by_another_package_runs_through_finsynth_run(prefect
     cli("fetch")
     runs = []
     for _ in range(2):
-        out = cli("run", "--only", "toy").stdout
+        out = cli("run", "--only", "toy", "--json").stdout
         runs.append(json.loads(out[out.index("{"): out.rindex("}") + 1]))
     assert runs[0]["executed"] == ["toy"] and runs[1]["cached"] == ["toy"]
     folder = root / "data" / "processed" / "toy"
