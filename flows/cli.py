@@ -1,8 +1,10 @@
 """``finsynth``: one subcommand per stage, ``run`` for the Prefect pipeline, ``card`` and ``scores``.
 
 A stage subcommand (``finsynth fetch``) runs that stage's plain function directly; ``finsynth run``
-runs the Prefect pipeline flow (``--only STAGE`` / ``--from STAGE``), where Prefect's cache decides
-what reruns. Any failure exits non-zero with a one-line reason (``--debug`` for the traceback).
+runs the Prefect pipeline flow (``--only STAGE`` / ``--from STAGE``). Both keep a stage whose output is
+current (:func:`flows.stages.settle`: made from the same config, upstream content, input files, prompts
+and code) and rerun it otherwise; ``--refresh`` reruns it anyway. Any failure exits non-zero with a
+one-line reason (``--debug`` for the traceback).
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on")
     run.add_argument("--json", action="store_true",
                      help="print the run summary as JSON (by default it goes to a file and the scores are printed)")
-    run.add_argument("--refresh", action="store_true", help="ignore Prefect's cache and rerun the stages")
+    run.add_argument("--refresh", action="store_true", help="rerun the stages even when their outputs are current")
     for name in STAGE_NAMES:
-        sub.add_parser(name, parents=[common], help=f"run the {name} stage alone, without Prefect")
+        one = sub.add_parser(name, parents=[common], help=f"run the {name} stage alone, without Prefect")
+        one.add_argument("--refresh", action="store_true", help="rerun it even when its output is current")
     card = sub.add_parser("card", parents=[common], help="print the dataset card")
     card.add_argument("--path", type=Path, default=None, help="a dataset folder (default: the config's)")
     scores = sub.add_parser("scores", parents=[common], help="print per-category evaluation scores")
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="one more point with several settings, e.g. the exposure-matched k=0 arm of a k=3 "
                             "comparison: --point augment.k=0,train.repeat=4")
     sweep.add_argument("--name", default="sweep", help="the comparison goes to data/reports/sweep-NAME/")
-    sweep.add_argument("--refresh", action="store_true", help="ignore Prefect's cache and rerun the stages")
+    sweep.add_argument("--refresh", action="store_true", help="rerun the stages even when their outputs are current")
     return p
 
 
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(scores_table(cfg, args.run, args.fmt))
         else:
             with run_lock(cfg.paths.root, cfg.llm.cache):
-                manifest = execute(cfg, args.command)
+                manifest = execute(cfg, args.command, refresh=args.refresh)
             if is_rank_zero():  # under torchrun, rank 0 wrote the outputs and reports
                 print(json.dumps(_summary(manifest), indent=2, default=str))
     except KeyboardInterrupt:

@@ -1,22 +1,26 @@
 """Prefect orchestration: one flow per stage, and ``pipeline`` that runs them in order.
 
-Each stage flow calls one task, which runs the stage's spec (``STAGE`` in its ``src/`` module, see
-:mod:`datagen.stage`) through :func:`flows.stages.execute`. The task's cache key is
-:func:`flows.stages.cache_inputs`, over what the stage's output depends on:
+Each stage flow calls one task, which brings the stage (its spec, ``STAGE`` in its ``src/`` module, see
+:mod:`datagen.stage`) up to date through :func:`flows.stages.settle`. That function alone decides
+whether a stage reruns: it keeps an output made from the stage's current key
+(:func:`flows.stages.cache_inputs`), which covers
 
 - the config sections the spec names (dotted, e.g. augment reads ``dedup.embedder``),
 - each upstream stage's *content* hash (its output files, not timings: those live in ``timings.json``),
+- the content of the files outside ``data/processed`` the stage reads (the spec's ``input_files``:
+  ``data/raw`` sources, the gold and calibration files),
 - the content hashes of the prompts it renders (the spec's list, plus every prompt name in its code),
 - the code: every project module in the import closure of the stage's module,
 - the project root (two roots never share results);
 
-and a cached result is used only while the stage's own output is still there, intact, and was made
-from exactly this key (``run.json`` beside it), so a deleted or edited output reruns.
-
-So an unchanged rerun is served from Prefect's cache (state ``Cached``), and a changed config value or
-prompt reruns exactly the stage that reads it and the stages downstream of it. ``refresh=True`` forces
-a rerun. Results (the stage manifests) are persisted under ``prefect.result_storage`` inside the data
-folder. Flows take plain parameters (profile, config path, overrides) so deployments can run them.
+and records the key beside the output (``run.json``), whichever way the stage ran: ``finsynth <stage>``
+or this flow. The task's Prefect cache key is that key, and Prefect's cached result is used only while
+the stage's folder holds the output made from it, so Prefect's cache is a view of the same decision: an
+unchanged rerun reports the stage ``Cached``, and a lost Prefect home (or result storage) reruns nothing
+that is current. A changed config value, input file or prompt reruns exactly the stage that reads it and
+the stages downstream of it. ``refresh=True`` forces a rerun. Results (the stage manifests) are persisted
+under ``prefect.result_storage`` inside the data folder. Flows take plain parameters (profile, config
+path, overrides) so deployments can run them.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
-from datagen.io import RUN_INFO, STALE, run_lock, write_json
+from datagen.io import run_lock
 from datagen.manifest import EvaluateManifest, Manifest
 from datagen.progress import stage_log
 from datagen.render import md_cell, md_code
@@ -51,25 +55,23 @@ from flows.progress import to_run_log
 from flows.stages import (
     STAGES,
     cache_inputs,
-    execute,
     get_stage,
-    inputs_key,
+    keep_current,
     output_matches,
     probe_providers,
     select,
+    settle,
 )
 
 
-@task(cache_policy=(INPUTS - "cfg") + TASK_SOURCE, persist_result=True, result_serializer="json",
+@task(cache_policy=(INPUTS - "cfg" - "refresh") + TASK_SOURCE, persist_result=True, result_serializer="json",
       task_run_name="{key[stage]}")
-def run_stage(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage (:func:`flows.stages.execute`). ``key`` is its cache key (see
-    :func:`flows.stages.cache_inputs`); it is recorded beside the output, so a later run can tell
-    whether the folder on disk was made from the same inputs. Returns the manifest as JSON (Prefect
-    persists it)."""
-    manifest = execute(cfg, key["stage"])
-    write_json(get_stage(key["stage"]).output(cfg) / RUN_INFO, {"inputs_key": inputs_key(key)})
-    return manifest.to_json()
+def run_stage(cfg: Config, key: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+    """Bring one stage up to date (:func:`flows.stages.settle`: run it, or keep its current output).
+    ``key`` is its key (:func:`flows.stages.cache_inputs`). Returns the manifest as JSON (Prefect persists
+    it) and whether the stage ran."""
+    outcome = settle(cfg, key["stage"], refresh=refresh)
+    return {"manifest": outcome.manifest.to_json(), "ran": outcome.ran}
 
 
 def _result_storage(cfg: Config) -> LocalFileSystem:
@@ -91,17 +93,16 @@ def _load(profile: str | None, config_path: str | None, overrides: list[str] | N
 def _run_one(cfg: Config, name: str, refresh: bool) -> dict[str, Any]:
     stage = get_stage(name)
     key = cache_inputs(cfg, stage)
-    # Prefect's cache knows the inputs; only the folder knows whether its output is still the one those
-    # inputs made (not deleted, edited, or overwritten by a run with other inputs)
-    refresh = refresh or not output_matches(cfg, stage, key)
-    t = run_stage.with_options(result_storage=_result_storage(cfg), refresh_cache=refresh or None)
+    # a cached result only where settle() would keep the folder's output: Prefect's cache mirrors its decision
+    current = not refresh and output_matches(cfg, stage, key)
+    t = run_stage.with_options(result_storage=_result_storage(cfg), refresh_cache=None if current else True)
     t0 = time.monotonic()
-    state = t(cfg, key, return_state=True)
-    manifest = stage.manifest.from_json(state.result())
-    cached = state.name == "Cached"
-    if cached:  # made from the current upstream content: not stale, whatever ran in between
-        (stage.output(cfg) / STALE).unlink(missing_ok=True)
-        stage_log.info("%s: cached (same config, upstream content, prompts and code): not rerun", name)
+    state = t(cfg, key, refresh, return_state=True)
+    result = state.result()
+    if state.name == "Cached":  # the task did not run: what settle() does with a current output
+        keep_current(cfg, stage)
+    cached = state.name == "Cached" or not result["ran"]
+    manifest = stage.manifest.from_json(result["manifest"])
     publish_artifacts(cfg, name, manifest)
     return {"stage": name, "state": state.name, "cached": cached, "output": str(stage.output(cfg)),
             "seconds": round(time.monotonic() - t0, 1)}

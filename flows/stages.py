@@ -1,6 +1,11 @@
 """The pipeline's stages, in order, collected from the ``STAGE`` spec each stage module declares
-(:class:`datagen.stage.StageSpec`), and what the orchestration builds from them: running one stage with
-its checks (:func:`execute`), staleness, and what its output depends on (:func:`cache_inputs`).
+(:class:`datagen.stage.StageSpec`), and what the orchestration builds from them: what a stage's output
+depends on (its key, :func:`cache_inputs`), and running one stage with its checks (:func:`execute`).
+
+Freshness is decided here, once: :func:`settle` keeps a stage's output when its folder holds a finished,
+intact output made from the stage's current key (``run.json`` beside it, written by :func:`settle` after
+the stage function returns), and runs the stage otherwise. ``finsynth <stage>`` and the Prefect task both
+go through it, so either sees what the other made; Prefect's cache only mirrors the decision.
 
 A stage of your own is one module with one spec, registered as an entry point of your package
 (``[project.entry-points."finsynth.stages"] mystage = "mypkg.mystage:STAGE"``): it runs after its last
@@ -18,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +31,8 @@ from datagen.augmentation import augment
 from datagen.config import Config
 from datagen.dataset import chat_format, dedup, split
 from datagen.faults import find
-from datagen.io import (RUN_INFO, begin_stage, manifest_hash, mark_stale, read_json, read_manifest, require_stage,
-                        verify_outputs)
+from datagen.io import (RUN_INFO, STALE, begin_stage, manifest_hash, mark_stale, read_json, read_manifest,
+                        require_stage, sha256_file, verify_outputs, write_json)
 from datagen.manifest import Manifest
 from datagen.progress import seconds, stage_done_line, stage_log
 from datagen.prompts import PROMPTS_DIR
@@ -106,21 +112,43 @@ def probe_providers(cfg: Config, stages: list[StageSpec]) -> list[str]:
     return names
 
 
-def execute(cfg: Config, name: str) -> Manifest:
-    """Run one stage: its upstream outputs must be finished, intact and fresh; its providers answer;
-    then its folder is marked in progress (old manifest removed) and the stage function writes it.
-    Marks later stages STALE when its output content changed. Returns the new manifest."""
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`settle` did with a stage: ``ran`` False when its output was current and kept."""
+
+    manifest: Manifest
+    ran: bool
+    key: str  # the stage's inputs key (:func:`inputs_key`) its output was made from
+
+
+def execute(cfg: Config, name: str, *, refresh: bool = False) -> Manifest:
+    """Run one stage unless its output is current (see :func:`settle`); returns its manifest."""
+    return settle(cfg, name, refresh=refresh).manifest
+
+
+def settle(cfg: Config, name: str, *, refresh: bool = False) -> Outcome:
+    """Bring one stage's output up to date. When its folder holds a finished, intact output made from the
+    stage's current key (:func:`output_matches`), it is kept (and its STALE mark cleared: it was made from
+    the upstream content there now), unless ``refresh``. Otherwise the stage runs: its upstream outputs must
+    be finished, intact and fresh; its providers answer; then its folder is marked in progress (old manifest
+    and ``run.json`` removed), the stage function writes it, and ``run.json`` records the key. Marks later
+    stages STALE when its output content changed."""
     stage = get_stage(name)
+    key = cache_inputs(cfg, stage)
+    ikey = inputs_key(key)
+    out = stage.output(cfg)
+    if not refresh and output_matches(cfg, stage, key):
+        return Outcome(keep_current(cfg, stage), ran=False, key=ikey)
     t0 = time.monotonic()
     stage_log.info("%s: started", name)
     release_memory()
-    out = stage.output(cfg)
     try:
         ups = [require_stage(get_stage(u).output(cfg), u) for u in stage.upstream]
         probe_providers(cfg, [stage])
         before = manifest_hash(out)
         begin_stage(out)
         manifest = stage.run(cfg, stage_inputs(cfg, stage), out)
+        write_json(out / RUN_INFO, {"inputs_key": ikey, "key": key})
     except Exception as e:  # a full disk, a read-only root, a corrupt cache: one line naming this stage
         fault = find(e, stage=name, path=out)
         stage_log.error("%s: failed after %s: %s", name, seconds(time.monotonic() - t0),
@@ -135,7 +163,17 @@ def execute(cfg: Config, name: str) -> Manifest:
                                          sum(ins) if ins and None not in ins else None))
     if manifest_hash(out) != before:
         mark_downstream_stale(cfg, name)
-    return manifest
+    return Outcome(manifest, ran=True, key=ikey)
+
+
+def keep_current(cfg: Config, stage: StageSpec) -> Manifest:
+    """Keep a stage's output that is current (made from its key): it was made from the upstream content
+    there now, so its STALE mark goes. Returns its manifest."""
+    out = stage.output(cfg)
+    (out / STALE).unlink(missing_ok=True)
+    stage_log.info("%s: current (same config, upstream content, input files, prompts and code): not rerun",
+                   stage.name)
+    return read_manifest(out, stage.manifest)
 
 
 def select(only: str | None = None, start: str | None = None) -> list[StageSpec]:
@@ -170,6 +208,22 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=512)
+def _parsed(source: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    """A module's source read once: the project modules it names in imports (and ``module.name`` for each
+    name it imports from one), and its string constants. Cached by content, so an edit is seen."""
+    imports: list[str] = []
+    strings: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imports += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imports += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            strings.add(node.value)
+    return tuple(n for n in imports if n.split(".")[0] in PROJECT_PACKAGES), frozenset(strings)
+
+
 def module_closure(module: str) -> tuple[str, ...]:
     """``module`` and every project module (``lm``/``datagen``/``training``) it imports, transitively: the
     code a stage's output depends on. Package ``__init__`` modules on the way are included."""
@@ -182,13 +236,7 @@ def module_closure(module: str) -> tuple[str, ...]:
         seen.add(m)
         parts = m.split(".")
         todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages
-        for node in ast.walk(ast.parse(_module_file(m).read_text(encoding="utf-8"))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            todo.extend(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+        todo.extend(_parsed(_module_file(m).read_text(encoding="utf-8"))[0])
     return tuple(sorted(seen))
 
 
@@ -205,9 +253,7 @@ def stage_prompts(cfg: Config, stage: StageSpec) -> tuple[str, ...]:
     for m in module_closure(stage.module):
         if m == "datagen.config":  # its defaults name prompts; the config walk below covers those
             continue
-        for node in ast.walk(ast.parse(_module_file(m).read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
-                found.add(node.value)
+        found |= _parsed(_module_file(m).read_text(encoding="utf-8"))[1] & known
 
     def walk(v: Any) -> None:
         if isinstance(v, str) and v in known:
@@ -220,16 +266,8 @@ def stage_prompts(cfg: Config, stage: StageSpec) -> tuple[str, ...]:
                 walk(x)
 
     for sec in stage.config_sections:
-        walk(config_section(cfg, sec))
+        walk(cfg.section(sec))
     return tuple(sorted(found & known))
-
-
-def config_section(cfg: Config, dotted: str) -> Any:
-    """A config section by dotted path (``dedup.embedder``), as public JSON."""
-    node: Any = cfg.dump_public()
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def code_hash(stage: StageSpec) -> str:
@@ -239,15 +277,31 @@ def code_hash(stage: StageSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def file_hash(path: Path) -> str | None:
+    """sha256 of a file's content; of a folder, over every file under it (relative path and content);
+    None when there is nothing there (the stage will say so when it runs)."""
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\0")
+    return h.hexdigest()
+
+
 def cache_inputs(cfg: Config, stage: StageSpec) -> dict[str, Any]:
-    """Everything a stage's output depends on; the Prefect task's cache key is computed over this:
-    config sections, upstream *content* hashes, prompt file hashes, the code closure, the root."""
+    """The stage's key: everything its output depends on. The hash of the config sections its spec names
+    (the manifest's ``config_hash``), upstream *content* hashes, the content of the files it reads
+    (``input_files``), prompt file hashes, the code closure, the root. :func:`settle` keeps an output made
+    from the same key; the Prefect task's cache key is computed over it too."""
     return {
         "stage": stage.name,
-        "config": {s: config_section(cfg, s) for s in stage.config_sections},
+        "config": stage.config_hash(cfg),
         "upstream": {u: manifest_hash(get_stage(u).output(cfg)) for u in stage.upstream},
         "prompts": {n: hashlib.sha256((PROMPTS_DIR / f"{n}.jinja").read_bytes()).hexdigest()[:12]
                     for n in stage_prompts(cfg, stage)},
+        "files": {str(p): file_hash(cfg.paths.resolve(Path(p))) for p in stage.input_files(cfg)},
         "code": code_hash(stage),
         "root": str(cfg.paths.root),
     }

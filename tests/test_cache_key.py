@@ -137,3 +137,45 @@ def test_cli_refuses_a_stale_upstream_and_allow_stale_lets_it_through(tiny_cfg, 
     mark_stale(tiny_cfg.paths.stage_dir("fetch"), "testing")
     assert main(["augment", "--profile", "tiny", "--root", str(tmp_root), "--set", "augment.k=0"]) == 2
     assert "stage 'fetch' is STALE (testing)" in capsys.readouterr().err
+
+
+def test_a_code_change_in_a_stage_module_reruns_that_stage_and_downstream_only(tiny_cfg, src_copy):
+    """Each stage's own module is in its key and in no earlier stage's; and ``execute`` (what
+    ``finsynth <stage>`` runs) decides by the key: after an edit of augment's module, fetch is kept and
+    augment reruns; after an edit of fetch's module, fetch reruns to the same output and augment, whose
+    inputs are then unchanged, is kept."""
+    from flows.stages import execute
+
+    order = [s.name for s in fs.STAGES]
+    for s in fs.STAGES:
+        before = keys(tiny_cfg)
+        path = fs._module_file(s.module)
+        path.write_text(path.read_text() + "\n# an edit\n")
+        after = keys(tiny_cfg)
+        changed = [n for n in order if after[n] != before[n]]
+        assert s.name in changed and all(order.index(n) >= order.index(s.name) for n in changed), (s.name, changed)
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.augment.k = 0  # no model
+
+    def made() -> dict[str, int]:  # when each stage last wrote its manifest
+        return {n: (get_stage(n).output(cfg) / "manifest.json").stat().st_mtime_ns for n in ("fetch", "augment")}
+
+    for n in ("fetch", "augment"):
+        execute(cfg, n)
+    first = made()
+    for n in ("fetch", "augment"):
+        execute(cfg, n)
+    assert made() == first  # nothing changed: both kept
+    with open(src_copy / "src" / "datagen" / "augmentation" / "augment.py", "a") as f:
+        f.write("\n# another edit\n")
+    for n in ("fetch", "augment"):
+        execute(cfg, n)
+    second = made()
+    assert second["fetch"] == first["fetch"] and second["augment"] != first["augment"]
+    with open(src_copy / "src" / "datagen" / "sources" / "fetch.py", "a") as f:
+        f.write("\n# another edit\n")
+    for n in ("fetch", "augment"):
+        execute(cfg, n)
+    third = made()
+    assert third["fetch"] != second["fetch"] and third["augment"] == second["augment"]

@@ -519,17 +519,17 @@ class Config(_Strict):
             del data["llm"]["cache"]
         return data
 
+    def section(self, dotted: str) -> Any:
+        """One config section by dotted path (``dedup.embedder``), as public JSON (:meth:`dump_public`)."""
+        node: Any = self.dump_public()
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some config sections (dotted: ``dedup.embedder``), for provenance and cache keys."""
-        data = self.dump_public()
-
-        def at(dotted: str) -> Any:
-            node = data
-            for part in dotted.split("."):
-                node = node[part]
-            return node
-
-        blob = json.dumps({s: at(s) for s in sections}, sort_keys=True)
+        """Stable hash of some config sections (dotted: ``dedup.embedder``): a manifest's ``config_hash``
+        and the config part of a stage's key (``flows.stages.cache_inputs``)."""
+        blob = json.dumps({s: self.section(s) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def hash(self) -> str:

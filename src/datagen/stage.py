@@ -10,8 +10,9 @@ says where with ``output``.
 The spec says everything the orchestration needs to know about a stage, and nothing else declares it:
 ``flows/stages.py`` collects the specs (the built-in ones, then any registered under the
 ``finsynth.stages`` entry-point group) and builds from them the order, the staleness rules, the Prefect
-tasks and their cache keys (config sections + upstream content + prompts + the code closure of
-``module`` + the stage's own output) and the CLI. Adding a stage is one module with one spec.
+tasks and the stage's key (config sections + upstream content + prompts + the code closure of
+``module`` + the content of the files it reads, ``input_files``), which decides whether its output is
+current, and the CLI. Adding a stage is one module with one spec.
 No Prefect here.
 """
 
@@ -27,7 +28,7 @@ from datagen.manifest import Manifest
 Inputs = Mapping[str, Path]  # upstream stage name -> its finished output folder
 
 
-def _none(cfg: Config) -> tuple[str, ...]:
+def _none(cfg: Config) -> tuple:
     return ()
 
 
@@ -40,6 +41,9 @@ class StageSpec:
     upstream: tuple[str, ...] = ()  # finished stages it reads, passed to ``run`` as ``inputs``
     prompts: Callable[[Config], tuple[str, ...]] = _none  # prompt templates it renders, for this config
     providers: Callable[[Config], tuple[str, ...]] = _none  # LLM providers it calls, for this config
+    # files outside data/processed it reads, for this config, as configured (relative: against paths.root;
+    # a folder stands for every file under it): their content is part of the stage's key
+    input_files: Callable[[Config], tuple[Path, ...]] = _none
     folder: Callable[[Config], Path] | None = None  # where it writes, when not data/processed/<name>
     manifest: type[Manifest] = Manifest  # the class of the manifest ``run`` returns
 

@@ -562,5 +562,7 @@ STAGE = StageSpec("evaluate", run_evaluate, __name__, ("evaluate", "llm", "model
                   upstream=("format", "train"),
                   prompts=lambda c: ("judge_rubric", "judge_pairwise", "sft_user", c.format.system_prompt),
                   providers=lambda c: (c.evaluate.judge_provider,),
+                  input_files=lambda c: tuple(p for p in (c.evaluate.gold_file, c.evaluate.calibration_file) if p)
+                  + tuple(s.path for s in c.evaluate.test_sets),
                   folder=lambda c: c.paths.reports_dir / c.evaluate.run_name,
                   manifest=EvaluateManifest)

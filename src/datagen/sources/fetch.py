@@ -151,5 +151,12 @@ def run_fetch(cfg: Config, inputs: Inputs, out_dir: Path) -> FetchManifest:
     ))
 
 
-STAGE = StageSpec("fetch", run_fetch, __name__, ("sources",),
+def _input_files(cfg: Config) -> tuple[Path, ...]:
+    """The source-QA files and the market's price files (or folders): what ``run_fetch`` reads."""
+    mc = cfg.sources.market
+    market = tuple(mc.paths) if mc is not None and mc.provider == "csv" and mc.n_questions > 0 else ()
+    return market + tuple(s.path for s in cfg.sources.source_qa)
+
+
+STAGE = StageSpec("fetch", run_fetch, __name__, ("sources",), input_files=_input_files,
                   manifest=FetchManifest)
