@@ -1,6 +1,6 @@
 """Augment benchmark: rephrasing yield and throughput on the demo workload with the packaged Gemma.
 
-    ../shared/tools/capmem 12G .venv/bin/python benchmarks/bench_augment.py [--limit 24] [--variants baseline new]
+    .venv/bin/python benchmarks/bench_augment.py [--limit 24] [--variants baseline new]
 
 The demo workload: the demo profile's fetched originals, the first ``augment.limit`` (24) of them in the
 stage's category round-robin order, ``k`` (3) slots each, ``max_attempts`` (2) rounds, the demo's local

@@ -151,8 +151,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=8)
-    # one run of each side per round, order rotating; llama-server's run times of one side spread by ~10% (2026-12-02
-    # llm.json: 5.26-5.84 s raw), so 15 rounds for a steadier median than 9 gave
+    # one run of each side per round, order rotating; llama-server's run times of one side spread by ~10% (see
+    # llm.json's per-round times), so 15 rounds for a steadier median than 9 gave
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--llamacpp-rounds", type=int, default=9)  # not a goal figure: fewer, it is the slowest server
     ap.add_argument("--echo-rounds", type=int, default=18)  # ~2 s a run: more of them for a steadier median

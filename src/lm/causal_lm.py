@@ -141,8 +141,8 @@ def vector_flags() -> list[str]:
 
 def cpu_autocast_dtype() -> torch.dtype | None:
     """The autocast dtype for training and generation on this CPU: bf16 where the CPU has AMX-BF16
-    (2048x2048 matmul 506 vs 81 GFLOP/s fp32; a LoRA step of Gemma-3-270M 1.36x faster, ../shared/NOTES.md),
-    None (plain fp32) elsewhere, where bf16 is ~12x slower. ``FINSYNTH_CPU_BF16=0`` / ``1`` overrides."""
+    (a 2048x2048 matmul ~6x the fp32 rate there; a LoRA step of Gemma-3-270M ~1.4x faster), None (plain
+    fp32) elsewhere, where bf16 is ~12x slower. ``FINSYNTH_CPU_BF16=0`` / ``1`` overrides."""
     import torch
 
     env = os.environ.get("FINSYNTH_CPU_BF16", "auto").strip().lower()

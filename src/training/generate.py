@@ -247,10 +247,10 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
 @contextlib.contextmanager
 def merged(model: Any) -> Iterator[None]:
     """Inside, the adapter's weights are folded into the base layers (PEFT's ``merge_adapter``), so a forward
-    pass costs what the base model's does. On 2 cores, the demo's tuned arm took 52 s unmerged where the base
-    arm took 41 s (5-day tables, one stage-by-stage run), and 38 s merged where the base arm took 38 s (3-day
-    tables, bench_demo's run of 2026-12-07). Only for full-precision fp32 weights: merging into 4-bit or half-precision
-    weights and back is lossy, and later base arms would run on the changed weights."""
+    pass costs what the base model's does (unmerged, every LoRA layer adds two small matmuls per token: the
+    demo's tuned arm was about a quarter slower than its base arm on 2 cores). Only for full-precision fp32
+    weights: merging into 4-bit or half-precision weights and back is lossy, and later base arms would run on
+    the changed weights."""
     import torch
 
     quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
