@@ -265,3 +265,16 @@ def test_faithful_rephrasings_pass_the_drift_checks(original, candidate):
     row = {"question": original, "answer": "x", "labels": ["positive", "negative", "neutral"]
            if "neutral" in original else None}
     assert validate_rephrasing(row, candidate, cosine=None).ok
+
+
+def test_a_key_term_is_a_whole_word_report_is_not_repo():
+    # found in the packaged model's real output: every rephrasing of "Report ACME's intraday high ..." was
+    # rejected as missing_term "repo", since the term's pattern matched the start of "Report"
+    original = "Report ACME's intraday high for the final row of the price table."
+    assert validate_rephrasing({"question": original, "answer": "12.5 USD"},
+                               "For the final row of the price table, what was ACME's intraday high?", cosine=None).ok
+    v = validate_rephrasing({"question": "By how much did the RBI raise the repo rate?", "answer": "x"},
+                            "By how much did the RBI raise the rate?", cosine=None)
+    assert (v.ok, v.reason, v.detail) == (False, "missing_term", "repo")
+    assert validate_rephrasing({"question": "How volatile were the repo rates?", "answer": "x"},
+                               "How much volatility did the repo rates show?", cosine=None).ok

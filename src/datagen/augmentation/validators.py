@@ -267,7 +267,8 @@ def check_terms(original: str, candidate: str) -> Verdict:
                 return fail("flipped_term", f"{sorted(wo & x)[0]} -> {sorted(wc & y)[0]}")
     lo, lc = original.lower(), candidate.lower()
     for stem, aliases in _TERMS:
-        pat = rf"(?<![a-z]){re.escape(stem)}"
+        # a whole word, plural or inflected ("repo" is not "Report"); "volatil" is a stem on purpose
+        pat = rf"(?<![a-z]){re.escape(stem)}" + ("" if stem == "volatil" else r"(?:s|es|d|ed|ing)?(?![a-z])")
         if re.search(pat, lo) and not re.search(pat, lc) and not any(al in wc for al in aliases):
             return fail("missing_term", stem)
     return OK
