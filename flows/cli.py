@@ -21,7 +21,8 @@ from pathlib import Path
 
 from datagen.config import ConfigError, load_config
 from datagen.faults import find
-from datagen.io import is_rank_zero, run_lock
+from datagen.io import is_rank_zero
+from flows.lock import run_lock
 from datagen.manifest import Manifest
 from flows.stages import STAGE_NAMES, execute, get_stage
 

@@ -47,7 +47,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
 
 from datagen.config import Config, load_config
-from datagen.io import run_lock
+from flows.lock import run_lock
 from datagen.manifest import EvaluateManifest, Manifest
 from datagen.progress import stage_log
 from datagen.render import md_cell, md_code

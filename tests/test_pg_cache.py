@@ -22,7 +22,7 @@ from llm_fakes import FaultProxy
 
 from datagen.config import ConfigError, LLMConfig, ProviderConfig, load_config, mask_url
 from datagen.faults import CacheFault
-from datagen.io import run_lock
+from flows.lock import run_lock
 from datagen.llm import ChatRequest, make_provider
 from datagen.llm.cache import CacheWriter, ResponseCache, cache_target, configured_cache, open_cache
 from datagen.llm.pg_cache import PostgresCache, redacted_error
@@ -309,7 +309,7 @@ def test_the_cache_url_is_in_the_public_dump_and_absent_without_one(tmp_root):
 # ----------------------------------------------------------------------------- run lock
 LOCK_HOLDER = """
     import sys, time
-    from datagen.io import run_lock
+    from flows.lock import run_lock
     with run_lock(sys.argv[1], cache_url=sys.argv[2]):
         print("held", flush=True)
         time.sleep(60)

@@ -25,13 +25,13 @@ from datagen.io import (
     read_jsonl,
     read_manifest,
     require_stage,
-    run_lock,
     write_jsonl,
     write_manifest,
 )
 from datagen.manifest import Manifest
 from datagen.llm import LLMUnavailable
 from datagen.llm.keys import redact, register_secret
+from flows.lock import run_lock
 from flows.stages import execute
 
 KEY = "sk-test-reliability-0123456789abcdef"
@@ -195,7 +195,7 @@ def test_killed_between_output_and_manifest_leaves_no_finished_stage(tmp_path):
 def test_second_run_on_the_same_root_fails_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from datagen.io import run_lock
+        from flows.lock import run_lock
         with run_lock({str(tmp_path)!r}):
             print("held", flush=True)
             time.sleep(30)

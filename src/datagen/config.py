@@ -117,6 +117,11 @@ class SimulatorConfig(_Strict):
         return _date(v, "start_date")
 
 
+# the market question types, in the order datagen.sources.market_qa builds them (one builder each there)
+QUESTION_TYPES: tuple[str, ...] = (
+    "latest_value", "period_return", "volatility", "max_drawdown", "ma_trend", "comparison", "risk_level")
+
+
 class MarketConfig(_Strict):
     provider: Literal["simulator", "csv", "yfinance"] = "simulator"
     license: str | None = None  # of price files / downloaded data, for the dataset card (None: not stated)
@@ -135,8 +140,6 @@ class MarketConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MarketConfig:
-        from datagen.sources.market_qa import QUESTION_TYPES  # the types live with their builders
-
         per = self.questions_per_type
         unknown = sorted(set(per) - set(QUESTION_TYPES)) if isinstance(per, dict) else []
         if unknown:
@@ -157,8 +160,6 @@ class MarketConfig(_Strict):
 
     @property
     def n_questions(self) -> int:
-        from datagen.sources.market_qa import QUESTION_TYPES
-
         return sum(self.count(t) for t in QUESTION_TYPES)
 
 
@@ -382,6 +383,9 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # train the end-of-turn token's embedding row (one row, tied to the LM head) with the adapter: a base model's
+    # row is untrained (Gemma-3-270M's <end_of_turn> sits among the unused tokens), so LoRA alone never learns to stop
+    end_of_turn: bool = True
 
 
 class TrainConfig(_Strict):

@@ -66,6 +66,7 @@ from training.judge import (
     reliability,
     selfcheck,
 )
+from training.report import report_dir
 
 log = logging.getLogger(__name__)
 
@@ -564,5 +565,5 @@ STAGE = StageSpec("evaluate", run_evaluate, __name__, ("evaluate", "llm", "model
                   providers=lambda c: (c.evaluate.judge_provider,),
                   input_files=lambda c: tuple(p for p in (c.evaluate.gold_file, c.evaluate.calibration_file) if p)
                   + tuple(s.path for s in c.evaluate.test_sets),
-                  folder=lambda c: c.paths.reports_dir / c.evaluate.run_name,
+                  folder=report_dir,
                   manifest=EvaluateManifest)

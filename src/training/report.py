@@ -273,13 +273,16 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def report_dir(cfg: Config) -> Path:
+    """The folder the evaluate stage writes (its spec's ``folder``): ``reports_dir/<evaluate.run_name>``."""
+    return cfg.paths.reports_dir / cfg.evaluate.run_name
+
+
 def find_report(cfg: Config, run: str | None = None) -> Path:
     """``report.json`` of a run: a folder, a report.json path, or a run name under ``reports_dir``."""
-    from training.evaluate import STAGE as EVALUATE
-
     candidates = []
     if run is None:
-        candidates.append(EVALUATE.output(cfg))
+        candidates.append(report_dir(cfg))
     else:
         p = Path(run)
         candidates += [p, cfg.paths.reports_dir / run]

@@ -33,14 +33,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from datagen.config import MarketConfig
+from datagen.config import QUESTION_TYPES, MarketConfig
 from datagen.schema import Sample, stable_id
 from datagen.sources.market import MarketData
 
 log = logging.getLogger(__name__)
 
-QUESTION_TYPES: tuple[str, ...] = (
-    "latest_value", "period_return", "volatility", "max_drawdown", "ma_trend", "comparison", "risk_level")
 CATEGORIES: dict[str, str] = {
     "latest_value": "market_price_lookup", "period_return": "market_return",
     "volatility": "market_volatility", "max_drawdown": "market_drawdown", "ma_trend": "market_trend",
