@@ -83,7 +83,8 @@ def questions(cfg, split: str) -> list[dict]:
             q = " ".join(str(r["question"]).split())
             if q not in seen and split_of(q) == split:
                 seen.add(q)
-                mine.append({**r, "question": q, "source_kind": kind,
+                # a classification instruction is its own kind, whichever file it comes from
+                mine.append({**r, "question": q, "source_kind": "classification" if r.get("labels") else kind,
                              "source_file": path or "market simulator (demo profile)"})
         out += pick(mine, PER_KIND[split][kind])
     return out

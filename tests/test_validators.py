@@ -232,7 +232,8 @@ _HEADLINE = "Is the news in this headline positive, negative or neutral for inve
      "default?", "added_term"),
     ("By how much did Arden Bank's revenue grow in 2023?", "By how much did Arden Bank's profit grow in 2023?",
      "added_term"),
-    ("Who is the chief executive of Belmore Insurance?", "Who is the chief financial officer of Belmore Insurance?", "added_term"),
+    ("Who is the chief executive of Belmore Insurance?", "Who is the chief financial officer of Belmore Insurance?",
+     "added_term"),
     # a dropped part of a compound question
     ("What is the bank's CET1 ratio, and does it meet the Basel III minimum of 4.5%?",
      "Is the bank's CET1 ratio meet the Basel III minimum of 4.5%?", "dropped_question"),
@@ -278,3 +279,28 @@ def test_a_key_term_is_a_whole_word_report_is_not_repo():
     assert (v.ok, v.reason, v.detail) == (False, "missing_term", "repo")
     assert validate_rephrasing({"question": "How volatile were the repo rates?", "answer": "x"},
                                "How much volatility did the repo rates show?", cosine=None).ok
+
+
+def test_content_limits_reject_what_a_small_model_adds_or_leaves_out():
+    strict = RephraseChecks(max_new_words=0, max_dropped_words=1)
+    lcr = {"question": "How is the liquidity coverage ratio (LCR) defined?", "answer": "x"}
+    v = validate_rephrasing(lcr, "What is the liquidity coverage ratio (LCR) for this exposure?", cosine=None,
+                            checks=strict)
+    assert (v.ok, v.reason) == (False, "added_term")  # "exposure" is a finance term of its own
+    dd = {"question": "What was the maximum drawdown of ACME's closing price over the period shown?", "answer": "x"}
+    assert validate_rephrasing(dd, "Over the window shown, what was the maximum drawdown of ACME's closing price?",
+                               cosine=None, checks=strict).ok  # window = period
+    assert validate_rephrasing(dd, "Over the period shown, how deep was ACME's maximum drawdown?", cosine=None,
+                               checks=strict).ok  # "closing price" left out: one word of the term group
+    v = validate_rephrasing(dd, "Over the period shown, how many periods of time did ACME fall at its maximum "
+                                "drawdown?",
+                            cosine=None, checks=strict)
+    assert (v.ok, v.reason, v.detail) == (False, "added_content", "fall, time")
+    ceo = {"question": "Who is the chief executive of Orvwick Capital?", "answer": "x"}
+    assert validate_rephrasing(ceo, "Who is the CEO of Orvwick Capital?", cosine=None, checks=strict).ok
+    v = validate_rephrasing({"question": "Scale the one-day VaR to a 20-day horizon with the square-root-of-time rule.",
+                             "answer": "x"}, "What is the one-day VaR to a 20-day horizon?", cosine=None, checks=strict)
+    assert (v.ok, v.reason, v.detail) == (False, "dropped_content", "rule, scale, square-root-of-time")
+    # no limits by default: a capable teacher rewords freely
+    assert validate_rephrasing(dd, "Over the period shown, how many periods of time did ACME fall at its maximum "
+                               "drawdown?", cosine=None).ok

@@ -288,6 +288,10 @@ class AugmentConfig(_Strict):
     sim_high: float = Field(0.98, ge=-1, le=1)
     near_copy_char_ratio: float = Field(0.95, gt=0, le=1)
     length_ratio: tuple[float, float] = (0.5, 2.0)
+    # content words a kept rephrasing may add / leave out (validators.check_content); null: no limit. The demo's
+    # small base model needs a tight limit, chosen on hand-labelled real outputs (docs/augment.md)
+    max_new_words: int | None = Field(None, ge=0)
+    max_dropped_words: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=1)  # rephrase only the first N items (demo/testing)
     # best-of-n: candidates sampled per open slot, in one request per item (one prefill); all are validated
     # and the most different valid ones are kept. 1 = one request per slot, one candidate (the old path)

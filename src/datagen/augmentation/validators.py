@@ -379,6 +379,49 @@ def check_label_presupposed(original: str, candidate: str, labels: list[str]) ->
     return OK
 
 
+# What else a small model adds or leaves out ("... for this exposure?", "How would we use ...?", "... what is
+# its next close?"): the content words of the two questions, compared. Function words, the words a paraphrase
+# of a quantity question reaches for ("how large", "how deep") and task verbs do not count; the names of one
+# finance term group count as one word ("CEO" = "chief executive"); "window", "period" and "range" are one word.
+_FUNCTION_WORDS = set("""
+a an the this that these those what which who whom whose when where why how is are was were be been being do does
+did can could should would will shall may might must has have had of in on at by for from to with within into onto
+over under and or but so as than then its it their his her our your my we you they he she i me us them there here
+not no yes any some each every all both either neither per via about across during after before between among
+according based given using use used shown show shows
+far deep large big much many size value level amount figure number home located
+report give tell find state provide name compute calculate determine identify classify
+deliver delivered post posted record recorded reach reached see saw make made achieve achieved register registered
+""".split())
+_SAME_WORD = [{"window", "period", "range"}, {"close", "closed", "closing", "closes"}, {"price", "prices", "priced"}]
+
+
+def content_words(text: str) -> set[str]:
+    """The content words of ``text``, lower-cased and crudely stemmed; a finance term's names as one token."""
+    low = text.lower()
+    out = {f"term{i}" for i in finance_terms(low)}
+    for w in (g for i in finance_terms(low) for g in _TERM_GROUPS[i]):  # the term's own words are covered by it
+        low = re.sub(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", " ", low)
+    for w in re.findall(r"[a-z][a-z0-9\-']*", low):
+        w = w.strip("'").removesuffix("'s")
+        if len(w) < 2 or w in _FUNCTION_WORDS:
+            continue
+        stem = next((w[: -len(x)] for x in ("ing", "ed", "es", "s") if len(w) > 4 and w.endswith(x)), w)
+        out.add(next((f"same{i}" for i, g in enumerate(_SAME_WORD) if w in g or stem in g), stem))
+    return out
+
+
+def check_content(original: str, candidate: str, max_new: int | None, max_dropped: int | None) -> Verdict:
+    """At most ``max_new`` content words the original does not have, at most ``max_dropped`` of its own left out."""
+    co, cc = content_words(original), content_words(candidate)
+    new, dropped = sorted(cc - co), sorted(co - cc)
+    if max_new is not None and len(new) > max_new:
+        return fail("added_content", ", ".join(w for w in new if not w.startswith(("term", "same"))) or "term")
+    if max_dropped is not None and len(dropped) > max_dropped:
+        return fail("dropped_content", ", ".join(w for w in dropped if not w.startswith(("term", "same"))) or "term")
+    return OK
+
+
 # ----------------------------------------------------------------------------- individual checks
 _INTERROGATIVE = set("""
 what which who whom whose when where why how is are was were do does did can could should would will
@@ -501,11 +544,16 @@ class RephraseChecks:
     sim_high: float = 0.98
     near_copy_char_ratio: float = 0.95
     length_ratio: tuple[float, float] = (0.5, 2.0)
-    drift: bool = True  # the meaning-drift checks (parts, condition, term, label); False only to measure them
+    drift: bool = True  # the meaning-drift checks (parts, condition, term, label, content); False only to measure
+    # content words a candidate may add / leave out; None: no limit. A small base model needs a tight limit
+    # (the demo's 0 / 1, chosen on the calibration split, docs/augment.md); a capable teacher rewords freely
+    max_new_words: int | None = None
+    max_dropped_words: int | None = None
 
     @classmethod
     def from_config(cls, aug: Any) -> RephraseChecks:
-        return cls(aug.sim_low, aug.sim_high, aug.near_copy_char_ratio, tuple(aug.length_ratio))
+        return cls(aug.sim_low, aug.sim_high, aug.near_copy_char_ratio, tuple(aug.length_ratio),
+                   max_new_words=aug.max_new_words, max_dropped_words=aug.max_dropped_words)
 
 
 def validate_rephrasing(row: dict[str, Any], candidate: str | None, *, cosine: float | None,
@@ -526,7 +574,8 @@ def validate_rephrasing(row: dict[str, Any], candidate: str | None, *, cosine: f
             verdicts += [check_parts(original, candidate),
                          check_condition(original, candidate),
                          check_added_term(original, candidate),
-                         check_label_presupposed(original, candidate, [str(x) for x in row.get("labels") or []])]
+                         check_label_presupposed(original, candidate, [str(x) for x in row.get("labels") or []]),
+                         check_content(original, candidate, checks.max_new_words, checks.max_dropped_words)]
         verdicts.append(check_near_copy(original, candidate, list(kept), checks.near_copy_char_ratio))
         for v in verdicts:
             if not v.ok:
