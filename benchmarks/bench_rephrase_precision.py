@@ -156,13 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     from datagen.io import read_jsonl, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="demo", help="the profile whose augment provider and settings are used")
     ap.add_argument("--data", type=Path, default=ROOT / "tests/data/rephrase_real.jsonl")
     ap.add_argument("--calibration", type=Path, default=ROOT / "tests/data/rephrase_real_calibration.jsonl")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rephrase_precision.json")
     args = ap.parse_args(argv)
 
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    cfg = load_config(profile="demo", root=ROOT)
+    cfg = load_config(profile=args.profile, root=ROOT)
     aug = cfg.augment
     recs = list(read_jsonl(args.data))
     pool: dict[tuple[str, int], list[str]] = defaultdict(list)

@@ -1,6 +1,6 @@
 """Collect the packaged model's real rephrasing candidates, for labelling by hand.
 
-    .venv/bin/python scripts/collect_rephrasings.py --split test [--prompt rephrase_base] \
+    .venv/bin/python scripts/collect_rephrasings.py --split test [--profile demo] [--prompt rephrase_base_strict] \
         [--out .cache/rephrase_pool_test.jsonl]
 
 The questions come from the four kinds of source the augment stage rephrases: the demo profile's market
@@ -99,22 +99,26 @@ def main() -> None:
     from datagen.embed import load_embedder
     from datagen.llm import get_provider
     from datagen.llm.base import ChatRequest
-    from datagen.llm.tasks import seed_of, temperature_at
+    from datagen.llm.tasks import resolve_prompt_format, seed_of, temperature_at
     from datagen.prompts import load_prompt
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="demo", help="the profile whose augment provider and settings are used")
     ap.add_argument("--split", choices=["calibration", "test"], required=True)
-    ap.add_argument("--prompt", default=rephrase.PROMPT_BASE)
+    ap.add_argument("--prompt", default=None, help="a base-model document under prompts/ to try in place of the "
+                    "profile's own prompt (base format: the local provider only)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=2, help="1: round 0 only (prompt comparisons on calibration)")
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th question from the i-th (parallel collection)")
     args = ap.parse_args()
 
-    cfg = load_config(profile="demo", root=ROOT)
+    cfg = load_config(profile=args.profile, root=ROOT)
     aug = cfg.augment
     i, n = map(int, args.shard.split("/"))
     rows = questions(cfg, args.split)[i::n]
-    prompt = load_prompt(args.prompt)
+    fmt = "base" if args.prompt else resolve_prompt_format(aug.prompt_format, get_provider(cfg, aug.provider),
+                                                           "augment.prompt_format")
+    prompt = load_prompt(args.prompt) if args.prompt else rephrase.prompt_for(0, fmt)
     provider = get_provider(cfg, aug.provider)
     embedder = load_embedder(cfg.dedup.embedder)
     checks = RephraseChecks.from_config(aug)
@@ -123,10 +127,11 @@ def main() -> None:
     records = []
     for r_i, row in enumerate(rows):
         row = {**row, "id": str(row.get("id") or hashlib.sha256(row["question"].encode()).hexdigest()[:12])}
-        text = prompt.render(question=row["question"])
         seen: set[str] = set()
         for attempt, n in ((0, aug.k * aug.candidates), (1, aug.candidates))[: args.rounds]:
-            req = ChatRequest(messages=({"role": "text", "content": text},),
+            messages = ([{"role": "text", "content": prompt.render(question=row["question"])}] if args.prompt
+                        else rephrase.format_input(row, attempt, fmt))
+            req = ChatRequest(messages=tuple(messages),
                               temperature=temperature_at(aug.temperature, attempt, rephrase.HEAT,
                                                          REPHRASE_MAX_TEMPERATURE),
                               max_tokens=rephrase.max_tokens_for(row["question"], aug.max_tokens),
