@@ -92,28 +92,36 @@ def plan_batches(enc: Sequence[Sequence[int]], batch_size: int,
     return batches
 
 
-def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-                   batch_size: int = 8, seed: int = 0, desc: str = "generate",
+def answer_prompts(model, tok, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int],
+                   temperature: float = 0.0, batch_size: int = 8, seed: int = 0, desc: str = "generate",
                    groups: Sequence[str] | None = None) -> list[str]:
     """One answer per rendered prompt, in order: batches of ``batch_size``, longest prompts first (less
     padding; an out-of-memory error comes early); batch ``k`` samples with seed ``seed + k``.
+    ``max_new_tokens``: one limit for all, or one per prompt (a row that reaches its own leaves the batch).
 
     ``groups`` (one key per prompt, e.g. the few-shot turns before the item): batches are formed within a
     group, and a group's common token head (its exemplars) is prefilled once for all its batches
     (:func:`lm.causal_lm.decode`). A group too small to fill one batch is pooled with the other small
     ones, without a shared head: a batch of its own would cost a whole decode loop to save a prefill."""
     batches = plan_batches([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], batch_size, groups)
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     out = [""] * len(prompts)
     heads: dict = {}
     progress = Progress(desc, len(batches), "batches", every_s=0)
     for k, (batch, head) in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
-        gens = generate(model, tok, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
+        gens = generate(model, tok, [prompts[i] for i in batch], max_new_tokens=[limits[i] for i in batch],
                         temperature=temperature, top_k=None, top_p=1.0, seed=seed + k,  # sampling: whole vocabulary
                         shared=head, heads=heads)
         for i, g in zip(batch, gens, strict=True):
             out[i] = g.texts[0]
         progress.update(1)
     return out
+
+
+def label_budget(tok, labels: Sequence[str], cap: int, slack: int = 6) -> int:
+    """New tokens enough for an answer that is one of ``labels`` (the longest, plus ``slack`` for a full stop or
+    a short "Answer:" lead-in), at most ``cap``: an item scored by label log-likelihood needs no more text."""
+    return min(cap, max(len(tok(str(x), add_special_tokens=False)["input_ids"]) for x in labels) + slack)
 
 
 def _prefix_ambiguous(tok, choices: Sequence[str]) -> bool:
@@ -164,7 +172,9 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
 
     ``choices`` (one entry per item, the same for every arm: a classification item's labels, else None):
     each arm also scores every choice as its answer (:func:`score_choices`, the same prompt the arm
-    generates from), returned under :data:`LOGLIK` as ``{arm: [scores | None per item]}``.
+    generates from), returned under :data:`LOGLIK` as ``{arm: [scores | None per item]}``. The score decides
+    such an item, so its answer is generated only as far as a label needs (:func:`label_budget`), not to
+    ``max_new_tokens``: the generated label is kept beside the scored one in the report.
 
     With ``cache`` (a :class:`datagen.llm.ResponseCache`), base-model answers and choice scores are looked
     up and stored by (model, rendered prompt, settings / choices): the base arms do not change between runs
@@ -185,6 +195,9 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
     prompts = {arm: [render_prompt(tok, c) for c in convs] for arm, convs in conversations.items()}
     out: dict[str, list[str | None]] = {arm: [None] * len(p) for arm, p in prompts.items()}
     want = [bool(c) for c in choices] if choices is not None else []
+    n_items = max((len(p) for p in prompts.values()), default=0)
+    limits = [label_budget(tok, choices[i], max_new_tokens) if want and want[i] else max_new_tokens
+              for i in range(n_items)]
     scored: dict[str, list[Any]] = {arm: [None] * len(p) for arm, p in prompts.items()}
     keys: dict[str, list[str]] = {}
     lkeys: dict[str, dict[int, str]] = {}
@@ -193,8 +206,9 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
         for arm, ps in prompts.items():
             if arm in ADAPTER_ARMS:
                 continue
-            keys[arm] = [cache_key(kind="eval-generate", model=model_cfg.name_or_path, base_url=None, params=params,
-                                   messages=[{"role": "prompt", "content": p}]) for p in ps]
+            keys[arm] = [cache_key(kind="eval-generate", model=model_cfg.name_or_path, base_url=None,
+                                   params={**params, "max_new_tokens": limits[i]},
+                                   messages=[{"role": "prompt", "content": p}]) for i, p in enumerate(ps)]
             hits = cache.get_many(keys[arm])
             out[arm] = [hits[k]["text"] if k in hits else None for k in keys[arm]]
     if cache is not None and want:
@@ -218,7 +232,8 @@ def generate_arms(model_cfg: ModelConfig, adapter_dir: str | Path,
             gen, lik = out[arm][i] is None, bool(want and want[i] and scored[arm][i] is None)
             if gen or lik:
                 items.append({"arm": arm, "i": i, "prompt": prompts[arm][i], "family": json.dumps(conv[:-1]),
-                              "generate": gen, "choices": list(choices[i]) if lik else None})
+                              "generate": gen, "choices": list(choices[i]) if lik else None,
+                              "max_new_tokens": limits[i]})
     if items:
         # a shard holds one arm (one model, the few-shot families whole), so splitting work for Ray's
         # workers never costs the local executor extra batches or head prefills
@@ -299,7 +314,8 @@ def eval_worker(model_cfg: ModelConfig, adapter_dir: str, kw: dict[str, Any]):
                 gen = [j for j, it in enumerate(items) if it["arm"] == arm and it["generate"]]
                 if gen:
                     got = answer_prompts(model, tok, [items[j]["prompt"] for j in gen], desc=f"generate {arm}",
-                                         groups=[items[j]["family"] for j in gen], **kw)
+                                         groups=[items[j]["family"] for j in gen],
+                                         **{**kw, "max_new_tokens": [items[j]["max_new_tokens"] for j in gen]})
                     for j, text in zip(gen, got, strict=True):
                         texts[j] = text
         return {"texts": texts, "scores": scores}

@@ -479,8 +479,8 @@ def classification_table(report: dict[str, Any]) -> str:
 def text_classification_table(report: dict[str, Any], *, width: int = TERMINAL_WIDTH, min_n: int = MIN_ITEMS) -> str:
     """Macro-F1 per classification category for a terminal ("" without classification items), at most
     ``width`` columns: each arm's macro-F1, ``tuned - base`` and ``tuned - few-shot`` with their 95% CIs,
-    a ``*`` on a collapsed category with a line under the table (every CI and ``tuned - majority``: report.md). Categories with fewer than ``min_n``
-    items folded into one line, as in :func:`text_score_table`."""
+    a ``*`` on a collapsed category with a line under the table (every CI and ``tuned - majority``: report.md).
+    Categories with fewer than ``min_n`` items folded into one line, as in :func:`text_score_table`."""
     rows = classification_rows(report)
     if not rows:
         return ""
@@ -504,10 +504,11 @@ def text_classification_table(report: dict[str, Any], *, width: int = TERMINAL_W
             collapsed.append(f"{one_line(r['category'])}: {r['collapsed']}"
                              + ("" if r["tuned_gain_counts"] else " (tuned's gains: no claim)"))
     first = int(splits)
-    table = _fit(head, body, width, first, tuple(range(first + 1, len(head))))
+    # every category folded: the line that says so, without an empty table's header
+    table = _fit(head, body, width, first, tuple(range(first + 1, len(head)))) if body else ""
     notes = [folded, f"scoring: {scoring.pop()}" if len(scoring) == 1 else ""]
     notes += [f"* collapsed (> 80% one label): {c}" for c in collapsed]
-    return table + "".join(f"\n{_wrap(x, width)}" for x in notes if x)
+    return "\n".join([table] * bool(table) + [_wrap(x, width) for x in notes if x])
 
 
 def classification_section(report: dict[str, Any]) -> list[str]:
