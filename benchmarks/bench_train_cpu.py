@@ -333,7 +333,9 @@ def run_arm(name: str, steps: int, rows: int, model: str | None, out_dir: Path) 
                     "gradient_checkpointing": trainer.args.gradient_checkpointing, "loss_on": "assistant tokens",
                     "attention": trainer.model.config._attn_implementation,
                     "lm_head": "labelled positions only (compact_lm_head_on_cpu)",
-                    "precision": "bf16 autocast (AMX)" if trainer.args.bf16 else "fp32"}
+                    "precision": "bf16 autocast (AMX)" if trainer.args.bf16 else "fp32",
+                    "trainable_token_indices": getattr(next(iter(getattr(trainer.model, "peft_config", {}).values()),
+                                                            None), "trainable_token_indices", None)}
     else:
         raise ValueError(f"unknown arm {name!r}; one of {ARMS}")
     clock.trainer = trainer
@@ -390,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, run in this order")
     ap.add_argument("--model", default=None, help="model.name_or_path override (tests use a tiny Gemma)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--note", default=None, help="a note on the run's conditions, kept in the result (``note``)")
     ap.add_argument("--run-arm", choices=ARMS, default=None, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
 
@@ -442,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "trl_tuned" in a and "plain_trl" in a:
         result["trl_tuned_vs_trl_defaults"] = ratios(a["trl_tuned"], a["plain_trl"])
     result["verdict"] = verdict(a)
+    if args.note:
+        result["note"] = args.note
     result["machine"]["load_avg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
