@@ -15,7 +15,7 @@ from datagen.config import load_config
 from datagen.io import read_manifest, write_manifest
 from datagen.manifest import Manifest, TrainManifest
 from datagen.tokenizer import load_tokenizer
-from training.models import get_peft_config, get_quantization_config, load_model
+from training.models import expose_lm_head_bias, get_peft_config, get_quantization_config, load_model
 from training.plots import loss_series, plot_loss_curves
 from training.train import build_sft_config, build_trainer, load_split, train
 
@@ -82,6 +82,35 @@ def test_peft_config_from_train_section():
     assert p.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     p = get_peft_config(load_config(profile="demo", overrides=["train.lora.target_modules=all-linear"]).train)
     assert p.target_modules == "all-linear"
+
+
+def test_peft_config_trains_the_end_of_turn_row(tok):
+    """With a tokenizer, the end-of-turn token's row (Gemma's <end_of_turn>, id 106) is trained with the adapter."""
+    assert tok.convert_tokens_to_ids("<end_of_turn>") == 106
+    assert get_peft_config(load_config(profile="demo").train, tok).trainable_token_indices == [106]
+    assert get_peft_config(load_config(profile="demo").train).trainable_token_indices is None  # no tokenizer
+    off = load_config(profile="demo", overrides=["train.lora.end_of_turn=false"]).train
+    assert get_peft_config(off, tok).trainable_token_indices is None
+
+
+@pytest.mark.slow
+def test_end_of_turn_row_learns_on_the_output_side(tmp_path, tiny_model_dir, tok):
+    """The tied LM head's end-of-turn row gets a gradient through TRL's fused LM head (which reads the head's
+    weight and bias): a label of 106 with no 106 in the input moves the one-row delta."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir)
+    d = write_dataset(tmp_path / "ds", 4, 0)
+    trainer = build_trainer(cfg, load_split(d, "train"), None, tmp_path / "ck", tokenizer=tok)
+    deltas = {n: p for n, p in trainer.model.named_parameters() if "trainable_tokens_delta" in n}
+    assert [tuple(p.shape) for p in deltas.values()] == [(1, 32)]  # one row, shared by embeddings and LM head
+    assert not expose_lm_head_bias(trainer.model)  # applied once by build_trainer
+    head = trainer.model.get_output_embeddings()
+    assert head.bias is None and head.weight.grad_fn is not None  # the effective weight, trained row included
+    ids = torch.tensor([[2, 100, 200, 300, 400]])
+    labels = torch.tensor([[-100, -100, -100, -100, 106]])
+    trainer.model.train()
+    trainer.model(input_ids=ids, labels=labels, fused_lm_head=True).loss.backward()
+    (delta,) = deltas.values()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
 
 
 def test_save_steps_that_do_not_line_up_with_eval_steps_are_refused(tmp_path):
@@ -204,11 +233,12 @@ def test_lora_trains_and_base_is_frozen(tmp_path, tiny_model_dir, tok):
     trainer.train()
     after = dict(trainer.model.named_parameters())
     lora = [n for n in before if "lora_" in n]
-    base = [n for n in before if "lora_" not in n]
-    assert lora and base
+    row = [n for n in before if "trainable_tokens_delta" in n]  # the end-of-turn row (train.lora.end_of_turn)
+    base = [n for n in before if "lora_" not in n and n not in row]
+    assert lora and base and len(row) == 1
     assert all(not after[n].requires_grad for n in base)
     assert all(torch.equal(before[n], after[n]) for n in base)
-    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    assert all(not torch.equal(before[n], after[n]) for n in lora + row if "lora_A" not in n)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
     assert any("eval_loss" in r for r in trainer.state.log_history)

@@ -7,7 +7,9 @@
 - CPU: fp32 LoRA, under bf16 autocast where the CPU has AMX-BF16 (:func:`lm.causal_lm.cpu_autocast_dtype`;
   without AMX bf16 is ~12x slower), NF4 on request (``train.quantization: nf4``).
 - Both: loss on assistant tokens only (the assistant mask from the ``{% generation %}`` markers of the chat
-  template, computed as TRL's ``assistant_only_loss`` does; see :func:`tokenize_conversations`), padding-free
+  template, computed as TRL's ``assistant_only_loss`` does; see :func:`tokenize_conversations`; the answer's
+  ``<end_of_turn>`` is inside it), the end-of-turn token's embedding row trained with the adapter
+  (``train.lora.end_of_turn``, :func:`training.models.trainable_token_ids`) so the tuned model stops, padding-free
   BFD packing (``train.packing``), evaluation every ``eval_steps`` on the
   validation split, early stopping on ``eval_loss``, the best checkpoint loaded at the end, and resume
   from the last checkpoint of an interrupted run with the same configuration.
@@ -46,6 +48,7 @@ from datagen.tokenizer import load_tokenizer
 from training.models import (
     compact_lm_head_on_cpu,
     count_parameters,
+    expose_lm_head_bias,
     get_peft_config,
     get_quantization_config,
     load_model,
@@ -298,15 +301,17 @@ def build_trainer(cfg: Config, train_ds: Dataset, eval_ds: Dataset | None, outpu
         train_ds = tokenize_conversations(train_ds, tokenizer, desc="tokenizing train")
     if has_eval and "messages" in eval_ds.column_names:
         eval_ds = tokenize_conversations(eval_ds, tokenizer, desc="tokenizing validation")
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=build_sft_config(cfg, output_dir, device, has_eval=has_eval),
         train_dataset=train_ds,
         eval_dataset=eval_ds if has_eval else None,
         processing_class=tokenizer,
-        peft_config=get_peft_config(cfg.train),
+        peft_config=get_peft_config(cfg.train, tokenizer),  # with the end-of-turn row (train.lora.end_of_turn)
         callbacks=callbacks,
     )
+    expose_lm_head_bias(trainer.model)
+    return trainer
 
 
 # ----------------------------------------------------------------------------- checkpoints
