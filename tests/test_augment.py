@@ -241,6 +241,7 @@ def stage_cfg(tmp_path: Path):
     cfg = load_config(profile="demo", root=tmp_path, overrides=[
         "augment.k=2", "augment.max_attempts=2", "augment.limit=null", "augment.scenario.clusters=[fx_crisis]",
         "augment.candidates=1", "augment.prompt_format=chat", "augment.scenario.candidates=1",
+        "augment.max_new_words=null", "augment.max_dropped_words=null",  # the scripted wordings are the test's own
         "augment.scenario.prompt_format=chat",
         "augment.scenario.per_cluster=2", "augment.scenario.max_attempts=2"])
     fetch = cfg.paths.stage_dir("fetch")
