@@ -233,7 +233,8 @@ def find_sdist(version: str = LLAMA_CPP_VERSION, cache: Path | None = None) -> P
     log.info("fetching the llama-cpp-python %s sdist (llama.cpp's sources) into %s", version, d)
     # with build isolation: pip prepares the sdist's metadata, which needs its build backend
     # (scikit-build-core), not installed in our venv; --no-build-isolation fails on a fresh machine
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+    # --no-binary for this package only: ":all:" would also build the sdist's build dependencies from source
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
                         f"llama-cpp-python=={version}", "-d", str(d)],
                        capture_output=True, text=True)
     found = sorted(d.glob(f"llama_cpp_python-{version}.tar.gz"))
