@@ -347,6 +347,7 @@ _TERM_GROUPS: list[tuple[str, ...]] = [
     ("tax", "taxes"), ("fee", "fees"), ("premium", "premiums"), ("rating", "ratings", "rated"),
 ]
 _TERM_GROUP_OF = {w: i for i, g in enumerate(_TERM_GROUPS) for w in g}
+_TERM_PATTERNS = [(w, re.compile(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])")) for w in _TERM_GROUP_OF]
 
 
 def finance_terms(text: str) -> set[int]:
@@ -354,8 +355,7 @@ def finance_terms(text: str) -> set[int]:
     too ("expected loss given default" names expected loss and loss given default); a name inside a longer
     one ("tier 1" in "common equity tier 1") does not count."""
     low = text.lower()
-    spans = [(m.start(), m.end(), w) for w in _TERM_GROUP_OF
-             for m in re.finditer(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", low)]
+    spans = [(m.start(), m.end(), w) for w, pat in _TERM_PATTERNS if w in low for m in pat.finditer(low)]
     return {_TERM_GROUP_OF[w] for a, b, w in spans
             if not any(a2 <= a and b <= b2 and (b2 - a2) > (b - a) for a2, b2, _ in spans)}
 
@@ -400,8 +400,9 @@ def content_words(text: str) -> set[str]:
     """The content words of ``text``, lower-cased and crudely stemmed; a finance term's names as one token."""
     low = text.lower()
     out = {f"term{i}" for i in finance_terms(low)}
-    for w in (g for i in finance_terms(low) for g in _TERM_GROUPS[i]):  # the term's own words are covered by it
-        low = re.sub(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", " ", low)
+    for w, pat in _TERM_PATTERNS:  # a named term's own words are covered by its token
+        if w in low and _TERM_GROUP_OF[w] in {int(t[4:]) for t in out}:
+            low = pat.sub(" ", low)
     for w in re.findall(r"[a-z][a-z0-9\-']*", low):
         w = w.strip("'").removesuffix("'s")
         if len(w) < 2 or w in _FUNCTION_WORDS:
