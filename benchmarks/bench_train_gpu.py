@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)  # a child: save the model
     ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip() and not (args.skip_plain and a.strip() == "plain_trl")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.arm_list = [a for a in arms if not (args.skip_plain and a == "plain_trl")]
     unknown = set(args.arm_list) - set(ARMS)
     if unknown:
         ap.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
@@ -276,7 +277,8 @@ def tuned_sft_config(output_dir: Path, args: argparse.Namespace, *, use_cpu: boo
                 "packing": {"value": True, "packing_strategy": "bfd", "docs": [DOCS["packing"], DOCS["sft_packing"]]},
                 "padding_free": {"value": True, "docs": DOCS["padding_free"]},
                 "gradient_checkpointing": {"value": False, "docs": DOCS["gradient_checkpointing"]},
-                "use_liger_kernel": {"value": sargs.use_liger_kernel, "docs": [DOCS["liger"], DOCS["liger_integration"]],
+                "use_liger_kernel": {"value": sargs.use_liger_kernel,
+                                     "docs": [DOCS["liger"], DOCS["liger_integration"]],
                                      **{k: v for k, v in liger.items() if k != "use_liger_kernel"}},
                 "bf16": {"value": True, "docs": DOCS["mixed_precision"]},
                 "loss_on": "assistant tokens (pre-tokenized assistant_masks folded into the labels)",

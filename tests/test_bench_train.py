@@ -100,7 +100,8 @@ def test_cpu_tuned_config_has_the_documented_settings(tmp_path, monkeypatch):
     for key in ("packing", "padding_free", "assistant_only_loss", "gradient_checkpointing", "use_liger_kernel",
                 "bf16", "attention"):
         docs = settings[key]["docs"]
-        assert all(u.startswith("https://huggingface.co/docs/trl/") for u in ([docs] if isinstance(docs, str) else docs))
+        urls = [docs] if isinstance(docs, str) else docs
+        assert all(u.startswith("https://huggingface.co/docs/trl/") for u in urls)
     assert settings["use_liger_kernel"]["reason"] and settings["bf16"]["reason"]
 
 
@@ -131,7 +132,8 @@ def test_cpu_bench_runs_three_arms_on_a_tiny_gemma(tmp_path, tiny_gemma_dir):
 
 
 def test_gpu_tuned_config_and_child_command(tmp_path):
-    args = gpu.parse_args(["--shape", "tiny", "--seq", "256", "--steps", "4", "--batch-ours", "2", "--peak-tflops", "9"])
+    args = gpu.parse_args(["--shape", "tiny", "--seq", "256", "--steps", "4", "--batch-ours", "2",
+                           "--peak-tflops", "9"])
     sargs, settings = gpu.tuned_sft_config(tmp_path, args, use_cpu=True)  # no GPU here
     assert (sargs.packing, sargs.packing_strategy, sargs.padding_free, sargs.gradient_checkpointing) == (
         True, "bfd", True, False)

@@ -52,7 +52,8 @@ def test_chat_with_piped_input_prints_only_the_prompt_and_answers(tmp_path):
     pytest.importorskip("torch")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--base", "--profile", "demo", "--root", str(tmp_path)],
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--base", "--profile", "demo",
+                        "--root", str(tmp_path)],
                        input="What does EBITDA stand for?\n", capture_output=True, text=True, cwd=root, env=env,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 def _cli_run(env: dict, root: Path, *args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--root", str(root), "--json", *args],
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--root", str(root), "--json",
+                        *args],
                        env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
