@@ -65,6 +65,14 @@ CONDITIONS = {
                   "inflated against a quiet machine",
     "labelling": "by hand, one engineer, faithful = a reader takes it as asking exactly what the original asks, "
                  "with the same answer; awkward but equivalent wording counts as faithful",
+    "settings_fixed_before_test": "demo profile as committed: prompt rephrase_base (chosen on calibration), "
+                                  "k=3, 6 candidates, 2 rounds, temperature 0.7 +0.2 per round, content limits 1/1 "
+                                  "(chosen on calibration by the rule in calibration.content_limits_rule)",
+    "ci": "95% percentile bootstrap, 2000 resamples of source questions (a question's rephrasings together); "
+          "the test's 34 distinct questions are 34 distinct templates (names and figures masked), one per "
+          "template by construction, so resampling questions resamples templates",
+    "seeds": "one collection: each request uses the seed the augment stage derives from the item and round; "
+             "no resampling over sampling seeds",
     "disclosures": [
         "the content-word limits (check_content) were added after an interim look at part of the test labels "
         "(candidate-level precision ~0.5 with the other drift checks); their values were then chosen on the "
